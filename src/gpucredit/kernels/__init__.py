@@ -1,0 +1,9 @@
+"""Numeric kernels: pure functions of arrays and a parameter pytree.
+
+`kernels` imports nothing else of gpucredit. Modules:
+  params     the parameter pytree, the static grid and the per-loan arrays
+  rng        Threefry-2x32-20 random numbers of MODEL.md §8 (NumPy and JAX)
+  schedule   per-book constants (balance schedules, today's metrics), float64 NumPy
+  reference  the NumPy reference of MODEL.md §2-6, float64, slow by design
+  jax_engine the jit-compiled JAX forward pass and its gradients
+"""

@@ -1,0 +1,94 @@
+"""The loan book as a struct of arrays (one entry per loan, in file order)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+REQUIRED_COLUMNS = (
+    "loan_id",
+    "borrower_id",
+    "borrower_type",
+    "balance_usd",
+    "rate_type",
+    "rate",
+    "maturity_years",
+    "amortization",
+    "gpu_generation",
+    "gpu_count",
+    "pd_annual",
+)
+# Optional numeric columns and their MODEL.md §9 defaults (power_kw_per_gpu: the generation's).
+OPTIONAL_DEFAULTS: dict[str, float | bool | None] = {
+    "collateral_share": 1.0,
+    "contracted_share": 0.0,
+    "contract_rate_usd_per_hour": 0.0,
+    "contract_years_remaining": 0.0,
+    "utilization": 0.70,
+    "power_kw_per_gpu": None,
+    "other_opex_usd_per_gpu_hour": 0.0,
+    "cash_usd": 0.0,
+    "btc_units": 0.0,
+    "eth_units": 0.0,
+    "crypto_pledged": False,
+    "liquidation_cost": 0.05,
+    "asset_correlation": 0.15,
+}
+BORROWER_TYPES = ("neocloud", "miner", "enterprise", "other")
+RATE_TYPES = ("fixed", "floating")
+AMORTIZATIONS = ("bullet", "linear", "annuity")
+
+
+@dataclass(frozen=True)
+class Book:
+    """A validated loan book. String columns are object arrays, numeric ones float64 [N].
+
+    `gpu_generation` holds names; `generation_index(generations)` maps them to the
+    assumptions' generation order.
+    """
+
+    source: str  # the file it was read from (or "<memory>")
+    loan_id: np.ndarray
+    borrower_id: np.ndarray
+    borrower_type: np.ndarray
+    balance_usd: np.ndarray
+    rate_type: np.ndarray
+    rate: np.ndarray
+    maturity_years: np.ndarray
+    amortization: np.ndarray
+    gpu_generation: np.ndarray
+    gpu_count: np.ndarray
+    pd_annual: np.ndarray
+    collateral_share: np.ndarray
+    contracted_share: np.ndarray
+    contract_rate_usd_per_hour: np.ndarray
+    contract_years_remaining: np.ndarray
+    utilization: np.ndarray
+    power_kw_per_gpu: np.ndarray
+    other_opex_usd_per_gpu_hour: np.ndarray
+    cash_usd: np.ndarray
+    btc_units: np.ndarray
+    eth_units: np.ndarray
+    crypto_pledged: np.ndarray  # bool
+    liquidation_cost: np.ndarray
+    asset_correlation: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.loan_id)
+
+    def generation_index(self, generations: tuple[str, ...]) -> np.ndarray:
+        """[N] int index of each loan's generation in `generations`."""
+        lookup = {g: k for k, g in enumerate(generations)}
+        return np.array([lookup[g] for g in self.gpu_generation], dtype=np.int64)
+
+    def borrower_index(self) -> tuple[np.ndarray, int]:
+        """([N] int, count): 0-based order of first appearance of borrower_id (MODEL.md §8)."""
+        _, first, inverse = np.unique(self.borrower_id, return_index=True, return_inverse=True)
+        order = np.argsort(np.argsort(first))  # rank of each unique id by first appearance
+        return order[inverse].astype(np.int64), len(first)
+
+    def subset(self, rows: np.ndarray) -> Book:
+        """The loans at `rows` (positions), as a new Book."""
+        fields = {k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()}
+        return Book(**fields)
