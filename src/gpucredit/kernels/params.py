@@ -120,6 +120,7 @@ class LoanArrays(NamedTuple):
     contracted_share: np.ndarray  # [N] k_i while under contract
     contract_rate_usd_per_hour: np.ndarray  # [N] R^c_i
     contract_periods: np.ndarray  # [N] int: k_i(t) = contracted_share for t <= this
+    contracted_today: np.ndarray  # [N] 1.0 if contract_years_remaining > 0 (today's k_i)
     utilization: np.ndarray  # [N] u_i
     power_kw_per_gpu: np.ndarray  # [N] w_i
     other_opex_usd_per_gpu_hour: np.ndarray  # [N] o_i

@@ -1,0 +1,312 @@
+"""The NumPy reference of MODEL.md §2-6: float64, written to read like the model, slow by design.
+
+Every other backend is tested against this module on the same random numbers. It
+materialises [scenarios, loans] per period, so it is meant for small books and chunks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from scipy.special import betainc, ndtr, ndtri
+
+from gpucredit.kernels.params import (
+    BTC,
+    CREDIT,
+    ETH,
+    POWER,
+    RATE,
+    LoanArrays,
+    ModelGrid,
+    ModelParams,
+)
+from gpucredit.kernels.rng import default_uniforms_np, shock_normals_np
+
+HOURS_PER_YEAR = 8760.0
+
+
+class FactorPaths(NamedTuple):
+    """Systematic factor paths of MODEL.md §2, index 0 = today, 1..T the periods."""
+
+    rent_usd_per_hour: np.ndarray  # [S, T+1, G] R_g(t)
+    price_usd: np.ndarray  # [S, T+1, G] P_g(t)
+    btc_usd: np.ndarray  # [S, T+1]
+    eth_usd: np.ndarray  # [S, T+1]
+    power_usd_per_kwh: np.ndarray  # [S, T+1]
+    base_rate: np.ndarray  # [S, T+1] r(t)
+    credit: np.ndarray  # [S, T+1] Z(t) (index 0 unused, 0)
+
+
+def student_t_to_normal(y: np.ndarray, dof: int) -> np.ndarray:
+    """Φ⁻¹(F_ν(y)), computed from the lower tail so the upper tail keeps its precision."""
+    lower_tail = 0.5 * betainc(dof / 2.0, 0.5, dof / (dof + y * y))  # F_ν(−|y|)
+    return -np.sign(y) * ndtri(lower_tail)
+
+
+def correlated_shocks(params: ModelParams, grid: ModelGrid, normals: np.ndarray) -> np.ndarray:
+    """ε [S, T, K] from the stream-0 normals [S, T, K + ν] (MODEL.md §2, Shocks)."""
+    n_factors = grid.n_factors
+    cholesky = np.linalg.cholesky(np.asarray(params.correlation, dtype=np.float64))
+    x = normals[..., :n_factors] @ cholesky.T  # x_k = Σ_j L_kj z_j
+    if grid.copula == "gaussian":
+        return x
+    chi2 = np.sum(normals[..., n_factors:] ** 2, axis=-1, keepdims=True)
+    mixing = grid.t_dof / chi2  # W = ν / χ²_ν
+    return student_t_to_normal(np.sqrt(mixing) * x, grid.t_dof)
+
+
+def factor_paths(params: ModelParams, grid: ModelGrid, shocks: np.ndarray) -> FactorPaths:
+    """Factor paths from ε [S, T, K]."""
+    n_scen, periods, _ = shocks.shape
+    g_count = grid.n_generations
+    dt = grid.dt_years
+    sqrt_dt = np.sqrt(dt)
+    eps_rent = shocks[..., :g_count]
+    eps_price = shocks[..., g_count : 2 * g_count]
+    eps_market = shocks[..., 2 * g_count :]
+
+    rent = np.zeros((n_scen, periods + 1, g_count))
+    log_price = np.zeros((n_scen, periods + 1, g_count))
+    rent[:, 0] = params.rent_usd_per_hour
+    log_price[:, 0] = np.log(params.price_usd)
+    deviation = np.zeros((n_scen, g_count))  # y_g
+    launch_periods = np.asarray(grid.launch_periods)
+    for t in range(1, periods + 1):
+        deviation = (1.0 - params.rent_mean_reversion * dt) * deviation + (
+            params.rent_vol * sqrt_dt * eps_rent[:, t - 1]
+        )
+        launched = launch_periods <= t  # [E] launches with τ_e <= tΔ
+        rent_jumps = np.prod(1.0 - params.launch_rent_jump[launched], axis=0)  # [G]
+        rent[:, t] = (
+            params.rent_usd_per_hour * np.exp(params.rent_drift * t * dt + deviation) * rent_jumps
+        )
+        in_period = launch_periods == t  # launches with (t−1)Δ < τ_e <= tΔ
+        price_jumps = np.sum(np.log(1.0 - params.launch_price_jump[in_period]), axis=0)
+        log_price[:, t] = (
+            log_price[:, t - 1]
+            - (params.depreciation + 0.5 * params.price_vol**2) * dt
+            + params.price_vol * sqrt_dt * eps_price[:, t - 1]
+            + price_jumps
+        )
+
+    def geometric(level, drift, vol, eps):
+        log_steps = (drift - 0.5 * vol**2) * dt + vol * sqrt_dt * eps  # [S, T]
+        log_path = np.log(level) + np.concatenate(
+            [np.zeros((n_scen, 1)), np.cumsum(log_steps, axis=1)], axis=1
+        )
+        return np.exp(log_path)
+
+    base_rate = np.zeros((n_scen, periods + 1))
+    base_rate[:, 0] = params.rate_level
+    for t in range(1, periods + 1):
+        r_prev = base_rate[:, t - 1]
+        base_rate[:, t] = (
+            r_prev
+            + params.rate_mean_reversion * (params.rate_mean - r_prev) * dt
+            + params.rate_vol * sqrt_dt * eps_market[:, t - 1, RATE]
+        )
+    credit = np.concatenate([np.zeros((n_scen, 1)), eps_market[..., CREDIT]], axis=1)
+    return FactorPaths(
+        rent_usd_per_hour=rent,
+        price_usd=np.exp(log_price),
+        btc_usd=geometric(
+            params.btc_price_usd, params.btc_drift, params.btc_vol, eps_market[..., BTC]
+        ),
+        eth_usd=geometric(
+            params.eth_price_usd, params.eth_drift, params.eth_vol, eps_market[..., ETH]
+        ),
+        power_usd_per_kwh=geometric(
+            params.power_usd_per_kwh, params.power_drift, params.power_vol, eps_market[..., POWER]
+        ),
+        base_rate=base_rate,
+        credit=credit,
+    )
+
+
+def clipped_ratio(numerator, denominator, params: ModelParams):
+    """x⁺ = min(max(num/den, floor), cap); a denominator <= 0 gives the cap (MODEL.md §3)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.clip(numerator / denominator, params.coverage_floor, params.coverage_cap)
+    return np.where(denominator > 0, ratio, params.coverage_cap)
+
+
+class TodayMetrics(NamedTuple):
+    """Today's values of MODEL.md §3, [N] each."""
+
+    noi_usd: np.ndarray  # NOI_i(0), one period's worth
+    debt_service_usd: np.ndarray  # DS_i(1) with r(0)
+    liquidity_coverage: np.ndarray  # LC⁺_i(0)
+    collateral_coverage: np.ndarray  # CC⁺_i(0)
+    refinancing_coverage: np.ndarray  # RF⁺_i(0)
+
+
+def today_metrics(params: ModelParams, grid: ModelGrid, loans: LoanArrays) -> TodayMetrics:
+    """Today's coverage ratios: every factor at its t = 0 level."""
+    hours = HOURS_PER_YEAR * grid.dt_years
+    g = loans.generation
+    k0 = loans.contracted_share * loans.contracted_today
+    revenue = (
+        loans.gpu_count
+        * hours
+        * (
+            k0 * loans.contract_rate_usd_per_hour
+            + (1.0 - k0) * loans.utilization * params.rent_usd_per_hour[g]
+        )
+    )
+    opex = (
+        loans.gpu_count
+        * hours
+        * (loans.power_kw_per_gpu * params.power_usd_per_kwh + loans.other_opex_usd_per_gpu_hour)
+    )
+    noi = revenue - opex
+    rate0 = loans.rate + loans.is_floating * params.rate_level
+    balance0 = loans.balance_usd[:, 0]
+    debt_service = rate0 * grid.dt_years * balance0 + loans.installment_usd[:, 1]
+    crypto = loans.btc_units * params.btc_price_usd + loans.eth_units * params.eth_price_usd
+    collateral = loans.gpu_count * params.price_usd[g] * loans.collateral_share
+    refinancing = np.minimum(params.refi_ltv * collateral / balance0, 1.0)
+    return TodayMetrics(
+        noi_usd=noi,
+        debt_service_usd=debt_service,
+        liquidity_coverage=clipped_ratio(loans.cash_usd + crypto + noi, debt_service, params),
+        collateral_coverage=clipped_ratio(collateral, balance0, params),
+        refinancing_coverage=clipped_ratio(refinancing, 1.0, params),
+    )
+
+
+def revalue(
+    params: ModelParams,
+    grid: ModelGrid,
+    loans: LoanArrays,
+    paths: FactorPaths,
+    default_uniforms: np.ndarray | None = None,
+) -> np.ndarray:
+    """Loss per scenario and loan [S, N] (MODEL.md §3-6).
+
+    `default_uniforms` [S, B] (one per borrower) are needed in sampled mode only.
+    """
+    n_scen = paths.credit.shape[0]
+    dt = grid.dt_years
+    hours = HOURS_PER_YEAR * dt
+    g = loans.generation
+    n = loans.gpu_count
+    today = today_metrics(params, grid, loans)
+    ln_lc0 = np.log(today.liquidity_coverage)
+    ln_cc0 = np.log(today.collateral_coverage)
+    ln_rf0 = np.log(today.refinancing_coverage)
+    pd_period = 1.0 - (1.0 - loans.pd_annual) ** dt
+    threshold = ndtri(pd_period)  # Φ⁻¹(p^Δ)
+    rho = loans.asset_correlation
+    has_balloon = loans.balloon_usd > 0
+
+    # Pass over periods: cash, coverage, hazard, survival; hazards do not depend on the haircut.
+    cash = np.broadcast_to(loans.cash_usd, (n_scen, len(n))).copy()
+    survival = np.ones((n_scen, len(n)))
+    hazard = np.zeros((grid.periods + 1, n_scen, len(n)))
+    survival_before = np.zeros_like(hazard)
+    exposure = np.zeros_like(hazard)
+    collateral = np.zeros_like(hazard)
+    crypto = np.zeros_like(hazard)
+    for t in range(1, grid.periods + 1):
+        k = loans.contracted_share * (t <= loans.contract_periods)
+        revenue = (
+            n
+            * hours
+            * (
+                k * loans.contract_rate_usd_per_hour
+                + (1.0 - k) * loans.utilization * paths.rent_usd_per_hour[:, t, g]
+            )
+        )
+        opex = (
+            n
+            * hours
+            * (
+                loans.power_kw_per_gpu * paths.power_usd_per_kwh[:, t, None]
+                + loans.other_opex_usd_per_gpu_hour
+            )
+        )
+        noi = revenue - opex
+        loan_rate = loans.rate + loans.is_floating * paths.base_rate[:, t, None]
+        balance_before = loans.balance_usd[:, t - 1]
+        debt_service = loan_rate * dt * balance_before + loans.installment_usd[:, t]
+        crypto[t] = (
+            loans.btc_units * paths.btc_usd[:, t, None]
+            + loans.eth_units * paths.eth_usd[:, t, None]
+        )
+        collateral[t] = n * paths.price_usd[:, t, g] * loans.collateral_share
+        liquidity = clipped_ratio(cash + crypto[t] + noi, debt_service, params)
+        collateral_cov = clipped_ratio(collateral[t], balance_before, params)
+        shift = params.beta_liquidity * (np.log(liquidity) - ln_lc0) + params.beta_collateral * (
+            np.log(collateral_cov) - ln_cc0
+        )
+        at_refinancing = (t == loans.maturity_period) & has_balloon
+        if np.any(at_refinancing):
+            with np.errstate(divide="ignore"):
+                refinancing = np.minimum(
+                    params.refi_ltv * collateral[t] / np.where(has_balloon, loans.balloon_usd, 1.0),
+                    1.0,
+                )
+            refi_cov = clipped_ratio(refinancing, 1.0, params)
+            shift = shift + np.where(
+                at_refinancing, params.beta_refinancing * (np.log(refi_cov) - ln_rf0), 0.0
+            )
+        active = t <= loans.maturity_period
+        h = ndtr((threshold - shift - np.sqrt(rho) * paths.credit[:, t, None]) / np.sqrt(1.0 - rho))
+        hazard[t] = np.where(active, h, 0.0)
+        survival_before[t] = survival
+        survival = survival * (1.0 - hazard[t])
+        cash = np.maximum(cash + noi - debt_service, 0.0)
+        exposure[t] = balance_before * (1.0 + loan_rate * dt)
+
+    # Default indicators d_i(t) [T+1, S, N]: expected (conditional) or sampled.
+    if grid.mode == "conditional":
+        defaults = survival_before * hazard
+    else:
+        uniforms = default_uniforms[:, loans.borrower]  # [S, N], shared by a borrower's loans
+        cumulative_pd = 1.0 - survival_before * (1.0 - hazard)  # 1 − S_i(t)
+        crossed = cumulative_pd >= uniforms[None]
+        crossed[0] = False
+        first = np.argmax(crossed, axis=0)  # first period with 1 − S_i(t) >= U_b (0: none)
+        defaults = np.zeros_like(hazard)
+        s_idx, n_idx = np.nonzero(first > 0)
+        defaults[first[s_idx, n_idx], s_idx, n_idx] = 1.0
+
+    # Fire sale: the book's own liquidation volume per generation and period sets the haircut.
+    depth = params.market_depth_gpus_per_year * dt  # D_g, GPUs per period
+    loss = np.zeros((n_scen, len(n)))
+    discount = np.ones(n_scen)
+    for t in range(1, grid.periods + 1):
+        if grid.discount:
+            discount = discount * np.exp(-paths.base_rate[:, t] * dt)
+        dumped = defaults[t] * (n * loans.collateral_share)  # [S, N]
+        volume = np.zeros((n_scen, grid.n_generations))
+        for gen in range(grid.n_generations):
+            volume[:, gen] = dumped[:, g == gen].sum(axis=1)
+        haircut = np.minimum(
+            params.haircut_max,
+            params.haircut_base + params.haircut_slope * (volume / depth) ** params.haircut_power,
+        )  # [S, G]
+        recovery = collateral[t] * (1.0 - haircut[:, g]) * (1.0 - loans.liquidation_cost) + (
+            loans.crypto_pledged * crypto[t]
+        )
+        lgd_usd = np.maximum(exposure[t] - recovery, 0.0)
+        loss += discount[:, None] * defaults[t] * lgd_usd
+    return loss
+
+
+def simulate_chunk(
+    params: ModelParams,
+    grid: ModelGrid,
+    loans: LoanArrays,
+    seed: int,
+    scenarios: np.ndarray,
+) -> np.ndarray:
+    """Loss per scenario and loan [S, N] for the scenario indices `scenarios` [S]."""
+    scenarios = np.asarray(scenarios, dtype=np.uint32)
+    normals = shock_normals_np(seed, scenarios, grid.periods, grid.slots_per_period)
+    paths = factor_paths(params, grid, correlated_shocks(params, grid, normals))
+    uniforms = (
+        default_uniforms_np(seed, scenarios, loans.n_borrowers) if grid.mode == "sampled" else None
+    )
+    return revalue(params, grid, loans, paths, uniforms)

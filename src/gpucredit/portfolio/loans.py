@@ -1,0 +1,58 @@
+"""From a validated Book and the Assumptions to the kernels' LoanArrays (once per book)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gpucredit.kernels.params import LoanArrays
+from gpucredit.kernels.schedule import balance_schedule, contract_periods
+from gpucredit.portfolio.assumptions import Assumptions
+from gpucredit.portfolio.book import AMORTIZATIONS, Book
+
+
+def loan_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
+    """The book as float64 arrays plus the balance schedules on the assumptions' grid."""
+    is_floating = (book.rate_type == "floating").astype(np.float64)
+    rate_at_origination = book.rate + is_floating * float(assumptions.params.rate_level)
+    amortization = np.array(
+        [AMORTIZATIONS.index(a) for a in book.amortization], dtype=np.int64
+    )  # 0 bullet, 1 linear, 2 annuity: the order of kernels.schedule's codes
+    balance, installment, balloon, t_m = balance_schedule(
+        book.balance_usd,
+        rate_at_origination,
+        book.maturity_years,
+        amortization,
+        assumptions.steps_per_year,
+        assumptions.periods,
+    )
+    borrower, n_borrowers = book.borrower_index()
+    f64 = lambda column: np.asarray(column, dtype=np.float64)  # noqa: E731
+    return LoanArrays(
+        generation=book.generation_index(assumptions.generations),
+        borrower=borrower,
+        gpu_count=f64(book.gpu_count),
+        collateral_share=f64(book.collateral_share),
+        contracted_share=f64(book.contracted_share),
+        contract_rate_usd_per_hour=f64(book.contract_rate_usd_per_hour),
+        contract_periods=contract_periods(
+            book.contract_years_remaining, assumptions.steps_per_year
+        ),
+        contracted_today=(f64(book.contract_years_remaining) > 1e-9).astype(np.float64),
+        utilization=f64(book.utilization),
+        power_kw_per_gpu=f64(book.power_kw_per_gpu),
+        other_opex_usd_per_gpu_hour=f64(book.other_opex_usd_per_gpu_hour),
+        cash_usd=f64(book.cash_usd),
+        btc_units=f64(book.btc_units),
+        eth_units=f64(book.eth_units),
+        crypto_pledged=f64(book.crypto_pledged),
+        liquidation_cost=f64(book.liquidation_cost),
+        asset_correlation=f64(book.asset_correlation),
+        pd_annual=f64(book.pd_annual),
+        rate=f64(book.rate),
+        is_floating=is_floating,
+        maturity_period=t_m,
+        balance_usd=balance,
+        installment_usd=installment,
+        balloon_usd=balloon,
+        n_borrowers=n_borrowers,
+    )
