@@ -24,7 +24,7 @@ TIME_TOL_YEARS = 1e-9  # MODEL.md: a <= b means a <= b + 1e-9 (years)
 
 
 def factor_names(generations: tuple[str, ...]) -> tuple[str, ...]:
-    """Factor order of the correlation matrix: rent:g..., price:g..., btc, eth, power, rate, credit."""
+    """Correlation-matrix order: rent:g..., price:g..., btc, eth, power, rate, credit."""
     return (
         tuple(f"rent:{g}" for g in generations)
         + tuple(f"price:{g}" for g in generations)
