@@ -175,6 +175,14 @@ def today_metrics(params: ModelParams, grid: ModelGrid, loans: LoanArrays) -> To
     )
 
 
+class LoanOutcomes(NamedTuple):
+    """Per scenario and loan [S, N]: what contributions and the results tables need."""
+
+    loss_usd: np.ndarray  # Σ_t DF(t) d_i(t) ℓ_i(t)
+    default_probability: np.ndarray  # 1 − S_i(T) (conditional) or the default indicator (sampled)
+    defaulted_exposure_usd: np.ndarray  # Σ_t DF(t) d_i(t) EAD_i(t): loss / this is the mean LGD
+
+
 def revalue(
     params: ModelParams,
     grid: ModelGrid,
@@ -182,7 +190,18 @@ def revalue(
     paths: FactorPaths,
     default_uniforms: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Loss per scenario and loan [S, N] (MODEL.md §3-6).
+    """Loss per scenario and loan [S, N] (MODEL.md §3-6)."""
+    return loan_outcomes(params, grid, loans, paths, default_uniforms).loss_usd
+
+
+def loan_outcomes(
+    params: ModelParams,
+    grid: ModelGrid,
+    loans: LoanArrays,
+    paths: FactorPaths,
+    default_uniforms: np.ndarray | None = None,
+) -> LoanOutcomes:
+    """Loss, default probability and defaulted exposure per scenario and loan (MODEL.md §3-6).
 
     `default_uniforms` [S, B] (one per borrower) are needed in sampled mode only.
     """
@@ -275,6 +294,7 @@ def revalue(
     # Fire sale: the book's own liquidation volume per generation and period sets the haircut.
     depth = params.market_depth_gpus_per_year * dt  # D_g, GPUs per period
     loss = np.zeros((n_scen, len(n)))
+    defaulted_exposure = np.zeros((n_scen, len(n)))
     discount = np.ones(n_scen)
     for t in range(1, grid.periods + 1):
         if grid.discount:
@@ -292,7 +312,12 @@ def revalue(
         )
         lgd_usd = np.maximum(exposure[t] - recovery, 0.0)
         loss += discount[:, None] * defaults[t] * lgd_usd
-    return loss
+        defaulted_exposure += discount[:, None] * defaults[t] * exposure[t]
+    return LoanOutcomes(
+        loss_usd=loss,
+        default_probability=defaults.sum(axis=0),
+        defaulted_exposure_usd=defaulted_exposure,
+    )
 
 
 def simulate_chunk(
@@ -303,10 +328,21 @@ def simulate_chunk(
     scenarios: np.ndarray,
 ) -> np.ndarray:
     """Loss per scenario and loan [S, N] for the scenario indices `scenarios` [S]."""
+    return simulate_outcomes(params, grid, loans, seed, scenarios).loss_usd
+
+
+def simulate_outcomes(
+    params: ModelParams,
+    grid: ModelGrid,
+    loans: LoanArrays,
+    seed: int,
+    scenarios: np.ndarray,
+) -> LoanOutcomes:
+    """LoanOutcomes [S, N] for the scenario indices `scenarios` [S]."""
     scenarios = np.asarray(scenarios, dtype=np.uint32)
     normals = shock_normals_np(seed, scenarios, grid.periods, grid.slots_per_period)
     paths = factor_paths(params, grid, correlated_shocks(params, grid, normals))
     uniforms = (
         default_uniforms_np(seed, scenarios, loans.n_borrowers) if grid.mode == "sampled" else None
     )
-    return revalue(params, grid, loans, paths, uniforms)
+    return loan_outcomes(params, grid, loans, paths, uniforms)

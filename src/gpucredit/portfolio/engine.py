@@ -1,0 +1,226 @@
+"""The chunked two-pass run (DESIGN.md, Data flow).
+
+Pass 1 streams scenario chunks through a backend and keeps every portfolio loss (one float
+per scenario) and per-loan sums (EL_i, horizon PD, defaulted exposure). The tail scenarios of
+each α are then regenerated from their indices (pass 2): per-loan tail losses give the Euler
+ES contributions and reverse-mode AD on the same scenarios gives the sensitivities.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpucredit.kernels import reference
+from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
+from gpucredit.portfolio.assumptions import Assumptions
+from gpucredit.portfolio.book import Book
+from gpucredit.portfolio.loans import loan_arrays
+
+BACKENDS = ("auto", "jax", "numpy", "cupy")
+PRECISIONS = ("float32", "float64")
+MODES = ("conditional", "sampled")
+
+
+class EngineError(ValueError):
+    """A run that cannot start (unknown backend, bad scenario count, ...)."""
+
+
+@dataclass(frozen=True)
+class ChunkOutput:
+    """What pass 1 keeps of one chunk of scenarios."""
+
+    losses_usd: np.ndarray  # [S] portfolio loss per scenario
+    loan_loss_sum_usd: np.ndarray  # [N] Σ over the chunk's scenarios of L_i
+    loan_default_probability_sum: np.ndarray  # [N] Σ of 1 − S_i(T) (or default indicators)
+    loan_defaulted_exposure_sum_usd: np.ndarray  # [N] Σ of Σ_t DF d_i EAD_i
+
+
+class NumpyBackend:
+    """The float64 reference: slow by design, the yardstick of every other backend."""
+
+    name = "numpy"
+    precision = "float64"
+    device = "cpu (numpy reference)"
+    default_chunk_size = 256
+
+    def __init__(self, params: ModelParams, grid: ModelGrid, loans: LoanArrays, seed: int):
+        self.params, self.grid, self.loans, self.seed = params, grid, loans, seed
+
+    def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
+        scenarios = np.arange(first_scenario, first_scenario + count, dtype=np.uint32)
+        out = reference.simulate_outcomes(self.params, self.grid, self.loans, self.seed, scenarios)
+        return ChunkOutput(
+            losses_usd=out.loss_usd.sum(axis=1),
+            loan_loss_sum_usd=out.loss_usd.sum(axis=0),
+            loan_default_probability_sum=out.default_probability.sum(axis=0),
+            loan_defaulted_exposure_sum_usd=out.defaulted_exposure_usd.sum(axis=0),
+        )
+
+    def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
+        """[S, N] loss per loan at the given scenario indices."""
+        return reference.simulate_chunk(self.params, self.grid, self.loans, self.seed, scenarios)
+
+
+class JaxBackend:
+    """The jit-compiled JAX kernels (CPU or GPU), float32 or float64."""
+
+    name = "jax"
+    default_chunk_size = 4096
+
+    def __init__(
+        self,
+        params: ModelParams,
+        grid: ModelGrid,
+        loans: LoanArrays,
+        seed: int,
+        precision: str,
+        block_size: int = 512,
+    ):
+        import jax
+
+        from gpucredit.kernels import jax_engine
+
+        self._engine = jax_engine
+        self.params, self.grid, self.seed, self.precision = params, grid, seed, precision
+        self.n_loans = len(loans.gpu_count)
+        self.blocks = jax_engine.prepare_loans(loans, precision, min(block_size, self.n_loans))
+        device = jax.devices()[0]
+        self.device = f"{device.platform}: {getattr(device, 'device_kind', device)}"
+
+    def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
+        out = self._engine.chunk_outcomes(
+            self.params, self.grid, self.blocks, self.seed, first_scenario, count
+        )
+        losses, loss_sum, pd_sum, ead_sum = (np.asarray(x, dtype=np.float64) for x in out)
+        return ChunkOutput(losses, loss_sum, pd_sum, ead_sum)
+
+    def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
+        out = self._engine.loan_losses_at(
+            self.params, self.grid, self.blocks, self.seed, np.asarray(scenarios, np.uint32)
+        )
+        return np.asarray(out, dtype=np.float64)
+
+
+def choose_backend(name: str) -> str:
+    """`auto`: JAX everywhere for now (CuPy joins when its kernel lands)."""
+    if name not in BACKENDS:
+        raise EngineError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "cupy":
+        raise EngineError("the cupy backend is not available in this build; use jax or numpy")
+    return "jax" if name == "auto" else name
+
+
+def make_backend(
+    name: str, precision: str, params: ModelParams, grid: ModelGrid, loans: LoanArrays, seed: int
+):
+    name = choose_backend(name)
+    if precision not in PRECISIONS:
+        raise EngineError(f"unknown precision {precision!r}; choose float32 or float64")
+    if name == "numpy":
+        return NumpyBackend(params, grid, loans, seed)
+    return JaxBackend(params, grid, loans, seed, precision)
+
+
+@dataclass(frozen=True)
+class Pass1:
+    """All per-scenario losses of a run plus the per-loan sums over all scenarios."""
+
+    losses_usd: np.ndarray  # [S]
+    loan_expected_loss_usd: np.ndarray  # [N] EL_i
+    loan_horizon_pd: np.ndarray  # [N]
+    loan_mean_lgd: np.ndarray  # [N] EL_i / expected defaulted exposure (nan if none)
+    elapsed_seconds: float
+
+
+ProgressCallback = Callable[[int, int], None]  # (scenarios done, scenarios in all)
+
+
+def run_pass1(
+    backend,
+    scenarios: int,
+    chunk_size: int,
+    n_loans: int,
+    progress: ProgressCallback | None = None,
+    done: dict[int, ChunkOutput] | None = None,
+    on_chunk: Callable[[int, ChunkOutput], None] | None = None,
+) -> Pass1:
+    """Stream chunks [first, first + chunk) through the backend.
+
+    `done` holds chunks already computed (resume), keyed by their first scenario; `on_chunk`
+    is called after each new chunk (checkpointing).
+    """
+    start = time.perf_counter()
+    losses = np.empty(scenarios)
+    loss_sum = np.zeros(n_loans)
+    pd_sum = np.zeros(n_loans)
+    ead_sum = np.zeros(n_loans)
+    done = done or {}
+    for first in range(0, scenarios, chunk_size):
+        count = min(chunk_size, scenarios - first)
+        chunk = done.get(first)
+        if chunk is None or len(chunk.losses_usd) != count:
+            chunk = backend.run_chunk(first, count)
+            if on_chunk is not None:
+                on_chunk(first, chunk)
+        losses[first : first + count] = chunk.losses_usd
+        loss_sum += chunk.loan_loss_sum_usd
+        pd_sum += chunk.loan_default_probability_sum
+        ead_sum += chunk.loan_defaulted_exposure_sum_usd
+        if progress is not None:
+            progress(first + count, scenarios)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_lgd = np.where(ead_sum > 0, loss_sum / ead_sum, np.nan)
+    return Pass1(
+        losses_usd=losses,
+        loan_expected_loss_usd=loss_sum / scenarios,
+        loan_horizon_pd=pd_sum / scenarios,
+        loan_mean_lgd=mean_lgd,
+        elapsed_seconds=time.perf_counter() - start,
+    )
+
+
+def resolve_run_settings(
+    assumptions: Assumptions,
+    scenarios: int | None,
+    seed: int | None,
+    mode: str | None,
+) -> tuple[int, int, str]:
+    scenarios = assumptions.scenarios if scenarios is None else int(scenarios)
+    seed = assumptions.seed if seed is None else int(seed)
+    mode = mode or assumptions.mode
+    if scenarios < 1:
+        raise EngineError(f"scenarios must be at least 1, got {scenarios}")
+    if not 0 <= seed < 2**32:
+        raise EngineError(f"seed must be in [0, 2^32), got {seed}")
+    if mode not in MODES:
+        raise EngineError(f"unknown mode {mode!r}; choose conditional or sampled")
+    return scenarios, seed, mode
+
+
+def simulate_losses(
+    book: Book,
+    assumptions: Assumptions,
+    scenarios: int | None = None,
+    seed: int | None = None,
+    mode: str | None = None,
+    backend: str = "auto",
+    precision: str = "float32",
+    chunk_size: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Pass1:
+    """Pass 1 only: every per-scenario loss of the book (and the per-loan sums)."""
+    scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
+    loans = loan_arrays(book, assumptions)
+    engine = make_backend(
+        backend, precision, assumptions.params, assumptions.grid(mode), loans, seed
+    )
+    chunk = chunk_size or engine.default_chunk_size
+    return run_pass1(engine, scenarios, chunk, len(book), progress)
+
+
+def default_alphas(alphas: Sequence[float] | None) -> tuple[float, ...]:
+    return tuple(alphas) if alphas else (0.99, 0.999)
