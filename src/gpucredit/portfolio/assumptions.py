@@ -6,7 +6,8 @@ a stress scenario or a finite-difference bump makes a new one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,7 +48,9 @@ class Assumptions:
     discount: bool = False
     mode: str = "conditional"
     stresses: tuple[Stress, ...] = ()
-    document: dict = field(default_factory=dict, compare=False)  # merged TOML (for stresses)
+    document: dict = dataclasses.field(
+        default_factory=dict, compare=False
+    )  # merged TOML (for stresses)
     correlation_repair: CorrelationRepair | None = None
 
     @property
@@ -73,3 +76,65 @@ class Assumptions:
 
     def correlation_matrix(self) -> np.ndarray:
         return np.asarray(self.params.correlation)
+
+
+# Per-generation sensitivity parameters: (TOML key, ModelParams field); the same names.
+GENERATION_PARAMETERS = (
+    "rent_usd_per_hour",
+    "rent_drift",
+    "rent_vol",
+    "rent_mean_reversion",
+    "price_usd",
+    "depreciation",
+    "price_vol",
+    "haircut_base",
+    "market_depth_gpus_per_year",
+)
+# Scalar sensitivity parameters: dotted TOML path -> ModelParams field.
+SCALAR_PARAMETERS = {
+    "crypto.btc.price_usd": "btc_price_usd",
+    "crypto.btc.drift": "btc_drift",
+    "crypto.btc.vol": "btc_vol",
+    "crypto.eth.price_usd": "eth_price_usd",
+    "crypto.eth.drift": "eth_drift",
+    "crypto.eth.vol": "eth_vol",
+    "power.usd_per_kwh": "power_usd_per_kwh",
+    "power.drift": "power_drift",
+    "power.vol": "power_vol",
+    "rate.level": "rate_level",
+    "rate.mean_reversion": "rate_mean_reversion",
+    "rate.mean": "rate_mean",
+    "rate.vol": "rate_vol",
+    "model.beta_liquidity": "beta_liquidity",
+    "model.beta_collateral": "beta_collateral",
+    "model.beta_refinancing": "beta_refinancing",
+    "model.haircut_slope": "haircut_slope",
+    "model.haircut_power": "haircut_power",
+    "model.refi_ltv": "refi_ltv",
+}
+
+
+def parameter_paths(assumptions: Assumptions) -> list[tuple[str, str, tuple]]:
+    """Every sensitivity parameter of MODEL.md §7 as (dotted path, ModelParams field, index
+    into that leaf): () for scalars, (g,) per generation, (e, g) per launch jump, (j, k) with
+    j < k per correlation entry (a move of Σ_jk moves Σ_kj with it)."""
+    paths: list[tuple[str, str, tuple]] = []
+    for g, name in enumerate(assumptions.generations):
+        for key in GENERATION_PARAMETERS:
+            paths.append((f"generations.{name}.{key}", key, (g,)))
+    for e, launch in enumerate(assumptions.launch_names):
+        for jump, field in (("price_jump", "launch_price_jump"), ("rent_jump", "launch_rent_jump")):
+            for g, name in enumerate(assumptions.generations):
+                paths.append((f"launches.{launch}.{jump}.{name}", field, (e, g)))
+    for path, field in SCALAR_PARAMETERS.items():
+        paths.append((path, field, ()))
+    factors = assumptions.factor_names
+    for j in range(len(factors)):
+        for k in range(j + 1, len(factors)):
+            paths.append((f"correlation.{factors[j]}~{factors[k]}", "correlation", (j, k)))
+    return paths
+
+
+def parameter_value(params: ModelParams, field: str, index: tuple) -> float:
+    """The value of one parameter named by `parameter_paths`."""
+    return float(np.asarray(getattr(params, field))[index])

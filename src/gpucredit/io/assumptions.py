@@ -1,0 +1,793 @@
+"""The assumptions TOML (MODEL.md §9-10): read, merge over the embedded defaults, validate,
+assemble the correlation matrix and build an immutable `Assumptions`.
+
+Merge rules (MODEL.md §10): tables merge key by key; a `[generations.X]` table amends X or
+adds a new generation (which must then give every key); a `[[launches]]` list replaces the
+default list (`launches = []` removes it); `[[correlation.pairs]]` override single entries
+of the assembled matrix, later layers winning for the same pair; `[[stress]]` replaces the
+list of stress scenarios.
+
+Every problem of a file is collected before one `AssumptionsError` lists them all, each as
+`<file>: <dotted key path>: <rule>`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.resources
+import math
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from gpucredit.kernels.params import MARKET_FACTORS, ModelParams, factor_names
+from gpucredit.portfolio.assumptions import (  # noqa: F401  (re-exported)
+    Assumptions,
+    CorrelationRepair,
+    Stress,
+    parameter_paths,
+    parameter_value,
+)
+
+DEFAULT_SOURCE = "<default assumptions>"
+OVERRIDES_SOURCE = "<overrides>"
+MIN_EIGENVALUE = 1e-12  # a correlation matrix with a smaller eigenvalue is refused
+REPAIR_EIGENVALUE = 1e-8  # the repaired matrix's eigenvalues are nudged to at least this
+SEED_LIMIT = 2**32
+NAME_FORBIDDEN = (".", ":", "~")  # they separate parts of parameter and factor names
+
+
+class AssumptionsError(Exception):
+    """Bad assumptions: `.problems` lists every one, each naming the file, key path and rule."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the assumptions:\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------
+# Schema: one rule per leaf key. A rule is (kind, check); check returns the broken rule's
+# text or None. Kinds: "number" (int or float, not bool), "int", "str", "bool".
+
+Check = Callable[[object], str | None] | None
+
+
+def _positive(x) -> str | None:
+    return None if x > 0 else "must be > 0"
+
+
+def _nonnegative(x) -> str | None:
+    return None if x >= 0 else "must be >= 0"
+
+
+def _fraction(x) -> str | None:
+    # jumps and haircuts: a share lost, 1 would wipe the value out (ln 0)
+    return None if 0 <= x < 1 else "must be in [0, 1)"
+
+
+def _correlation(x) -> str | None:
+    return None if -1 <= x <= 1 else "must be in [-1, 1]"
+
+
+def _at_least_one(x) -> str | None:
+    return None if x >= 1 else "must be >= 1"
+
+
+def _seed(x) -> str | None:
+    return None if 0 <= x < SEED_LIMIT else "must be in [0, 2^32)"
+
+
+def _one_of(*choices: str) -> Callable[[object], str | None]:
+    def check(x) -> str | None:
+        return None if x in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+    return check
+
+
+def _non_empty(x) -> str | None:
+    return None if x else "must not be empty"
+
+
+def _name(x) -> str | None:
+    if not x:
+        return "must not be empty"
+    if any(c in x for c in NAME_FORBIDDEN):
+        return f"must not contain any of {' '.join(NAME_FORBIDDEN)}"
+    return None
+
+
+SIMULATION_KEYS: dict[str, tuple[str, Check]] = {
+    "horizon_years": ("number", _positive),
+    "steps_per_year": ("int", _at_least_one),
+    "scenarios": ("int", _at_least_one),
+    "seed": ("int", _seed),
+    "copula": ("str", _one_of("gaussian", "t")),
+    "t_dof": ("int", _at_least_one),
+    "discount": ("bool", None),
+    "mode": ("str", _one_of("conditional", "sampled")),
+}
+GENERATION_KEYS: dict[str, tuple[str, Check]] = {
+    "rent_usd_per_hour": ("number", _positive),
+    "rent_drift": ("number", None),
+    "rent_vol": ("number", _nonnegative),
+    "rent_mean_reversion": ("number", _nonnegative),
+    "price_usd": ("number", _positive),
+    "depreciation": ("number", None),
+    "price_vol": ("number", _nonnegative),
+    "power_kw_per_gpu": ("number", _nonnegative),
+    "haircut_base": ("number", _fraction),
+    "market_depth_gpus_per_year": ("number", _positive),
+}
+COIN_KEYS: dict[str, tuple[str, Check]] = {
+    "price_usd": ("number", _positive),
+    "drift": ("number", None),
+    "vol": ("number", _nonnegative),
+}
+POWER_KEYS: dict[str, tuple[str, Check]] = {
+    "usd_per_kwh": ("number", _positive),
+    "drift": ("number", None),
+    "vol": ("number", _nonnegative),
+}
+RATE_KEYS: dict[str, tuple[str, Check]] = {
+    "level": ("number", None),
+    "mean_reversion": ("number", _nonnegative),
+    "mean": ("number", None),
+    "vol": ("number", _nonnegative),
+}
+MODEL_KEYS: dict[str, tuple[str, Check]] = {
+    "beta_liquidity": ("number", None),
+    "beta_collateral": ("number", None),
+    "beta_refinancing": ("number", None),
+    "haircut_slope": ("number", _nonnegative),
+    "haircut_power": ("number", _positive),
+    "haircut_max": ("number", _fraction),
+    "refi_ltv": ("number", _positive),
+    "coverage_floor": ("number", _positive),
+    "coverage_cap": ("number", _positive),
+}
+CORRELATION_GROUPS = (
+    "rent_rent",
+    "price_price",
+    "rent_price_same",
+    "rent_price_cross",
+    "btc_eth",
+    "crypto_rent",
+    "crypto_price",
+    "credit_rent",
+    "credit_price",
+    "credit_crypto",
+    "power_rent",
+    "rate_crypto",
+)
+CORRELATION_KEYS: dict[str, tuple[str, Check]] = {
+    group: ("number", _correlation) for group in CORRELATION_GROUPS
+}
+PAIR_KEYS: dict[str, tuple[str, Check]] = {
+    "a": ("str", None),
+    "b": ("str", None),
+    "value": ("number", _correlation),
+}
+LAUNCH_KEYS: dict[str, tuple[str, Check]] = {
+    "name": ("str", _name),
+    "years_from_now": ("number", _positive),
+}
+LAUNCH_JUMPS = ("price_jump", "rent_jump")
+COINS = ("btc", "eth")
+SECTIONS = (
+    "simulation",
+    "generations",
+    "launches",
+    "crypto",
+    "power",
+    "rate",
+    "model",
+    "correlation",
+)
+TOP_LEVEL_KEYS = (*SECTIONS, "stress")
+STRESS_KEYS = ("name", "description", *SECTIONS)
+FLAT_SECTIONS = {
+    "simulation": SIMULATION_KEYS,
+    "power": POWER_KEYS,
+    "rate": RATE_KEYS,
+    "model": MODEL_KEYS,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Structural checks of one layer (a user file, a stress table or an overrides dict): unknown
+# keys, types and per-key ranges. Cross-key rules run on the merged document (below).
+
+
+class _Problems:
+    """Collects problems, each prefixed with the source (file) name."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.items: list[str] = []
+
+    def add(self, path: str, rule: str) -> None:
+        self.items.append(f"{self.source}: {path}: {rule}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _check_leaf(value, kind: str, check: Check, path: str, problems: _Problems) -> None:
+    if kind == "number":
+        # bool is an int subclass in Python, but `true` is not a number in an assumptions file
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            problems.add(path, f"must be a number, got {_type_name(value)} {value!r}")
+            return
+        if not math.isfinite(value):
+            problems.add(path, f"must be finite, got {value!r}")
+            return
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.add(
+                path, f"must be a whole number (integer), got {_type_name(value)} {value!r}"
+            )
+            return
+    elif kind == "str":
+        if not isinstance(value, str):
+            problems.add(path, f"must be a string, got {_type_name(value)} {value!r}")
+            return
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            problems.add(path, f"must be true or false, got {_type_name(value)} {value!r}")
+            return
+    if check is not None:
+        rule = check(value)
+        if rule is not None:
+            problems.add(path, f"{rule}, got {value!r}")
+
+
+def _is_table(value, path: str, problems: _Problems) -> bool:
+    if not isinstance(value, dict):
+        problems.add(path, f"must be a table, got {_type_name(value)} {value!r}")
+        return False
+    return True
+
+
+def _is_list_of_tables(value, path: str, problems: _Problems) -> bool:
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        problems.add(path, f"must be an array of tables, got {_type_name(value)} {value!r}")
+        return False
+    return True
+
+
+def _unknown_key(path: str, key: str, known, problems: _Problems) -> None:
+    problems.add(_join(path, key), f"unknown key; known keys: {', '.join(known)}")
+
+
+def _check_flat(table: dict, schema: dict, path: str, problems: _Problems) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            _unknown_key(path, key, schema, problems)
+        else:
+            _check_leaf(value, *schema[key], _join(path, key), problems)
+
+
+def _check_generations(table: dict, base_generations, path: str, problems: _Problems) -> None:
+    for g, gen in table.items():
+        gen_path = _join(path, g)
+        rule = _name(g)
+        if rule is not None:
+            problems.add(gen_path, f"generation name {rule}")
+        if not _is_table(gen, gen_path, problems):
+            continue
+        _check_flat(gen, GENERATION_KEYS, gen_path, problems)
+        if g not in base_generations:
+            missing = [key for key in GENERATION_KEYS if key not in gen]
+            if missing:
+                problems.add(
+                    gen_path, f"a new generation must give every key; missing: {', '.join(missing)}"
+                )
+
+
+def _check_launches(launches: list, path: str, problems: _Problems) -> None:
+    for e, launch in enumerate(launches):
+        launch_path = f"{path}[{e}]"
+        for key, value in launch.items():
+            key_path = _join(launch_path, key)
+            if key in LAUNCH_KEYS:
+                _check_leaf(value, *LAUNCH_KEYS[key], key_path, problems)
+            elif key in LAUNCH_JUMPS:
+                if _is_table(value, key_path, problems):
+                    for g, jump in value.items():
+                        _check_leaf(jump, "number", _fraction, _join(key_path, g), problems)
+            else:
+                _unknown_key(launch_path, key, (*LAUNCH_KEYS, *LAUNCH_JUMPS), problems)
+        for key in LAUNCH_KEYS:
+            if key not in launch:
+                problems.add(_join(launch_path, key), "missing (every launch needs it)")
+
+
+def _check_correlation(table: dict, path: str, problems: _Problems) -> None:
+    for key, value in table.items():
+        key_path = _join(path, key)
+        if key == "pairs":
+            if not _is_list_of_tables(value, key_path, problems):
+                continue
+            seen: set[frozenset] = set()
+            for p, pair in enumerate(value):
+                pair_path = f"{key_path}[{p}]"
+                _check_flat(pair, PAIR_KEYS, pair_path, problems)
+                for needed in PAIR_KEYS:
+                    if needed not in pair:
+                        problems.add(
+                            _join(pair_path, needed), "missing (every pair needs a, b, value)"
+                        )
+                a, b = pair.get("a"), pair.get("b")
+                if isinstance(a, str) and isinstance(b, str):
+                    if a == b:
+                        problems.add(
+                            pair_path, f"a and b must differ (the diagonal is 1), got {a!r}"
+                        )
+                    elif frozenset((a, b)) in seen:
+                        problems.add(pair_path, f"the pair {a!r}, {b!r} is given twice")
+                    seen.add(frozenset((a, b)))
+        elif key in CORRELATION_KEYS:
+            _check_leaf(value, *CORRELATION_KEYS[key], key_path, problems)
+        else:
+            _unknown_key(path, key, (*CORRELATION_KEYS, "pairs"), problems)
+
+
+def _check_sections(doc: dict, allowed, base_generations, path: str, problems: _Problems) -> None:
+    """Structural checks of one layer whose top-level keys must be among `allowed`."""
+    for key, value in doc.items():
+        key_path = _join(path, key)
+        if key not in allowed:
+            _unknown_key(path, key, allowed, problems)
+        elif key in FLAT_SECTIONS:
+            if _is_table(value, key_path, problems):
+                _check_flat(value, FLAT_SECTIONS[key], key_path, problems)
+        elif key == "generations":
+            if _is_table(value, key_path, problems):
+                _check_generations(value, base_generations, key_path, problems)
+        elif key == "launches":
+            if _is_list_of_tables(value, key_path, problems):
+                _check_launches(value, key_path, problems)
+        elif key == "crypto":
+            if _is_table(value, key_path, problems):
+                for coin, table in value.items():
+                    coin_path = _join(key_path, coin)
+                    if coin not in COINS:
+                        _unknown_key(key_path, coin, COINS, problems)
+                    elif _is_table(table, coin_path, problems):
+                        _check_flat(table, COIN_KEYS, coin_path, problems)
+        elif key == "correlation":
+            if _is_table(value, key_path, problems):
+                _check_correlation(value, key_path, problems)
+        elif key in ("name", "description"):  # stress tables only
+            _check_leaf(value, "str", _non_empty if key == "name" else None, key_path, problems)
+
+
+def _check_stresses(stresses, base_generations, problems: _Problems) -> None:
+    if not _is_list_of_tables(stresses, "stress", problems):
+        return
+    names: set[str] = set()
+    for s, stress in enumerate(stresses):
+        stress_path = f"stress[{s}]"
+        _check_sections(stress, STRESS_KEYS, base_generations, stress_path, problems)
+        name = stress.get("name")
+        if name is None:
+            problems.add(_join(stress_path, "name"), "missing (every stress needs a name)")
+        elif isinstance(name, str):
+            if name in names:
+                problems.add(_join(stress_path, "name"), f"duplicate stress name {name!r}")
+            names.add(name)
+
+
+def _check_layer(doc: dict, base_generations, problems: _Problems) -> None:
+    """Structural checks of a user file or overrides dict (stress tables included)."""
+    _check_sections(doc, TOP_LEVEL_KEYS, base_generations, "", problems)
+    if "stress" in doc:
+        # a stress may add a generation that the same file adds: check against both
+        own = doc.get("generations")
+        generations = set(base_generations) | (set(own) if isinstance(own, dict) else set())
+        _check_stresses(doc["stress"], generations, problems)
+
+
+# ---------------------------------------------------------------------------------------
+# Merge and cross-key checks on the merged document.
+
+
+def _merge_pairs(base: list, user: list) -> list:
+    """Pairs keyed by the unordered (a, b): a later value replaces an earlier one."""
+    merged: dict[frozenset, dict] = {frozenset((p["a"], p["b"])): p for p in base}
+    for pair in user:
+        merged[frozenset((pair["a"], pair["b"]))] = pair
+    return list(merged.values())
+
+
+def _merge(base: dict, user: dict) -> dict:
+    """`user` (one layer in the §10 layout, already checked) over `base`; neither is changed."""
+    out = copy.deepcopy(base)
+    for key, value in copy.deepcopy(user).items():
+        if key in ("launches", "stress"):
+            out[key] = value  # lists replace
+        elif key in ("generations", "crypto"):
+            section = out.setdefault(key, {})
+            for name, table in value.items():
+                section[name] = {**section.get(name, {}), **table}
+        elif key == "correlation":
+            section = out.setdefault(key, {})
+            for group, group_value in value.items():
+                if group == "pairs":
+                    section["pairs"] = _merge_pairs(section.get("pairs", []), group_value)
+                else:
+                    section[group] = group_value
+        else:
+            out[key] = {**out.get(key, {}), **value}
+    return out
+
+
+def _check_merged(doc: dict, path: str, problems: _Problems) -> None:
+    """Rules that involve several keys, on a merged (complete) document."""
+    sim = doc["simulation"]
+    steps_total = sim["horizon_years"] * sim["steps_per_year"]
+    if abs(steps_total - round(steps_total)) > 1e-9:
+        problems.add(
+            _join(path, "simulation.horizon_years"),
+            f"horizon_years * steps_per_year must be a whole number of periods, "
+            f"got {sim['horizon_years']!r} * {sim['steps_per_year']!r} = {steps_total!r}",
+        )
+    model = doc["model"]
+    if model["coverage_cap"] <= model["coverage_floor"]:
+        problems.add(
+            _join(path, "model.coverage_cap"),
+            f"must be > model.coverage_floor, got cap {model['coverage_cap']!r} "
+            f"<= floor {model['coverage_floor']!r}",
+        )
+    generations = tuple(doc["generations"])
+    names: set[str] = set()
+    for e, launch in enumerate(doc.get("launches", [])):
+        launch_path = _join(path, f"launches[{e}]")
+        if launch["name"] in names:
+            problems.add(_join(launch_path, "name"), f"duplicate launch name {launch['name']!r}")
+        names.add(launch["name"])
+        for jump in LAUNCH_JUMPS:
+            for g in launch.get(jump, {}):
+                if g not in generations:
+                    problems.add(
+                        _join(launch_path, f"{jump}.{g}"),
+                        f"unknown generation {g!r}; generations: {', '.join(generations)}",
+                    )
+    factors = factor_names(generations)
+    for p, pair in enumerate(doc["correlation"].get("pairs", [])):
+        for end in ("a", "b"):
+            if pair[end] not in factors:
+                problems.add(
+                    _join(path, f"correlation.pairs[{p}].{end}"),
+                    f"unknown factor {pair[end]!r}; factors: {', '.join(factors)}",
+                )
+
+
+# ---------------------------------------------------------------------------------------
+# Correlation: assembly, positive-definiteness and the nearest correlation matrix.
+
+
+def assemble_correlation(correlation: dict, generations: tuple[str, ...]) -> np.ndarray:
+    """Σ [K, K], K = 2G + 5, in the factor order of MODEL.md §2, from the group values and
+    the pairs of a merged `[correlation]` table. Symmetric with a unit diagonal."""
+    G = len(generations)
+    K = 2 * G + 5
+    rent = list(range(G))
+    price = list(range(G, 2 * G))
+    btc, eth, power, rate, credit = (2 * G + j for j in range(len(MARKET_FACTORS)))
+    crypto = [btc, eth]
+    sigma = np.zeros((K, K))
+
+    def put(rows, cols, value: float) -> None:
+        for j in rows:
+            for k in cols:
+                if j != k:
+                    sigma[j, k] = sigma[k, j] = value
+
+    put(rent, rent, correlation["rent_rent"])
+    put(price, price, correlation["price_price"])
+    for g in range(G):
+        for h in range(G):
+            group = "rent_price_same" if g == h else "rent_price_cross"
+            put([rent[g]], [price[h]], correlation[group])
+    put([btc], [eth], correlation["btc_eth"])
+    put(crypto, rent, correlation["crypto_rent"])
+    put(crypto, price, correlation["crypto_price"])
+    put([credit], rent, correlation["credit_rent"])
+    put([credit], price, correlation["credit_price"])
+    put([credit], crypto, correlation["credit_crypto"])
+    put([power], rent, correlation["power_rent"])
+    put([rate], crypto, correlation["rate_crypto"])
+    index = {name: j for j, name in enumerate(factor_names(generations))}
+    for pair in correlation.get("pairs", []):
+        put([index[pair["a"]]], [index[pair["b"]]], pair["value"])
+    np.fill_diagonal(sigma, 1.0)
+    return sigma
+
+
+def smallest_eigenvalue(sigma: np.ndarray) -> float:
+    return float(np.linalg.eigvalsh(sigma).min())
+
+
+def is_positive_definite(sigma: np.ndarray) -> bool:
+    """Cholesky succeeds and the smallest eigenvalue exceeds MIN_EIGENVALUE."""
+    try:
+        np.linalg.cholesky(sigma)
+    except np.linalg.LinAlgError:
+        return False
+    return smallest_eigenvalue(sigma) > MIN_EIGENVALUE
+
+
+def nearest_correlation(
+    sigma: np.ndarray, tol: float = 1e-12, max_iterations: int = 10_000
+) -> np.ndarray:
+    """The nearest correlation matrix to a symmetric `sigma` [K, K] in the Frobenius norm:
+    Higham (2002) alternating projections onto the PSD cone and the unit-diagonal set, with
+    Dykstra's correction on the (non-affine) PSD step. Then eigenvalues are lifted to at
+    least REPAIR_EIGENVALUE and the diagonal rescaled to 1, so the result is strictly PD."""
+    a = (sigma + sigma.T) / 2
+    y = a.copy()
+    correction = np.zeros_like(a)  # Dykstra's ΔS
+    for _ in range(max_iterations):
+        r = y - correction
+        w, v = np.linalg.eigh(r)
+        x = (v * np.maximum(w, 0.0)) @ v.T  # projection onto the PSD cone
+        correction = x - r
+        y_next = x.copy()
+        np.fill_diagonal(y_next, 1.0)  # projection onto unit-diagonal matrices
+        change = np.linalg.norm(y_next - y) / max(np.linalg.norm(y), 1.0)
+        y = y_next
+        if change < tol:
+            break
+    # The limit is PSD with its smallest eigenvalue at 0: nudge it strictly inside.
+    for _ in range(100):
+        y = (y + y.T) / 2
+        if is_positive_definite(y) and smallest_eigenvalue(y) >= REPAIR_EIGENVALUE / 2:
+            break
+        w, v = np.linalg.eigh(y)
+        y = (v * np.maximum(w, REPAIR_EIGENVALUE)) @ v.T
+        d = 1 / np.sqrt(np.diag(y))
+        y = y * d[:, None] * d[None, :]
+    np.fill_diagonal(y, 1.0)
+    return y
+
+
+# ---------------------------------------------------------------------------------------
+# Building the Assumptions.
+
+
+def _generation_array(doc: dict, key: str) -> np.ndarray:
+    return _frozen(np.array([gen[key] for gen in doc["generations"].values()], dtype=np.float64))
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    # Assumptions are immutable (and the defaults are cached): refuse in-place edits.
+    array.setflags(write=False)
+    return array
+
+
+def _jump_matrix(doc: dict, jump: str, generations: tuple[str, ...]) -> np.ndarray:
+    """[E, G] jumps of every launch for every generation (absent = 0)."""
+    launches = doc.get("launches", [])
+    out = np.zeros((len(launches), len(generations)))
+    for e, launch in enumerate(launches):
+        for g, name in enumerate(generations):
+            out[e, g] = launch.get(jump, {}).get(name, 0.0)
+    return _frozen(out)
+
+
+def _correlation_for(
+    doc: dict, generations: tuple[str, ...], repair: bool, label: str, problems: _Problems
+) -> tuple[np.ndarray, CorrelationRepair | None]:
+    sigma = assemble_correlation(doc["correlation"], generations)
+    if is_positive_definite(sigma):
+        return sigma, None
+    lowest = smallest_eigenvalue(sigma)
+    if not repair:
+        problems.add(
+            label,
+            f"the assembled correlation matrix is not positive definite (smallest eigenvalue "
+            f"{lowest:.6g}); change the values or ask for the nearest correlation matrix "
+            f"(repair_correlation=True, --repair-correlation)",
+        )
+        return sigma, None
+    repaired = nearest_correlation(sigma)
+    change = float(np.abs(repaired - sigma).max())
+    return repaired, CorrelationRepair(smallest_eigenvalue=lowest, max_abs_change=change)
+
+
+def _build(doc: dict, repair: bool, problems: _Problems) -> Assumptions | None:
+    """An Assumptions from a merged, checked document; None (with problems) if Σ is refused."""
+    generations = tuple(doc["generations"])
+    sigma, repair_record = _correlation_for(doc, generations, repair, "correlation", problems)
+    if problems.items:
+        return None
+    # The stresses' own matrices are checked now, so that a bad stress fails before a run.
+    for s, stress in enumerate(doc.get("stress", [])):
+        stressed = _merge(doc, _stress_overrides(stress))
+        _correlation_for(
+            stressed,
+            tuple(stressed["generations"]),
+            repair,
+            f"stress[{s}] ({stress['name']!r}): correlation",
+            problems,
+        )
+    if problems.items:
+        return None
+    btc, eth = doc["crypto"]["btc"], doc["crypto"]["eth"]
+    power, rate, model = doc["power"], doc["rate"], doc["model"]
+    params = ModelParams(
+        rent_usd_per_hour=_generation_array(doc, "rent_usd_per_hour"),
+        rent_drift=_generation_array(doc, "rent_drift"),
+        rent_vol=_generation_array(doc, "rent_vol"),
+        rent_mean_reversion=_generation_array(doc, "rent_mean_reversion"),
+        price_usd=_generation_array(doc, "price_usd"),
+        depreciation=_generation_array(doc, "depreciation"),
+        price_vol=_generation_array(doc, "price_vol"),
+        haircut_base=_generation_array(doc, "haircut_base"),
+        market_depth_gpus_per_year=_generation_array(doc, "market_depth_gpus_per_year"),
+        launch_price_jump=_jump_matrix(doc, "price_jump", generations),
+        launch_rent_jump=_jump_matrix(doc, "rent_jump", generations),
+        btc_price_usd=float(btc["price_usd"]),
+        btc_drift=float(btc["drift"]),
+        btc_vol=float(btc["vol"]),
+        eth_price_usd=float(eth["price_usd"]),
+        eth_drift=float(eth["drift"]),
+        eth_vol=float(eth["vol"]),
+        power_usd_per_kwh=float(power["usd_per_kwh"]),
+        power_drift=float(power["drift"]),
+        power_vol=float(power["vol"]),
+        rate_level=float(rate["level"]),
+        rate_mean_reversion=float(rate["mean_reversion"]),
+        rate_mean=float(rate["mean"]),
+        rate_vol=float(rate["vol"]),
+        correlation=_frozen(sigma),
+        beta_liquidity=float(model["beta_liquidity"]),
+        beta_collateral=float(model["beta_collateral"]),
+        beta_refinancing=float(model["beta_refinancing"]),
+        haircut_slope=float(model["haircut_slope"]),
+        haircut_power=float(model["haircut_power"]),
+        haircut_max=float(model["haircut_max"]),
+        refi_ltv=float(model["refi_ltv"]),
+        coverage_floor=float(model["coverage_floor"]),
+        coverage_cap=float(model["coverage_cap"]),
+    )
+    sim = doc["simulation"]
+    launches = doc.get("launches", [])
+    return Assumptions(
+        params=params,
+        generations=generations,
+        generation_power_kw_per_gpu=tuple(
+            float(gen["power_kw_per_gpu"]) for gen in doc["generations"].values()
+        ),
+        launch_names=tuple(launch["name"] for launch in launches),
+        launch_years=tuple(float(launch["years_from_now"]) for launch in launches),
+        horizon_years=float(sim["horizon_years"]),
+        steps_per_year=sim["steps_per_year"],
+        scenarios=sim["scenarios"],
+        seed=sim["seed"],
+        copula=sim["copula"],
+        t_dof=sim["t_dof"],
+        discount=sim["discount"],
+        mode=sim["mode"],
+        stresses=tuple(
+            Stress(
+                name=stress["name"],
+                overrides=_stress_overrides(stress),
+                description=stress.get("description", ""),
+            )
+            for stress in doc.get("stress", [])
+        ),
+        document=doc,
+        correlation_repair=repair_record,
+    )
+
+
+def _stress_overrides(stress: dict) -> dict:
+    return {k: copy.deepcopy(v) for k, v in stress.items() if k not in ("name", "description")}
+
+
+def _apply_layer(base: dict, layer: dict, source: str, repair: bool) -> Assumptions:
+    """Check `layer`, merge it over the complete document `base`, check and build."""
+    problems = _Problems(source)
+    base_generations = tuple(base.get("generations", {}))
+    _check_layer(layer, base_generations, problems)
+    if problems.items:
+        raise AssumptionsError(problems.items)
+    doc = _merge(base, layer)
+    _check_merged(doc, "", problems)
+    for s, stress in enumerate(doc.get("stress", [])):
+        if not problems.items:  # a broken base would repeat its problems for every stress
+            _check_merged(_merge(doc, _stress_overrides(stress)), f"stress[{s}]", problems)
+    if problems.items:
+        raise AssumptionsError(problems.items)
+    assumptions = _build(doc, repair, problems)
+    if assumptions is None:
+        raise AssumptionsError(problems.items)
+    return assumptions
+
+
+# ---------------------------------------------------------------------------------------
+# Public API.
+
+
+def default_assumptions_text() -> str:
+    """The embedded default assumptions file (what `gpucredit assumptions` prints)."""
+    resource = importlib.resources.files("gpucredit") / "data" / "assumptions.toml"
+    return resource.read_text(encoding="utf-8")
+
+
+@functools.cache
+def default_assumptions() -> Assumptions:
+    """MODEL.md §9's defaults, parsed once from the embedded file."""
+    doc = tomllib.loads(default_assumptions_text())
+    return _apply_layer({}, doc, DEFAULT_SOURCE, repair=False)
+
+
+def load_assumptions(
+    path: str | Path | None = None, repair_correlation: bool = False
+) -> Assumptions:
+    """The assumptions of a user TOML merged over the defaults (MODEL.md §10); the defaults
+    when `path` is None. Raises AssumptionsError listing every problem of the file."""
+    if path is None:
+        return default_assumptions()
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            layer = tomllib.load(f)
+    except OSError as err:
+        raise AssumptionsError([f"{source}: cannot read the file: {err}"]) from err
+    except tomllib.TOMLDecodeError as err:
+        raise AssumptionsError([f"{source}: not valid TOML: {err}"]) from err
+    return _apply_layer(default_assumptions().document, layer, source, repair_correlation)
+
+
+def loads_assumptions(
+    text: str, source: str = "<string>", repair_correlation: bool = False
+) -> Assumptions:
+    """`load_assumptions` for TOML text already in memory (tests, the report)."""
+    try:
+        layer = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise AssumptionsError([f"{source}: not valid TOML: {err}"]) from err
+    return _apply_layer(default_assumptions().document, layer, source, repair_correlation)
+
+
+def with_overrides(
+    assumptions: Assumptions, overrides: dict, repair_correlation: bool = False
+) -> Assumptions:
+    """New assumptions: `overrides` (a dict in the §10 layout, e.g. a Stress's) merged over
+    `assumptions.document` and rebuilt. Assumptions whose matrix was repaired stay repaired."""
+    repair = repair_correlation or assumptions.correlation_repair is not None
+    return _apply_layer(assumptions.document, overrides, OVERRIDES_SOURCE, repair)
+
+
+def assembled_matrix_text(assumptions: Assumptions) -> str:
+    """The correlation matrix [K, K] as text, factor names labelling rows and columns."""
+    names = assumptions.factor_names
+    sigma = assumptions.correlation_matrix()
+    label_width = max(len(name) for name in names)
+    widths = [max(len(name), 6) for name in names]
+    lines = [
+        " " * label_width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, widths, strict=True))
+    ]
+    for name, row in zip(names, sigma, strict=True):
+        cells = "  ".join(f"{value:.3f}".rjust(w) for value, w in zip(row, widths, strict=True))
+        lines.append(f"{name.ljust(label_width)}  {cells}")
+    repair = assumptions.correlation_repair
+    if repair is not None:
+        lines.append(
+            f"(nearest correlation matrix: the input's smallest eigenvalue was "
+            f"{repair.smallest_eigenvalue:.6g}; largest change of an entry "
+            f"{repair.max_abs_change:.6g})"
+        )
+    return "\n".join(lines) + "\n"

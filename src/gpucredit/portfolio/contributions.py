@@ -1,0 +1,105 @@
+"""Euler contributions (MODEL.md §7) by a second pass over the tail scenarios only.
+
+ES_{α,i} = Σ_j c_j L_i(ω_j) with the tail coefficients c_j of `risk.tail_coefficients`, so
+Σ_i ES_{α,i} = ES_α to rounding. The tail is regenerated from the scenario indices, in
+chunks, so no [scenarios × loans] array over all scenarios is ever kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpucredit.portfolio.book import Book
+from gpucredit.portfolio.risk import alpha_key, tail_coefficients
+
+
+@dataclass(frozen=True)
+class Contributions:
+    """Per-loan risk in book order. `expected_shortfall_usd[key]` is [N] per α key "0.99"."""
+
+    loan_id: np.ndarray
+    borrower_id: np.ndarray
+    borrower_type: np.ndarray
+    gpu_generation: np.ndarray
+    balance_usd: np.ndarray
+    expected_loss_usd: np.ndarray  # [N] EL_i
+    expected_shortfall_usd: dict[str, np.ndarray]  # α key -> [N] ES_{α,i}
+    horizon_pd: np.ndarray  # [N]
+    mean_lgd: np.ndarray  # [N] fraction of exposure at default (nan: never defaults)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """Flat columns for a table: es_0.99_usd etc."""
+        cols = {
+            "loan_id": self.loan_id,
+            "borrower_id": self.borrower_id,
+            "borrower_type": self.borrower_type,
+            "gpu_generation": self.gpu_generation,
+            "balance_usd": self.balance_usd,
+            "expected_loss_usd": self.expected_loss_usd,
+            "horizon_pd": self.horizon_pd,
+            "mean_lgd": self.mean_lgd,
+        }
+        for key, values in self.expected_shortfall_usd.items():
+            cols[f"es_{key}_usd"] = values
+        return cols
+
+    def by(self, column: str) -> dict[str, dict[str, float]]:
+        """EL and ES summed by `borrower_id`, `borrower_type` or `gpu_generation`."""
+        groups = getattr(self, column)
+        names, inverse = np.unique(groups, return_inverse=True)
+        out: dict[str, dict[str, float]] = {}
+        measures = {"expected_loss_usd": self.expected_loss_usd, "balance_usd": self.balance_usd}
+        measures |= {f"es_{k}_usd": v for k, v in self.expected_shortfall_usd.items()}
+        for field, values in measures.items():
+            sums = np.bincount(inverse, weights=values, minlength=len(names))
+            for name, total in zip(names, sums, strict=True):
+                out.setdefault(str(name), {})[field] = float(total)
+        return out
+
+
+def tail_loan_contributions(
+    loan_losses_at,
+    losses_usd: np.ndarray,
+    weights: np.ndarray | None,
+    alphas: Sequence[float],
+    n_loans: int,
+    chunk_size: int = 1024,
+) -> dict[str, np.ndarray]:
+    """ES_{α,i} [N] for each α, from `loan_losses_at(indices) -> [S, N]` over the tail union."""
+    tails = {alpha_key(a): tail_coefficients(losses_usd, weights, a) for a in alphas}
+    union = np.unique(np.concatenate([idx for idx, _ in tails.values()]))
+    coefficient_rows = {}
+    for key, (idx, coef) in tails.items():
+        row = np.zeros(len(union))
+        row[np.searchsorted(union, idx)] = coef
+        coefficient_rows[key] = row
+    contributions = {key: np.zeros(n_loans) for key in tails}
+    for start in range(0, len(union), chunk_size):
+        part = slice(start, start + chunk_size)
+        per_loan = loan_losses_at(union[part].astype(np.uint32))  # [chunk, N]
+        for key, row in coefficient_rows.items():
+            contributions[key] += row[part] @ per_loan
+    return contributions
+
+
+def make_contributions(
+    book: Book,
+    expected_loss_usd: np.ndarray,
+    expected_shortfall_usd: dict[str, np.ndarray],
+    horizon_pd: np.ndarray,
+    mean_lgd: np.ndarray,
+) -> Contributions:
+    return Contributions(
+        loan_id=book.loan_id,
+        borrower_id=book.borrower_id,
+        borrower_type=book.borrower_type,
+        gpu_generation=book.gpu_generation,
+        balance_usd=book.balance_usd,
+        expected_loss_usd=expected_loss_usd,
+        expected_shortfall_usd=expected_shortfall_usd,
+        horizon_pd=horizon_pd,
+        mean_lgd=mean_lgd,
+    )

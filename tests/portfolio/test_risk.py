@@ -1,0 +1,389 @@
+"""Tests of gpucredit.portfolio.risk: VaR/ES on exact discrete distributions (against a
+brute-force quantile integral in rational arithmetic), tail coefficients, closed forms for
+normal and exponential losses, importance weights, and the batch-means intervals."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from gpucredit.portfolio.risk import (
+    RiskMeasures,
+    TailMeasures,
+    alpha_key,
+    risk_measures,
+    tail_coefficients,
+    var_es,
+)
+
+LOSSES = [0, 0, 0, 1, 1, 2, 5, 5, 10, 10]
+
+
+# --------------------------------------------------------------------------- brute force
+
+
+def brute_var_es(losses, weights, alpha):
+    """VaR and ES by exact rational arithmetic on the step quantile function.
+
+    ``alpha`` is read as the decimal it is written as (``0.9 -> 9/10``), the weights and
+    losses exactly. VaR = min{v : F(v) >= alpha}; ES = (1/(1-alpha)) * integral over
+    u in (alpha, 1) of q(u), where q(u) = v_i on (F(v_{i-1}), F(v_i)].
+    """
+    a = Fraction(repr(float(alpha)))
+    if weights is None:
+        weights = [1] * len(losses)
+    fw = [Fraction(x) for x in weights]
+    total = sum(fw)
+    mass: dict[Fraction, Fraction] = {}
+    for x, wx in zip(losses, fw, strict=True):
+        mass[Fraction(x)] = mass.get(Fraction(x), Fraction(0)) + wx / total
+    var = None
+    integral = Fraction(0)
+    F_prev = Fraction(0)
+    for v in sorted(mass):
+        F = F_prev + mass[v]
+        if var is None and F >= a:
+            var = v
+        lo, hi = max(F_prev, a), min(F, Fraction(1))
+        if hi > lo:
+            integral += v * (hi - lo)
+        F_prev = F
+    assert F_prev == 1
+    return var, integral / (1 - a)
+
+
+# --------------------------------------------------------------------------- exact cases
+
+
+@pytest.mark.parametrize(
+    ("alpha", "var", "es"),
+    [
+        (0.1, 0.0, 3.4 / 0.9),
+        (0.25, 0.0, 3.4 / 0.75),
+        (0.3, 0.0, 3.4 / 0.7),  # F(0) = 0.3 exactly: no remaining mass on VaR
+        (0.35, 1.0, (3.2 + 0.15 * 1.0) / 0.65),
+        (0.5, 1.0, 6.4),
+        (0.6, 2.0, 3.0 / 0.4),
+        (0.7, 5.0, 2.5 / 0.3),
+        (0.8, 5.0, 10.0),  # cumsum of 0.1s gives 0.7999999999999999 here
+        (0.9, 10.0, 10.0),
+        (0.99, 10.0, 10.0),
+    ],
+)
+def test_equal_weights_hand_computed(alpha, var, es):
+    for w in (None, np.full(10, 0.1), np.full(10, 1e-3), np.ones(10)):
+        v, e = var_es(LOSSES, w, alpha)
+        assert v == var
+        assert e == pytest.approx(es, rel=1e-13)
+        idx, c = tail_coefficients(LOSSES, w, alpha)
+        assert float(c @ np.asarray(LOSSES, float)[idx]) == pytest.approx(es, rel=1e-13)
+        assert c.sum() == pytest.approx(1.0, rel=1e-13)
+    bv, be = brute_var_es(LOSSES, None, alpha)
+    assert v == float(bv)
+    assert e == pytest.approx(float(be), rel=1e-13)
+
+
+def test_order_statistic_is_exact():
+    # S = 1000, alpha = 0.99 with equal weights: the 990th smallest loss, in any order.
+    rng = np.random.default_rng(7)
+    x = rng.permutation(np.arange(1, 1001, dtype=float))
+    v, e = var_es(x, None, 0.99)
+    assert v == 990.0
+    assert e == pytest.approx(np.mean(np.arange(991, 1001)), rel=1e-13)
+    v, _ = var_es(x, np.full(1000, 1e-3), 0.99)
+    assert v == 990.0
+    for S, a in [(10, 0.8), (100, 0.97), (1000, 0.999), (10_000, 0.9999), (3, 2 / 3)]:
+        y = rng.permutation(np.arange(1, S + 1, dtype=float))
+        k = round(a * S)
+        assert var_es(y, None, a)[0] == float(k)
+        assert var_es(y, np.full(S, 1.0 / S), a)[0] == float(k)
+
+
+def test_unequal_weights_hand_computed():
+    # masses: 0 -> 0.4, 1 -> 0.2, 2 -> 0.1, 5 -> 0.2 (split 0.05/0.15), 10 -> 0.1
+    w = [2, 1, 1, 1, 1, 1, 0.5, 1.5, 0.5, 0.5]
+    v, e = var_es(LOSSES, w, 0.85)
+    assert v == 5.0
+    assert e == pytest.approx((1.0 + 0.05 * 5.0) / 0.15, rel=1e-13)
+    idx, c = tail_coefficients(LOSSES, w, 0.85)
+    assert idx.tolist() == [6, 7, 8, 9]
+    # remaining mass 0.05 on VaR split 1:3 over scenarios 6 and 7
+    np.testing.assert_allclose(c, [0.0125 / 0.15, 0.0375 / 0.15, 0.05 / 0.15, 0.05 / 0.15])
+    assert float(c @ np.asarray(LOSSES, float)[idx]) == pytest.approx(e, rel=1e-13)
+    for alpha in [0.05, 0.4, 0.5, 0.6, 0.7, 0.75, 0.9, 0.95, 0.999]:
+        bv, be = brute_var_es(LOSSES, w, alpha)
+        v, e = var_es(LOSSES, w, alpha)
+        assert v == float(bv), alpha
+        assert e == pytest.approx(float(be), rel=1e-13), alpha
+
+
+def test_equal_weights_tail_coefficients():
+    idx, c = tail_coefficients(LOSSES, None, 0.7)
+    # VaR = 5 (scenarios 6, 7), above: 8, 9 with 0.1/0.3 each, remaining 0.1 split over 6, 7
+    assert idx.tolist() == [6, 7, 8, 9]
+    np.testing.assert_allclose(c, [1 / 6, 1 / 6, 1 / 3, 1 / 3], rtol=1e-13)
+    # alpha = 0.8: no mass left on VaR, the ties at VaR drop out
+    idx, c = tail_coefficients(LOSSES, None, 0.8)
+    assert idx.tolist() == [8, 9]
+    np.testing.assert_allclose(c, [0.5, 0.5], rtol=1e-13)
+    assert idx.dtype == np.int64
+
+
+def test_zero_weights_ignored():
+    L = np.array([3.0, 100.0, 1.0, 2.0, 4.0])
+    w = np.array([1.0, 0.0, 1.0, 1.0, 1.0])
+    assert var_es(L, w, 0.5) == var_es([3.0, 1.0, 2.0, 4.0], None, 0.5)
+    idx, c = tail_coefficients(L, w, 0.5)
+    assert 1 not in idx.tolist()
+
+
+def test_single_scenario_and_constant():
+    assert var_es([4.0], None, 0.99) == (4.0, 4.0)
+    v, e = var_es(np.full(50, 2.5), None, 0.999)
+    assert (v, e) == (2.5, pytest.approx(2.5, rel=1e-14))
+    idx, c = tail_coefficients(np.full(50, 2.5), None, 0.9)
+    assert c.sum() == pytest.approx(1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("losses", "weights", "alpha"),
+    [
+        ([], None, 0.9),
+        ([[1.0, 2.0]], None, 0.9),
+        ([1.0, np.nan], None, 0.9),
+        ([1.0, 2.0], [1.0], 0.9),
+        ([1.0, 2.0], [1.0, -1.0], 0.9),
+        ([1.0, 2.0], [0.0, 0.0], 0.9),
+        ([1.0, 2.0], [1.0, np.inf], 0.9),
+        ([1.0, 2.0], None, 1.0),
+        ([1.0, 2.0], None, 0.0),
+    ],
+)
+def test_invalid_inputs(losses, weights, alpha):
+    with pytest.raises(ValueError):
+        var_es(losses, weights, alpha)
+    with pytest.raises(ValueError):
+        tail_coefficients(losses, weights, alpha)
+
+
+# --------------------------------------------------------------------------- properties
+
+ALPHAS = st.sampled_from([0.01, 0.1, 0.25, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 0.95, 0.99, 0.999])
+
+
+@st.composite
+def discrete_case(draw):
+    n = draw(st.integers(1, 25))
+    support = draw(st.lists(st.integers(-5, 20), min_size=1, max_size=6))
+    losses = draw(st.lists(st.sampled_from(support), min_size=n, max_size=n))
+    weights = draw(st.none() | st.lists(st.integers(1, 20), min_size=n, max_size=n))
+    return losses, weights
+
+
+@settings(max_examples=300, deadline=None)
+@given(discrete_case(), ALPHAS, st.sampled_from([1.0, 1e-3, 0.37, 1e6]))
+def test_matches_brute_force(case, alpha, scale):
+    losses, weights = case
+    bv, be = brute_var_es(losses, weights, alpha)
+    w = None if weights is None else np.asarray(weights, float) * scale
+    v, e = var_es(losses, w, alpha)
+    assert v == float(bv)
+    assert e == pytest.approx(float(be), rel=1e-12, abs=1e-12)
+
+    L = np.asarray(losses, float)
+    idx, c = tail_coefficients(losses, w, alpha)
+    assert np.all(np.diff(idx) > 0)
+    assert np.all(c > 0.0)
+    assert c.sum() == pytest.approx(1.0, rel=1e-12)
+    assert float(c @ L[idx]) == pytest.approx(e, rel=1e-12, abs=1e-12)
+    assert np.all(L[idx] >= v)  # the tail set is {L >= VaR}
+    assert e >= v - 1e-12 * max(1.0, abs(v))
+    assert v >= L.min()
+    assert e <= L.max() + 1e-12 * max(1.0, abs(L.max()))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=40),
+    st.data(),
+    st.lists(st.floats(0.001, 0.999), min_size=2, max_size=6),
+)
+def test_monotone_in_alpha(losses, data, alphas):
+    n = len(losses)
+    weights = data.draw(
+        st.none() | st.lists(st.floats(1e-3, 1e3), min_size=n, max_size=n), label="weights"
+    )
+    res = [var_es(losses, weights, a) for a in sorted(alphas)]
+    for (v0, e0), (v1, e1) in zip(res, res[1:], strict=False):
+        assert v1 >= v0
+        assert e1 >= e0 - 1e-9 * max(1.0, abs(e0))
+    for v, e in res:
+        assert e >= v - 1e-9 * max(1.0, abs(v))
+
+
+# --------------------------------------------------------------------------- closed forms
+
+
+def _normal_truth(mu, sigma, a):
+    z = stats.norm.ppf(a)
+    return mu + sigma * z, mu + sigma * stats.norm.pdf(z) / (1 - a)
+
+
+def test_normal_closed_form():
+    mu, sigma = 3.0, 2.0
+    L = np.random.default_rng(20240501).normal(mu, sigma, 200_000)
+    rm = risk_measures(L, alphas=(0.95, 0.99, 0.999))
+    assert abs(rm.el - mu) < 4 * rm.el_se
+    assert rm.el_se == pytest.approx(rm.el_se_iid, rel=0.35)
+    assert rm.el_se_iid == pytest.approx(np.std(L, ddof=1) / math.sqrt(L.size), rel=1e-10)
+    assert rm.std == pytest.approx(sigma, rel=0.01)
+    for a in rm.alphas:
+        var, es = _normal_truth(mu, sigma, a)
+        t = rm.at(a)
+        assert 0 < t.var_se and 0 < t.es_se
+        assert abs(t.var - var) < 4 * t.var_se, (a, t)
+        assert abs(t.es - es) < 4 * t.es_se, (a, t)
+        # batch-means SE against the asymptotic SE of the quantile, sqrt(a(1-a)/S)/f(VaR)
+        se_asym = math.sqrt(a * (1 - a) / L.size) / stats.norm.pdf(var, mu, sigma)
+        assert t.var_se == pytest.approx(se_asym, rel=0.6)
+
+
+def test_exponential_closed_form():
+    lam = 0.5
+    L = np.random.default_rng(11).exponential(1 / lam, 200_000)
+    rm = risk_measures(L, alphas=(0.99, 0.999))
+    assert abs(rm.el - 1 / lam) < 4 * rm.el_se
+    for a in rm.alphas:
+        var = -math.log(1 - a) / lam
+        es = var + 1 / lam
+        assert abs(rm.var(a) - var) < 4 * rm.at(a).var_se
+        assert abs(rm.es(a) - es) < 4 * rm.at(a).es_se
+
+
+def test_es_interval_coverage():
+    a = 0.99
+    _, es_true = _normal_truth(0.0, 1.0, a)
+    covered = 0
+    for seed in range(100):
+        L = np.random.default_rng(1000 + seed).standard_normal(20_000)
+        lo, hi = risk_measures(L, alphas=(a,)).at(a).es_ci
+        covered += lo <= es_true <= hi
+    assert covered >= 85
+
+
+def test_importance_weights():
+    # Sample N(theta, 1), weight by the likelihood ratio phi(x)/phi(x - theta).
+    theta = 2.5
+    x = np.random.default_rng(3).normal(theta, 1.0, 100_000)
+    w = np.exp(-theta * x + 0.5 * theta**2)
+    rm = risk_measures(x, w, alphas=(0.99, 0.999))
+    assert rm.effective_sample_size < x.size
+    assert rm.effective_sample_size == pytest.approx(w.sum() ** 2 / (w @ w))
+    assert abs(rm.el) < 4 * rm.el_se
+    for a in rm.alphas:
+        var, es = _normal_truth(0.0, 1.0, a)
+        t = rm.at(a)
+        assert abs(t.var - var) < 4 * t.var_se, (a, t)
+        assert abs(t.es - es) < 4 * t.es_se, (a, t)
+    # the shifted sample is far better in the tail than plain sampling at the same S
+    plain = risk_measures(np.random.default_rng(4).standard_normal(100_000), alphas=(0.999,))
+    assert rm.at(0.999).es_se < plain.at(0.999).es_se
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_explicit_equal_weights_equal_none():
+    L = np.random.default_rng(5).gamma(2.0, 1.0, 5_000)
+    a = risk_measures(L, None, alphas=(0.9, 0.99))
+    for w in (np.full(L.size, 1.0 / L.size), np.ones(L.size), np.full(L.size, 7.0)):
+        b = risk_measures(L, w, alphas=(0.9, 0.99))
+        assert b.n_scenarios == a.n_scenarios
+        assert b.effective_sample_size == pytest.approx(a.effective_sample_size, rel=1e-12)
+        for k in ("el", "el_se", "el_se_iid", "std"):
+            assert getattr(b, k) == pytest.approx(getattr(a, k), rel=1e-10), k
+        for ta, tb in zip(a.tail, b.tail, strict=True):
+            assert tb.var == ta.var
+            assert tb.es == pytest.approx(ta.es, rel=1e-12)
+            assert tb.var_se == pytest.approx(ta.var_se, rel=1e-10)
+            assert tb.es_se == pytest.approx(ta.es_se, rel=1e-10)
+        for alpha in (0.9, 0.99):
+            ia, ca = tail_coefficients(L, None, alpha)
+            ib, cb = tail_coefficients(L, w, alpha)
+            np.testing.assert_array_equal(ia, ib)
+            np.testing.assert_allclose(ca, cb, rtol=1e-12)
+
+
+def test_point_estimates_and_interval_shape():
+    L = np.random.default_rng(6).lognormal(0.0, 1.0, 10_000)
+    rm = risk_measures(L, alphas=(0.99, 0.95, 0.99), n_batches=40)
+    assert isinstance(rm, RiskMeasures)
+    assert rm.alphas == (0.99, 0.95)
+    assert rm.n_batches == 40 and rm.n_scenarios == 10_000
+    assert rm.effective_sample_size == 10_000
+    t = rm.at(0.99)
+    assert isinstance(t, TailMeasures)
+    assert (t.var, t.es) == var_es(L, None, 0.99)
+    assert rm.var(0.99) == t.var and rm.es(0.99) == t.es
+    tq = stats.t.ppf(0.975, 39)
+    assert t.es_ci == pytest.approx((t.es - tq * t.es_se, t.es + tq * t.es_se))
+    assert t.var_ci[0] < t.var < t.var_ci[1]
+    assert rm.el_ci[0] < rm.el < rm.el_ci[1]
+    assert t.tail_scenarios_per_batch == pytest.approx(10_000 / 40 * 0.01)
+    assert rm.el == pytest.approx(L.mean(), rel=1e-12)
+    assert rm.std == pytest.approx(L.std(), rel=1e-12)
+    with pytest.raises(KeyError):
+        rm.var(0.9)
+
+
+def test_batch_means_by_hand():
+    L = np.random.default_rng(8).standard_normal(3_200)
+    rm = risk_measures(L, alphas=(0.9,))
+    batches = L.reshape(32, 100)
+    se = np.std(batches.mean(axis=1), ddof=1) / math.sqrt(32)
+    assert rm.el_se == pytest.approx(se, rel=1e-10)
+    es_b = [var_es(b, None, 0.9)[1] for b in batches]
+    assert rm.at(0.9).es_se == pytest.approx(np.std(es_b, ddof=1) / math.sqrt(32), rel=1e-10)
+
+
+def test_to_dict_is_json():
+    rm = risk_measures(np.arange(1000.0), alphas=(0.99, 0.999))
+    d = json.loads(json.dumps(rm.to_dict(), allow_nan=False))
+    assert set(d["tail"]) == {"0.99", "0.999"}
+    assert alpha_key(0.99) == "0.99" and alpha_key(np.float64(0.999)) == "0.999"
+    assert d["tail"]["0.99"]["var"] == 989.0
+    assert d["tail"]["0.99"]["es_ci"] == list(rm.at(0.99).es_ci)
+    assert d["el"] == pytest.approx(499.5)
+    assert d["n_batches"] == 32 and d["n_scenarios"] == 1000
+
+
+def test_small_samples_never_crash():
+    for S in (1, 2, 5, 31):
+        rm = risk_measures(np.arange(float(S)))
+        assert math.isnan(rm.el_se) and math.isnan(rm.at(0.99).es_se)
+        assert rm.var(0.99) == S - 1
+        d = json.loads(json.dumps(rm.to_dict(), allow_nan=False))
+        assert d["tail"]["0.99"]["es_se"] is None
+    rm = risk_measures(np.arange(40.0))  # batches of one or two scenarios
+    assert math.isfinite(rm.el_se) and math.isfinite(rm.at(0.999).es_se)
+    # a batch with zero total weight gives nan, not an error
+    w = np.ones(64)
+    w[:2] = 0.0
+    rm = risk_measures(np.arange(64.0), w)
+    assert math.isnan(rm.el_se) and math.isfinite(rm.el)
+
+
+def test_refuses_too_few_batches():
+    with pytest.raises(ValueError):
+        risk_measures(np.arange(100.0), n_batches=31)
+    with pytest.raises(ValueError):
+        risk_measures(np.arange(100.0), alphas=(1.5,))
+    with pytest.raises(TypeError):
+        risk_measures(np.arange(100.0), n_batches=32.0)
