@@ -14,11 +14,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpucredit import __version__
 from gpucredit.kernels import reference
 from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import Book
+from gpucredit.portfolio.contributions import (
+    Contributions,
+    make_contributions,
+    tail_loan_contributions,
+)
 from gpucredit.portfolio.loans import loan_arrays
+from gpucredit.portfolio.risk import RiskMeasures, alpha_key, risk_measures
+from gpucredit.portfolio.sensitivities import Sensitivities, compute_sensitivities
 
 BACKENDS = ("auto", "jax", "numpy", "cupy")
 PRECISIONS = ("float32", "float64")
@@ -103,6 +111,18 @@ class JaxBackend:
             self.params, self.grid, self.blocks, self.seed, np.asarray(scenarios, np.uint32)
         )
         return np.asarray(out, dtype=np.float64)
+
+    def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
+        """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode)."""
+        _, grads = self._engine.weighted_loss_gradient(
+            self.params,
+            self.grid,
+            self.blocks,
+            self.seed,
+            np.asarray(scenarios, np.uint32),
+            np.asarray(coefficients),
+        )
+        return grads
 
 
 def choose_backend(name: str) -> str:
@@ -224,3 +244,175 @@ def simulate_losses(
 
 def default_alphas(alphas: Sequence[float] | None) -> tuple[float, ...]:
     return tuple(alphas) if alphas else (0.99, 0.999)
+
+
+@dataclass(frozen=True)
+class StressResult:
+    """One stress scenario on the base run's random numbers, and its change from the base."""
+
+    name: str
+    description: str
+    measures: RiskMeasures
+
+    def deltas(self, base: RiskMeasures) -> dict[str, float]:
+        out = {"el": self.measures.el - base.el}
+        for t in self.measures.tail:
+            key = alpha_key(t.alpha)
+            out[f"var_{key}"] = t.var - base.var(t.alpha)
+            out[f"es_{key}"] = t.es - base.es(t.alpha)
+        return out
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Everything one run produced (what `write_results` and the report consume)."""
+
+    losses_usd: np.ndarray  # [S] per-scenario loss
+    weights: np.ndarray | None  # [S] or None (equal weights)
+    measures: RiskMeasures
+    contributions: Contributions | None
+    sensitivities: Sensitivities | None
+    stress: tuple[StressResult, ...]
+    metadata: dict
+
+    def var(self, alpha: float) -> float:
+        return self.measures.var(alpha)
+
+    def es(self, alpha: float) -> float:
+        return self.measures.es(alpha)
+
+    def summary(self) -> dict:
+        """JSON-ready: every measure with its standard error and interval, stress deltas and
+        the run's metadata."""
+        return {
+            "metadata": self.metadata,
+            "measures": self.measures.to_dict(),
+            "stress": {
+                s.name: {
+                    "description": s.description,
+                    "measures": s.measures.to_dict(),
+                    "change": s.deltas(self.measures),
+                }
+                for s in self.stress
+            },
+        }
+
+
+def simulate(
+    book: Book,
+    assumptions: Assumptions,
+    scenarios: int | None = None,
+    seed: int | None = None,
+    mode: str | None = None,
+    backend: str = "auto",
+    precision: str = "float32",
+    chunk_size: int | None = None,
+    alphas: Sequence[float] | None = None,
+    contributions: bool = True,
+    sensitivities: bool = True,
+    el_sensitivity_scenarios: int = 16_384,
+    stress: Sequence[str] = (),
+    progress: ProgressCallback | None = None,
+    checkpoint=None,
+) -> RunResult:
+    """Run the book against the assumptions (MODEL.md) and measure the loss distribution.
+
+    Pass 1 keeps every per-scenario loss; pass 2 revisits the tail scenarios of each α by
+    index for Euler contributions and AD sensitivities. Stress scenarios rerun pass 1 with
+    overridden assumptions on the same random numbers. `checkpoint` (optional) has
+    `.done() -> dict[first, ChunkOutput]` and `.save(first, ChunkOutput)` for resume.
+    """
+    from gpucredit.portfolio.stress import stressed_assumptions
+
+    started = time.perf_counter()
+    scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
+    alphas = default_alphas(alphas)
+    loans = loan_arrays(book, assumptions)
+    grid = assumptions.grid(mode)
+    engine = make_backend(backend, precision, assumptions.params, grid, loans, seed)
+    chunk = chunk_size or engine.default_chunk_size
+    pass1 = run_pass1(
+        engine,
+        scenarios,
+        chunk,
+        len(book),
+        progress,
+        done=checkpoint.done() if checkpoint is not None else None,
+        on_chunk=checkpoint.save if checkpoint is not None else None,
+    )
+    measures = risk_measures(pass1.losses_usd, None, alphas)
+
+    contrib = None
+    if contributions:
+        es_i = tail_loan_contributions(
+            engine.loan_losses_at, pass1.losses_usd, None, alphas, len(book)
+        )
+        contrib = make_contributions(
+            book, pass1.loan_expected_loss_usd, es_i, pass1.loan_horizon_pd, pass1.loan_mean_lgd
+        )
+
+    sens = None
+    sensitivities_seconds = 0.0
+    if sensitivities:
+        t0 = time.perf_counter()
+        gradient_engine = JaxBackend(
+            assumptions.params, assumptions.grid("conditional"), loans, seed, precision
+        )
+        sens = compute_sensitivities(
+            gradient_engine.weighted_gradient,
+            assumptions,
+            pass1.losses_usd,
+            alphas,
+            el_sensitivity_scenarios,
+        )
+        sensitivities_seconds = time.perf_counter() - t0
+
+    stress_results = []
+    for name in stress:
+        stressed, description = stressed_assumptions(assumptions, name)
+        stressed_engine = make_backend(
+            backend,
+            precision,
+            stressed.params,
+            stressed.grid(mode),
+            loan_arrays(book, stressed),
+            seed,
+        )
+        stressed_pass = run_pass1(stressed_engine, scenarios, chunk, len(book))
+        stress_results.append(
+            StressResult(name, description, risk_measures(stressed_pass.losses_usd, None, alphas))
+        )
+
+    elapsed = time.perf_counter() - started
+    metadata = {
+        "version": __version__,
+        "seed": seed,
+        "scenarios": scenarios,
+        "mode": mode,
+        "backend": engine.name,
+        "device": engine.device,
+        "precision": engine.precision,
+        "chunk_size": chunk,
+        "alphas": list(alphas),
+        "copula": assumptions.copula,
+        "horizon_years": assumptions.horizon_years,
+        "steps_per_year": assumptions.steps_per_year,
+        "discount": assumptions.discount,
+        "loans": len(book),
+        "book": book.source,
+        "pass1_seconds": pass1.elapsed_seconds,
+        "sensitivities_seconds": sensitivities_seconds,
+        "el_sensitivity_scenarios": sens.el_scenarios if sens is not None else None,
+        "elapsed_seconds": elapsed,
+        "scenarios_per_second": scenarios / pass1.elapsed_seconds,
+        "loan_periods_per_second": scenarios * len(book) * grid.periods / pass1.elapsed_seconds,
+    }
+    return RunResult(
+        losses_usd=pass1.losses_usd,
+        weights=None,
+        measures=measures,
+        contributions=contrib,
+        sensitivities=sens,
+        stress=tuple(stress_results),
+        metadata=metadata,
+    )
