@@ -791,3 +791,29 @@ def assembled_matrix_text(assumptions: Assumptions) -> str:
             f"{repair.max_abs_change:.6g})"
         )
     return "\n".join(lines) + "\n"
+
+
+def stress_case(assumptions: Assumptions, name: str, repair_correlation: bool = False):
+    """A named stress (built-in or `[[stress]]`) as a `StressCase` ready for `simulate`.
+
+    Raises AssumptionsError for an unknown name, invalid overrides, or a stress that changes
+    the time grid (it must run on the base run's random numbers)."""
+    from gpucredit.portfolio.engine import StressCase
+    from gpucredit.portfolio.stress import stress_overrides
+
+    source = f"stress {name}"
+    try:
+        overrides, description = stress_overrides(assumptions, name)
+    except KeyError as error:
+        raise AssumptionsError([f"{source}: {error.args[0]}"]) from None
+    stressed = with_overrides(assumptions, overrides, repair_correlation)
+    if (stressed.horizon_years, stressed.steps_per_year, stressed.copula, stressed.t_dof) != (
+        assumptions.horizon_years,
+        assumptions.steps_per_year,
+        assumptions.copula,
+        assumptions.t_dof,
+    ):
+        raise AssumptionsError(
+            [f"{source}: must not change the time grid or the copula (same random numbers)"]
+        )
+    return StressCase(name=name, description=description, assumptions=stressed)

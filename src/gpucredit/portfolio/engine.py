@@ -247,6 +247,16 @@ def default_alphas(alphas: Sequence[float] | None) -> tuple[float, ...]:
 
 
 @dataclass(frozen=True)
+class StressCase:
+    """A stress scenario ready to run: its name, what it does, and the stressed assumptions.
+    Its time grid must be the base run's (the same random numbers)."""
+
+    name: str
+    description: str
+    assumptions: Assumptions
+
+
+@dataclass(frozen=True)
 class StressResult:
     """One stress scenario on the base run's random numbers, and its change from the base."""
 
@@ -311,7 +321,7 @@ def simulate(
     contributions: bool = True,
     sensitivities: bool = True,
     el_sensitivity_scenarios: int = 16_384,
-    stress: Sequence[str] = (),
+    stress: Sequence[StressCase] = (),
     progress: ProgressCallback | None = None,
     checkpoint=None,
 ) -> RunResult:
@@ -322,8 +332,6 @@ def simulate(
     overridden assumptions on the same random numbers. `checkpoint` (optional) has
     `.done() -> dict[first, ChunkOutput]` and `.save(first, ChunkOutput)` for resume.
     """
-    from gpucredit.portfolio.stress import stressed_assumptions
-
     started = time.perf_counter()
     scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
     alphas = default_alphas(alphas)
@@ -368,8 +376,8 @@ def simulate(
         sensitivities_seconds = time.perf_counter() - t0
 
     stress_results = []
-    for name in stress:
-        stressed, description = stressed_assumptions(assumptions, name)
+    for case in stress:
+        stressed = case.assumptions
         stressed_engine = make_backend(
             backend,
             precision,
@@ -379,9 +387,8 @@ def simulate(
             seed,
         )
         stressed_pass = run_pass1(stressed_engine, scenarios, chunk, len(book))
-        stress_results.append(
-            StressResult(name, description, risk_measures(stressed_pass.losses_usd, None, alphas))
-        )
+        stress_measures = risk_measures(stressed_pass.losses_usd, None, alphas)
+        stress_results.append(StressResult(case.name, case.description, stress_measures))
 
     elapsed = time.perf_counter() - started
     metadata = {

@@ -1,0 +1,277 @@
+"""The `gpucredit` command. Bad input ends with a clear message and exit status 2, never a
+traceback; everything else is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from gpucredit import __version__
+from gpucredit.io.assumptions import (
+    AssumptionsError,
+    assembled_matrix_text,
+    default_assumptions_text,
+    load_assumptions,
+    stress_case,
+)
+from gpucredit.io.book import BookError, example_book_path, read_book, write_book
+from gpucredit.io.results import ResultsError
+from gpucredit.portfolio.engine import BACKENDS, MODES, PRECISIONS, EngineError
+
+EXIT_BAD_INPUT = 2
+
+
+class RunFailure(Exception):
+    """An error the user can act on (unwritable output, interrupted run, ...): exit status 1."""
+
+
+def friendly_errors(command):
+    """Turn the errors a user can fix into a message on stderr and a non-zero status."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (BookError, AssumptionsError, EngineError) as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except (RunFailure, ResultsError) as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: completed chunks are kept; rerun with --resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _book_and_assumptions(book_path, assumptions_path, repair_correlation):
+    assumptions = load_assumptions(assumptions_path, repair_correlation=repair_correlation)
+    path = Path(book_path) if book_path else example_book_path()
+    return read_book(path, assumptions), assumptions
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpucredit")
+def main():
+    """Monte Carlo credit risk for loan books secured by GPU fleets."""
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class Progress:
+    """A bar with scenarios/s and ETA on a terminal, plain log lines otherwise, or nothing."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._bar = None
+        self._last_log = 0.0
+        self._start = time.perf_counter()
+
+    def __enter__(self):
+        if not self.quiet and self.tty:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("scenarios"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self._bar.__enter__()
+            self._task = self._bar.add_task("pass 1", total=None, rate="")
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        rate = done / elapsed
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, total=total, rate=f"{rate:,.0f}/s")
+        elif time.perf_counter() - self._last_log > 5.0 or done == total:
+            self._last_log = time.perf_counter()
+            eta = (total - done) / rate if rate > 0 else float("nan")
+            click.echo(
+                f"pass 1: {done:,}/{total:,} scenarios, {rate:,.0f}/s, eta {eta:,.0f} s", err=True
+            )
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(message, err=True)
+
+
+@main.command()
+@click.argument("book", required=False, type=click.Path(dir_okay=False))
+@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
+@click.option("--repair-correlation", is_flag=True, help="Use the nearest correlation matrix.")
+@click.option("--scenarios", type=int, help="Scenarios (default: the assumptions').")
+@click.option("--seed", type=int, help="Random seed below 2^32 (default: the assumptions').")
+@click.option("--mode", type=click.Choice(MODES))
+@click.option("--alpha", "alphas", type=float, multiple=True, help="Confidence level(s).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True)
+@click.option("--chunk-size", type=int, help="Scenarios per chunk.")
+@click.option("--no-sensitivities", is_flag=True)
+@click.option("--no-contributions", is_flag=True)
+@click.option("--stress", "stresses", multiple=True, help="Stress scenario name (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--quiet", is_flag=True)
+@friendly_errors
+def run(
+    book,
+    assumptions_path,
+    repair_correlation,
+    scenarios,
+    seed,
+    mode,
+    alphas,
+    backend,
+    precision,
+    chunk_size,
+    no_sensitivities,
+    no_contributions,
+    stresses,
+    out,
+    resume,
+    quiet,
+):
+    """Simulate BOOK (default: the embedded example) and report EL, VaR and ES."""
+    from gpucredit.io.results import (
+        DEFAULT_CHECKPOINT_CHUNK,
+        Checkpoint,
+        prepare_output_dir,
+        write_results,
+    )
+    from gpucredit.io.summary_text import print_run_summary
+    from gpucredit.portfolio.engine import resolve_run_settings, simulate
+
+    loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
+    cases = [stress_case(assumptions, name, repair_correlation) for name in stresses]
+    scenarios_, seed_, mode_ = resolve_run_settings(assumptions, scenarios, seed, mode)
+    out_dir = prepare_output_dir(Path(out))
+    checkpoint = Checkpoint(
+        out_dir,
+        loans,
+        assumptions,
+        scenarios_,
+        seed_,
+        mode_,
+        backend,
+        precision,
+        resume,
+        chunk_size=chunk_size or (256 if backend == "numpy" else DEFAULT_CHECKPOINT_CHUNK),
+    )
+    with Progress(quiet) as progress:
+        progress.note(
+            f"gpucredit {__version__}: {len(loans):,} loans, {scenarios_:,} scenarios, "
+            f"{mode_} mode, seed {seed_}"
+        )
+        result = simulate(
+            loans,
+            assumptions,
+            scenarios=scenarios_,
+            seed=seed_,
+            mode=mode_,
+            backend=backend,
+            precision=precision,
+            chunk_size=checkpoint.chunk_size,
+            alphas=alphas or None,
+            contributions=not no_contributions,
+            sensitivities=not no_sensitivities,
+            stress=cases,
+            progress=progress,
+            checkpoint=checkpoint,
+        )
+    written = write_results(result, out_dir, loans, assumptions)
+    checkpoint.clear()
+    print_run_summary(result)
+    if not quiet:
+        click.echo(f"results: {', '.join(str(p) for p in written)}", err=True)
+
+
+# ----------------------------------------------------------------------------- others
+
+
+@main.command()
+@click.argument("book", type=click.Path(dir_okay=False))
+@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
+@click.option("--repair-correlation", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly_errors
+def validate(book, assumptions_path, repair_correlation, as_json):
+    """Validate BOOK and print today's summary (exposure, LTV, coverage)."""
+    from gpucredit.io.summary_text import print_book_summary
+    from gpucredit.portfolio.summary import book_summary
+
+    loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
+    summary = book_summary(loans, assumptions)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        print_book_summary(summary)
+
+
+@main.command()
+@click.option("--matrix", is_flag=True, help="Print the assembled correlation matrix.")
+@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
+@click.option("--repair-correlation", is_flag=True)
+@friendly_errors
+def assumptions(matrix, assumptions_path, repair_correlation):
+    """Print the default assumptions file (or, with --matrix, the correlation matrix)."""
+    if not matrix:
+        click.echo(default_assumptions_text(), nl=False)
+        return
+    loaded = load_assumptions(assumptions_path, repair_correlation=repair_correlation)
+    click.echo(assembled_matrix_text(loaded), nl=False)
+
+
+@main.command("make-book")
+@click.option("--loans", "n_loans", type=click.IntRange(min=1), required=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@friendly_errors
+def make_book_command(n_loans, seed, out):
+    """Write a reproducible synthetic book of realistic borrowers (Parquet or Arrow)."""
+    from gpucredit.portfolio.makebook import make_book
+
+    try:
+        path = write_book(make_book(n_loans, seed), out)
+    except OSError as error:
+        raise RunFailure(f"cannot write {out}: {error.strerror or error}") from None
+    click.echo(f"wrote {n_loans:,} loans to {path}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@friendly_errors
+def report(directory):
+    """Re-render report.html from the files of a results DIRECTORY."""
+    from gpucredit.io.report import render_report_from_dir
+
+    path = render_report_from_dir(Path(directory))
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""What the terminal shows: the run's measures, top contributors and sensitivities, and
+today's book summary, as rich tables on stdout."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from gpucredit.portfolio.engine import RunResult
+from gpucredit.portfolio.risk import alpha_key
+
+
+def usd_millions(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value / 1e6:,.2f}"
+
+
+def _console() -> Console:
+    return Console(width=120, highlight=False)
+
+
+def print_run_summary(result: RunResult, top: int = 10) -> None:
+    console = _console()
+    m = result.measures
+    meta = result.metadata
+    table = Table(
+        title=(
+            f"Portfolio loss over {meta['horizon_years']:g} years, {meta['scenarios']:,} "
+            f"scenarios ({meta['mode']}, {meta['backend']} {meta['precision']}), $ millions"
+        )
+    )
+    for column in ("measure", "estimate", "std. error", "95% interval"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+
+    def row(name, value, se, ci):
+        interval = f"[{usd_millions(ci[0])}, {usd_millions(ci[1])}]"
+        table.add_row(name, usd_millions(value), usd_millions(se), interval)
+
+    row("EL", m.el, m.el_se, m.el_ci)
+    table.add_row("std. deviation", usd_millions(m.std), "", "")
+    for t in m.tail:
+        row(f"VaR {t.alpha:.3%}".replace(".000%", "%"), t.var, t.var_se, t.var_ci)
+        row(f"ES {t.alpha:.3%}".replace(".000%", "%"), t.es, t.es_se, t.es_ci)
+    console.print(table)
+
+    alpha = max(m.alphas)
+    key = alpha_key(alpha)
+    if result.contributions is not None:
+        contrib = result.contributions
+        es_i = contrib.expected_shortfall_usd[key]
+        order = np.argsort(-es_i)[:top]
+        table = Table(title=f"Largest ES {alpha:.1%} contributors, $ millions")
+        for column in ("loan", "borrower", "type", "gen", "balance", "EL", "ES", "share", "PD"):
+            table.add_column(column, justify="left" if column in ("loan", "borrower") else "right")
+        for i in order:
+            table.add_row(
+                str(contrib.loan_id[i]),
+                str(contrib.borrower_id[i]),
+                str(contrib.borrower_type[i]),
+                str(contrib.gpu_generation[i]),
+                usd_millions(contrib.balance_usd[i]),
+                usd_millions(contrib.expected_loss_usd[i]),
+                usd_millions(es_i[i]),
+                f"{es_i[i] / m.es(alpha):.1%}",
+                f"{contrib.horizon_pd[i]:.1%}",
+            )
+        console.print(table)
+    if result.sensitivities is not None:
+        table = Table(
+            title=(
+                f"Largest ES {alpha:.1%} sensitivities "
+                f"(∂ES/∂θ × θ: the ES change, $ millions, for a 100% move of θ)"
+            )
+        )
+        for column in ("parameter", "value", "∂ES/∂θ × θ", "∂ES/∂θ"):
+            table.add_column(column, justify="left" if column == "parameter" else "right")
+        for name, derivative, value in result.sensitivities.largest(alpha, top):
+            table.add_row(
+                name, f"{value:.4g}", usd_millions(derivative * value), f"{derivative:.4g}"
+            )
+        console.print(table)
+    if result.stress:
+        table = Table(title="Stress scenarios (same random numbers), $ millions")
+        table.add_column("scenario")
+        table.add_column("EL", justify="right")
+        table.add_column("ΔEL", justify="right")
+        table.add_column(f"ES {alpha:.1%}", justify="right")
+        table.add_column("ΔES", justify="right")
+        for s in result.stress:
+            table.add_row(
+                s.name,
+                usd_millions(s.measures.el),
+                usd_millions(s.measures.el - m.el),
+                usd_millions(s.measures.es(alpha)),
+                usd_millions(s.measures.es(alpha) - m.es(alpha)),
+            )
+        console.print(table)
+    console.print(
+        f"{meta['scenarios']:,} scenarios in {meta['pass1_seconds']:.1f} s "
+        f"({meta['scenarios_per_second']:,.0f}/s, {meta['loan_periods_per_second']:.3g} "
+        f"loan-periods/s) on {meta['device']}; total {meta['elapsed_seconds']:.1f} s"
+    )
+
+
+def print_book_summary(summary: dict) -> None:
+    console = _console()
+    console.print(
+        f"{summary['source']}: {summary['loans']:,} loans, {summary['borrowers']:,} borrowers, "
+        f"exposure ${usd_millions(summary['exposure_usd'])}m on {summary['gpus']:,.0f} GPUs; "
+        f"LTV {summary['ltv']:.1%}, debt-service coverage {summary['dscr']:.2f}x "
+        f"(exposure-weighted); {summary['share_dscr_below_1']:.1%} of exposure below 1.0x"
+    )
+    for title, key in (("generation", "by_generation"), ("borrower type", "by_borrower_type")):
+        table = Table(title=f"Today's book by {title}")
+        for column in (title, "loans", "exposure $m", "GPUs", "LTV", "DSCR"):
+            table.add_column(column, justify="left" if column == title else "right")
+        for name, g in summary[key].items():
+            table.add_row(
+                name,
+                f"{g['loans']:,}",
+                usd_millions(g["exposure_usd"]),
+                f"{g['gpus']:,.0f}",
+                "n/a" if g["ltv"] is None else f"{g['ltv']:.1%}",
+                "n/a" if g["dscr"] is None else f"{g['dscr']:.2f}x",
+            )
+        console.print(table)
