@@ -15,6 +15,11 @@ def usd_millions(value: float | None) -> str:
     return "n/a" if value is None or not np.isfinite(value) else f"{value / 1e6:,.2f}"
 
 
+def percent(alpha: float) -> str:
+    """0.999 -> "99.9%"."""
+    return f"{alpha * 100:.10g}%"
+
+
 def _console() -> Console:
     return Console(width=120, highlight=False)
 
@@ -39,8 +44,8 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
     row("EL", m.el, m.el_se, m.el_ci)
     table.add_row("std. deviation", usd_millions(m.std), "", "")
     for t in m.tail:
-        row(f"VaR {t.alpha:.3%}".replace(".000%", "%"), t.var, t.var_se, t.var_ci)
-        row(f"ES {t.alpha:.3%}".replace(".000%", "%"), t.es, t.es_se, t.es_ci)
+        row(f"VaR {percent(t.alpha)}", t.var, t.var_se, t.var_ci)
+        row(f"ES {percent(t.alpha)}", t.es, t.es_se, t.es_ci)
     console.print(table)
 
     alpha = max(m.alphas)
@@ -49,7 +54,7 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
         contrib = result.contributions
         es_i = contrib.expected_shortfall_usd[key]
         order = np.argsort(-es_i)[:top]
-        table = Table(title=f"Largest ES {alpha:.1%} contributors, $ millions")
+        table = Table(title=f"Largest ES {percent(alpha)} contributors, $ millions")
         for column in ("loan", "borrower", "type", "gen", "balance", "EL", "ES", "share", "PD"):
             table.add_column(column, justify="left" if column in ("loan", "borrower") else "right")
         for i in order:
@@ -68,7 +73,7 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
     if result.sensitivities is not None:
         table = Table(
             title=(
-                f"Largest ES {alpha:.1%} sensitivities "
+                f"Largest ES {percent(alpha)} sensitivities "
                 f"(∂ES/∂θ × θ: the ES change, $ millions, for a 100% move of θ)"
             )
         )
@@ -84,7 +89,7 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
         table.add_column("scenario")
         table.add_column("EL", justify="right")
         table.add_column("ΔEL", justify="right")
-        table.add_column(f"ES {alpha:.1%}", justify="right")
+        table.add_column(f"ES {percent(alpha)}", justify="right")
         table.add_column("ΔES", justify="right")
         for s in result.stress:
             table.add_row(
