@@ -73,15 +73,19 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
     if result.sensitivities is not None:
         table = Table(
             title=(
-                f"Largest ES {percent(alpha)} sensitivities "
-                f"(∂ES/∂θ × θ: the ES change, $ millions, for a 100% move of θ)"
+                f"Largest ES {percent(alpha)} sensitivities: the ES change ($ millions) for a "
+                "move of θ by 100% of its value (0.1 for correlations)"
             )
         )
-        for column in ("parameter", "value", "∂ES/∂θ × θ", "∂ES/∂θ"):
+        for column in ("parameter", "value", "move", "ΔES", "∂ES/∂θ"):
             table.add_column(column, justify="left" if column == "parameter" else "right")
-        for name, derivative, value in result.sensitivities.largest(alpha, top):
+        for name, derivative, value, move in result.sensitivities.largest(alpha, top):
             table.add_row(
-                name, f"{value:.4g}", usd_millions(derivative * value), f"{derivative:.4g}"
+                name,
+                f"{value:.4g}",
+                f"{move:.3g}",
+                usd_millions(derivative * move),
+                f"{derivative:.4g}",
             )
         console.print(table)
     if result.stress:

@@ -37,13 +37,22 @@ class Sensitivities:
             cols[f"d_es_{key}_usd"] = values
         return cols
 
-    def largest(self, alpha: float, count: int = 10) -> list[tuple[str, float, float]]:
-        """The `count` parameters with the largest |∂ES_α/∂θ × θ| (effect of a 100% move),
-        as (parameter, ∂ES/∂θ, value)."""
+    def move_sizes(self) -> np.ndarray:
+        """[P] the move each parameter is ranked by: 100% of its value, or 0.1 absolute for
+        correlation entries and zero-valued parameters (the report uses the same rule)."""
+        is_correlation = np.array([p.startswith("correlation.") for p in self.parameter])
+        return np.where(is_correlation | (self.value == 0), 0.1, np.abs(self.value))
+
+    def largest(self, alpha: float, count: int = 10) -> list[tuple[str, float, float, float]]:
+        """The `count` parameters with the largest |∂ES_α/∂θ × move|, as (parameter,
+        ∂ES/∂θ, value, move)."""
         d_es = self.d_expected_shortfall[alpha_key(alpha)]
-        scale = np.where(self.value != 0, np.abs(self.value), 1.0)
-        order = np.argsort(-np.abs(d_es * scale))[:count]
-        return [(self.parameter[i], float(d_es[i]), float(self.value[i])) for i in order]
+        moves = self.move_sizes()
+        order = np.argsort(-np.abs(d_es * moves))[:count]
+        return [
+            (self.parameter[i], float(d_es[i]), float(self.value[i]), float(moves[i]))
+            for i in order
+        ]
 
 
 def gradient_by_path(

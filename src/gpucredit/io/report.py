@@ -1,0 +1,971 @@
+"""report.html: one self-contained page a credit risk team reads at 7 am (DESIGN.md "Results").
+
+Everything is inline: the styles, and every chart as a base64 PNG drawn with matplotlib's Agg
+canvas (no pyplot state, no display). The page has no script, no external stylesheet, font
+or image, so it opens offline, in a mail attachment or behind a proxy, exactly as written.
+
+Sections, in order: header, headline measures, loss distribution (histogram and tail),
+contributions, sensitivities, stress, today's book, run metadata. Any value of summary.json
+may be null; it is shown as an em dash. Missing contributions or sensitivities tables make
+their sections say "not computed".
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["ReportError", "render_report", "render_report_from_dir"]
+
+SUMMARY_FILE = "summary.json"
+LOSSES_FILE = "losses.parquet"
+CONTRIBUTIONS_FILE = "contributions.parquet"
+SENSITIVITIES_FILE = "sensitivities.parquet"
+REPORT_FILE = "report.html"
+
+TOP_BORROWERS = 20
+TOP_SENSITIVITIES = 15
+CORRELATION_PREFIX = "correlation"
+SMALL_MOVE = 0.1  # absolute move used for correlation entries and zero-valued parameters
+DASH = "\u2014"
+
+CONTRIBUTION_COLUMNS = (
+    "loan_id",
+    "borrower_id",
+    "borrower_type",
+    "gpu_generation",
+    "balance_usd",
+    "expected_loss_usd",
+)
+SENSITIVITY_COLUMNS = ("parameter", "value", "d_el_usd")
+
+# Colours (colour-blind safe: Okabe-Ito).
+C_EL = "#0072B2"
+C_ES = "#D55E00"
+C_VAR = "#E69F00"
+C_NEG = "#0072B2"
+C_POS = "#D55E00"
+C_BAR = "#56B4E9"
+C_GREY = "#7f7f7f"
+
+
+class ReportError(Exception):
+    """An input of the report is missing or unreadable (the message names the file)."""
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: object) -> float | None:
+    """A finite float, or None for null, NaN, ±inf and anything that is not a number."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _get(mapping: object, *keys: str) -> object:
+    """mapping[k1][k2]..., or None where any level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def fmt_usd(value: object, signed: bool = False) -> str:
+    """$ with thousands separators: "$950,000" below $1M, "$12,345.68M" from $1M up (the
+    same unit throughout, as the command line prints)."""
+    x = _num(value)
+    if x is None:
+        return DASH
+    sign = ("+" if x > 0 else "-" if x < 0 else "") if signed else ("-" if x < 0 else "")
+    a = abs(x)
+    if a >= 1e6:
+        body = f"${a / 1e6:,.2f}M"
+    else:
+        body = f"${a:,.0f}"
+    return sign + body
+
+
+def fmt_int(value: object) -> str:
+    x = _num(value)
+    return DASH if x is None else f"{x:,.0f}"
+
+
+def fmt_float(value: object, digits: int = 2) -> str:
+    x = _num(value)
+    return DASH if x is None else f"{x:,.{digits}f}"
+
+
+def fmt_pct(value: object, digits: int = 1, signed: bool = False) -> str:
+    x = _num(value)
+    if x is None:
+        return DASH
+    return f"{100 * x:+.{digits}f}%" if signed else f"{100 * x:.{digits}f}%"
+
+
+def fmt_general(value: object) -> str:
+    """Any metadata value: numbers with separators, lists joined, None as a dash."""
+    if value is None:
+        return DASH
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return DASH
+        if value == int(value) and abs(value) < 1e15:
+            return f"{value:,.0f}"
+        return f"{value:,.6g}" if abs(value) < 1e6 else f"{value:,.0f}"
+    if isinstance(value, list | tuple):
+        return ", ".join(fmt_general(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def fmt_seconds(value: object) -> str:
+    x = _num(value)
+    if x is None:
+        return DASH
+    if x < 60:
+        return f"{x:.1f} s"
+    minutes, seconds = divmod(x, 60)
+    if minutes < 60:
+        return f"{minutes:.0f} min {seconds:.0f} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:.0f} h {minutes:.0f} min"
+
+
+def alpha_label(alpha: object) -> str:
+    """0.99 -> "99%", 0.999 -> "99.9%"."""
+    x = _num(alpha)
+    if x is None:
+        return str(alpha)
+    return f"{100 * x:.6g}%"
+
+
+def _interval(values: object) -> str:
+    if not isinstance(values, list | tuple) or len(values) != 2:
+        return DASH
+    lo, hi = values
+    if _num(lo) is None and _num(hi) is None:
+        return DASH
+    return f"{fmt_usd(lo)} \u2013 {fmt_usd(hi)}"
+
+
+# ----------------------------------------------------------------------------- html pieces
+
+
+def _table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    numeric_from: int = 1,
+    caption: str | None = None,
+    css_class: str = "",
+) -> str:
+    """Rows are already formatted strings; they are escaped here. Columns from
+    `numeric_from` on are right-aligned."""
+    out = ['<div class="scroll">']
+    out.append(f'<table class="{_esc(css_class)}">' if css_class else "<table>")
+    if caption:
+        out.append(f"<caption>{_esc(caption)}</caption>")
+    out.append("<thead><tr>")
+    for j, h in enumerate(header):
+        cls = ' class="num"' if j >= numeric_from else ""
+        out.append(f"<th{cls}>{_esc(h)}</th>")
+    out.append("</tr></thead><tbody>")
+    for row in rows:
+        out.append("<tr>")
+        for j, cell in enumerate(row):
+            cls = ' class="num"' if j >= numeric_from else ""
+            out.append(f"<td{cls}>{_esc(cell)}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
+
+
+def _figure_html(fig: Figure, alt: str, caption: str | None = None) -> str:
+    """The figure as an inline base64 PNG inside <figure>."""
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    fig.clear()
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    width, height = (int(round(v * 110)) for v in fig.get_size_inches())
+    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{_esc(alt)}" '
+        f'width="{width}" height="{height}">{cap}</figure>'
+    )
+
+
+def _new_figure(width: float, height: float) -> tuple[Figure, object]:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    ax = fig.add_subplot()
+    _style_axes(ax)
+    return fig, ax
+
+
+def _style_axes(ax) -> None:
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.grid(True, axis="both", color="#e5e5e5", linewidth=0.7)
+    ax.set_axisbelow(True)
+    ax.tick_params(labelsize=9)
+
+
+def _millions_formatter(ax, axis: str = "x") -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    fmt = FuncFormatter(lambda v, _pos: f"{v:,g}")
+    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(fmt)
+
+
+def _not_computed(what: str) -> str:
+    return f'<p class="note">{_esc(what)}: not computed in this run.</p>'
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{_esc(anchor)}"><h2>{_esc(title)}</h2>{body}</section>'
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _alphas(summary: dict) -> list[tuple[str, float | None]]:
+    """(key, alpha) of every tail level in the base measures, in increasing alpha."""
+    tail = _get(summary, "measures", "tail")
+    keys = list(tail) if isinstance(tail, dict) else []
+    if not keys:
+        meta_alphas = _get(summary, "metadata", "alphas")
+        if isinstance(meta_alphas, list):
+            keys = [repr(float(a)) for a in meta_alphas if _num(a) is not None]
+    pairs = []
+    for key in keys:
+        alpha = _num(_get(tail, key, "alpha")) if isinstance(tail, dict) else None
+        pairs.append((key, alpha if alpha is not None else _num(key)))
+    return sorted(pairs, key=lambda p: (p[1] is None, p[1] if p[1] is not None else 0.0))
+
+
+def _book_name(summary: dict) -> str | None:
+    """The book's file name (the full path is in the metadata section)."""
+    source = _get(summary, "book", "source") or _get(summary, "metadata", "book")
+    if source is None:
+        return None
+    return Path(str(source)).name or str(source)
+
+
+def _header(summary: dict, generated_at: dt.datetime) -> str:
+    meta = summary.get("metadata") if isinstance(summary.get("metadata"), dict) else {}
+    book = _book_name(summary)
+    title = f"Credit risk report \u2014 {book}" if book else "Credit risk report"
+    device = " / ".join(
+        str(meta.get(k)) for k in ("backend", "device", "precision") if meta.get(k) is not None
+    )
+    facts = [
+        ("Book", fmt_general(book)),
+        ("Report date", generated_at.strftime("%Y-%m-%d %H:%M UTC")),
+        ("Scenarios", fmt_int(meta.get("scenarios"))),
+        ("Seed", fmt_general(meta.get("seed"))),
+        ("Mode", fmt_general(meta.get("mode"))),
+        ("Backend / device / precision", device or DASH),
+        ("Elapsed", fmt_seconds(meta.get("elapsed_seconds"))),
+        ("Version", fmt_general(meta.get("version"))),
+    ]
+    cells = "".join(
+        f'<div class="fact"><span class="k">{_esc(k)}</span><span class="v">{_esc(v)}</span></div>'
+        for k, v in facts
+    )
+    return f'<header><h1>{_esc(title)}</h1><div class="facts">{cells}</div></header>'
+
+
+def _measure_rows(measures: object, alphas: list[tuple[str, float | None]]) -> list[list[str]]:
+    rows = [
+        [
+            "Expected loss (EL)",
+            fmt_usd(_get(measures, "el")),
+            fmt_usd(_get(measures, "el_se")),
+            _interval(_get(measures, "el_ci")),
+        ],
+        ["Standard deviation", fmt_usd(_get(measures, "std")), DASH, DASH],
+    ]
+    for key, alpha in alphas:
+        t = _get(measures, "tail", key)
+        label = alpha_label(alpha if alpha is not None else key)
+        for name, short in (("Value at risk", "var"), ("Expected shortfall", "es")):
+            rows.append(
+                [
+                    f"{name} {label}",
+                    fmt_usd(_get(t, short)),
+                    fmt_usd(_get(t, f"{short}_se")),
+                    _interval(_get(t, f"{short}_ci")),
+                ]
+            )
+    return rows
+
+
+def _headline(summary: dict) -> str:
+    measures = summary.get("measures")
+    alphas = _alphas(summary)
+    table = _table(
+        ["Measure", "Estimate", "Std. error", "95% interval"],
+        _measure_rows(measures, alphas),
+        css_class="headline",
+    )
+    n = _get(measures, "n_scenarios")
+    ess = _get(measures, "effective_sample_size")
+    batches = _get(measures, "n_batches")
+    note = (
+        f"{fmt_int(n)} scenarios, effective sample size {fmt_int(ess)}; standard errors from "
+        f"batch means over {fmt_int(batches)} batches (i.i.d. EL standard error "
+        f"{fmt_usd(_get(measures, 'el_se_iid'))})."
+    )
+    return _section(
+        "headline", "Headline risk measures", table + f'<p class="note">{_esc(note)}</p>'
+    )
+
+
+def _loss_distribution(summary: dict, losses_usd: np.ndarray) -> str:
+    losses = np.asarray(losses_usd, dtype=np.float64).ravel()
+    losses = losses[np.isfinite(losses)]
+    if losses.size == 0:
+        return _section("losses", "Loss distribution", _not_computed("Scenario losses"))
+    measures = summary.get("measures")
+    alphas = _alphas(summary)
+    el = _num(_get(measures, "el"))
+    if el is None:
+        el = float(losses.mean())
+    markers: list[tuple[str, float, str, str]] = [("EL", el, C_EL, "-")]
+    styles = ["--", ":", "-."]
+    for i, (key, alpha) in enumerate(alphas):
+        label = alpha_label(alpha if alpha is not None else key)
+        var = _num(_get(measures, "tail", key, "var"))
+        es = _num(_get(measures, "tail", key, "es"))
+        if var is None and alpha is not None:
+            var = float(np.quantile(losses, alpha, method="inverted_cdf"))
+        ls = styles[i % len(styles)]
+        if var is not None:
+            markers.append((f"VaR {label}", var, C_VAR, ls))
+        if es is not None:
+            markers.append((f"ES {label}", es, C_ES, ls))
+
+    # Histogram.
+    fig, ax = _new_figure(10, 4.2)
+    ax.hist(losses / 1e6, bins=120, color=C_BAR, edgecolor="none")
+    for label, x, colour, ls in markers:
+        ax.axvline(
+            x / 1e6, color=colour, linestyle=ls, linewidth=1.6, label=f"{label} {fmt_usd(x)}"
+        )
+    ax.set_xlabel("Portfolio loss over the horizon ($M)")
+    ax.set_ylabel("Scenarios")
+    ax.set_title("Distribution of portfolio loss", fontsize=11)
+    _millions_formatter(ax)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    hist = _figure_html(
+        fig,
+        "Histogram of portfolio losses",
+        f"Histogram of {losses.size:,} simulated losses, with EL, VaR and ES marked.",
+    )
+
+    # Tail: empirical exceedance 1 - F(x) above the lowest VaR, log scale.
+    lowest_var = next((x for label, x, _, _ in markers if label.startswith("VaR")), None)
+    threshold = lowest_var if lowest_var is not None else float(np.quantile(losses, 0.99))
+    n = losses.size
+    tail = np.sort(losses[losses >= threshold])
+    if tail.size >= 2:
+        # P(L > x) just after each sorted tail loss; last point set to 1/n to stay on the plot.
+        exceed = (tail.size - np.arange(1, tail.size + 1)) / n
+        exceed[-1] = 1.0 / n
+        if tail.size > 4000:  # thin the curve, keep the extreme end exactly
+            keep = np.unique(np.r_[np.linspace(0, tail.size - 1, 3000).astype(int), tail.size - 1])
+            tail, exceed = tail[keep], exceed[keep]
+        fig, ax = _new_figure(10, 3.8)
+        ax.step(tail / 1e6, exceed, where="post", color="#333333", linewidth=1.3)
+        ax.set_yscale("log")
+        for label, x, colour, ls in markers[1:]:
+            ax.axvline(
+                x / 1e6, color=colour, linestyle=ls, linewidth=1.6, label=f"{label} {fmt_usd(x)}"
+            )
+        ax.set_xlabel("Portfolio loss ($M)")
+        ax.set_ylabel("P(loss > x)")
+        ax.set_title("Tail: exceedance probability beyond the lowest VaR", fontsize=11)
+        _millions_formatter(ax)
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        tail_html = _figure_html(
+            fig,
+            "Exceedance probability of losses in the tail",
+            f"Empirical exceedance curve 1\u2212F(x) for the {int((losses >= threshold).sum()):,} "
+            f"losses at or above {fmt_usd(threshold)}, log scale (unweighted scenario counts).",
+        )
+    else:
+        tail_html = '<p class="note">Too few tail scenarios to draw the exceedance curve.</p>'
+    stats = _table(
+        ["Statistic", "Value"],
+        [
+            ["Scenarios", f"{n:,}"],
+            ["Mean", fmt_usd(losses.mean())],
+            ["Median", fmt_usd(np.median(losses))],
+            ["Maximum", fmt_usd(losses.max())],
+            ["Share of scenarios with zero loss", fmt_pct(float(np.mean(losses <= 0)))],
+        ],
+        css_class="compact",
+    )
+    return _section("losses", "Loss distribution", hist + tail_html + stats)
+
+
+def _alpha_columns(table: pa.Table, prefix: str) -> list[tuple[str, float]]:
+    """Columns named prefix<alpha>_usd, as (column, alpha), in increasing alpha."""
+    out = []
+    for name in table.column_names:
+        if name.startswith(prefix) and name.endswith("_usd"):
+            alpha = _num(name[len(prefix) : -len("_usd")])
+            if alpha is not None:
+                out.append((name, alpha))
+    return sorted(out, key=lambda p: p[1])
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    values = table.column(name).to_numpy(zero_copy_only=False)
+    if values.dtype.kind in "fiu":
+        return np.nan_to_num(values.astype(np.float64), nan=0.0)
+    return np.array([DASH if v is None else str(v) for v in values], dtype=object)
+
+
+def _group_sum(keys: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    unique, inverse = np.unique(keys.astype(str), return_inverse=True)
+    sums = [np.bincount(inverse, weights=v, minlength=unique.size) for v in values]
+    counts = np.bincount(inverse, minlength=unique.size).astype(np.float64)
+    return unique, [counts, *sums]
+
+
+def _share(part: float, total: float) -> str:
+    return fmt_pct(part / total) if total and math.isfinite(total) and total != 0 else DASH
+
+
+def _grouped_bars(labels: Sequence[str], el: np.ndarray, es: np.ndarray, es_label: str, title: str):
+    fig, ax = _new_figure(10, max(2.2, 0.9 + 0.36 * len(labels)))
+    y = np.arange(len(labels))
+    h = 0.38
+    ax.barh(y - h / 2, el / 1e6, height=h, color=C_EL, label="EL")
+    ax.barh(y + h / 2, es / 1e6, height=h, color=C_ES, label=es_label)
+    ax.set_yticks(y, labels=[str(s) for s in labels], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("$M")
+    ax.set_title(title, fontsize=11)
+    ax.grid(False, axis="y")
+    _millions_formatter(ax)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    return fig
+
+
+def _contributions(contributions: pa.Table | None) -> str:
+    title = "Risk contributions"
+    if contributions is None:
+        return _section("contributions", title, _not_computed("Loan contributions"))
+    es_cols = _alpha_columns(contributions, "es_")
+    balance = _column(contributions, "balance_usd")
+    el = _column(contributions, "expected_loss_usd")
+    if es_cols:
+        es_col, es_alpha = es_cols[-1]
+        es = _column(contributions, es_col)
+        es_label = f"ES {alpha_label(es_alpha)}"
+    else:
+        es = np.zeros_like(el)
+        es_label = "ES (not computed)"
+    total_balance, total_el, total_es = float(balance.sum()), float(el.sum()), float(es.sum())
+    parts = [
+        f'<p class="note">Euler allocation: a loan\'s EL contribution is E[L<sub>i</sub>], its '
+        f"{_esc(es_label)} contribution E[L<sub>i</sub> | L \u2265 VaR]; contributions add up "
+        f"to the portfolio measure. {contributions.num_rows:,} loans, "
+        f"EL {_esc(fmt_usd(total_el))}, "
+        f"{_esc(es_label)} {_esc(fmt_usd(total_es))}.</p>"
+    ]
+
+    def group_block(key: str, heading: str, top: int | None) -> str:
+        names, (count, bal, g_el, g_es) = _group_sum(_column(contributions, key), balance, el, es)
+        order = np.argsort(-(g_es if es_cols else g_el), kind="stable")
+        shown = order[:top] if top is not None else order
+        label_of = {"borrower_id": "borrower", "borrower_type": "borrower type"}
+        what = label_of.get(key, "GPU generation")
+        chart_title = (
+            f"Top {len(shown)} borrowers by {es_label} contribution"
+            if top is not None
+            else f"EL and {es_label} contributions by {what}"
+        )
+        fig = _grouped_bars(
+            [names[i] for i in shown], g_el[shown], g_es[shown], es_label, chart_title
+        )
+        chart = _figure_html(fig, chart_title)
+        rows = [
+            [
+                str(names[i]),
+                fmt_int(count[i]),
+                fmt_usd(bal[i]),
+                _share(bal[i], total_balance),
+                fmt_usd(g_el[i]),
+                _share(g_el[i], total_el),
+                fmt_usd(g_es[i]),
+                _share(g_es[i], total_es),
+            ]
+            for i in shown
+        ]
+        if top is not None and len(order) > top:
+            rest = order[top:]
+            rows.append(
+                [
+                    f"Other {len(rest):,} borrowers",
+                    fmt_int(count[rest].sum()),
+                    fmt_usd(bal[rest].sum()),
+                    _share(bal[rest].sum(), total_balance),
+                    fmt_usd(g_el[rest].sum()),
+                    _share(g_el[rest].sum(), total_el),
+                    fmt_usd(g_es[rest].sum()),
+                    _share(g_es[rest].sum(), total_es),
+                ]
+            )
+        rows.append(
+            [
+                "Total",
+                fmt_int(count.sum()),
+                fmt_usd(total_balance),
+                _share(total_balance, total_balance),
+                fmt_usd(total_el),
+                _share(total_el, total_el),
+                fmt_usd(total_es),
+                _share(total_es, total_es),
+            ]
+        )
+        table = _table(
+            [
+                heading,
+                "Loans",
+                "Balance",
+                "Share",
+                "EL",
+                "Share of EL",
+                es_label,
+                f"Share of {es_label}",
+            ],
+            rows,
+            css_class="totals",
+        )
+        return f"<h3>By {_esc(what)}</h3>{chart}{table}"
+
+    parts.append(group_block("borrower_id", "Borrower", TOP_BORROWERS))
+    parts.append(group_block("borrower_type", "Borrower type", None))
+    parts.append(group_block("gpu_generation", "Generation", None))
+    return _section("contributions", title, "".join(parts))
+
+
+def _sensitivity_impacts(
+    parameter: np.ndarray, value: np.ndarray, d_es: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(impact, is_small_move): dES × value (100% move), or dES × 0.1 for correlation
+    entries and zero-valued parameters."""
+    small = np.array([str(p).startswith(CORRELATION_PREFIX) for p in parameter], dtype=bool) | (
+        value == 0
+    )
+    impact = np.where(small, d_es * SMALL_MOVE, d_es * value)
+    return impact, small
+
+
+def _sensitivities(sensitivities: pa.Table | None) -> str:
+    title = "Sensitivities"
+    if sensitivities is None:
+        return _section("sensitivities", title, _not_computed("Parameter sensitivities"))
+    es_cols = _alpha_columns(sensitivities, "d_es_")
+    parameter = _column(sensitivities, "parameter")
+    value = _column(sensitivities, "value")
+    d_el = _column(sensitivities, "d_el_usd")
+    if es_cols:
+        col, alpha = es_cols[-1]
+        d_es = _column(sensitivities, col)
+        measure = f"ES {alpha_label(alpha)}"
+    else:
+        d_es = d_el
+        measure = "EL"
+    impact, small = _sensitivity_impacts(parameter, value, d_es)
+    order = np.argsort(-np.abs(impact), kind="stable")[:TOP_SENSITIVITIES]
+    if order.size == 0:
+        return _section("sensitivities", title, '<p class="note">No parameters.</p>')
+
+    small_tag = " (\u0394=0.1)"
+    labels = [str(parameter[i]) + (small_tag if small[i] else "") for i in order]
+    fig, ax = _new_figure(10, 1.0 + 0.36 * len(order))
+    y = np.arange(len(order))
+    vals = impact[order] / 1e6
+    ax.barh(y, vals, color=[C_POS if v > 0 else C_NEG for v in vals], height=0.6)
+    ax.axvline(0, color="#333333", linewidth=0.8)
+    ax.set_yticks(y, labels=labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.grid(False, axis="y")
+    ax.set_xlabel(f"Change in {measure} ($M)")
+    ax.set_title(f"Largest {len(order)} sensitivities of {measure}", fontsize=11)
+    _millions_formatter(ax)
+    caption = (
+        f"Tornado chart: change in {measure} for a 100% move of each parameter "
+        f"(\u2202{measure}/\u2202\u03b8 \u00d7 \u03b8, first order). Correlation entries and "
+        f"zero-valued parameters, labelled (\u0394=0.1), show \u2202{measure}/\u2202\u03b8 "
+        f"\u00d7 0.1 instead: an absolute move of 0.1. Red raises the risk measure, blue lowers it."
+    )
+    chart = _figure_html(fig, f"Tornado chart of {measure} sensitivities", caption)
+
+    header = ["Parameter", "Value", "dEL/d\u03b8"]
+    header += [f"dES {alpha_label(a)}/d\u03b8" for _, a in es_cols]
+    header += [f"\u0394{measure}", "Move"]
+    es_values = [_column(sensitivities, c) for c, _ in es_cols]
+    rows = []
+    for i in order:
+        row = [str(parameter[i]), fmt_general(float(value[i])), fmt_usd(d_el[i], signed=True)]
+        row += [fmt_usd(v[i], signed=True) for v in es_values]
+        row += [fmt_usd(impact[i], signed=True), "+0.1 absolute" if small[i] else "+100%"]
+        rows.append(row)
+    table = _table(header, rows, caption=f"Top {len(order)} by |\u0394{measure}|")
+    note = (
+        f'<p class="note">Pathwise derivatives by automatic differentiation with common random '
+        f"numbers, in USD per unit of the parameter; {sensitivities.num_rows:,} parameters.</p>"
+    )
+    return _section("sensitivities", title, chart + table + note)
+
+
+def _stress(summary: dict) -> str:
+    title = "Stress scenarios"
+    stress = summary.get("stress")
+    if not isinstance(stress, dict) or not stress:
+        return _section("stress", title, '<p class="note">No stress scenarios in this run.</p>')
+    alphas = _alphas(summary)
+    base = summary.get("measures")
+    header = ["Scenario", "EL", "\u0394EL"]
+    for key, alpha in alphas:
+        label = alpha_label(alpha if alpha is not None else key)
+        header += [f"VaR {label}", f"\u0394VaR {label}", f"ES {label}", f"\u0394ES {label}"]
+
+    def delta(change: object, base_value: object) -> str:
+        d, b = _num(change), _num(base_value)
+        if d is None:
+            return DASH
+        rel = f" ({fmt_pct(d / b, signed=True)})" if b else ""
+        return fmt_usd(d, signed=True) + rel
+
+    rows = [
+        ["Base", fmt_usd(_get(base, "el")), DASH]
+        + [
+            cell
+            for key, _ in alphas
+            for cell in (
+                fmt_usd(_get(base, "tail", key, "var")),
+                DASH,
+                fmt_usd(_get(base, "tail", key, "es")),
+                DASH,
+            )
+        ]
+    ]
+    descriptions = []
+    for name, item in stress.items():
+        m = _get(item, "measures")
+        change = _get(item, "change")
+        row = [str(name), fmt_usd(_get(m, "el")), delta(_get(change, "el"), _get(base, "el"))]
+        for key, _ in alphas:
+            row += [
+                fmt_usd(_get(m, "tail", key, "var")),
+                delta(_get(change, f"var_{key}"), _get(base, "tail", key, "var")),
+                fmt_usd(_get(m, "tail", key, "es")),
+                delta(_get(change, f"es_{key}"), _get(base, "tail", key, "es")),
+            ]
+        rows.append(row)
+        desc = _get(item, "description")
+        descriptions.append(
+            f"<dt>{_esc(name)}</dt><dd>{_esc(desc if desc is not None else DASH)}</dd>"
+        )
+    body = _table(header, rows, css_class="wide")
+    body += (
+        '<p class="note">Each stress reuses the base run\'s random numbers; changes are '
+        "stress minus base (relative change in brackets).</p>"
+    )
+    body += f'<dl class="stress">{"".join(descriptions)}</dl>'
+    return _section("stress", title, body)
+
+
+def _book(summary: dict) -> str:
+    title = "Today's book"
+    book = summary.get("book")
+    if not isinstance(book, dict):
+        return _section("book", title, '<p class="note">No book summary in this run.</p>')
+    overview = _table(
+        ["Book", "Value"],
+        [
+            ["Source", fmt_general(book.get("source"))],
+            ["Loans", fmt_int(book.get("loans"))],
+            ["Borrowers", fmt_int(book.get("borrowers"))],
+            ["Exposure", fmt_usd(book.get("exposure_usd"))],
+            ["GPUs", fmt_int(book.get("gpus"))],
+            ["LTV (exposure-weighted)", fmt_pct(book.get("ltv"))],
+            ["DSCR (exposure-weighted)", fmt_float(book.get("dscr"))],
+            ["Exposure with DSCR below 1", fmt_pct(book.get("share_dscr_below_1"))],
+        ],
+        css_class="compact",
+    )
+    total = _num(book.get("exposure_usd")) or 0.0
+    parts = [overview]
+    for key, heading in (("by_generation", "Generation"), ("by_borrower_type", "Borrower type")):
+        groups = book.get(key)
+        if not isinstance(groups, dict) or not groups:
+            continue
+        rows = [
+            [
+                str(name),
+                fmt_int(_get(g, "loans")),
+                fmt_usd(_get(g, "exposure_usd")),
+                _share(_num(_get(g, "exposure_usd")) or 0.0, total),
+                fmt_int(_get(g, "gpus")),
+                fmt_pct(_get(g, "ltv")),
+                fmt_float(_get(g, "dscr")),
+            ]
+            for name, g in groups.items()
+        ]
+        parts.append(
+            f"<h3>By {_esc(heading.lower())}</h3>"
+            + _table([heading, "Loans", "Exposure", "Share", "GPUs", "LTV", "DSCR"], rows)
+        )
+        if key == "by_generation":
+            names = list(groups)
+            exposure = np.array([_num(_get(groups[n], "exposure_usd")) or 0.0 for n in names])
+            fig, ax = _new_figure(10, 3.2)
+            x = np.arange(len(names))
+            ax.bar(x, exposure / 1e6, color=C_BAR, width=0.6)
+            ax.set_xticks(x, labels=[str(n) for n in names], fontsize=9)
+            ax.set_ylabel("Exposure ($M)")
+            ax.set_title("Exposure by GPU generation", fontsize=11)
+            ax.grid(False, axis="x")
+            _millions_formatter(ax, "y")
+            for xi, e in zip(x, exposure, strict=True):
+                ax.annotate(fmt_usd(e), (xi, e / 1e6), ha="center", va="bottom", fontsize=8)
+            parts.append(_figure_html(fig, "Exposure by GPU generation"))
+    note = (
+        '<p class="note">LTV = balance / (GPUs \u00d7 price today \u00d7 collateral share); '
+        "DSCR = net operating income / debt service over the next period; both "
+        "exposure-weighted.</p>"
+    )
+    return _section("book", title, "".join(parts) + note)
+
+
+def _metadata(summary: dict) -> str:
+    meta = summary.get("metadata")
+    if not isinstance(meta, dict) or not meta:
+        return _section("metadata", "Run metadata", '<p class="note">No metadata.</p>')
+    items = []
+    for key, value in meta.items():
+        if key.endswith("_seconds"):
+            shown = fmt_seconds(value) if _num(value) is not None else DASH
+        else:
+            shown = fmt_general(value)
+        css = ' class="hash"' if key.endswith("sha256") else ""
+        items.append(f"<dt>{_esc(key)}</dt><dd{css}>{_esc(shown)}</dd>")
+    return _section("metadata", "Run metadata", f'<dl class="meta">{"".join(items)}</dl>')
+
+
+_CSS = """
+:root { --ink:#1f2933; --muted:#616e7c; --rule:#d9dee3; --band:#f5f7f9; --accent:#0b4f8a; }
+* { box-sizing: border-box; }
+body { margin:0; color:var(--ink); background:#fff;
+  font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
+main { max-width:1180px; margin:0 auto; padding:24px 32px 64px; }
+header { border-bottom:3px solid var(--accent); padding-bottom:12px; margin-bottom:8px; }
+h1 { font-size:24px; margin:0 0 12px; color:var(--accent); }
+h2 { font-size:19px; margin:36px 0 10px; padding-bottom:4px; border-bottom:1px solid var(--rule); }
+h3 { font-size:15px; margin:22px 0 6px; color:var(--muted); }
+.facts { display:grid; grid-template-columns:repeat(auto-fill,minmax(210px,1fr)); gap:6px 18px; }
+.fact .k { display:block; font-size:11px; text-transform:uppercase; letter-spacing:.04em;
+  color:var(--muted); }
+.fact .v { font-weight:600; overflow-wrap:anywhere; }
+nav { font-size:13px; margin:10px 0 0; }
+nav a { color:var(--accent); text-decoration:none; margin-right:14px; }
+table { border-collapse:collapse; margin:8px 0 14px; font-variant-numeric:tabular-nums;
+  min-width:50%; }
+table.compact { min-width:0; }
+caption { text-align:left; font-size:12px; color:var(--muted); padding-bottom:4px; }
+th, td { padding:5px 10px; border-bottom:1px solid var(--rule); text-align:left;
+  white-space:nowrap; }
+th { background:var(--band); font-weight:600; font-size:12.5px; }
+td.num, th.num { text-align:right; }
+tbody tr:nth-child(even) { background:#fafbfc; }
+table.totals tbody tr:last-child { font-weight:600; border-top:2px solid var(--ink); }
+table.headline td:nth-child(2) { font-weight:600; }
+table.wide { font-size:12.5px; }
+.scroll { overflow-x:auto; }
+figure { margin:10px 0 16px; }
+figure img { display:block; max-width:100%; height:auto; }
+figcaption { font-size:12px; color:var(--muted); margin-top:4px; max-width:900px; }
+.note { font-size:12.5px; color:var(--muted); max-width:900px; }
+dl.meta { display:grid; grid-template-columns:max-content 1fr; gap:3px 18px; font-size:13px; }
+dl.meta dt { color:var(--muted); }
+dl.meta dd { margin:0; font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;
+  word-break:break-all; }
+dl.stress dt { font-weight:600; margin-top:6px; }
+dl.stress dd { margin:0 0 0 16px; color:var(--muted); }
+footer { margin-top:40px; font-size:11px; color:var(--muted); }
+@media print { main { max-width:none; padding:0; } h2 { break-after:avoid; }
+  figure, table { break-inside:avoid; } }
+"""
+
+_SECTIONS = (
+    ("headline", "Headline"),
+    ("losses", "Loss distribution"),
+    ("contributions", "Contributions"),
+    ("sensitivities", "Sensitivities"),
+    ("stress", "Stress"),
+    ("book", "Today's book"),
+    ("metadata", "Metadata"),
+)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def render_report(
+    summary: dict,
+    losses_usd: np.ndarray,
+    contributions: pa.Table | None,
+    sensitivities: pa.Table | None,
+    *,
+    generated_at: dt.datetime | None = None,
+) -> str:
+    """The report as one self-contained HTML document (no script, no external resource).
+
+    summary: the parsed summary.json; losses_usd: [scenarios] portfolio loss per scenario;
+    contributions / sensitivities: the tables of contributions.parquet and
+    sensitivities.parquet, or None when not computed. generated_at: the date shown in the
+    header (default: now, UTC).
+    """
+    if not isinstance(summary, dict):
+        raise ReportError(f"{SUMMARY_FILE}: expected a JSON object, got {type(summary).__name__}")
+    _check_columns(contributions, CONTRIBUTION_COLUMNS, "contributions table")
+    _check_columns(sensitivities, SENSITIVITY_COLUMNS, "sensitivities table")
+    when = generated_at or dt.datetime.now(dt.UTC)
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC)
+    book = _book_name(summary)
+    nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in _SECTIONS)
+    body = [
+        _header(summary, when),
+        f"<nav>{nav}</nav>",
+        _headline(summary),
+        _loss_distribution(summary, losses_usd),
+        _contributions(contributions),
+        _sensitivities(sensitivities),
+        _stress(summary),
+        _book(summary),
+        _metadata(summary),
+        f"<footer>gpucredit {_esc(fmt_general(_get(summary, 'metadata', 'version')))} \u2014 "
+        f"generated {_esc(when.strftime('%Y-%m-%d %H:%M:%S UTC'))}</footer>",
+    ]
+    title = f"gpucredit report \u2014 {book}" if book else "gpucredit report"
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_esc(title)}</title><style>{_CSS}</style></head>"
+        f"<body><main>{''.join(body)}</main></body></html>\n"
+    )
+
+
+def _check_columns(table: pa.Table | None, required: Sequence[str], what: str) -> None:
+    if table is None:
+        return
+    if not isinstance(table, pa.Table):
+        raise ReportError(f"{what}: expected a pyarrow Table, got {type(table).__name__}")
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ReportError(f"{what}: missing column(s) {', '.join(missing)}")
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReportError(f"{path}: file not found (summary.json is required)") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReportError(f"{path}: cannot read: {error}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(document).__name__}")
+    return document
+
+
+def _read_parquet(path: Path, required: Sequence[str], optional: bool) -> pa.Table | None:
+    if optional and not path.exists():
+        return None
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise ReportError(f"{path}: file not found") from None
+    except (OSError, pa.ArrowException) as error:
+        raise ReportError(f"{path}: cannot read as Parquet: {error}") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ReportError(f"{path}: missing column(s) {', '.join(missing)}")
+    return table
+
+
+def render_report_from_dir(directory: Path) -> Path:
+    """Read summary.json, losses.parquet and (when present) contributions.parquet and
+    sensitivities.parquet from `directory`; write `directory/report.html` atomically
+    (temporary name in the same directory, then rename) and return its path.
+
+    Raises ReportError naming the file when a required input is missing or any input is
+    unreadable.
+    """
+    directory = Path(directory)
+    summary = _read_summary(directory / SUMMARY_FILE)
+    losses_table = _read_parquet(directory / LOSSES_FILE, ("loss_usd",), optional=False)
+    assert losses_table is not None
+    try:
+        losses = losses_table.column("loss_usd").to_numpy(zero_copy_only=False).astype(np.float64)
+    except (pa.ArrowException, TypeError, ValueError) as error:
+        raise ReportError(f"{directory / LOSSES_FILE}: loss_usd is not numeric: {error}") from None
+    contributions = _read_parquet(
+        directory / CONTRIBUTIONS_FILE, CONTRIBUTION_COLUMNS, optional=True
+    )
+    sensitivities = _read_parquet(
+        directory / SENSITIVITIES_FILE, SENSITIVITY_COLUMNS, optional=True
+    )
+    text = render_report(summary, losses, contributions, sensitivities)
+    target = directory / REPORT_FILE
+    temporary = directory / f".{REPORT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise ReportError(f"{target}: cannot write: {error.strerror or error}") from None
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return target
