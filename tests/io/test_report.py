@@ -397,6 +397,8 @@ def _bad_images(verdict: dict) -> list[dict]:
 @pytest.fixture(scope="module")
 def chromium() -> str:
     binary = _find_chromium()
+    if binary is None and os.environ.get("GPUCREDIT_REQUIRE_BROWSER"):
+        pytest.fail("GPUCREDIT_REQUIRE_BROWSER is set but no Chromium binary was found")
     if binary is None:
         pytest.skip(
             "no Chromium binary (looked for chromium, chromium-browser, google-chrome on PATH "
