@@ -1,0 +1,142 @@
+"""The `gpucredit` command end to end: exit statuses, messages, outputs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from gpucredit.cli import main
+from gpucredit.io.book import write_book
+from gpucredit.portfolio.makebook import make_book
+
+
+@pytest.fixture(scope="module")
+def small_book(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("book") / "book.parquet"
+    write_book(make_book(40, seed=3), path)
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_assumptions_prints_the_default_file_and_the_matrix():
+    text = invoke("assumptions").output
+    assert "[generations.H100]" in text and "depreciation" in text
+    matrix = invoke("assumptions", "--matrix").output
+    assert "rent:H100" in matrix and "credit" in matrix
+
+
+def test_validate_prints_the_summary(small_book):
+    result = invoke("validate", str(small_book))
+    assert result.exit_code == 0
+    assert "40 loans" in result.output and "LTV" in result.output
+
+
+def test_validate_refuses_a_bad_book_with_status_2(tmp_path):
+    table = make_book(10, seed=1)
+    pd = table.column("pd_annual").to_numpy().copy()
+    pd[3] = 1.5
+    bad = tmp_path / "bad.parquet"
+    write_book(table.set_column(table.schema.get_field_index("pd_annual"), "pd_annual", [pd]), bad)
+    result = CliRunner().invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 2
+    loan_id = table.column("loan_id")[3].as_py()
+    assert f"loan_id={loan_id}" in result.output and "pd_annual" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_not_a_book_and_bad_assumptions_exit_2(tmp_path):
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("hello")
+    assert CliRunner().invoke(main, ["validate", str(junk)]).exit_code == 2
+    bad = tmp_path / "a.toml"
+    bad.write_text("[model]\nbeta_liquidty = 1.0\n")
+    result = CliRunner().invoke(main, ["assumptions", "--matrix", "--assumptions", str(bad)])
+    assert result.exit_code == 2 and "beta_liquidty" in result.output
+
+
+def test_make_book_is_reproducible(tmp_path):
+    a, b = tmp_path / "a.arrow", tmp_path / "b.arrow"
+    invoke("make-book", "--loans", "25", "--seed", "9", "--out", str(a))
+    invoke("make-book", "--loans", "25", "--seed", "9", "--out", str(b))
+    assert a.read_bytes() == b.read_bytes()
+
+
+RUN_ARGS = ["--backend", "numpy", "--no-sensitivities", "--scenarios", "640", "--quiet"]
+
+
+def test_run_writes_every_result_file(small_book, tmp_path):
+    out = tmp_path / "results"
+    result = invoke("run", str(small_book), *RUN_ARGS, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "ES 99.9%" in result.output
+    files = {p.name for p in out.iterdir()}
+    assert {"summary.json", "losses.parquet", "contributions.parquet", "report.html"} <= files
+    assert not any(name.endswith(".tmp") for name in files)
+    assert not (out / ".checkpoint").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metadata"]["scenarios"] == 640
+    assert len(summary["metadata"]["book_sha256"]) == 64
+    losses = pq.read_table(out / "losses.parquet").column("loss_usd").to_numpy()
+    assert summary["measures"]["el"] == pytest.approx(losses.mean(), rel=1e-12)
+
+
+def test_unwritable_out_is_a_clear_error(small_book, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "results"  # a directory that cannot be created under a file
+    result = CliRunner().invoke(main, ["run", str(small_book), *RUN_ARGS, "--out", str(out)])
+    assert result.exit_code != 0
+    assert "output directory" in result.output and "Traceback" not in result.output
+
+
+def test_resume_without_a_checkpoint_is_refused(small_book, tmp_path):
+    result = CliRunner().invoke(
+        main, ["run", str(small_book), *RUN_ARGS, "--resume", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code != 0 and "nothing to resume" in result.output
+
+
+def test_killed_run_resumes_to_the_identical_result(small_book, tmp_path):
+    """Kill the process mid-run, resume, compare with an uninterrupted run."""
+    args = [
+        str(small_book), "--backend", "numpy", "--no-sensitivities", "--scenarios", "3200",
+        "--chunk-size", "64", "--quiet",
+    ]  # fmt: skip
+    command = [sys.executable, "-m", "gpucredit.cli", "run", *args]
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([*command, "--out", str(interrupted)], start_new_session=True)
+    checkpoint = interrupted / ".checkpoint"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(checkpoint.glob("chunk-*.npz"))) < 5:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    saved = len(list(checkpoint.glob("chunk-*.npz")))
+    assert 5 <= saved < 50, "the run must be killed part-way"
+    assert not (interrupted / "summary.json").exists()
+
+    resumed = CliRunner().invoke(main, ["run", *args, "--resume", "--out", str(interrupted)])
+    assert resumed.exit_code == 0, resumed.output
+    fresh = tmp_path / "fresh"
+    assert invoke("run", *args, "--out", str(fresh)).exit_code == 0
+
+    def losses(directory):
+        return pq.read_table(directory / "losses.parquet").column("loss_usd").to_numpy()
+
+    np.testing.assert_array_equal(losses(interrupted), losses(fresh))
+    a = json.loads((interrupted / "summary.json").read_text())["measures"]
+    b = json.loads((fresh / "summary.json").read_text())["measures"]
+    assert a == b
