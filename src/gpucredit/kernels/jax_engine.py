@@ -1,0 +1,872 @@
+"""The JAX backend of MODEL.md §2-6: jit-compiled, float32 (default) or float64, with gradients.
+
+It computes exactly what `kernels.reference` computes, scenario by scenario, on the same
+Threefry numbers (`kernels.rng`), but never materialises [scenarios × loans × periods]:
+
+- `prepare_loans` hoists every per-loan constant out of the period and scenario loops once
+  per book (Φ⁻¹(p^Δ), √ρ, 1/√(1−ρ), the balance schedule folded into debt service and
+  exposure, ln(n_i a_i / B_i(t−1)) so that ln CC_i(t) = ln P_g(t) + that, clipped in log
+  space), pads the book with inert loans to a multiple of `block_size` and reshapes it to
+  [blocks, block_size, ...].
+- A chunk of scenarios: normals generated on the device from (seed, scenario index), factor
+  paths [S, T+1, ...], then two passes over the loan blocks (`lax.scan` over blocks, inside
+  a `lax.scan` over the T periods whose carry is (cash, survival[, defaulted], loss) of shape
+  [S, block]). Pass 1 accumulates the liquidation volume Q [T, S, G]; pass 2 recomputes the
+  hazards (cheaper than storing them), applies the haircut H_g(t) and sums the loss.
+- Today's metrics (LC(0), CC(0), RF(0)) depend on ModelParams, so they are computed in the
+  graph and carry gradients; so does everything else that depends on a parameter.
+
+Public API (grid is static; seed and first_scenario are traced uint32, so a new chunk or a
+new seed does not retrace; count and the number of scenario indices are static shapes):
+
+  prepare_loans(loans, dtype=float32, block_size=512) -> LoanBlocks
+  chunk_losses(params, grid, blocks, seed, first_scenario, count) -> [count]
+  losses_at(params, grid, blocks, seed, scenario_indices) -> [S]
+  loan_losses_at(params, grid, blocks, seed, scenario_indices) -> [S, N]
+  weighted_loss_gradient(params, grid, blocks, seed, scenario_indices, coefficients)
+      -> (value, grads: ModelParams)
+  factor_paths_jax(params, grid, normals) -> FactorPaths ([S, T+1, ...], like the reference)
+  correlated_shocks_jax(params, grid, normals) -> ε [S, T, K]
+
+The dtype of the computation is the dtype of `blocks` (chosen in `prepare_loans`); params
+come in as float64 NumPy (or JAX) leaves and are cast inside.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.scipy.special import betainc, ndtr, ndtri
+
+from gpucredit.kernels.params import (
+    BTC,
+    CREDIT,
+    ETH,
+    POWER,
+    RATE,
+    LoanArrays,
+    ModelGrid,
+    ModelParams,
+)
+from gpucredit.kernels.rng import (
+    default_uniforms_jax,
+    default_uniforms_jax_at,
+    shock_normals_jax,
+    shock_normals_jax_at,
+)
+
+jax.config.update("jax_enable_x64", True)
+
+__all__ = [
+    "FactorPaths",
+    "LoanBlocks",
+    "TRACE_COUNTS",
+    "chunk_losses",
+    "correlated_shocks_jax",
+    "factor_paths_jax",
+    "loan_losses_at",
+    "losses_at",
+    "prepare_loans",
+    "student_t_to_normal_jax",
+    "weighted_loss_gradient",
+]
+
+HOURS_PER_YEAR = 8760.0
+# Stand-in for ln(n a / B) when B <= 0 (the ratio is then the cap) or n a = 0 (the floor):
+# far outside any [ln floor, ln cap], finite so gradients stay NaN-free.
+_LOG_BIG = 1.0e4
+_THRESHOLD_LIMIT = 37.0  # |Φ⁻¹(p^Δ)| beyond this is Φ = 0 or 1 in float64 anyway
+
+# Python-side trace counters (incremented when a jitted function is traced, not when it runs).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+# --------------------------------------------------------------------------- loans
+
+
+class LoanBlocks(NamedTuple):
+    """The book in blocks of loans, on the device (a NamedTuple pytree).
+
+    Shapes: [NB, b] per loan and [NB, T, b] per loan and period (index t − 1 for period
+    t = 1..T), NB blocks of b loans. Loans at flat positions >= n_loans are inert padding
+    (zero balance, zero GPUs, maturity period 0: never active, zero loss). Float leaves are
+    float64 here except `sqrt_rho` and `inv_sqrt_one_minus_rho`, whose dtype is the dtype of
+    the computation; the per-chunk terms that need Δ (hours per period, p^Δ, interest per
+    period) are derived from them in the graph in float64 and cast, once per chunk (O(N T),
+    not per scenario). `n_loans` and `n_borrowers` are Python ints read by the public
+    functions outside jit (they are not traced), so books of different sizes with the same
+    padded shape share one compilation (b is rounded up to a power of two for small books).
+    """
+
+    generation: jax.Array  # [NB, b] int32 g
+    borrower: jax.Array  # [NB, b] int32 borrower index (MODEL.md §8)
+    gpu_count: jax.Array  # [NB, b] n_i
+    pledged_gpus: jax.Array  # [NB, b] n_i a_i  (CV_i(t) = that × P_g(t))
+    recovery_gpus: jax.Array  # [NB, b] n_i a_i (1 − c_i)
+    contracted_share: jax.Array  # [NB, b] k_i while under contract
+    contract_rate_usd_per_hour: jax.Array  # [NB, b] R^c_i
+    contract_periods: jax.Array  # [NB, b] int32 last contracted period
+    contracted_today: jax.Array  # [NB, b] 1.0 if contract_years_remaining > 0
+    utilization: jax.Array  # [NB, b] u_i
+    power_kw_per_gpu: jax.Array  # [NB, b] w_i
+    other_opex_usd_per_gpu_hour: jax.Array  # [NB, b] o_i
+    cash_usd: jax.Array  # [NB, b] Cash_i(0)
+    btc_units: jax.Array  # [NB, b] b_i
+    eth_units: jax.Array  # [NB, b] e_i
+    crypto_pledged: jax.Array  # [NB, b] 1.0 if pledged
+    pd_annual: jax.Array  # [NB, b] p_i
+    sqrt_rho: jax.Array  # [NB, b] √ρ_i
+    inv_sqrt_one_minus_rho: jax.Array  # [NB, b] 1/√(1 − ρ_i)
+    rate: jax.Array  # [NB, b] fixed rate or floating spread
+    is_floating: jax.Array  # [NB, b] 1.0 floating
+    maturity_period: jax.Array  # [NB, b] int32 t_M (0 for padding)
+    has_balloon: jax.Array  # [NB, b] bool Bal_i > 0
+    ln_gpus_per_balloon: jax.Array  # [NB, b] ln(n_i a_i / Bal_i) (0 without a balloon)
+    balance_before_usd: jax.Array  # [NB, T, b] B_i(t − 1)
+    installment_usd: jax.Array  # [NB, T, b] I_i(t)
+    ln_gpus_per_balance: jax.Array  # [NB, T, b] ln(n_i a_i / B_i(t − 1)), ±_LOG_BIG at the edges
+    n_loans: int | None  # N real loans (None inside jit)
+    n_borrowers: int | None  # B (None inside jit)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the computation."""
+        return np.dtype(self.sqrt_rho.dtype)
+
+    @property
+    def block_size(self) -> int:
+        return int(self.sqrt_rho.shape[1])
+
+    @property
+    def periods(self) -> int:
+        return int(self.balance_before_usd.shape[1])
+
+
+def _safe_log_ratio(num, den) -> np.ndarray:
+    """ln(num/den); +_LOG_BIG where den <= 0 (the cap), −_LOG_BIG where num <= 0 < den (floor)."""
+    num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.log(num / den)
+    value = np.where(num > 0, value, -_LOG_BIG)
+    return np.where(den > 0, value, _LOG_BIG)
+
+
+def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -> LoanBlocks:
+    """Hoist the per-loan constants out of the period and scenario loops; block the book.
+
+    Args:
+      loans: the book's LoanArrays (float64 NumPy; schedules on the run's grid, [N, T + 1]).
+      dtype: float32 or float64, the dtype of every chunk computed with these blocks.
+      block_size: loans per block b (a smaller book uses the next power of two >= N); the
+        book is padded with inert loans to a multiple of b. Memory per block is O(S b).
+    Returns:
+      LoanBlocks (device arrays).
+    """
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    n_loans = len(np.asarray(loans.gpu_count))
+    periods = np.asarray(loans.balance_usd).shape[1] - 1
+    # b: block_size, or for a book smaller than that the next power of two >= N.
+    b = int(min(max(int(block_size), 1), 1 << max(n_loans - 1, 0).bit_length()))
+    n_blocks = max(1, -(-n_loans // b))
+    pad = n_blocks * b - n_loans
+
+    def per_loan(x, fill=0.0, kind=np.float64):
+        x = np.asarray(x, dtype=kind).reshape(n_loans)
+        x = np.concatenate([x, np.full(pad, fill, dtype=kind)])
+        return jnp.asarray(x.reshape(n_blocks, b))
+
+    def per_period(x, fill=0.0):
+        x = np.asarray(x, dtype=np.float64).reshape(n_loans, periods)
+        x = np.concatenate([x, np.full((pad, periods), fill)], axis=0)
+        return jnp.asarray(x.reshape(n_blocks, b, periods).transpose(0, 2, 1))
+
+    f64 = _f64
+    gpus = f64(loans.gpu_count)
+    pledged = gpus * f64(loans.collateral_share)
+    rho = f64(loans.asset_correlation)
+    balloon = f64(loans.balloon_usd)
+    has_balloon = balloon > 0
+    balance_before = f64(loans.balance_usd)[:, :periods]
+    return LoanBlocks(
+        generation=per_loan(loans.generation, 0, np.int32),
+        borrower=per_loan(loans.borrower, 0, np.int32),
+        gpu_count=per_loan(gpus),
+        pledged_gpus=per_loan(pledged),
+        recovery_gpus=per_loan(pledged * (1.0 - f64(loans.liquidation_cost))),
+        contracted_share=per_loan(loans.contracted_share),
+        contract_rate_usd_per_hour=per_loan(loans.contract_rate_usd_per_hour),
+        contract_periods=per_loan(loans.contract_periods, 0, np.int32),
+        contracted_today=per_loan(loans.contracted_today),
+        utilization=per_loan(loans.utilization),
+        power_kw_per_gpu=per_loan(loans.power_kw_per_gpu),
+        other_opex_usd_per_gpu_hour=per_loan(loans.other_opex_usd_per_gpu_hour),
+        cash_usd=per_loan(loans.cash_usd),
+        btc_units=per_loan(loans.btc_units),
+        eth_units=per_loan(loans.eth_units),
+        crypto_pledged=per_loan(loans.crypto_pledged),
+        pd_annual=per_loan(loans.pd_annual, 0.01),
+        sqrt_rho=per_loan(np.sqrt(rho)).astype(dt),
+        inv_sqrt_one_minus_rho=per_loan(1.0 / np.sqrt(1.0 - rho), 1.0).astype(dt),
+        rate=per_loan(loans.rate),
+        is_floating=per_loan(loans.is_floating),
+        maturity_period=per_loan(loans.maturity_period, 0, np.int32),
+        has_balloon=per_loan(has_balloon, False, np.bool_),
+        ln_gpus_per_balloon=per_loan(
+            np.where(
+                has_balloon, _safe_log_ratio(pledged, np.where(has_balloon, balloon, 1.0)), 0.0
+            )
+        ),
+        balance_before_usd=per_period(balance_before),
+        installment_usd=per_period(f64(loans.installment_usd)[:, 1:]),
+        ln_gpus_per_balance=per_period(_safe_log_ratio(pledged[:, None], balance_before), _LOG_BIG),
+        n_loans=n_loans,
+        n_borrowers=int(loans.n_borrowers),
+    )
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+class _LoanTerms(NamedTuple):
+    """What the period loop reads, in the computation dtype. [NB, b] or [NB, T, b] (per period)."""
+
+    generation: jax.Array  # [NB, b] int32
+    borrower: jax.Array  # [NB, b] int32
+    volume_weights: jax.Array  # [NB, b, G] n a one-hot: Q_g(t) = Σ_i d_i(t) volume_weights[i, g]
+    generation_onehot: jax.Array  # [NB, G, b] 1.0 at each loan's generation: x_g = x @ that
+    pledged_gpus: jax.Array  # [NB, b] n a
+    recovery_gpus: jax.Array  # [NB, b] n a (1 − c)
+    power_kwh_per_period: jax.Array  # [NB, b] n N_h w:  opex = that × E(t) + n N_h o
+    btc_units: jax.Array
+    eth_units: jax.Array
+    crypto_pledged: jax.Array
+    threshold: jax.Array  # [NB, b] Φ⁻¹(p^Δ)
+    sqrt_rho: jax.Array
+    inv_sqrt_one_minus_rho: jax.Array
+    ln_gpus_per_balloon: jax.Array
+    cash_usd: jax.Array
+    fixed_income_today_usd: jax.Array  # [NB, b] n N_h (k_i(0) R^c − o)
+    rent_hours_today: jax.Array  # [NB, b] n N_h (1 − k_i(0)) u
+    fixed_income_usd: (
+        jax.Array
+    )  # [NB, T, b] n N_h (k_i(t) R^c − o): NOI = that + rent_hours R − power E
+    rent_hours: jax.Array  # [NB, T, b] n N_h (1 − k_i(t)) u
+    debt_service_fixed_usd: jax.Array  # [NB, T, b] rate Δ B(t−1) + I(t): DS = that + per_rate r(t)
+    debt_service_per_rate_usd: jax.Array  # [NB, T, b] 1[floating] Δ B(t−1)
+    exposure_fixed_usd: jax.Array  # [NB, T, b] B(t−1)(1 + rate Δ): EAD = that + per_rate r(t)
+    ln_gpus_per_balance: jax.Array  # [NB, T, b]
+    active: jax.Array  # [NB, T, b] bool t <= t_M
+    at_refinancing: jax.Array  # [NB, T, b] bool t == t_M and Bal > 0
+
+
+def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
+    """Per-chunk loan terms on the grid (float64 arithmetic, cast to `dtype`)."""
+    if blocks.periods != grid.periods:
+        raise ValueError(f"blocks have {blocks.periods} periods, the grid {grid.periods}")
+    dt = grid.dt_years
+    hours = HOURS_PER_YEAR * dt
+    f64 = jnp.float64
+    cast = lambda x: x.astype(dtype)  # noqa: E731
+    t = jnp.arange(1, grid.periods + 1, dtype=jnp.int32)[None, :, None]  # [1, T, 1]
+    n = blocks.gpu_count.astype(f64)
+    share = blocks.contracted_share.astype(f64)
+    contract = blocks.contract_rate_usd_per_hour.astype(f64)
+    util = blocks.utilization.astype(f64)
+    opex = blocks.other_opex_usd_per_gpu_hour.astype(f64)
+    k = share[:, None, :] * (t <= blocks.contract_periods[:, None, :])  # [NB, T, b]
+    k0 = share * blocks.contracted_today
+    n_t = n[:, None, :]
+    rate = blocks.rate.astype(f64)[:, None, :]
+    balance = blocks.balance_before_usd.astype(f64)
+    pd_period = 1.0 - (1.0 - blocks.pd_annual.astype(f64)) ** dt
+    threshold = jnp.clip(ndtri(pd_period), -_THRESHOLD_LIMIT, _THRESHOLD_LIMIT)
+    per_rate = blocks.is_floating.astype(f64)[:, None, :] * dt * balance
+    volume = jax.nn.one_hot(blocks.generation, grid.n_generations, dtype=f64)
+    return _LoanTerms(
+        generation=blocks.generation,
+        borrower=blocks.borrower,
+        volume_weights=cast(volume * blocks.pledged_gpus[..., None]),
+        generation_onehot=cast(jnp.swapaxes(volume, 1, 2)),
+        pledged_gpus=cast(blocks.pledged_gpus),
+        recovery_gpus=cast(blocks.recovery_gpus),
+        power_kwh_per_period=cast(n * hours * blocks.power_kw_per_gpu),
+        btc_units=cast(blocks.btc_units),
+        eth_units=cast(blocks.eth_units),
+        crypto_pledged=cast(blocks.crypto_pledged),
+        threshold=cast(threshold),
+        sqrt_rho=cast(blocks.sqrt_rho),
+        inv_sqrt_one_minus_rho=cast(blocks.inv_sqrt_one_minus_rho),
+        ln_gpus_per_balloon=cast(blocks.ln_gpus_per_balloon),
+        cash_usd=cast(blocks.cash_usd),
+        fixed_income_today_usd=cast(n * hours * (k0 * contract) - n * hours * opex),
+        rent_hours_today=cast(n * hours * ((1.0 - k0) * util)),
+        fixed_income_usd=cast(
+            n_t * hours * (k * contract[:, None, :]) - n_t * hours * opex[:, None, :]
+        ),
+        rent_hours=cast(n_t * hours * ((1.0 - k) * util[:, None, :])),
+        debt_service_fixed_usd=cast(rate * dt * balance + blocks.installment_usd),
+        debt_service_per_rate_usd=cast(per_rate),
+        exposure_fixed_usd=cast(balance * (1.0 + rate * dt)),
+        ln_gpus_per_balance=cast(blocks.ln_gpus_per_balance),
+        active=t <= blocks.maturity_period[:, None, :],
+        at_refinancing=(t == blocks.maturity_period[:, None, :]) & blocks.has_balloon[:, None, :],
+    )
+
+
+# --------------------------------------------------------------------------- factors
+
+
+class FactorPaths(NamedTuple):
+    """Systematic factor paths (MODEL.md §2), index 0 = today, 1..T the periods (as reference)."""
+
+    rent_usd_per_hour: jax.Array  # [S, T+1, G] R_g(t)
+    price_usd: jax.Array  # [S, T+1, G] P_g(t)
+    btc_usd: jax.Array  # [S, T+1]
+    eth_usd: jax.Array  # [S, T+1]
+    power_usd_per_kwh: jax.Array  # [S, T+1]
+    base_rate: jax.Array  # [S, T+1] r(t)
+    credit: jax.Array  # [S, T+1] Z(t) (index 0 unused, 0)
+
+
+def _cast_params(params: ModelParams, dtype) -> ModelParams:
+    return ModelParams(*(jnp.asarray(leaf).astype(dtype) for leaf in params))
+
+
+def student_t_to_normal_jax(y: jax.Array, dof: int) -> jax.Array:
+    """Φ⁻¹(F_ν(y)) = −sign(y) Φ⁻¹(F_ν(−|y|)), F_ν(−|y|) = ½ I_{ν/(ν+y²)}(ν/2, ½).
+
+    For y² < ν the complementary form ½ − ½ I_{y²/(ν+y²)}(½, ν/2) is used (same value, but
+    1 − x is not rounded away in float32). y = 0 gives 0 with a finite gradient (double where).
+    """
+    dtype = y.dtype
+    nonzero = y != 0
+    y_safe = jnp.where(nonzero, y, jnp.ones_like(y))
+    y2 = y_safe * y_safe
+    nu = jnp.asarray(dof, dtype)
+    half = jnp.asarray(0.5, dtype)
+    small = y2 < nu
+    lower_big = half * betainc(nu / 2, half, jnp.where(small, half, nu / (nu + y2)))
+    lower_small = half - half * betainc(half, nu / 2, jnp.where(small, y2 / (nu + y2), half))
+    lower = jnp.where(small, lower_small, lower_big)
+    return jnp.where(nonzero, -jnp.sign(y_safe) * ndtri(lower), jnp.zeros_like(y))
+
+
+def correlated_shocks_jax(params: ModelParams, grid: ModelGrid, normals: jax.Array) -> jax.Array:
+    """ε [S, T, K] from the stream-0 normals [S, T, K + ν] (MODEL.md §2, Shocks).
+
+    L = cholesky(Σ) with jnp.linalg.cholesky, which symmetrizes its input ((Σ + Σᵀ)/2): the
+    gradient w.r.t. Σ_jk (j ≠ k) is split between [j, k] and [k, j]; a move of the entry
+    Σ_jk = Σ_kj has derivative g[j, k] + g[k, j] (the caller adds them).
+    """
+    dtype = normals.dtype
+    n_factors = grid.n_factors
+    cholesky = jnp.linalg.cholesky(jnp.asarray(params.correlation).astype(dtype))
+    x = jnp.einsum(
+        "stj,kj->stk", normals[..., :n_factors], cholesky, precision=lax.Precision.HIGHEST
+    )
+    if grid.copula == "gaussian":
+        return x
+    chi2 = jnp.sum(normals[..., n_factors:] ** 2, axis=-1, keepdims=True)
+    mixing = grid.t_dof / chi2  # W = ν / χ²_ν
+    return student_t_to_normal_jax(jnp.sqrt(mixing) * x, grid.t_dof)
+
+
+class _Paths(NamedTuple):
+    """Time-major factor paths for periods 1..T: [T, S, G] or [T, S]."""
+
+    rent: jax.Array
+    price: jax.Array
+    ln_price: jax.Array
+    btc: jax.Array
+    eth: jax.Array
+    power: jax.Array
+    rate: jax.Array
+    credit: jax.Array
+
+
+def _paths(p: ModelParams, grid: ModelGrid, shocks: jax.Array) -> _Paths:
+    """Factor paths, time-major, from ε [S, T, K] and params already in the shocks' dtype."""
+    dtype = shocks.dtype
+    n_scen, periods, _ = shocks.shape
+    g_count = grid.n_generations
+    dt = grid.dt_years
+    sqrt_dt = float(np.sqrt(dt))
+    eps = jnp.swapaxes(shocks, 0, 1)  # [T, S, K]
+    eps_rent = eps[..., :g_count]
+    eps_price = eps[..., g_count : 2 * g_count]
+    eps_market = eps[..., 2 * g_count :]
+
+    steps = np.arange(1, periods + 1)
+    launch = np.asarray(grid.launch_periods, dtype=np.int64).reshape(-1)
+    launched = jnp.asarray(launch[None, :] <= steps[:, None])[..., None]  # [T, E, 1]
+    in_period = jnp.asarray(launch[None, :] == steps[:, None])[..., None]
+    one = jnp.ones((), dtype)
+    rent_jumps = jnp.prod(jnp.where(launched, 1.0 - p.launch_rent_jump[None], one), axis=1)
+    price_jumps = jnp.sum(
+        jnp.where(
+            in_period, jnp.log(jnp.where(in_period, 1.0 - p.launch_price_jump[None], one)), 0
+        ),
+        axis=1,
+    )  # [T, G]
+
+    reversion = 1.0 - p.rent_mean_reversion * dt
+    rent_scale = p.rent_vol * sqrt_dt
+    price_drift = (p.depreciation + 0.5 * p.price_vol**2) * dt
+    price_scale = p.price_vol * sqrt_dt
+
+    def rent_step(deviation, e):
+        deviation = reversion * deviation + rent_scale * e
+        return deviation, deviation
+
+    def price_step(log_price, inputs):
+        e, jump = inputs
+        log_price = log_price - price_drift + price_scale * e + jump
+        return log_price, log_price
+
+    def rate_step(r_prev, e):
+        r = r_prev + p.rate_mean_reversion * (p.rate_mean - r_prev) * dt + p.rate_vol * sqrt_dt * e
+        return r, r
+
+    _, deviation = lax.scan(rent_step, jnp.zeros((n_scen, g_count), dtype), eps_rent)
+    trend = p.rent_drift * jnp.asarray(steps[:, None], dtype) * dt  # [T, G]
+    rent = p.rent_usd_per_hour * jnp.exp(trend[:, None, :] + deviation) * rent_jumps[:, None, :]
+    ln_price0 = jnp.broadcast_to(jnp.log(p.price_usd), (n_scen, g_count))
+    _, ln_price = lax.scan(price_step, ln_price0, (eps_price, price_jumps[:, None, :]))
+    rate0 = jnp.broadcast_to(p.rate_level, (n_scen,))
+    _, rate = lax.scan(rate_step, rate0, eps_market[..., RATE])
+
+    def geometric(level, drift, vol, e):
+        log_steps = (drift - 0.5 * vol**2) * dt + vol * sqrt_dt * e  # [T, S]
+        return jnp.exp(jnp.log(level) + jnp.cumsum(log_steps, axis=0))
+
+    return _Paths(
+        rent=rent,
+        price=jnp.exp(ln_price),
+        ln_price=ln_price,
+        btc=geometric(p.btc_price_usd, p.btc_drift, p.btc_vol, eps_market[..., BTC]),
+        eth=geometric(p.eth_price_usd, p.eth_drift, p.eth_vol, eps_market[..., ETH]),
+        power=geometric(p.power_usd_per_kwh, p.power_drift, p.power_vol, eps_market[..., POWER]),
+        rate=rate,
+        credit=eps_market[..., CREDIT],
+    )
+
+
+def factor_paths_jax(params: ModelParams, grid: ModelGrid, normals: jax.Array) -> FactorPaths:
+    """Factor paths [S, T+1, ...] from the stream-0 normals [S, T, K + ν] (dtype = normals').
+
+    Matches reference.factor_paths(params, grid, reference.correlated_shocks(...)).
+    """
+    p = _cast_params(params, normals.dtype)
+    paths = _paths(p, grid, correlated_shocks_jax(p, grid, normals))
+    n_scen = normals.shape[0]
+
+    def with_today(today, path):  # path [T, S, ...] -> [S, T+1, ...]
+        today = jnp.broadcast_to(today, path.shape[1:])[None]
+        return jnp.swapaxes(jnp.concatenate([today, path], axis=0), 0, 1)
+
+    return FactorPaths(
+        rent_usd_per_hour=with_today(p.rent_usd_per_hour, paths.rent),
+        price_usd=with_today(p.price_usd, paths.price),
+        btc_usd=with_today(p.btc_price_usd, paths.btc),
+        eth_usd=with_today(p.eth_price_usd, paths.eth),
+        power_usd_per_kwh=with_today(p.power_usd_per_kwh, paths.power),
+        base_rate=with_today(p.rate_level, paths.rate),
+        credit=with_today(jnp.zeros((n_scen,), normals.dtype), paths.credit),
+    )
+
+
+# --------------------------------------------------------------------------- revaluation
+
+
+def _ln_coverage(numerator, denominator, floor, cap):
+    """ln x⁺ with x⁺ = min(max(num/den, floor), cap) and a denominator <= 0 giving the cap."""
+    positive = denominator > 0
+    ratio = jnp.clip(numerator / jnp.where(positive, denominator, 1), floor, cap)
+    return jnp.log(jnp.where(positive, ratio, cap))
+
+
+def _take(x, generation_onehot):
+    """x [S, G] at each loan's generation -> [S, b], as x @ one-hot [G, b].
+
+    Exact (products with 1 and 0 of finite values) and, on CPU, ~3x faster than a gather;
+    HIGHEST precision keeps float32 off TF32/bf16 on GPUs.
+    """
+    return jnp.matmul(x, generation_onehot, precision=lax.Precision.HIGHEST)
+
+
+def _haircut(p: ModelParams, grid: ModelGrid, volume: jax.Array) -> jax.Array:
+    """H_g(t) = min(H_max, H0_g + H1 (Q_g(t)/D_g)^γ) for Q [T, S, G]; NaN-free at Q = 0."""
+    ratio = volume / (p.market_depth_gpus_per_year * grid.dt_years)
+    positive = ratio > 0
+    safe = jnp.where(positive, ratio, jnp.ones_like(ratio))
+    zero_power = jnp.where(p.haircut_power == 0, 1.0, 0.0).astype(ratio.dtype)  # 0**γ
+    powered = jnp.where(positive, safe**p.haircut_power, zero_power)
+    return jnp.minimum(p.haircut_max, p.haircut_base + p.haircut_slope * powered)
+
+
+def _revalue_block(
+    p: ModelParams,
+    grid: ModelGrid,
+    terms: _LoanTerms,
+    paths: _Paths,
+    uniforms,
+    haircut,
+    discount,
+):
+    """One block of loans over the T periods.
+
+    terms: one block ([b] and [T, b] leaves). paths: time-major [T, S, ...]. uniforms [S, B]
+    (sampled mode) or None. haircut [T, S, G] or None: None is pass 1 and returns the
+    liquidation volume Q [T, S, G]; otherwise pass 2, returning the loss per loan [S, b].
+    """
+    dtype = terms.threshold.dtype
+    gen = terms.generation
+    onehot = terms.generation_onehot
+    n_scen = paths.credit.shape[1]
+    block = gen.shape[0]
+    floor, cap = p.coverage_floor, p.coverage_cap
+    ln_floor, ln_cap = jnp.log(floor), jnp.log(cap)
+    positive_ltv = p.refi_ltv > 0
+    ln_ltv = jnp.where(positive_ltv, jnp.log(jnp.where(positive_ltv, p.refi_ltv, 1)), -_LOG_BIG)
+
+    # Today's metrics (MODEL.md §3, "Today's values"): every factor at its t = 0 level.
+    ln_price0 = jnp.log(p.price_usd)[gen]
+    noi0 = (
+        terms.fixed_income_today_usd
+        + terms.rent_hours_today * p.rent_usd_per_hour[gen]
+        - terms.power_kwh_per_period * p.power_usd_per_kwh
+    )
+    ds0 = terms.debt_service_fixed_usd[0] + terms.debt_service_per_rate_usd[0] * p.rate_level
+    crypto0 = terms.btc_units * p.btc_price_usd + terms.eth_units * p.eth_price_usd
+    ln_lc0 = _ln_coverage(terms.cash_usd + crypto0 + noi0, ds0, floor, cap)
+    ln_collateral0 = ln_price0 + terms.ln_gpus_per_balance[0]
+    ln_cc0 = jnp.clip(ln_collateral0, ln_floor, ln_cap)
+    ln_rf0 = jnp.clip(jnp.minimum(ln_ltv + ln_collateral0, 0), ln_floor, ln_cap)
+
+    sampled = grid.mode == "sampled"
+    u = jnp.take(uniforms, terms.borrower, axis=1) if sampled else None  # [S, b]
+
+    def step(carry, xs):
+        cash, survival, defaulted, loss = carry
+        f, period = xs
+        rent_g = _take(f.rent, onehot)
+        ln_price_g = _take(f.ln_price, onehot)
+        noi = (
+            period.fixed_income_usd
+            + period.rent_hours * rent_g
+            - terms.power_kwh_per_period * f.power[:, None]
+        )
+        debt_service = (
+            period.debt_service_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
+        )
+        crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
+        ln_lc = _ln_coverage(cash + crypto + noi, debt_service, floor, cap)
+        ln_cc = jnp.clip(ln_price_g + period.ln_gpus_per_balance, ln_floor, ln_cap)
+        shift = p.beta_liquidity * (ln_lc - ln_lc0) + p.beta_collateral * (ln_cc - ln_cc0)
+        ln_rf = jnp.clip(
+            jnp.minimum(ln_ltv + ln_price_g + terms.ln_gpus_per_balloon, 0), ln_floor, ln_cap
+        )
+        shift = shift + jnp.where(period.at_refinancing, p.beta_refinancing * (ln_rf - ln_rf0), 0)
+        z = (terms.threshold - shift - terms.sqrt_rho * f.credit[:, None]) * (
+            terms.inv_sqrt_one_minus_rho
+        )
+        hazard = jnp.where(period.active, ndtr(z), 0)
+        new_survival = survival * (1 - hazard)
+        if sampled:
+            crossed = (1 - new_survival) >= u  # 1 − S_i(t) >= U_b
+            default = (crossed & ~defaulted).astype(dtype)
+            defaulted = defaulted | crossed
+        else:
+            default = survival * hazard
+        cash = jnp.maximum(cash + noi - debt_service, 0)
+        if haircut is None:
+            out = jnp.matmul(default, terms.volume_weights, precision=lax.Precision.HIGHEST)
+            return (cash, new_survival, defaulted, loss), out  # [S, G]
+        price_g = _take(f.price, onehot)
+        recovery = terms.recovery_gpus * price_g * (1 - _take(f.haircut, onehot)) + (
+            terms.crypto_pledged * crypto
+        )
+        exposure = period.exposure_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
+        lgd = jnp.maximum(exposure - recovery, 0)
+        period_loss = default * lgd
+        if discount is not None:
+            period_loss = f.discount[:, None] * period_loss
+        return (cash, new_survival, defaulted, loss + period_loss), None
+
+    shape = (n_scen, block)
+    carry = (
+        jnp.broadcast_to(terms.cash_usd, shape),
+        jnp.ones(shape, dtype),
+        jnp.zeros(shape, bool),
+        jnp.zeros(shape, dtype),
+    )
+    factors = _StepFactors(
+        rent=paths.rent,
+        price=paths.price,
+        ln_price=paths.ln_price,
+        btc=paths.btc,
+        eth=paths.eth,
+        power=paths.power,
+        rate=paths.rate,
+        credit=paths.credit,
+        haircut=haircut if haircut is not None else jnp.zeros((grid.periods, 0, 0), dtype),
+        discount=discount if discount is not None else jnp.zeros((grid.periods, 0), dtype),
+    )
+    period_terms = _PeriodTerms(
+        fixed_income_usd=terms.fixed_income_usd,
+        rent_hours=terms.rent_hours,
+        debt_service_fixed_usd=terms.debt_service_fixed_usd,
+        debt_service_per_rate_usd=terms.debt_service_per_rate_usd,
+        exposure_fixed_usd=terms.exposure_fixed_usd,
+        ln_gpus_per_balance=terms.ln_gpus_per_balance,
+        active=terms.active,
+        at_refinancing=terms.at_refinancing,
+    )
+    (_, _, _, loss), volume = lax.scan(step, carry, (factors, period_terms))
+    return volume if haircut is None else loss
+
+
+class _StepFactors(NamedTuple):
+    rent: jax.Array  # [T, S, G]
+    price: jax.Array
+    ln_price: jax.Array
+    btc: jax.Array  # [T, S]
+    eth: jax.Array
+    power: jax.Array
+    rate: jax.Array
+    credit: jax.Array
+    haircut: jax.Array  # [T, S, G] (pass 2) or [T, 0, 0]
+    discount: jax.Array  # [T, S] or [T, 0]
+
+
+class _PeriodTerms(NamedTuple):
+    fixed_income_usd: jax.Array  # [T, b]
+    rent_hours: jax.Array
+    debt_service_fixed_usd: jax.Array
+    debt_service_per_rate_usd: jax.Array
+    exposure_fixed_usd: jax.Array
+    ln_gpus_per_balance: jax.Array
+    active: jax.Array
+    at_refinancing: jax.Array
+
+
+def _simulate(params, grid: ModelGrid, blocks: LoanBlocks, normals, uniforms, per_loan: bool):
+    """Loss per scenario [S] (or per scenario and loan [S, N]) from the chunk's random numbers."""
+    dtype = blocks.dtype
+    p = _cast_params(params, dtype)
+    terms = _loan_terms(blocks, grid, dtype)
+    paths = _paths(p, grid, correlated_shocks_jax(p, grid, normals))
+    discount = None
+    if grid.discount:
+        discount = jnp.exp(-jnp.cumsum(paths.rate * grid.dt_years, axis=0))  # [T, S] DF(t)
+    n_scen = normals.shape[0]
+
+    # Pass 1: the liquidation volume Q [T, S, G], summed over the blocks.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def volume_block(volume, block_terms):
+        return volume + _revalue_block(p, grid, block_terms, paths, uniforms, None, None), None
+
+    volume0 = jnp.zeros((grid.periods, n_scen, grid.n_generations), dtype)
+    volume, _ = lax.scan(volume_block, volume0, terms)
+    haircut = _haircut(p, grid, volume)
+
+    # Pass 2: recompute the hazards and apply the haircut.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def loss_block(total, block_terms):
+        loss = _revalue_block(p, grid, block_terms, paths, uniforms, haircut, discount)
+        if per_loan:
+            return total, loss  # [S, b]
+        return total + jnp.sum(loss, axis=1), None
+
+    total, per_block = lax.scan(loss_block, jnp.zeros((n_scen,), dtype), terms)
+    if not per_loan:
+        return total
+    return jnp.moveaxis(per_block, 0, 1).reshape(n_scen, -1)  # [S, NB b], padding included
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _params_arg(params: ModelParams) -> ModelParams:
+    """Leaves as float64 (strongly typed, so Python floats and NumPy arrays trace alike)."""
+    return ModelParams(
+        *(
+            leaf if isinstance(leaf, jax.Array) else np.asarray(leaf, dtype=np.float64)
+            for leaf in params
+        )
+    )
+
+
+def _u32(value, name: str):
+    if isinstance(value, int | np.integer):
+        value = int(value)
+        if not 0 <= value < 2**32:
+            raise ValueError(f"{name} must be in [0, 2^32), got {value}")
+        return np.uint32(value)
+    return jnp.asarray(value).astype(jnp.uint32)
+
+
+def _indices_arg(scenario_indices):
+    if isinstance(scenario_indices, jax.Array):
+        return scenario_indices.astype(jnp.uint32)
+    s = np.asarray(scenario_indices)
+    if s.ndim != 1:
+        raise ValueError(f"scenario_indices must be 1-D, got shape {s.shape}")
+    if s.size and (s.min() < 0 or s.max() >= 2**32):
+        raise ValueError("scenario indices must be in [0, 2^32)")
+    return s.astype(np.uint32)
+
+
+def _statics(grid: ModelGrid, blocks: LoanBlocks) -> tuple[LoanBlocks, int]:
+    """(blocks without their Python ints, the static uniform count for sampled mode).
+
+    Uniforms are drawn for the borrower count rounded up to a power of two (extra draws are
+    independent counters nobody reads), so books that share a padded shape share a compile.
+    """
+    n_uniforms = 0
+    if grid.mode == "sampled":
+        n_uniforms = 1 << max(int(blocks.n_borrowers) - 1, 0).bit_length()
+    return blocks._replace(n_loans=None, n_borrowers=None), n_uniforms
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "count", "n_uniforms"))
+def _chunk_losses_jit(params, grid, blocks, seed, first_scenario, count, n_uniforms):
+    TRACE_COUNTS["chunk_losses"] += 1
+    dtype = blocks.dtype
+    normals = shock_normals_jax(
+        seed, first_scenario, count, grid.periods, grid.slots_per_period, dtype
+    )
+    uniforms = None
+    if grid.mode == "sampled":
+        uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
+    return _simulate(params, grid, blocks, normals, uniforms, per_loan=False)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "per_loan", "n_uniforms"))
+def _losses_at_jit(params, grid, blocks, seed, scenarios, per_loan, n_uniforms):
+    TRACE_COUNTS["loan_losses_at" if per_loan else "losses_at"] += 1
+    dtype = blocks.dtype
+    normals = shock_normals_jax_at(seed, scenarios, grid.periods, grid.slots_per_period, dtype)
+    uniforms = None
+    if grid.mode == "sampled":
+        uniforms = default_uniforms_jax_at(seed, scenarios, n_uniforms, dtype)
+    return _simulate(params, grid, blocks, normals, uniforms, per_loan=per_loan)
+
+
+@functools.partial(jax.jit, static_argnames=("grid",))
+def _weighted_loss_gradient_jit(params, grid, blocks, seed, scenarios, coefficients):
+    TRACE_COUNTS["weighted_loss_gradient"] += 1
+    normals = shock_normals_jax_at(
+        seed, scenarios, grid.periods, grid.slots_per_period, blocks.dtype
+    )
+
+    def objective(theta):
+        losses = _simulate(theta, grid, blocks, normals, None, per_loan=False)
+        return jnp.sum(coefficients * losses.astype(jnp.float64))
+
+    return jax.value_and_grad(objective)(params)
+
+
+def chunk_losses(
+    params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, first_scenario, count: int
+) -> jax.Array:
+    """Portfolio loss L(ω) (MODEL.md §6) for scenarios first_scenario .. first_scenario+count−1.
+
+    Args:
+      params: ModelParams (float64 NumPy or JAX leaves; cast to blocks.dtype inside).
+      grid: ModelGrid (static: mode, copula, discounting, launch periods).
+      blocks: from `prepare_loans`; its dtype is the computation's.
+      seed: int in [0, 2^32) or a uint32 scalar (traced: a new seed does not retrace).
+      first_scenario: int or uint32 scalar (traced: a new chunk does not retrace).
+      count: S, the chunk size (static).
+    Returns:
+      [count] losses in blocks.dtype, USD.
+    """
+    stripped, n_uniforms = _statics(grid, blocks)
+    return _chunk_losses_jit(
+        _params_arg(params),
+        grid,
+        stripped,
+        _u32(seed, "seed"),
+        _u32(first_scenario, "first_scenario"),
+        int(count),
+        n_uniforms,
+    )
+
+
+def losses_at(params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, scenario_indices):
+    """Portfolio loss [S] for an explicit array of scenario indices [S] (e.g. the tail set)."""
+    stripped, n_uniforms = _statics(grid, blocks)
+    return _losses_at_jit(
+        _params_arg(params),
+        grid,
+        stripped,
+        _u32(seed, "seed"),
+        _indices_arg(scenario_indices),
+        False,
+        n_uniforms,
+    )
+
+
+def loan_losses_at(
+    params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, scenario_indices
+) -> jax.Array:
+    """Loss per scenario and loan [S, N] (padding removed), for Euler contributions.
+
+    Σ over the loans equals `losses_at` up to rounding. Memory is O(S N).
+    """
+    stripped, n_uniforms = _statics(grid, blocks)
+    losses = _losses_at_jit(
+        _params_arg(params),
+        grid,
+        stripped,
+        _u32(seed, "seed"),
+        _indices_arg(scenario_indices),
+        True,
+        n_uniforms,
+    )
+    return losses[:, : blocks.n_loans]
+
+
+def weighted_loss_gradient(
+    params: ModelParams,
+    grid: ModelGrid,
+    blocks: LoanBlocks,
+    seed,
+    scenario_indices,
+    coefficients,
+) -> tuple[jax.Array, ModelParams]:
+    """Σ_j c_j L(ω_j) and its gradient w.r.t. every ModelParams leaf (reverse-mode AD).
+
+    Always the conditional-mode loss (smooth), whatever grid.mode says; the scenarios are
+    regenerated from their indices (common random numbers). With c_j = 1/S this is ∂EL; with
+    the tail coefficients of the forward pass, ∂ES_α (Hong & Liu 2009).
+
+    Args:
+      scenario_indices: [S] scenario indices.
+      coefficients: [S] weights c_j (float64 in the sum).
+    Returns:
+      (value float64 scalar, grads: ModelParams of float64 arrays shaped like the leaves).
+      Correlation: grads.correlation[j, k] is the derivative w.r.t. the entry [j, k] of the
+      matrix as passed; jnp.linalg.cholesky symmetrizes its input, so for a symmetric move
+      of Σ_jk = Σ_kj (MODEL.md §7) the derivative is grads[j, k] + grads[k, j].
+    """
+    params = ModelParams(*(jnp.asarray(leaf, dtype=jnp.float64) for leaf in params))
+    stripped, _ = _statics(grid._replace(mode="conditional"), blocks)
+    return _weighted_loss_gradient_jit(
+        params,
+        grid._replace(mode="conditional"),
+        stripped,
+        _u32(seed, "seed"),
+        _indices_arg(scenario_indices),
+        jnp.asarray(coefficients, dtype=jnp.float64),
+    )

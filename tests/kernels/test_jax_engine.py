@@ -1,0 +1,288 @@
+"""The JAX engine against the NumPy reference, scenario by scenario, on the same random numbers.
+
+Books are kept between 33 and 64 loans so that they pad to one block of 64: every test then
+shares a handful of compilations (the suite stays well under a minute on two CPU cores).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import random_book
+from gpucredit.io.assumptions import default_assumptions, with_overrides
+from gpucredit.kernels import jax_engine, reference
+from gpucredit.kernels.rng import shock_normals_np
+from gpucredit.portfolio.loans import loan_arrays
+
+SEED = 11
+COUNT = 128  # scenarios per chunk in most tests
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def assumptions():
+    return default_assumptions()
+
+
+@pytest.fixture(scope="module")
+def loans(assumptions):
+    return loan_arrays(random_book(7, 40), assumptions)
+
+
+def _blocks(loans, dtype, block_size=BLOCK):
+    return jax_engine.prepare_loans(loans, dtype, block_size)
+
+
+def _reference_losses(assumptions, grid, loans, scenarios, seed=SEED):
+    return reference.simulate_chunk(assumptions.params, grid, loans, seed, scenarios)  # [S, N]
+
+
+def _assert_close(actual, expected, rtol):
+    """Per scenario, relative to the loss, with an absolute floor of rtol × the mean loss."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    floor = rtol * max(float(np.mean(np.abs(expected))), 1.0)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=floor)
+
+
+# --------------------------------------------------------------------------- factor paths
+
+
+@pytest.mark.parametrize("copula", ["gaussian", "t"])
+def test_factor_paths_match_reference(assumptions, copula):
+    grid = assumptions.grid()._replace(copula=copula)
+    normals = shock_normals_np(SEED, np.arange(32), grid.periods, grid.slots_per_period)
+    expected = reference.factor_paths(
+        assumptions.params, grid, reference.correlated_shocks(assumptions.params, grid, normals)
+    )
+    actual = jax_engine.factor_paths_jax(assumptions.params, grid, jnp.asarray(normals))
+    # t copula near y = 0: the reference rounds 1 − ν/(ν + y²); ours keeps it (see the docstring
+    # of student_t_to_normal_jax), so a shock of 1e-3 may differ by ~1e-13.
+    atol = 1e-14 if copula == "gaussian" else 1e-11
+    for name, want, got in zip(expected._fields, expected, actual, strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=atol, err_msg=name)
+
+
+def test_student_t_transform_is_finite_and_odd_at_zero():
+    y = jnp.asarray([-40.0, -3.0, -1e-3, 0.0, 1e-3, 3.0, 40.0])
+    eps = np.asarray(jax_engine.student_t_to_normal_jax(y, 5))
+    np.testing.assert_allclose(eps, -eps[::-1], rtol=1e-14)
+    np.testing.assert_allclose(eps, reference.student_t_to_normal(np.asarray(y), 5), rtol=1e-9)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+@pytest.mark.parametrize(
+    ("mode", "copula", "discount"),
+    [
+        ("conditional", "gaussian", False),
+        ("conditional", "t", True),
+        ("sampled", "gaussian", True),
+        ("sampled", "t", False),
+    ],
+)
+def test_float64_matches_reference(assumptions, loans, mode, copula, discount):
+    grid = assumptions.grid(mode)._replace(copula=copula, discount=discount)
+    expected = _reference_losses(assumptions, grid, loans, np.arange(COUNT)).sum(axis=1)
+    actual = jax_engine.chunk_losses(
+        assumptions.params, grid, _blocks(loans, jnp.float64), SEED, 0, COUNT
+    )
+    assert actual.dtype == jnp.float64
+    _assert_close(actual, expected, 1e-9)
+    if mode == "sampled":  # identical default events: a loss is 0 exactly where the reference's is
+        np.testing.assert_array_equal(np.asarray(actual) == 0, expected == 0)
+
+
+@pytest.mark.parametrize("copula", ["gaussian", "t"])
+def test_float32_close_to_reference(assumptions, loans, copula):
+    grid = assumptions.grid()._replace(copula=copula)
+    expected = _reference_losses(assumptions, grid, loans, np.arange(COUNT)).sum(axis=1)
+    actual = np.asarray(
+        jax_engine.chunk_losses(
+            assumptions.params, grid, _blocks(loans, jnp.float32), SEED, 0, COUNT
+        )
+    )
+    assert actual.dtype == np.float32
+    assert abs(actual.sum(dtype=np.float64) / expected.sum() - 1) < 1e-4
+    big = expected > 1e-3 * expected.mean()
+    np.testing.assert_allclose(actual[big], expected[big], rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["conditional", "sampled"])
+def test_loan_losses_match_reference_per_loan(assumptions, loans, mode):
+    grid = assumptions.grid(mode)
+    scenarios = np.array([3, 0, 517, 42, 99_999, 7, 7, 2**31 + 5])
+    expected = _reference_losses(assumptions, grid, loans, scenarios)
+    blocks = _blocks(loans, jnp.float64, block_size=16)  # several blocks, padding in the last
+    per_loan = np.asarray(
+        jax_engine.loan_losses_at(assumptions.params, grid, blocks, SEED, scenarios)
+    )
+    assert per_loan.shape == expected.shape
+    np.testing.assert_allclose(per_loan, expected, rtol=1e-9, atol=1e-9 * expected.max())
+    totals = jax_engine.losses_at(assumptions.params, grid, blocks, SEED, scenarios)
+    _assert_close(totals, expected.sum(axis=1), 1e-9)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    book_seed=st.integers(0, 10_000),
+    n_loans=st.integers(33, 64),
+    mode=st.sampled_from(["conditional", "sampled"]),
+    first=st.integers(0, 2**20),
+)
+def test_random_books_match_reference(book_seed, n_loans, mode, first):
+    assumptions = default_assumptions()
+    grid = assumptions.grid(mode)
+    loans = loan_arrays(random_book(book_seed, n_loans), assumptions)
+    expected = _reference_losses(assumptions, grid, loans, first + np.arange(COUNT)).sum(axis=1)
+    actual = jax_engine.chunk_losses(
+        assumptions.params, grid, _blocks(loans, jnp.float64), SEED, first, COUNT
+    )
+    _assert_close(actual, expected, 1e-9)
+
+
+@pytest.mark.parametrize(
+    "launches",
+    [
+        [],  # no launch
+        [  # one launch strictly inside period 5, and one after the horizon
+            {
+                "name": "mid",
+                "years_from_now": 1.1,
+                "price_jump": {"A100": 0.3, "H100": 0.2, "B200": 0.05},
+                "rent_jump": {"H100": 0.1, "H200": 0.2},
+            },
+            {"name": "late", "years_from_now": 7.0, "price_jump": {"H100": 0.5}},
+        ],
+    ],
+    ids=["no-launch", "launch-in-period"],
+)
+def test_launch_variants_match_reference(assumptions, loans, launches):
+    varied = with_overrides(assumptions, {"launches": launches})
+    grid = varied.grid()
+    expected = _reference_losses(varied, grid, loans, np.arange(COUNT)).sum(axis=1)
+    actual = jax_engine.chunk_losses(
+        varied.params, grid, _blocks(loans, jnp.float64), SEED, 0, COUNT
+    )
+    _assert_close(actual, expected, 1e-9)
+
+
+# --------------------------------------------------------------------------- chunking, tracing
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_chunk_invariance_and_no_retrace(assumptions, loans, dtype):
+    """Chunks of one compiled size give bit-identical losses whatever their offsets."""
+    grid = assumptions.grid()
+    blocks = _blocks(loans, dtype)
+    params = assumptions.params
+    half = COUNT // 2
+    whole = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 0, COUNT))
+    first_half = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 0, half))
+    traces = jax_engine.TRACE_COUNTS["chunk_losses"]
+    second_half = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, half, half))
+    offset = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 17, half))
+    assert jax_engine.TRACE_COUNTS["chunk_losses"] == traces  # new chunks do not retrace
+    np.testing.assert_array_equal(np.concatenate([first_half, second_half]), whole)
+    np.testing.assert_array_equal(offset, whole[17 : 17 + half])
+    if dtype == jnp.float64:
+        # Another program (explicit indices, another batch size): equal up to the rounding
+        # of XLA's vectorised transcendental functions.
+        scenarios = np.array([100, 3, 64, 0, 127, 1, 2, 5, 8, 13, 21, 34, 55, 89, 90, 91])
+        at = np.asarray(jax_engine.losses_at(params, grid, blocks, SEED, scenarios))
+        np.testing.assert_allclose(at, whole[scenarios], rtol=1e-13)
+
+
+def test_new_seed_and_params_do_not_retrace(assumptions, loans):
+    grid = assumptions.grid()
+    blocks = _blocks(loans, jnp.float32)
+    jax_engine.chunk_losses(assumptions.params, grid, blocks, SEED, 0, COUNT)
+    traces = jax_engine.TRACE_COUNTS["chunk_losses"]
+    bumped = assumptions.params._replace(
+        beta_liquidity=2.0, depreciation=assumptions.params.depreciation * 1.1
+    )
+    jax_engine.chunk_losses(bumped, grid, blocks, SEED + 1, 5, COUNT)
+    assert jax_engine.TRACE_COUNTS["chunk_losses"] == traces
+
+
+def test_padding_is_inert(assumptions, loans):
+    grid = assumptions.grid()
+    one_block = jax_engine.losses_at(
+        assumptions.params, grid, _blocks(loans, jnp.float64), SEED, np.arange(16)
+    )
+    blocks = jax_engine.prepare_loans(loans, jnp.float64, 7)  # 40 loans -> 6 blocks of 7, 2 pads
+    assert blocks.sqrt_rho.shape == (6, 7)
+    many_blocks = jax_engine.losses_at(assumptions.params, grid, blocks, SEED, np.arange(16))
+    np.testing.assert_allclose(np.asarray(many_blocks), np.asarray(one_block), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def _weighted_loss(params, grid, blocks, scenarios, coefficients):
+    losses = np.asarray(jax_engine.losses_at(params, grid, blocks, SEED, scenarios), np.float64)
+    return float(np.sum(coefficients * losses))
+
+
+def _bumped(params, name, index, step):
+    leaf = np.array(getattr(params, name), dtype=np.float64)
+    if leaf.ndim == 0:
+        return params._replace(**{name: float(leaf) + step})
+    leaf[index] += step
+    if name == "correlation":  # a move of Σ_jk moves Σ_kj with it (MODEL.md §7)
+        leaf[index[::-1]] += step
+    return params._replace(**{name: leaf})
+
+
+def test_weighted_gradient_finite_and_matches_finite_differences(assumptions, loans):
+    grid = assumptions.grid()
+    blocks = _blocks(loans, jnp.float64)
+    params = assumptions.params
+    scenarios = np.arange(64) * 3 + 1
+    coefficients = np.random.default_rng(0).uniform(0.5, 1.5, len(scenarios)) / len(scenarios)
+    value, grads = jax_engine.weighted_loss_gradient(
+        params, grid, blocks, SEED, scenarios, coefficients
+    )
+    for name, leaf in grads._asdict().items():
+        assert np.all(np.isfinite(np.asarray(leaf))), name
+        assert np.shape(leaf) == np.shape(getattr(params, name)), name
+    np.testing.assert_allclose(
+        float(value), _weighted_loss(params, grid, blocks, scenarios, coefficients), rtol=1e-12
+    )
+    # rent:H100 (1) with price:H100 (G + 1 = 5): Σ_15 and Σ_51 move together.
+    cases = [("depreciation", (1,)), ("beta_liquidity", ()), ("correlation", (1, 5))]
+    for name, index in cases:
+        base = float(np.asarray(getattr(params, name))[index])
+        step = 1e-5 * max(abs(base), 1e-2)
+        up = _weighted_loss(
+            _bumped(params, name, index, step), grid, blocks, scenarios, coefficients
+        )
+        down = _weighted_loss(
+            _bumped(params, name, index, -step), grid, blocks, scenarios, coefficients
+        )
+        finite_difference = (up - down) / (2 * step)
+        leaf = np.asarray(getattr(grads, name))
+        analytic = leaf[index] + leaf[index[::-1]] if name == "correlation" else leaf[index]
+        np.testing.assert_allclose(analytic, finite_difference, rtol=1e-4, err_msg=name)
+
+
+def test_gradient_ignores_sampled_mode(assumptions, loans):
+    """The gradient is always the conditional-mode loss's (sampled losses are not smooth)."""
+    blocks = _blocks(loans, jnp.float64)
+    scenarios, coefficients = np.arange(64), np.full(64, 1 / 64)
+    conditional = jax_engine.weighted_loss_gradient(
+        assumptions.params, assumptions.grid(), blocks, SEED, scenarios, coefficients
+    )
+    traces = jax_engine.TRACE_COUNTS["weighted_loss_gradient"]
+    sampled = jax_engine.weighted_loss_gradient(
+        assumptions.params, assumptions.grid("sampled"), blocks, SEED, scenarios, coefficients
+    )
+    assert jax_engine.TRACE_COUNTS["weighted_loss_gradient"] == traces
+    assert float(conditional[0]) == float(sampled[0])
+    np.testing.assert_array_equal(
+        np.asarray(conditional[1].correlation), np.asarray(sampled[1].correlation)
+    )
