@@ -127,6 +127,28 @@ def test_loan_losses_match_reference_per_loan(assumptions, loans, mode):
     _assert_close(totals, expected.sum(axis=1), 1e-9)
 
 
+@pytest.mark.parametrize("mode", ["conditional", "sampled"])
+def test_chunk_outcomes_match_reference_per_loan_sums(assumptions, loans, mode):
+    grid = assumptions.grid(mode)._replace(discount=True)
+    expected = reference.simulate_outcomes(
+        assumptions.params, grid, loans, SEED, np.arange(100, 100 + COUNT)
+    )
+    blocks = _blocks(loans, jnp.float64, block_size=16)
+    losses, loss_sum, pd_sum, ead_sum = (
+        np.asarray(x)
+        for x in jax_engine.chunk_outcomes(assumptions.params, grid, blocks, SEED, 100, COUNT)
+    )
+    _assert_close(losses, expected.loss_usd.sum(axis=1), 1e-9)
+    for actual, per_scenario in (
+        (loss_sum, expected.loss_usd),
+        (pd_sum, expected.default_probability),
+        (ead_sum, expected.defaulted_exposure_usd),
+    ):
+        assert actual.shape == (loans.gpu_count.shape[0],)
+        want = per_scenario.sum(axis=0)
+        np.testing.assert_allclose(actual, want, rtol=1e-9, atol=1e-9 * want.max())
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     book_seed=st.integers(0, 10_000),

@@ -21,6 +21,7 @@ new seed does not retrace; count and the number of scenario indices are static s
 
   prepare_loans(loans, dtype=float32, block_size=512) -> LoanBlocks
   chunk_losses(params, grid, blocks, seed, first_scenario, count) -> [count]
+  chunk_outcomes(...same...) -> ([count], per-loan sums [N] of loss, PD, defaulted exposure)
   losses_at(params, grid, blocks, seed, scenario_indices) -> [S]
   loan_losses_at(params, grid, blocks, seed, scenario_indices) -> [S, N]
   weighted_loss_gradient(params, grid, blocks, seed, scenario_indices, coefficients)
@@ -68,6 +69,7 @@ __all__ = [
     "LoanBlocks",
     "TRACE_COUNTS",
     "chunk_losses",
+    "chunk_outcomes",
     "correlated_shocks_jax",
     "factor_paths_jax",
     "loan_losses_at",
@@ -526,7 +528,8 @@ def _revalue_block(
 
     terms: one block ([b] and [T, b] leaves). paths: time-major [T, S, ...]. uniforms [S, B]
     (sampled mode) or None. haircut [T, S, G] or None: None is pass 1 and returns the
-    liquidation volume Q [T, S, G]; otherwise pass 2, returning the loss per loan [S, b].
+    liquidation volume Q [T, S, G]; otherwise pass 2, returning a `_BlockOutcome` of [S, b]
+    arrays (what is not used is removed by XLA's dead-code elimination).
     """
     dtype = terms.threshold.dtype
     gen = terms.generation
@@ -556,7 +559,7 @@ def _revalue_block(
     u = jnp.take(uniforms, terms.borrower, axis=1) if sampled else None  # [S, b]
 
     def step(carry, xs):
-        cash, survival, defaulted, loss = carry
+        cash, survival, defaulted, loss, defaulted_exposure = carry
         f, period = xs
         rent_g = _take(f.rent, onehot)
         ln_price_g = _take(f.ln_price, onehot)
@@ -590,23 +593,28 @@ def _revalue_block(
         cash = jnp.maximum(cash + noi - debt_service, 0)
         if haircut is None:
             out = jnp.matmul(default, terms.volume_weights, precision=lax.Precision.HIGHEST)
-            return (cash, new_survival, defaulted, loss), out  # [S, G]
+            return (cash, new_survival, defaulted, loss, defaulted_exposure), out  # [S, G]
         price_g = _take(f.price, onehot)
         recovery = terms.recovery_gpus * price_g * (1 - _take(f.haircut, onehot)) + (
             terms.crypto_pledged * crypto
         )
         exposure = period.exposure_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
         lgd = jnp.maximum(exposure - recovery, 0)
-        period_loss = default * lgd
-        if discount is not None:
-            period_loss = f.discount[:, None] * period_loss
-        return (cash, new_survival, defaulted, loss + period_loss), None
+        weight = default if discount is None else f.discount[:, None] * default
+        return (
+            cash,
+            new_survival,
+            defaulted,
+            loss + weight * lgd,
+            defaulted_exposure + weight * exposure,
+        ), None
 
     shape = (n_scen, block)
     carry = (
         jnp.broadcast_to(terms.cash_usd, shape),
         jnp.ones(shape, dtype),
         jnp.zeros(shape, bool),
+        jnp.zeros(shape, dtype),
         jnp.zeros(shape, dtype),
     )
     factors = _StepFactors(
@@ -631,8 +639,21 @@ def _revalue_block(
         active=terms.active,
         at_refinancing=terms.at_refinancing,
     )
-    (_, _, _, loss), volume = lax.scan(step, carry, (factors, period_terms))
-    return volume if haircut is None else loss
+    (_, survival, defaulted, loss, defaulted_exposure), volume = lax.scan(
+        step, carry, (factors, period_terms)
+    )
+    if haircut is None:
+        return volume
+    default_probability = defaulted.astype(dtype) if sampled else 1 - survival
+    return _BlockOutcome(loss, default_probability, defaulted_exposure)
+
+
+class _BlockOutcome(NamedTuple):
+    """Pass 2 of one block, [S, b] each (MODEL.md §6 and the contributions table)."""
+
+    loss: jax.Array  # Σ_t DF d ℓ
+    default_probability: jax.Array  # 1 − S_i(T), or 1 if the loan defaulted (sampled)
+    defaulted_exposure: jax.Array  # Σ_t DF d EAD
 
 
 class _StepFactors(NamedTuple):
@@ -659,8 +680,11 @@ class _PeriodTerms(NamedTuple):
     at_refinancing: jax.Array
 
 
-def _simulate(params, grid: ModelGrid, blocks: LoanBlocks, normals, uniforms, per_loan: bool):
-    """Loss per scenario [S] (or per scenario and loan [S, N]) from the chunk's random numbers."""
+def _simulate(params, grid: ModelGrid, blocks: LoanBlocks, normals, uniforms, output: str):
+    """From the chunk's random numbers, by `output`:
+    "total": loss per scenario [S]; "per_loan": loss per scenario and loan [S, NB b];
+    "outcomes": (loss [S], and summed over the scenarios, per loan [NB b]: loss, default
+    probability, defaulted exposure)."""
     dtype = blocks.dtype
     p = _cast_params(params, dtype)
     terms = _loan_terms(blocks, grid, dtype)
@@ -682,15 +706,20 @@ def _simulate(params, grid: ModelGrid, blocks: LoanBlocks, normals, uniforms, pe
     # Pass 2: recompute the hazards and apply the haircut.
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def loss_block(total, block_terms):
-        loss = _revalue_block(p, grid, block_terms, paths, uniforms, haircut, discount)
-        if per_loan:
-            return total, loss  # [S, b]
-        return total + jnp.sum(loss, axis=1), None
+        outcome = _revalue_block(p, grid, block_terms, paths, uniforms, haircut, discount)
+        total = total + jnp.sum(outcome.loss, axis=1)
+        if output == "per_loan":
+            return total, outcome.loss  # [S, b]
+        if output == "outcomes":
+            return total, tuple(jnp.sum(x, axis=0) for x in outcome)  # 3 × [b]
+        return total, None
 
     total, per_block = lax.scan(loss_block, jnp.zeros((n_scen,), dtype), terms)
-    if not per_loan:
-        return total
-    return jnp.moveaxis(per_block, 0, 1).reshape(n_scen, -1)  # [S, NB b], padding included
+    if output == "per_loan":
+        return jnp.moveaxis(per_block, 0, 1).reshape(n_scen, -1)  # [S, NB b], padding included
+    if output == "outcomes":
+        return (total, *(x.reshape(-1) for x in per_block))
+    return total
 
 
 # --------------------------------------------------------------------------- public API
@@ -738,8 +767,8 @@ def _statics(grid: ModelGrid, blocks: LoanBlocks) -> tuple[LoanBlocks, int]:
     return blocks._replace(n_loans=None, n_borrowers=None), n_uniforms
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "count", "n_uniforms"))
-def _chunk_losses_jit(params, grid, blocks, seed, first_scenario, count, n_uniforms):
+@functools.partial(jax.jit, static_argnames=("grid", "count", "n_uniforms", "output"))
+def _chunk_losses_jit(params, grid, blocks, seed, first_scenario, count, n_uniforms, output):
     TRACE_COUNTS["chunk_losses"] += 1
     dtype = blocks.dtype
     normals = shock_normals_jax(
@@ -748,18 +777,18 @@ def _chunk_losses_jit(params, grid, blocks, seed, first_scenario, count, n_unifo
     uniforms = None
     if grid.mode == "sampled":
         uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
-    return _simulate(params, grid, blocks, normals, uniforms, per_loan=False)
+    return _simulate(params, grid, blocks, normals, uniforms, output)
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "per_loan", "n_uniforms"))
-def _losses_at_jit(params, grid, blocks, seed, scenarios, per_loan, n_uniforms):
-    TRACE_COUNTS["loan_losses_at" if per_loan else "losses_at"] += 1
+@functools.partial(jax.jit, static_argnames=("grid", "output", "n_uniforms"))
+def _losses_at_jit(params, grid, blocks, seed, scenarios, output, n_uniforms):
+    TRACE_COUNTS["loan_losses_at" if output == "per_loan" else "losses_at"] += 1
     dtype = blocks.dtype
     normals = shock_normals_jax_at(seed, scenarios, grid.periods, grid.slots_per_period, dtype)
     uniforms = None
     if grid.mode == "sampled":
         uniforms = default_uniforms_jax_at(seed, scenarios, n_uniforms, dtype)
-    return _simulate(params, grid, blocks, normals, uniforms, per_loan=per_loan)
+    return _simulate(params, grid, blocks, normals, uniforms, output)
 
 
 @functools.partial(jax.jit, static_argnames=("grid",))
@@ -770,7 +799,7 @@ def _weighted_loss_gradient_jit(params, grid, blocks, seed, scenarios, coefficie
     )
 
     def objective(theta):
-        losses = _simulate(theta, grid, blocks, normals, None, per_loan=False)
+        losses = _simulate(theta, grid, blocks, normals, None, "total")
         return jnp.sum(coefficients * losses.astype(jnp.float64))
 
     return jax.value_and_grad(objective)(params)
@@ -800,7 +829,30 @@ def chunk_losses(
         _u32(first_scenario, "first_scenario"),
         int(count),
         n_uniforms,
+        "total",
     )
+
+
+def chunk_outcomes(
+    params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, first_scenario, count: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """What pass 1 of a run keeps of a chunk: the portfolio loss per scenario [count] and,
+    summed over the chunk's scenarios, per loan [N]: the loss, the horizon default
+    probability 1 − S_i(T) (sampled mode: default indicators) and the defaulted exposure
+    Σ_t DF d_i(t) EAD_i(t). Arguments as `chunk_losses`."""
+    stripped, n_uniforms = _statics(grid, blocks)
+    losses, loss_sum, pd_sum, ead_sum = _chunk_losses_jit(
+        _params_arg(params),
+        grid,
+        stripped,
+        _u32(seed, "seed"),
+        _u32(first_scenario, "first_scenario"),
+        int(count),
+        n_uniforms,
+        "outcomes",
+    )
+    n = blocks.n_loans
+    return losses, loss_sum[:n], pd_sum[:n], ead_sum[:n]
 
 
 def losses_at(params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, scenario_indices):
@@ -812,7 +864,7 @@ def losses_at(params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, sc
         stripped,
         _u32(seed, "seed"),
         _indices_arg(scenario_indices),
-        False,
+        "total",
         n_uniforms,
     )
 
@@ -831,7 +883,7 @@ def loan_losses_at(
         stripped,
         _u32(seed, "seed"),
         _indices_arg(scenario_indices),
-        True,
+        "per_loan",
         n_uniforms,
     )
     return losses[:, : blocks.n_loans]

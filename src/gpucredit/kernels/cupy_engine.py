@@ -1,0 +1,693 @@
+"""The CuPy backend of MODEL.md §2-6: one fused CUDA kernel (kernels/cuda/forward.cu), two passes.
+
+It computes exactly what `kernels.reference` computes, scenario by scenario, on the same
+Threefry numbers (`kernels.rng`), in float32 or float64:
+
+- The random inputs of a chunk are made on the device by JAX (`rng.shock_normals_jax`,
+  `jax_engine.factor_paths_jax`, `rng.default_uniforms_jax`): one jitted call returns the
+  factor table [S, T, W] (W = 3G + 6: R_g, P_g, ln P_g, BTC, ETH, power, r, Z, DF) and, in
+  sampled mode, the default uniforms [S, B]. They reach CuPy through DLPack
+  (`cupy.from_dlpack`, no host round trip). They are small next to the loan work.
+- The [scenarios × loans × periods] work is the kernel's. Pass 1 runs the period loop per
+  (scenario, loan) and adds each loan's liquidation volume into Q[s, t, g]; the haircut
+  H_g(t) is then computed from Q ([S, T, G], CuPy elementwise); pass 2 reruns the loop
+  (cheaper than storing it), applies the haircut and reduces the loss per scenario and, when
+  asked, the per-loan sums the engine's ChunkOutput needs.
+- Launch: blockIdx.y = a tile of `threads` loans (one loan per thread, its constants in
+  registers), blockIdx.x = a group of consecutive scenarios looped over in the block. Loans
+  are sorted by generation and padded so that a warp never mixes generations. Reductions are
+  deterministic (fixed-order warp and block sums, 64-bit fixed-point integer atomics for Q),
+  so a scenario's loss does not depend on the chunk it is computed in.
+
+The host side (layout, per-loan constants, launch shape, haircut) is plain NumPy and is
+tested on a machine without a GPU; cupy is imported lazily, so this module imports anywhere.
+
+Public API:
+  available() -> bool
+  prepare_loans_cupy(loans, dtype=float32, threads=256) -> CupyLoans
+  chunk_losses_cupy(params, grid, prepared, seed, first_scenario, count) -> cupy [count]
+  chunk_outcomes_cupy(params, grid, prepared, seed, first_scenario, count)
+      -> (losses [count], loan_loss_sum [N], loan_default_probability_sum [N],
+          loan_defaulted_exposure_sum [N]) as cupy arrays
+  CupyBackend: the engine's backend interface (run_chunk, loan_losses_at, weighted_gradient)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+from scipy.special import ndtri
+
+from gpucredit.kernels import reference
+from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
+
+__all__ = [
+    "ChunkOutcomes",
+    "CupyBackend",
+    "CupyLoans",
+    "DeviceTables",
+    "LoanTables",
+    "available",
+    "chunk_losses_cupy",
+    "chunk_outcomes_cupy",
+    "device_tables",
+    "haircut_from_volume",
+    "kernel_name",
+    "launch_shape",
+    "loan_tables",
+    "prepare_loans_cupy",
+    "random_inputs",
+    "run_passes",
+    "shared_memory_bytes",
+]
+
+HOURS_PER_YEAR = 8760.0
+WARP = 32
+MAX_THREADS = 256  # GPUCREDIT_MAX_THREADS in forward.cu (__launch_bounds__)
+KERNEL_SOURCE = "cuda/forward.cu"
+_LOG_BIG = 1.0e4  # ln(n a / B) stand-in at B <= 0 (the cap) or n a = 0 (the floor)
+_THRESHOLD_LIMIT = 37.0  # |Φ⁻¹(p^Δ)| beyond this is Φ = 0 or 1 anyway
+_FIXED_POINT_BITS = 62  # Q in fixed point: the generation's total pledged GPUs is < 2^62
+_MAX_SCENARIOS_PER_BLOCK = 64
+_TARGET_BLOCKS = 4096  # enough blocks for every SM of an H100 several times over
+_MAX_LOAN_PARTIALS = 1 << 27  # elements of the [groups, 3, n_pad] per-loan partial sums
+_DEFAULT_SHARED_LIMIT = 48 * 1024
+
+# Slot counts of forward.cu's SoA arrays (M_COUNT, L_COUNT, LI_COUNT, P_COUNT).
+_MODEL_SLOTS = 8
+_LOAN_REAL_SLOTS = 21
+_LOAN_INT_SLOTS = 4
+_PERIOD_SLOTS = 3
+
+
+def kernel_name(dtype, loss_pass: bool) -> str:
+    """The template instance's name expression, e.g. 'forward_kernel<float, false>'."""
+    real = "float" if np.dtype(dtype) == np.float32 else "double"
+    return f"forward_kernel<{real}, {'true' if loss_pass else 'false'}>"
+
+
+_KERNEL_NAMES = tuple(
+    kernel_name(dtype, loss_pass)
+    for dtype in (np.float32, np.float64)
+    for loss_pass in (False, True)
+)
+
+
+def kernel_source() -> str:
+    """forward.cu, read from the package (importlib.resources)."""
+    return importlib.resources.files("gpucredit.kernels").joinpath(KERNEL_SOURCE).read_text()
+
+
+def available() -> bool:
+    """True when cupy imports and at least one CUDA device is present."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ImportError, CUDARuntimeError (no driver), ...
+        return False
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def _float_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+@dataclass
+class CupyLoans:
+    """The book in the kernel's loan order (generation-sorted, warp-padded), host side.
+
+    `order` [n_pad]: the original loan index at each padded position (-1: inert padding);
+    `position` [N]: the padded position of each loan; `generation` [n_pad]: each position's
+    generation (padding takes its run's). Device tables depend on (params, grid) and are
+    built on first use and cached here.
+    """
+
+    loans: LoanArrays
+    dtype: np.dtype
+    threads: int  # loans per tile = threads per block
+    order: np.ndarray  # [n_pad] int64
+    position: np.ndarray  # [N] int64
+    generation: np.ndarray  # [n_pad] int32
+    n_loans: int
+    n_borrowers: int
+    device_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_pad(self) -> int:
+        return len(self.order)
+
+    @property
+    def tiles(self) -> int:
+        return self.n_pad // self.threads
+
+
+def prepare_loans_cupy(loans: LoanArrays, dtype=np.float32, threads: int = MAX_THREADS):
+    """Sort the book by generation, pad each generation's run to whole warps and the book to
+    whole tiles of `threads` loans (threads: a multiple of 32, at most 256; a smaller book
+    uses fewer). Pure NumPy: nothing touches the GPU until the first chunk."""
+    dt = _float_dtype(dtype)
+    threads = int(threads)
+    if threads % WARP or not WARP <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be a multiple of 32 in [32, {MAX_THREADS}], got {threads}")
+    gen = np.asarray(loans.generation, dtype=np.int64)
+    n_loans = len(gen)
+    order_parts, gen_parts = [], []
+    for g in np.unique(gen):
+        members = np.flatnonzero(gen == g)  # stable: book order within a generation
+        pad = (-len(members)) % WARP
+        order_parts += [members, np.full(pad, -1, np.int64)]
+        gen_parts.append(np.full(len(members) + pad, g, np.int64))
+    order = np.concatenate(order_parts) if order_parts else np.full(WARP, -1, np.int64)
+    padded_gen = np.concatenate(gen_parts) if gen_parts else np.zeros(WARP, np.int64)
+    block = min(threads, len(order))
+    extra = (-len(order)) % block
+    order = np.concatenate([order, np.full(extra, -1, np.int64)])
+    padded_gen = np.concatenate([padded_gen, np.full(extra, padded_gen[-1], np.int64)])
+    position = np.empty(n_loans, np.int64)
+    real = order >= 0
+    position[order[real]] = np.flatnonzero(real)
+    return CupyLoans(
+        loans=loans,
+        dtype=dt,
+        threads=block,
+        order=order,
+        position=position,
+        generation=padded_gen.astype(np.int32),
+        n_loans=n_loans,
+        n_borrowers=int(loans.n_borrowers),
+    )
+
+
+class LoanTables(NamedTuple):
+    """forward.cu's per-run inputs, float64 / int32 NumPy in the padded loan order."""
+
+    model: np.ndarray  # [8]
+    loan_real: np.ndarray  # [21, n_pad]
+    loan_int: np.ndarray  # [4, n_pad] int32
+    loan_period: np.ndarray  # [3, T, n_pad]
+    qscale: np.ndarray  # [G] 2^e_g: Q_g in fixed point = round(Q_g 2^e_g)
+    depth_gpus: np.ndarray  # [G] D_g (GPUs per period)
+
+
+def _safe_log_ratio(num, den) -> np.ndarray:
+    """ln(num/den); +_LOG_BIG where den <= 0 (the cap), −_LOG_BIG where num <= 0 < den."""
+    num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.log(num / den)
+    value = np.where(num > 0, value, -_LOG_BIG)
+    return np.where(den > 0, value, _LOG_BIG)
+
+
+def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> LoanTables:
+    """Every per-loan and per-(loan, period) constant of the period loop, in float64."""
+    loans = prepared.loans
+    periods = grid.periods
+    if np.asarray(loans.balance_usd).shape[1] != periods + 1:
+        raise ValueError(
+            f"loan schedules have {np.asarray(loans.balance_usd).shape[1] - 1} periods, "
+            f"the grid {periods}"
+        )
+    f64 = lambda x: np.asarray(x, dtype=np.float64)  # noqa: E731
+    dt = grid.dt_years
+    hours = HOURS_PER_YEAR * dt
+    n = f64(loans.gpu_count)
+    pledged = n * f64(loans.collateral_share)
+    share = f64(loans.contracted_share)
+    contract_rate = f64(loans.contract_rate_usd_per_hour)
+    util = f64(loans.utilization)
+    opex = f64(loans.other_opex_usd_per_gpu_hour)
+    rho = f64(loans.asset_correlation)
+    balloon = f64(loans.balloon_usd)
+    has_balloon = balloon > 0
+
+    today = reference.today_metrics(params, grid, loans)
+    pd_period = 1.0 - (1.0 - f64(loans.pd_annual)) ** dt
+    threshold = np.clip(ndtri(pd_period), -_THRESHOLD_LIMIT, _THRESHOLD_LIMIT)
+    refi_ltv = float(params.refi_ltv)
+    ln_ltv = np.log(refi_ltv) if refi_ltv > 0 else -_LOG_BIG
+    ln_refi = np.where(
+        has_balloon, ln_ltv + _safe_log_ratio(pledged, np.where(has_balloon, balloon, 1.0)), 0.0
+    )
+
+    per_loan = np.zeros((_LOAN_REAL_SLOTS, prepared.n_loans))
+    per_loan[0] = pledged
+    per_loan[1] = pledged * (1.0 - f64(loans.liquidation_cost))
+    per_loan[2] = n * hours * f64(loans.power_kw_per_gpu)
+    per_loan[3] = f64(loans.btc_units)
+    per_loan[4] = f64(loans.eth_units)
+    per_loan[5] = f64(loans.crypto_pledged)
+    per_loan[6] = threshold
+    per_loan[7] = np.sqrt(rho)
+    per_loan[8] = 1.0 / np.sqrt(1.0 - rho)
+    per_loan[9] = f64(loans.cash_usd)
+    per_loan[10] = np.log(today.liquidity_coverage)
+    per_loan[11] = np.log(today.collateral_coverage)
+    per_loan[12] = np.log(today.refinancing_coverage)
+    per_loan[13] = ln_refi
+    per_loan[14] = has_balloon
+    per_loan[15] = f64(loans.rate)
+    per_loan[16] = f64(loans.is_floating)
+    per_loan[17] = n * hours * (share * contract_rate) - n * hours * opex
+    per_loan[18] = n * hours * ((1.0 - share) * util)
+    per_loan[19] = -(n * hours * opex)
+    per_loan[20] = n * hours * util
+
+    ints = np.zeros((_LOAN_INT_SLOTS, prepared.n_loans), np.int64)
+    ints[1] = np.asarray(loans.borrower)
+    ints[2] = np.asarray(loans.maturity_period)
+    ints[3] = np.asarray(loans.contract_periods)
+
+    balance_before = f64(loans.balance_usd)[:, :periods]  # [N, T] B(t − 1)
+    per_period = np.stack(
+        [
+            balance_before,
+            f64(loans.installment_usd)[:, 1 : periods + 1],  # I(t)
+            _safe_log_ratio(pledged[:, None], balance_before),
+        ]
+    ).transpose(0, 2, 1)  # [3, T, N]
+
+    real = prepared.order >= 0
+    src = prepared.order[real]
+    loan_real = np.zeros((_LOAN_REAL_SLOTS, prepared.n_pad))
+    loan_real[8] = 1.0  # inert padding: 1/√(1 − 0)
+    loan_real[:, real] = per_loan[:, src]
+    loan_int = np.zeros((_LOAN_INT_SLOTS, prepared.n_pad), np.int64)
+    loan_int[:, real] = ints[:, src]
+    loan_int[0] = prepared.generation  # padding keeps its run's generation
+    loan_period = np.zeros((_PERIOD_SLOTS, periods, prepared.n_pad))
+    loan_period[2] = _LOG_BIG  # padding: B = 0
+    loan_period[:, :, real] = per_period[:, :, src]
+
+    g_count = grid.n_generations
+    total_pledged = np.bincount(
+        np.asarray(loans.generation, np.int64), weights=pledged, minlength=g_count
+    )[:g_count]
+    _, exponent = np.frexp(total_pledged)  # total < 2^exponent
+    qscale = np.where(
+        total_pledged > 0, np.ldexp(1.0, np.clip(_FIXED_POINT_BITS - exponent, -1000, 1000)), 1.0
+    )
+    model = np.array(
+        [
+            dt,
+            params.coverage_floor,
+            params.coverage_cap,
+            np.log(params.coverage_floor),
+            np.log(params.coverage_cap),
+            params.beta_liquidity,
+            params.beta_collateral,
+            params.beta_refinancing,
+        ],
+        dtype=np.float64,
+    )
+    return LoanTables(
+        model=model,
+        loan_real=loan_real,
+        loan_int=loan_int.astype(np.int32),
+        loan_period=loan_period,
+        qscale=qscale,
+        depth_gpus=f64(params.market_depth_gpus_per_year) * dt,
+    )
+
+
+def haircut_from_volume(params: ModelParams, tables: LoanTables, volume_fixed, xp=np):
+    """H_g(t) = min(H_max, H0_g + H1 (Q_g(t)/D_g)^γ) [S, T, G] float64 from the fixed-point
+    volume [S, T, G] uint64 (NumPy or CuPy, as `xp`)."""
+    volume = volume_fixed.astype(xp.float64) / xp.asarray(tables.qscale)
+    ratio = volume / xp.asarray(tables.depth_gpus)
+    base = xp.asarray(np.asarray(params.haircut_base, np.float64))
+    powered = ratio ** float(params.haircut_power)
+    return xp.minimum(float(params.haircut_max), base + float(params.haircut_slope) * powered)
+
+
+def launch_shape(count: int, tiles: int, n_pad: int) -> tuple[int, int]:
+    """(scenarios per block, scenario groups): enough blocks to fill the device several
+    times over, at most 64 scenarios per block, the per-loan partials bounded."""
+    per_block = max(1, min(_MAX_SCENARIOS_PER_BLOCK, (count * tiles) // _TARGET_BLOCKS))
+    while per_block < count and -(-count // per_block) * 3 * n_pad > _MAX_LOAN_PARTIALS:
+        per_block *= 2
+    per_block = min(per_block, max(count, 1))
+    return per_block, -(-count // per_block)
+
+
+def shared_memory_bytes(periods: int, n_generations: int, threads: int, itemsize: int) -> int:
+    """Dynamic shared memory of forward_kernel: factor row [T, 3G + 6], haircut row [T, G],
+    per-warp volume [warps, T], per-warp loss [warps] (reals), warp generations (ints)."""
+    warps = threads // WARP
+    reals = periods * (3 * n_generations + 6) + periods * n_generations + warps * periods + warps
+    return reals * itemsize + 4 * warps
+
+
+def _params_key(params: ModelParams, grid: ModelGrid) -> tuple:
+    digest = hashlib.sha1()
+    for leaf in params:
+        digest.update(np.ascontiguousarray(np.asarray(leaf, dtype=np.float64)).tobytes())
+    return (grid, digest.hexdigest())
+
+
+# --------------------------------------------------------------------------- random inputs
+
+
+@functools.cache
+def _random_inputs_jit():
+    import jax
+
+    from gpucredit.kernels import jax_engine
+    from gpucredit.kernels.rng import default_uniforms_jax, shock_normals_jax
+
+    jnp = jax.numpy
+
+    @functools.partial(jax.jit, static_argnames=("grid", "count", "n_uniforms", "dtype"))
+    def inputs(params, grid, seed, first_scenario, count, n_uniforms, dtype):
+        normals = shock_normals_jax(
+            seed, first_scenario, count, grid.periods, grid.slots_per_period, dtype
+        )
+        paths = jax_engine.factor_paths_jax(params, grid, normals)
+        price = paths.price_usd[:, 1:]
+        rate = paths.base_rate[:, 1:]  # [S, T]
+        if grid.discount:
+            discount = jnp.exp(-jnp.cumsum(rate * grid.dt_years, axis=1))
+        else:
+            discount = jnp.ones_like(rate)
+        table = jnp.concatenate(
+            [
+                paths.rent_usd_per_hour[:, 1:],
+                price,
+                jnp.log(price),
+                paths.btc_usd[:, 1:, None],
+                paths.eth_usd[:, 1:, None],
+                paths.power_usd_per_kwh[:, 1:, None],
+                rate[..., None],
+                paths.credit[:, 1:, None],
+                discount[..., None],
+            ],
+            axis=-1,
+        )  # [S, T, 3G + 6]
+        if n_uniforms:
+            uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
+        else:
+            uniforms = jnp.zeros((1, 1), dtype)
+        return table, uniforms
+
+    return inputs
+
+
+def _uniform_count(grid: ModelGrid, n_borrowers: int) -> int:
+    """Sampled mode: the borrower count rounded up to a power of two (one compile per size
+    class, as the JAX engine); 0 in conditional mode."""
+    if grid.mode != "sampled":
+        return 0
+    return 1 << max(int(n_borrowers) - 1, 0).bit_length()
+
+
+def _params_f64(params: ModelParams) -> ModelParams:
+    """Leaves as float64 arrays (JAX leaves kept), so Python floats and arrays trace alike."""
+    return ModelParams(
+        *(
+            leaf if hasattr(leaf, "block_until_ready") else np.asarray(leaf, dtype=np.float64)
+            for leaf in params
+        )
+    )
+
+
+def random_inputs(
+    params, grid: ModelGrid, seed: int, first_scenario: int, count: int, n_borrowers, dtype
+):
+    """(factor table [count, T, 3G + 6], uniforms [count, B'] or [1, 1]) as JAX arrays."""
+    import jax.numpy as jnp
+
+    return _random_inputs_jit()(
+        _params_f64(params),
+        grid,
+        np.uint32(int(seed)),
+        np.uint32(int(first_scenario)),
+        int(count),
+        _uniform_count(grid, n_borrowers),
+        jnp.dtype(_float_dtype(dtype)),
+    )
+
+
+def _to_cupy(x, dtype):
+    """A JAX array on the GPU to CuPy without a host round trip (DLPack); a copy otherwise."""
+    import cupy as cp
+
+    try:
+        x.block_until_ready()
+        out = cp.from_dlpack(x)
+    except Exception:  # e.g. JAX running on the CPU: go through the host
+        out = cp.asarray(np.asarray(x))
+    return cp.ascontiguousarray(out, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- device side
+
+
+@functools.cache
+def _module():
+    import cupy as cp
+
+    return cp.RawModule(code=kernel_source(), name_expressions=_KERNEL_NAMES)
+
+
+def _kernel(dtype, loss_pass: bool):
+    return _module().get_function(kernel_name(dtype, loss_pass))
+
+
+class DeviceTables(NamedTuple):
+    """LoanTables on the device (or in NumPy for the emulated kernel), in the kernel dtype."""
+
+    tables: LoanTables
+    model: object
+    loan_real: object
+    loan_int: object
+    loan_period: object
+    qscale: object
+
+
+def device_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans, xp=np):
+    """loan_tables cast to the kernel's dtypes as `xp` arrays (CuPy ones cached)."""
+    key = (xp.__name__, *_params_key(params, grid))
+    cached = prepared.device_cache.get(key)
+    if cached is None:
+        tables = loan_tables(params, grid, prepared)
+        dt = prepared.dtype
+        cached = DeviceTables(
+            tables=tables,
+            model=xp.asarray(tables.model, dtype=dt),
+            loan_real=xp.asarray(tables.loan_real, dtype=dt),
+            loan_int=xp.asarray(tables.loan_int, dtype=xp.int32),
+            loan_period=xp.asarray(tables.loan_period, dtype=dt),
+            qscale=xp.asarray(tables.qscale, dtype=xp.float64),
+        )
+        prepared.device_cache.clear()  # one (params, grid) at a time
+        prepared.device_cache[key] = cached
+    return cached
+
+
+def _cupy_launch(loss_pass: bool, dtype, grid_dims, threads, shared_bytes, args):
+    kernel = _kernel(dtype, loss_pass)
+    if shared_bytes > _DEFAULT_SHARED_LIMIT:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    kernel(grid_dims, (threads,), args, shared_mem=shared_bytes)
+
+
+def run_passes(
+    params: ModelParams,
+    grid: ModelGrid,
+    prepared: CupyLoans,
+    dev: DeviceTables,
+    table,
+    uniforms,
+    loan_sums: bool,
+    xp,
+    launch,
+    per_block: int | None = None,
+):
+    """Both kernel passes on one chunk's random inputs (table [S, T, 3G + 6], uniforms
+    [S, B'] or [1, 1], `xp` arrays of the kernel dtype).
+
+    `launch(loss_pass, dtype, grid_dims, threads, shared_bytes, args)` runs forward_kernel
+    (CuPy on a GPU; the tests also plug in a CPU emulation). Returns (losses [S] float64,
+    per-loan sums [3, N] float64 or None).
+    """
+    dt = prepared.dtype
+    count = int(table.shape[0])
+    periods, g_count = grid.periods, grid.n_generations
+    if table.shape[1:] != (periods, 3 * g_count + 6):
+        raise ValueError(f"factor table of shape {table.shape} does not fit the grid")
+    threads, tiles, n_pad = prepared.threads, prepared.tiles, prepared.n_pad
+    if tiles > 65535:
+        raise ValueError("too many loans for one launch (more than 65,535 tiles)")
+    if per_block is None:
+        per_block, groups = launch_shape(count, tiles, n_pad)
+    else:
+        groups = -(-count // per_block)
+    shared = shared_memory_bytes(periods, g_count, threads, dt.itemsize)
+
+    volume = xp.zeros((count, periods, g_count), dtype=xp.uint64)
+    scenario_loss = xp.zeros((tiles, count), dtype=dt)
+    partials = xp.zeros((groups, 3, n_pad) if loan_sums else (1,), dtype=dt)
+    dummy = xp.zeros((1,), dtype=dt)
+    ints = (
+        np.int32(count),
+        np.int32(periods),
+        np.int32(g_count),
+        np.int32(n_pad),
+        np.int32(per_block),
+        np.int32(uniforms.shape[1]),
+        np.int32(grid.mode == "sampled"),
+        np.int32(loan_sums),
+    )
+    common = (dev.model, dev.loan_real, dev.loan_int, dev.loan_period, table)
+    launch(
+        False,
+        dt,
+        (groups, tiles),
+        threads,
+        shared,
+        (*common, dummy, uniforms, dev.qscale, volume, dummy, dummy, *ints),
+    )
+    haircut = xp.ascontiguousarray(haircut_from_volume(params, dev.tables, volume, xp).astype(dt))
+    launch(
+        True,
+        dt,
+        (groups, tiles),
+        threads,
+        shared,
+        (*common, haircut, uniforms, dev.qscale, volume, scenario_loss, partials, *ints),
+    )
+    losses = scenario_loss.sum(axis=0, dtype=xp.float64)
+    if not loan_sums:
+        return losses, None
+    sums = partials.sum(axis=0, dtype=xp.float64)[:, xp.asarray(prepared.position)]
+    return losses, sums
+
+
+def _forward(params, grid, prepared: CupyLoans, seed, first_scenario, count, loan_sums: bool):
+    """Both passes on one chunk on the GPU: (losses [count] float64, sums [3, N] or None)."""
+    import cupy as cp
+
+    count = int(count)
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    dt = prepared.dtype
+    dev = device_tables(params, grid, prepared, cp)
+    table_jax, uniforms_jax = random_inputs(
+        params, grid, seed, first_scenario, count, prepared.n_borrowers, dt
+    )
+    table = _to_cupy(table_jax, dt)
+    uniforms = _to_cupy(uniforms_jax, dt)
+    return run_passes(params, grid, prepared, dev, table, uniforms, loan_sums, cp, _cupy_launch)
+
+
+def chunk_losses_cupy(
+    params: ModelParams, grid: ModelGrid, prepared: CupyLoans, seed, first_scenario, count: int
+):
+    """Portfolio loss L(ω) (MODEL.md §6) for scenarios first_scenario .. first_scenario+count−1.
+
+    Returns a cupy array [count] in prepared.dtype, USD (summed over loan tiles in float64).
+    """
+    losses, _ = _forward(params, grid, prepared, seed, first_scenario, count, loan_sums=False)
+    return losses.astype(prepared.dtype)
+
+
+def chunk_outcomes_cupy(
+    params: ModelParams, grid: ModelGrid, prepared: CupyLoans, seed, first_scenario, count: int
+):
+    """(losses [count], Σ_ω L_i [N], Σ_ω Σ_t d_i(t) [N], Σ_ω Σ_t DF d_i EAD_i [N]) as cupy
+    float64 arrays: what the engine's ChunkOutput keeps (Σ_t d_i(t) = 1 − S_i(T) in
+    conditional mode, the default indicator in sampled mode)."""
+    losses, sums = _forward(params, grid, prepared, seed, first_scenario, count, loan_sums=True)
+    return losses, sums[0], sums[1], sums[2]
+
+
+class ChunkOutcomes(NamedTuple):
+    """One chunk's pass-1 result, field for field the engine's ChunkOutput (float64 NumPy)."""
+
+    losses_usd: np.ndarray  # [S] portfolio loss per scenario
+    loan_loss_sum_usd: np.ndarray  # [N] Σ over the chunk's scenarios of L_i
+    loan_default_probability_sum: np.ndarray  # [N] Σ of 1 − S_i(T) (or default indicators)
+    loan_defaulted_exposure_sum_usd: np.ndarray  # [N] Σ of Σ_t DF d_i EAD_i
+
+
+class CupyBackend:
+    """The fused CUDA kernel for pass 1; the tail pass and the gradients go to the JAX engine.
+
+    Mirrors portfolio.engine.JaxBackend (same constructor and methods): run_chunk(first,
+    count) returns ChunkOutcomes, whose fields are ChunkOutput's (float64 NumPy);
+    loan_losses_at and weighted_gradient run `jax_engine` on the same device. `kernels`
+    imports nothing outside `kernels`, so the engine wraps the result in ChunkOutput if it
+    needs the type itself.
+    """
+
+    name = "cupy"
+    default_chunk_size = 16384
+
+    def __init__(
+        self,
+        params: ModelParams,
+        grid: ModelGrid,
+        loans: LoanArrays,
+        seed: int,
+        precision: str,
+        block_size: int = 512,
+    ):
+        import cupy as cp
+
+        self.params, self.grid, self.loans, self.seed = params, grid, loans, seed
+        self.precision = str(np.dtype(precision))
+        self.block_size = block_size
+        self.n_loans = len(loans.gpu_count)
+        self.prepared = prepare_loans_cupy(loans, np.dtype(precision))
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"]
+        self.device = f"gpu: {name.decode() if isinstance(name, bytes) else name} (cupy)"
+        self._blocks = None
+
+    def run_chunk(self, first_scenario: int, count: int) -> ChunkOutcomes:
+        out = chunk_outcomes_cupy(
+            self.params, self.grid, self.prepared, self.seed, first_scenario, count
+        )
+        return ChunkOutcomes(*(np.asarray(x.get(), dtype=np.float64) for x in out))
+
+    def _jax_blocks(self):
+        if self._blocks is None:
+            from gpucredit.kernels import jax_engine
+
+            self._blocks = jax_engine.prepare_loans(
+                self.loans, self.precision, min(self.block_size, self.n_loans)
+            )
+        return self._blocks
+
+    def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
+        """[S, N] loss per loan at the given scenario indices (the JAX engine's)."""
+        from gpucredit.kernels import jax_engine
+
+        out = jax_engine.loan_losses_at(
+            self.params, self.grid, self._jax_blocks(), self.seed, np.asarray(scenarios, np.uint32)
+        )
+        return np.asarray(out, dtype=np.float64)
+
+    def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
+        """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode, JAX AD)."""
+        from gpucredit.kernels import jax_engine
+
+        _, grads = jax_engine.weighted_loss_gradient(
+            self.params,
+            self.grid,
+            self._jax_blocks(),
+            self.seed,
+            np.asarray(scenarios, np.uint32),
+            np.asarray(coefficients),
+        )
+        return grads
