@@ -8,6 +8,7 @@ ES contributions and reverse-mode AD on the same scenarios gives the sensitiviti
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,8 +97,7 @@ class JaxBackend:
         self.params, self.grid, self.seed, self.precision = params, grid, seed, precision
         self.n_loans = len(loans.gpu_count)
         self.blocks = jax_engine.prepare_loans(loans, precision, min(block_size, self.n_loans))
-        device = jax.devices()[0]
-        self.device = f"{device.platform}: {getattr(device, 'device_kind', device)}"
+        self.device = device_name(jax.devices()[0])
 
     def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
         out = self._engine.chunk_outcomes(
@@ -123,6 +123,14 @@ class JaxBackend:
             np.asarray(coefficients),
         )
         return grads
+
+
+def device_name(device) -> str:
+    """'gpu (NVIDIA H100 80GB HBM3)', or 'cpu (2 cores)'."""
+
+    if device.platform == "cpu":
+        return f"cpu ({os.cpu_count()} cores, jax)"
+    return f"{device.platform} ({getattr(device, 'device_kind', 'unknown')})"
 
 
 def choose_backend(name: str) -> str:
@@ -320,7 +328,7 @@ def simulate(
     alphas: Sequence[float] | None = None,
     contributions: bool = True,
     sensitivities: bool = True,
-    el_sensitivity_scenarios: int = 16_384,
+    el_sensitivity_scenarios: int = 8192,
     stress: Sequence[StressCase] = (),
     progress: ProgressCallback | None = None,
     checkpoint=None,

@@ -81,7 +81,7 @@ def compute_sensitivities(
     losses_usd: np.ndarray,
     alphas: Sequence[float],
     el_scenarios: int,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
 ) -> Sensitivities:
     """Sensitivities from `weighted_gradient(indices, coefficients) -> ModelParams` (Σ c_j ∂L_j).
 
@@ -90,6 +90,10 @@ def compute_sensitivities(
     """
 
     def accumulate(indices: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+        # Pad to whole chunks (scenario 0 with coefficient 0): one compiled shape for all.
+        pad = -len(indices) % chunk_size
+        indices = np.concatenate([indices, np.zeros(pad, dtype=indices.dtype)])
+        coefficients = np.concatenate([coefficients, np.zeros(pad)])
         total = None
         for start in range(0, len(indices), chunk_size):
             part = slice(start, start + chunk_size)
