@@ -273,5 +273,58 @@ def report(directory):
     click.echo(f"wrote {path}")
 
 
+@main.command("reverse-stress")
+@click.argument("book", required=False, type=click.Path(dir_okay=False))
+@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
+@click.option("--repair-correlation", is_flag=True)
+@click.option("--loss", "loss_usd", type=float, help="Target portfolio loss in USD.")
+@click.option(
+    "--alpha",
+    type=float,
+    help="Target the VaR at this level from a plain run (default 0.999 when --loss is absent).",
+)
+@click.option("--scenarios", type=int, default=20_000, show_default=True)
+@click.option("--seed", type=int)
+@click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
+@friendly_errors
+def reverse_stress(
+    book, assumptions_path, repair_correlation, loss_usd, alpha, scenarios, seed, out
+):
+    """The most likely systematic scenario in which BOOK loses --loss (or its VaR at --alpha)."""
+    from gpucredit.io.results import prepare_output_dir, write_json
+    from gpucredit.io.summary_text import print_design_point
+    from gpucredit.portfolio.engine import simulate
+    from gpucredit.portfolio.reverse_stress import ReverseStressError, find_design_point
+
+    if loss_usd is not None and alpha is not None:
+        raise click.UsageError("give --loss or --alpha, not both")
+    loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
+    out_dir = prepare_output_dir(Path(out))
+    if loss_usd is None:
+        alpha = alpha or 0.999
+        plain = simulate(
+            loans,
+            assumptions,
+            scenarios=scenarios,
+            seed=seed,
+            mode="conditional",
+            alphas=(alpha,),
+            contributions=False,
+            sensitivities=False,
+        )
+        loss_usd = plain.var(alpha)
+        click.echo(f"target: VaR {alpha:.4g} of a {scenarios:,}-scenario run = {loss_usd:,.0f} USD")
+    try:
+        point = find_design_point(loans, assumptions, loss_usd)
+    except ReverseStressError as error:
+        raise RunFailure(str(error)) from None
+    write_json(out_dir / "reverse_stress.json", point.to_dict())
+    if (out_dir / "summary.json").exists():
+        from gpucredit.io.report import render_report_from_dir
+
+        render_report_from_dir(out_dir)
+    print_design_point(point)
+
+
 if __name__ == "__main__":
     main()

@@ -133,3 +133,36 @@ def print_book_summary(summary: dict) -> None:
                 "n/a" if g["dscr"] is None else f"{g['dscr']:.2f}x",
             )
         console.print(table)
+
+
+def print_design_point(point) -> None:
+    """The reverse stress test's design point: factor paths, loss split, likelihood."""
+    console = _console()
+    console.print(
+        f"Most likely scenario losing {usd_millions(point.target_loss_usd)}m USD: loss "
+        f"{usd_millions(point.loss_usd)}m "
+        f"(central scenario {usd_millions(point.central_loss_usd)}m); "
+        f"|z*| = {point.distance:.3f}, likelihood relative to the central scenario "
+        f"exp(-|z*|²/2) = {np.exp(point.log_likelihood_ratio):.3g}"
+        + ("" if point.converged else " (search did not fully converge)")
+    )
+    periods = len(next(iter(point.paths.values())))
+    table = Table(title="Factor paths at the design point (central path in brackets)")
+    table.add_column("factor")
+    for t in range(periods):
+        table.add_column(f"t={t}", justify="right")
+    for name, path in point.paths.items():
+        central = point.central_paths[name]
+        table.add_row(name, *(f"{v:.4g}\n[{c:.4g}]" for v, c in zip(path, central, strict=True)))
+    console.print(table)
+    for title, split in (
+        ("generation", point.loss_by_generation),
+        ("borrower type", point.loss_by_borrower_type),
+    ):
+        table = Table(title=f"Loss at the design point by {title}, $ millions")
+        table.add_column(title)
+        table.add_column("loss", justify="right")
+        table.add_column("share", justify="right")
+        for name, value in split.items():
+            table.add_row(name, usd_millions(value), f"{value / point.loss_usd:.1%}")
+        console.print(table)

@@ -922,3 +922,26 @@ def weighted_loss_gradient(
         _indices_arg(scenario_indices),
         jnp.asarray(coefficients, dtype=jnp.float64),
     )
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "output"))
+def _loss_given_normals_jit(params, grid, blocks, normals, output):
+    TRACE_COUNTS["loss_given_normals"] += 1
+    return _simulate(params, grid, blocks, normals.astype(blocks.dtype), None, output)
+
+
+def loss_given_normals(
+    params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, normals, per_loan: bool = False
+) -> jax.Array:
+    """Conditional-mode loss for given stream-0 normals [S, T, K + ν] instead of the Threefry
+    ones: [S] (or [S, N] with per_loan). Differentiable in `normals` (reverse stress testing
+    searches the shock path with it) and in `params`."""
+    stripped, _ = _statics(grid._replace(mode="conditional"), blocks)
+    losses = _loss_given_normals_jit(
+        _params_arg(params),
+        grid._replace(mode="conditional"),
+        stripped,
+        jnp.asarray(normals),
+        "per_loan" if per_loan else "total",
+    )
+    return losses[:, : blocks.n_loans] if per_loan else losses
