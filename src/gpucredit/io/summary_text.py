@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gpucredit.portfolio.engine import RunResult
@@ -146,14 +147,18 @@ def print_design_point(point) -> None:
         f"exp(-|z*|²/2) = {np.exp(point.log_likelihood_ratio):.3g}"
         + ("" if point.converged else " (search did not fully converge)")
     )
-    periods = len(next(iter(point.paths.values())))
-    table = Table(title="Factor paths at the design point (central path in brackets)")
+    last = len(next(iter(point.paths.values()))) - 1
+    shown = sorted({0, 1, last, *range(0, last + 1, max(1, last // 4))})  # full paths: the JSON
+    table = Table(
+        title="Factor paths at the design point, \\[central path]; t = period (reverse_stress.json "
+        "has every period)"
+    )
     table.add_column("factor")
-    for t in range(periods):
+    for t in shown:
         table.add_column(f"t={t}", justify="right")
     for name, path in point.paths.items():
         central = point.central_paths[name]
-        table.add_row(name, *(f"{v:.4g}\n[{c:.4g}]" for v, c in zip(path, central, strict=True)))
+        table.add_row(name, *(escape(f"{path[t]:.4g} [{central[t]:.4g}]") for t in shown))
     console.print(table)
     for title, split in (
         ("generation", point.loss_by_generation),

@@ -332,6 +332,8 @@ def simulate(
     stress: Sequence[StressCase] = (),
     progress: ProgressCallback | None = None,
     checkpoint=None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> RunResult:
     """Run the book against the assumptions (MODEL.md) and measure the loss distribution.
 
@@ -339,6 +341,8 @@ def simulate(
     index for Euler contributions and AD sensitivities. Stress scenarios rerun pass 1 with
     overridden assumptions on the same random numbers. `checkpoint` (optional) has
     `.done() -> dict[first, ChunkOutput]` and `.save(first, ChunkOutput)` for resume.
+    `workers` (a local Dask cluster of that many processes) or `scheduler` (the address of an
+    existing one) runs both passes on Dask (portfolio/distributed.py), with identical results.
     """
     started = time.perf_counter()
     scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
@@ -347,8 +351,14 @@ def simulate(
     grid = assumptions.grid(mode)
     engine = make_backend(backend, precision, assumptions.params, grid, loans, seed)
     chunk = chunk_size or engine.default_chunk_size
-    pass1 = run_pass1(
-        engine,
+    dask = spec = None
+    if workers is not None or scheduler is not None:
+        from gpucredit.portfolio.distributed import BackendSpec, DaskRunner
+
+        dask = DaskRunner(workers=workers, scheduler=scheduler)
+        spec = BackendSpec(backend, precision, assumptions.params, grid, loans, seed)
+    pass1 = (run_pass1 if dask is None else dask.run_pass1)(
+        engine if dask is None else spec,
         scenarios,
         chunk,
         len(book),
@@ -360,9 +370,12 @@ def simulate(
 
     contrib = None
     if contributions:
-        es_i = tail_loan_contributions(
-            engine.loan_losses_at, pass1.losses_usd, None, alphas, len(book)
-        )
+        if dask is None:
+            es_i = tail_loan_contributions(
+                engine.loan_losses_at, pass1.losses_usd, None, alphas, len(book)
+            )
+        else:
+            es_i = dask.tail_loan_contributions(spec, pass1.losses_usd, None, alphas, len(book))
         contrib = make_contributions(
             book, pass1.loan_expected_loss_usd, es_i, pass1.loan_horizon_pd, pass1.loan_mean_lgd
         )
@@ -371,21 +384,47 @@ def simulate(
     sensitivities_seconds = 0.0
     if sensitivities:
         t0 = time.perf_counter()
-        gradient_engine = JaxBackend(
-            assumptions.params, assumptions.grid("conditional"), loans, seed, precision
-        )
-        sens = compute_sensitivities(
-            gradient_engine.weighted_gradient,
-            assumptions,
-            pass1.losses_usd,
-            alphas,
-            el_sensitivity_scenarios,
-        )
+        if dask is None:
+            gradient_engine = JaxBackend(
+                assumptions.params, assumptions.grid("conditional"), loans, seed, precision
+            )
+            sens = compute_sensitivities(
+                gradient_engine.weighted_gradient,
+                assumptions,
+                pass1.losses_usd,
+                alphas,
+                el_sensitivity_scenarios,
+            )
+        else:
+            gradient_spec = BackendSpec(
+                "jax-gradient",
+                precision,
+                assumptions.params,
+                assumptions.grid("conditional"),
+                loans,
+                seed,
+            )
+            sens = dask.compute_sensitivities(
+                gradient_spec, assumptions, pass1.losses_usd, alphas, el_sensitivity_scenarios
+            )
         sensitivities_seconds = time.perf_counter() - t0
 
     stress_results = []
     for case in stress:
         stressed = case.assumptions
+        if dask is not None:
+            stressed_spec = BackendSpec(
+                backend,
+                precision,
+                stressed.params,
+                stressed.grid(mode),
+                loan_arrays(book, stressed),
+                seed,
+            )
+            stressed_pass = dask.run_pass1(stressed_spec, scenarios, chunk, len(book))
+            stress_measures = risk_measures(stressed_pass.losses_usd, None, alphas)
+            stress_results.append(StressResult(case.name, case.description, stress_measures))
+            continue
         stressed_engine = make_backend(
             backend,
             precision,
@@ -422,6 +461,9 @@ def simulate(
         "scenarios_per_second": scenarios / pass1.elapsed_seconds,
         "loan_periods_per_second": scenarios * len(book) * grid.periods / pass1.elapsed_seconds,
     }
+    if dask is not None:
+        metadata["dask"] = dask.describe()
+        dask.close()
     return RunResult(
         losses_usd=pass1.losses_usd,
         weights=None,
