@@ -20,6 +20,7 @@ from gpucredit.io.assumptions import (
     stress_case,
 )
 from gpucredit.io.book import BookError, example_book_path, read_book, write_book
+from gpucredit.io.report import ReportError
 from gpucredit.io.results import ResultsError
 from gpucredit.portfolio.engine import BACKENDS, MODES, PRECISIONS, EngineError
 
@@ -40,7 +41,7 @@ def friendly_errors(command):
         except (BookError, AssumptionsError, EngineError) as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_BAD_INPUT)
-        except (RunFailure, ResultsError) as error:
+        except (RunFailure, ResultsError, ReportError) as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -136,6 +137,10 @@ class Progress:
 @click.option("--stress", "stresses", multiple=True, help="Stress scenario name (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Run on a local Dask cluster of N processes."
+)
+@click.option("--scheduler", help="Run on the Dask cluster at this address (tcp://host:8786).")
 @click.option("--quiet", is_flag=True)
 @friendly_errors
 def run(
@@ -154,9 +159,13 @@ def run(
     stresses,
     out,
     resume,
+    workers,
+    scheduler,
     quiet,
 ):
     """Simulate BOOK (default: the embedded example) and report EL, VaR and ES."""
+    if workers is not None and scheduler is not None:
+        raise click.UsageError("--workers and --scheduler are mutually exclusive")
     from gpucredit.io.results import (
         DEFAULT_CHECKPOINT_CHUNK,
         Checkpoint,
@@ -202,6 +211,8 @@ def run(
             stress=cases,
             progress=progress,
             checkpoint=checkpoint,
+            workers=workers,
+            scheduler=scheduler,
         )
     written = write_results(result, out_dir, loans, assumptions)
     checkpoint.clear()

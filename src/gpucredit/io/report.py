@@ -36,6 +36,7 @@ LOSSES_FILE = "losses.parquet"
 CONTRIBUTIONS_FILE = "contributions.parquet"
 SENSITIVITIES_FILE = "sensitivities.parquet"
 REPORT_FILE = "report.html"
+REVERSE_STRESS_FILE = "reverse_stress.json"
 
 TOP_BORROWERS = 20
 TOP_SENSITIVITIES = 15
@@ -773,6 +774,75 @@ def _book(summary: dict) -> str:
     return _section("book", title, "".join(parts) + note)
 
 
+def _reverse_stress(design: dict | None) -> str:
+    """The most likely scenario losing X (gpucredit reverse-stress): paths and loss split."""
+    title = "Reverse stress: the most likely scenario for the loss"
+    if not design:
+        return _section(
+            "reverse-stress",
+            title,
+            '<p class="note">Not computed: run <code>gpucredit reverse-stress</code> with this '
+            "directory as --out.</p>",
+        )
+    facts = [
+        ("target loss", fmt_usd(design.get("target_loss_usd"))),
+        ("loss at the design point", fmt_usd(design.get("loss_usd"))),
+        ("central scenario's loss", fmt_usd(design.get("central_loss_usd"))),
+        ("distance |z*| (std. normal units)", fmt_float(design.get("distance"), 3)),
+        (
+            "likelihood relative to the central scenario",
+            fmt_general(design.get("likelihood_ratio")),
+        ),
+        ("converged", fmt_general(design.get("converged"))),
+    ]
+    parts = [
+        _table(["", "value"], facts, caption="Design point z*: minimises |z|²/2 with loss ≥ target")
+    ]
+    paths = design.get("paths") or {}
+    central = design.get("central_paths") or {}
+    if paths:
+        names = list(paths)
+        columns = 4
+        rows = -(-len(names) // columns)
+        fig = Figure(figsize=(12, 2.3 * rows), layout="constrained")
+        for k, name in enumerate(names):
+            ax = fig.add_subplot(rows, columns, k + 1)
+            _style_axes(ax)
+            values = np.asarray(paths[name], dtype=float)
+            periods = np.arange(len(values))
+            ax.plot(periods, values, color="#b42318", label="design point")
+            if name in central:
+                ax.plot(
+                    periods,
+                    np.asarray(central[name], dtype=float),
+                    color="#616e7c",
+                    linestyle="--",
+                    label="central",
+                )
+            ax.set_title(name, fontsize=9)
+            if k == 0:
+                ax.legend(fontsize=8)
+        parts.append(
+            _figure_html(
+                fig,
+                "factor paths at the design point",
+                "Each factor's path at the design point (red) and with every shock at its median "
+                "(dashed), in natural units, period 0 = today.",
+            )
+        )
+    for label, key in (
+        ("generation", "loss_by_generation"),
+        ("borrower type", "loss_by_borrower_type"),
+    ):
+        split = design.get(key) or {}
+        total = sum(v for v in split.values() if v is not None) or None
+        rows_ = [[name, fmt_usd(value), _share(value, total)] for name, value in split.items()]
+        parts.append(
+            _table([label, "loss", "share"], rows_, caption=f"Loss at the design point by {label}")
+        )
+    return _section("reverse-stress", title, "".join(parts))
+
+
 def _metadata(summary: dict) -> str:
     meta = summary.get("metadata")
     if not isinstance(meta, dict) or not meta:
@@ -839,6 +909,7 @@ _SECTIONS = (
     ("sensitivities", "Sensitivities"),
     ("stress", "Stress"),
     ("book", "Today's book"),
+    ("reverse-stress", "Reverse stress"),
     ("metadata", "Metadata"),
 )
 
@@ -852,6 +923,7 @@ def render_report(
     contributions: pa.Table | None,
     sensitivities: pa.Table | None,
     *,
+    reverse_stress: dict | None = None,
     generated_at: dt.datetime | None = None,
 ) -> str:
     """The report as one self-contained HTML document (no script, no external resource).
@@ -859,7 +931,7 @@ def render_report(
     summary: the parsed summary.json; losses_usd: [scenarios] portfolio loss per scenario;
     contributions / sensitivities: the tables of contributions.parquet and
     sensitivities.parquet, or None when not computed. generated_at: the date shown in the
-    header (default: now, UTC).
+    header (default: now, UTC). reverse_stress: the parsed reverse_stress.json, if any.
     """
     if not isinstance(summary, dict):
         raise ReportError(f"{SUMMARY_FILE}: expected a JSON object, got {type(summary).__name__}")
@@ -879,6 +951,7 @@ def render_report(
         _sensitivities(sensitivities),
         _stress(summary),
         _book(summary),
+        _reverse_stress(reverse_stress),
         _metadata(summary),
         f"<footer>gpucredit {_esc(fmt_general(_get(summary, 'metadata', 'version')))} \u2014 "
         f"generated {_esc(when.strftime('%Y-%m-%d %H:%M:%S UTC'))}</footer>",
@@ -956,7 +1029,9 @@ def render_report_from_dir(directory: Path) -> Path:
     sensitivities = _read_parquet(
         directory / SENSITIVITIES_FILE, SENSITIVITY_COLUMNS, optional=True
     )
-    text = render_report(summary, losses, contributions, sensitivities)
+    design_path = directory / REVERSE_STRESS_FILE
+    design = _read_summary(design_path) if design_path.exists() else None
+    text = render_report(summary, losses, contributions, sensitivities, reverse_stress=design)
     target = directory / REPORT_FILE
     temporary = directory / f".{REPORT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
