@@ -104,7 +104,8 @@ def _hlrf(value_and_grad, z, max_iterations: int, tolerance: float):
         norm2 = float(jnp.sum(grad * grad))
         if norm2 == 0.0:
             raise ReverseStressError(
-                "the loss does not respond to the systematic shocks at this point"
+                "the loss does not respond to the systematic shocks at this point: the "
+                "target loss may be out of reach of the book"
             )
         # The closest point of the linearised limit state, then an Armijo step on the merit.
         step = (float(jnp.sum(grad * z)) - g) / norm2 * grad - z
