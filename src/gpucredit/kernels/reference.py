@@ -181,6 +181,7 @@ class LoanOutcomes(NamedTuple):
     loss_usd: np.ndarray  # Σ_t DF(t) d_i(t) ℓ_i(t)
     default_probability: np.ndarray  # 1 − S_i(T) (conditional) or the default indicator (sampled)
     defaulted_exposure_usd: np.ndarray  # Σ_t DF(t) d_i(t) EAD_i(t): loss / this is the mean LGD
+    log_likelihood_ratio: np.ndarray | None = None  # [S] ln w(ω) under importance sampling
 
 
 def revalue(
@@ -326,9 +327,27 @@ def simulate_chunk(
     loans: LoanArrays,
     seed: int,
     scenarios: np.ndarray,
+    normal_shift: np.ndarray | None = None,
 ) -> np.ndarray:
     """Loss per scenario and loan [S, N] for the scenario indices `scenarios` [S]."""
-    return simulate_outcomes(params, grid, loans, seed, scenarios).loss_usd
+    return simulate_outcomes(params, grid, loans, seed, scenarios, normal_shift).loss_usd
+
+
+def shift_normals(
+    normals: np.ndarray, normal_shift: np.ndarray | None, n_factors: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Importance sampling: the systematic normals z [S, T, :K] move to z + μ (μ = normal_shift
+    [T, K]); the χ² slots do not move. Returns (shifted normals, ln w [S]) with the likelihood
+    ratio w = φ(z + μ)/φ(z) of the original measure to the shifted one, at the shifted point:
+    ln w = −Σ μ·z − |μ|²/2, z the unshifted normals (E[w] = 1 under the shifted measure)."""
+    if normal_shift is None:
+        return normals, np.zeros(normals.shape[0])
+    mu = np.asarray(normal_shift, dtype=np.float64)
+    z = normals[..., :n_factors]
+    log_weight = -np.einsum("stk,tk->s", z, mu) - 0.5 * np.sum(mu * mu)
+    shifted = normals.copy()
+    shifted[..., :n_factors] = z + mu
+    return shifted, log_weight
 
 
 def simulate_outcomes(
@@ -337,12 +356,18 @@ def simulate_outcomes(
     loans: LoanArrays,
     seed: int,
     scenarios: np.ndarray,
+    normal_shift: np.ndarray | None = None,
 ) -> LoanOutcomes:
-    """LoanOutcomes [S, N] for the scenario indices `scenarios` [S]."""
+    """LoanOutcomes [S, N] for the scenario indices `scenarios` [S]; with `normal_shift`
+    [T, K] the systematic normals are shifted (importance sampling, MODEL.md §8 numbers
+    unchanged) and `log_likelihood_ratio` holds each scenario's ln w."""
     scenarios = np.asarray(scenarios, dtype=np.uint32)
     normals = shock_normals_np(seed, scenarios, grid.periods, grid.slots_per_period)
+    normals, log_weight = shift_normals(normals, normal_shift, grid.n_factors)
     paths = factor_paths(params, grid, correlated_shocks(params, grid, normals))
     uniforms = (
         default_uniforms_np(seed, scenarios, loans.n_borrowers) if grid.mode == "sampled" else None
     )
-    return loan_outcomes(params, grid, loans, paths, uniforms)
+    return loan_outcomes(params, grid, loans, paths, uniforms)._replace(
+        log_likelihood_ratio=log_weight
+    )
