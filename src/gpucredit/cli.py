@@ -337,5 +337,39 @@ def reverse_stress(
     print_design_point(point)
 
 
+@main.command("validate-model")
+@click.option("--quick", is_flag=True, help="The short form (about a minute; run by make test).")
+@click.option("--out", type=click.Path(file_okay=False), default="validation", show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@friendly_errors
+def validate_model(quick, out, seed):
+    """Run the model validation checks; write validation.html and validation.json.
+
+    Exit status 1 when any check fails (the files are written first)."""
+    from gpucredit.io.assumptions import default_assumptions
+    from gpucredit.io.results import prepare_output_dir
+    from gpucredit.io.validation_report import write_validation
+    from gpucredit.portfolio.validation import run_validation
+
+    out_dir = prepare_output_dir(Path(out))
+    result = run_validation(
+        default_assumptions(),
+        quick=quick,
+        seed=seed,
+        progress=lambda message: click.echo(message, err=True),
+    )
+    written = write_validation(result, out_dir)
+    for check in result.failed:
+        click.echo(f"FAILED: {check.name} ({check.tolerance})", err=True)
+    verdict = "passed" if result.passed else "FAILED"
+    click.echo(
+        f"validate-model: {len(result.checks) - len(result.failed)}/{len(result.checks)} checks "
+        f"{verdict} in {result.metadata['elapsed_seconds']:.0f} s; "
+        f"{', '.join(str(p) for p in written)}"
+    )
+    if not result.passed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

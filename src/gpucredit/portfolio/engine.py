@@ -96,7 +96,10 @@ class JaxBackend:
         self._engine = jax_engine
         self.params, self.grid, self.seed, self.precision = params, grid, seed, precision
         self.n_loans = len(loans.gpu_count)
-        self.blocks = jax_engine.prepare_loans(loans, precision, min(block_size, self.n_loans))
+        # prepare_loans itself shrinks the block of a small book to the next power of two
+        # >= N, so books that pad to the same shape share one compilation; passing
+        # min(block_size, N) here would give every book size its own shape (and compile).
+        self.blocks = jax_engine.prepare_loans(loans, precision, block_size)
         self.device = device_name(jax.devices()[0])
 
     def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
@@ -385,8 +388,9 @@ def simulate(
     if sensitivities:
         t0 = time.perf_counter()
         if dask is None:
+            # engine.precision, not `precision`: a NumPy (float64) run gets float64 gradients.
             gradient_engine = JaxBackend(
-                assumptions.params, assumptions.grid("conditional"), loans, seed, precision
+                assumptions.params, assumptions.grid("conditional"), loans, seed, engine.precision
             )
             sens = compute_sensitivities(
                 gradient_engine.weighted_gradient,
@@ -398,7 +402,7 @@ def simulate(
         else:
             gradient_spec = BackendSpec(
                 "jax-gradient",
-                precision,
+                engine.precision,
                 assumptions.params,
                 assumptions.grid("conditional"),
                 loans,

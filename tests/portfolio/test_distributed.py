@@ -1,0 +1,286 @@
+"""Scale-out on Dask (portfolio/distributed.py): the same numbers on one process or many
+workers, a lost worker changes nothing, and an unreachable scheduler is a clear error.
+
+One 2-worker local cluster (processes, one thread each) serves the module. The JAX workers
+share a persistent compilation cache with this process, so they load the kernels the
+single-process reference compiled instead of compiling them again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import random_book
+
+distributed = pytest.importorskip("distributed")
+
+from gpucredit.cli import main  # noqa: E402
+from gpucredit.io.assumptions import load_assumptions  # noqa: E402
+from gpucredit.portfolio.distributed import (  # noqa: E402
+    DaskRunner,
+    SchedulerUnreachable,
+    block_tail,
+    merge_block_tails,
+    plan_blocks,
+    tail_size,
+)
+from gpucredit.portfolio.engine import simulate  # noqa: E402
+from gpucredit.portfolio.risk import alpha_key, tail_coefficients, var_es  # noqa: E402
+
+UNREACHABLE = "tcp://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """A persistent JAX compilation cache for this process and the workers (restored after)."""
+    import jax
+    from jax._src import compilation_cache
+
+    directory = str(tmp_path_factory.mktemp("jax-cache"))
+    saved_env = {k: os.environ.get(k) for k in _CACHE_ENV}
+    saved_cfg = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    yield directory
+    for key, value in saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    jax.config.update("jax_compilation_cache_dir", saved_cfg[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_cfg[1])
+    compilation_cache.reset_cache()
+
+
+_CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
+@pytest.fixture(scope="module")
+def cluster(jax_cache):
+    """(address, client) of a 2-worker local cluster, shared by the module."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as local,
+        Client(local, set_as_default=False) as client,
+    ):
+        yield local.scheduler_address, client
+
+
+@pytest.fixture(scope="module")
+def assumptions():
+    return load_assumptions(None)
+
+
+def assert_same_run(a, b, exact_pass2: bool = True):
+    """Per-scenario losses bit-identical; everything else identical (or to rounding)."""
+    np.testing.assert_array_equal(a.losses_usd, b.losses_usd)
+    assert a.measures.to_dict() == b.measures.to_dict()
+    compare = np.testing.assert_array_equal if exact_pass2 else _close
+    ca, cb = a.contributions, b.contributions
+    np.testing.assert_array_equal(ca.expected_loss_usd, cb.expected_loss_usd)
+    np.testing.assert_array_equal(ca.horizon_pd, cb.horizon_pd)
+    np.testing.assert_array_equal(ca.mean_lgd, cb.mean_lgd)
+    assert ca.expected_shortfall_usd.keys() == cb.expected_shortfall_usd.keys()
+    for key in ca.expected_shortfall_usd:
+        compare(ca.expected_shortfall_usd[key], cb.expected_shortfall_usd[key])
+    if a.sensitivities is not None:
+        sa, sb = a.sensitivities, b.sensitivities
+        assert sa.parameter == sb.parameter
+        compare(sa.d_expected_loss, sb.d_expected_loss)
+        for key in sa.d_expected_shortfall:
+            compare(sa.d_expected_shortfall[key], sb.d_expected_shortfall[key])
+
+
+def _close(x, y):
+    np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_blocks_are_whole_chunks_in_order():
+    blocks = plan_blocks(10_000, 256, workers=2)
+    assert blocks[0][0] == 0 and sum(c for _, c in blocks) == 10_000
+    for (f0, c0), (f1, _) in zip(blocks, blocks[1:], strict=False):
+        assert f0 % 256 == 0 and c0 % 256 == 0 and f1 == f0 + c0
+    assert len(blocks) == math.ceil(40 / 5)  # 40 chunks, 5 per block: ~4 blocks a worker
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_block_tails_give_the_exact_tail(ties):
+    """Per-block top-k (ties kept) gives exactly VaR, ES and the tail set of all losses."""
+    rng = np.random.default_rng(3)
+    S, alphas = 20_000, (0.95, 0.99, 0.999)
+    losses = rng.lognormal(0.0, 1.0, S)
+    if ties:
+        losses = np.round(losses, 1)  # many ties, at VaR too
+    k = tail_size(S, alphas)
+    tails = [block_tail(f, losses[f : f + c], k) for f, c in plan_blocks(S, 2048, workers=1)]
+    assert len(tails) == 4 and sum(t.indices.size for t in tails) < S / 4  # k = 1002 a block
+    assert math.isclose(sum(t.loss_sum for t in tails), losses.sum(), rel_tol=1e-12)
+    merged = merge_block_tails(tails, S, alphas)
+    for alpha in alphas:
+        var, es, idx, coef = merged[alpha_key(alpha)]
+        assert (var, es) == pytest.approx(var_es(losses, None, alpha), rel=1e-12)
+        want_idx, want_coef = tail_coefficients(losses, None, alpha)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_allclose(coef, want_coef, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- on a cluster
+
+
+def test_two_workers_give_the_single_process_numbers(cluster, assumptions):
+    """JAX float32: per-scenario losses, VaR/ES, contributions and sensitivities identical."""
+    address, _ = cluster
+    book = random_book(3, 12)
+    kwargs = dict(
+        scenarios=2048 + 100,  # a short last chunk and last block
+        seed=11,
+        backend="jax",
+        precision="float32",
+        chunk_size=256,
+        alphas=(0.9, 0.99),
+        el_sensitivity_scenarios=512,
+    )
+    single = simulate(book, assumptions, **kwargs)
+    on_dask = simulate(book, assumptions, scheduler=address, **kwargs)
+    assert_same_run(single, on_dask)
+    meta = on_dask.metadata["dask"]
+    assert meta["scheduler"] == address and meta["workers"] == 2
+    assert meta["worker_devices"] == [single.metadata["device"]]
+
+
+def test_a_killed_worker_is_replaced_and_the_result_is_the_same(cluster, assumptions):
+    address, client = cluster
+    book = random_book(5, 60)
+    kwargs = dict(
+        scenarios=16_384,
+        seed=2,
+        backend="numpy",
+        chunk_size=256,
+        alphas=(0.99,),
+        sensitivities=False,
+    )
+    single = simulate(book, assumptions, **kwargs)
+    pids = client.run(os.getpid)  # {worker address: pid}
+    victim = pids[sorted(pids)[0]]
+    killed = []
+
+    def kill_one_worker(done, total):
+        if not killed and done < total:
+            os.kill(victim, signal.SIGKILL)
+            killed.append(done)
+
+    on_dask = simulate(book, assumptions, scheduler=address, progress=kill_one_worker, **kwargs)
+    assert killed, "the run ended before a worker could be killed"
+    assert_same_run(single, on_dask)
+    client.wait_for_workers(2, timeout=120)  # the nanny started a replacement
+    deadline = time.monotonic() + 60
+    while victim in client.run(os.getpid).values() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert victim not in client.run(os.getpid).values()
+
+
+def test_stress_and_checkpoint_hooks_on_the_cluster(cluster, assumptions):
+    """Stress cases rerun pass 1 on the cluster; chunks already done are not recomputed."""
+    from gpucredit.portfolio.engine import StressCase
+
+    address, _ = cluster
+    book = random_book(8, 10)
+    params = assumptions.params._replace(price_vol=assumptions.params.price_vol * 1.5)
+    stressed = dataclasses.replace(assumptions, params=params)
+    kwargs = dict(scenarios=1024, seed=4, backend="numpy", chunk_size=128, alphas=(0.95,))
+    kwargs |= dict(sensitivities=False, stress=(StressCase("vol", "price vol x1.5", stressed),))
+    single = simulate(book, assumptions, **kwargs)
+
+    class Checkpoint:
+        def __init__(self, done):
+            self._done, self.saved = done, {}
+
+        def done(self):
+            return self._done
+
+        def save(self, first, chunk):
+            self.saved[first] = chunk
+
+    first = Checkpoint({})
+    simulate(book, assumptions, scheduler=address, checkpoint=first, **kwargs)
+    assert sorted(first.saved) == list(range(0, 1024, 128))
+    resumed = Checkpoint({f: c for f, c in first.saved.items() if f < 512})
+    again = simulate(book, assumptions, scheduler=address, checkpoint=resumed, **kwargs)
+    assert sorted(resumed.saved) == list(range(512, 1024, 128))
+    assert_same_run(single, again)
+    assert again.stress[0].measures.to_dict() == single.stress[0].measures.to_dict()
+    assert again.stress[0].measures.es(0.95) != again.measures.es(0.95)
+
+
+def test_a_local_cluster_from_workers(assumptions):
+    book = random_book(9, 8)
+    kwargs = dict(scenarios=512, seed=1, backend="numpy", chunk_size=128, sensitivities=False)
+    single = simulate(book, assumptions, **kwargs)
+    on_dask = simulate(book, assumptions, workers=1, **kwargs)
+    assert on_dask.metadata["dask"]["workers"] == 1
+    assert_same_run(single, on_dask)
+
+
+def test_cli_runs_on_a_scheduler(cluster, tmp_path):
+    address, _ = cluster
+    out = tmp_path / "out"
+    args = ["run", "--scheduler", address, "--backend", "numpy", "--scenarios", "512"]
+    args += ["--no-sensitivities", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "losses.parquet").exists() and (out / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_unreachable_scheduler_is_a_clear_error(assumptions):
+    start = time.monotonic()
+    with pytest.raises(
+        SchedulerUnreachable, match=f"cannot reach the Dask scheduler at {UNREACHABLE}"
+    ):
+        simulate(random_book(1, 4), assumptions, scenarios=64, scheduler=UNREACHABLE)
+    assert time.monotonic() - start < 30
+
+
+def test_cli_unreachable_scheduler_exits_non_zero(tmp_path):
+    args = ["run", "--scheduler", UNREACHABLE, "--scenarios", "64", "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, [*args, "--quiet"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"error: cannot reach the Dask scheduler at {UNREACHABLE}")
+    assert "Traceback" not in result.output
+
+
+def test_cli_workers_and_scheduler_are_exclusive(tmp_path):
+    args = ["run", "--workers", "2", "--scheduler", UNREACHABLE, "--out", str(tmp_path)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "mutually exclusive" in result.output
+
+
+def test_runner_needs_exactly_one_target():
+    from gpucredit.portfolio.engine import EngineError
+
+    with pytest.raises(EngineError, match="exactly one"):
+        DaskRunner(workers=2, scheduler=UNREACHABLE)
