@@ -167,13 +167,12 @@ def run(
     if workers is not None and scheduler is not None:
         raise click.UsageError("--workers and --scheduler are mutually exclusive")
     from gpucredit.io.results import (
-        DEFAULT_CHECKPOINT_CHUNK,
         Checkpoint,
         prepare_output_dir,
         write_results,
     )
     from gpucredit.io.summary_text import print_run_summary
-    from gpucredit.portfolio.engine import resolve_run_settings, simulate
+    from gpucredit.portfolio.engine import default_chunk_size, resolve_run_settings, simulate
 
     loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
     cases = [stress_case(assumptions, name, repair_correlation) for name in stresses]
@@ -189,7 +188,7 @@ def run(
         backend,
         precision,
         resume,
-        chunk_size=chunk_size or (256 if backend == "numpy" else DEFAULT_CHECKPOINT_CHUNK),
+        chunk_size=chunk_size or default_chunk_size(backend),
     )
     with Progress(quiet) as progress:
         progress.note(

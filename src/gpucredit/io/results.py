@@ -23,7 +23,6 @@ from gpucredit.portfolio.engine import ChunkOutput, RunResult
 from gpucredit.portfolio.summary import book_summary
 
 CHECKPOINT_DIR = ".checkpoint"
-DEFAULT_CHECKPOINT_CHUNK = 8192
 
 
 class ResultsError(Exception):
@@ -153,7 +152,7 @@ class Checkpoint:
         backend: str,
         precision: str,
         resume: bool,
-        chunk_size: int = DEFAULT_CHECKPOINT_CHUNK,
+        chunk_size: int,
     ):
         self.directory = out_dir / CHECKPOINT_DIR
         self.chunk_size = chunk_size

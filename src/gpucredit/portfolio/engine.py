@@ -153,7 +153,26 @@ def make_backend(
         raise EngineError(f"unknown precision {precision!r}; choose float32 or float64")
     if name == "numpy":
         return NumpyBackend(params, grid, loans, seed)
+    if len(_local_gpus()) > 1:  # several GPUs on one host: shard each chunk over them
+        from gpucredit.portfolio.distributed import ShardedJaxBackend
+
+        return ShardedJaxBackend(params, grid, loans, seed, precision)
     return JaxBackend(params, grid, loans, seed, precision)
+
+
+def _local_gpus() -> list:
+    import jax
+
+    return [d for d in jax.devices() if d.platform == "gpu"]
+
+
+def default_chunk_size(backend: str) -> int:
+    """Scenarios per chunk: small for the NumPy reference (it materialises [S, N] per period),
+    4,096 per GPU when JAX shards over several, 8,192 otherwise."""
+    if choose_backend(backend) == "numpy":
+        return NumpyBackend.default_chunk_size
+    gpus = len(_local_gpus())
+    return 4096 * gpus if gpus > 1 else 8192
 
 
 @dataclass(frozen=True)
