@@ -1,0 +1,291 @@
+"""Stress scenarios: the built-ins as overrides in the assumptions file's own layout (MODEL.md
+§10), user `[[stress]]` tables, and stress runs on the base run's random numbers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import random_book
+from gpucredit.io.assumptions import (
+    AssumptionsError,
+    default_assumptions,
+    loads_assumptions,
+    stress_case,
+)
+from gpucredit.portfolio.engine import StressCase, simulate
+from gpucredit.portfolio.stress import BUILTIN_STRESSES, MAX_JUMP, stress_names
+
+SEED = 5
+SCENARIOS = 1024
+BOOK = random_book(7, 40)
+BUILTINS = ("next-gen-glut", "crypto-winter", "liquidity-freeze", "rate-shock")
+
+
+def _flatten(doc, prefix=""):
+    """{dotted path: leaf} of a merged assumptions document (list items by position)."""
+    out = {}
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc)
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict | list) and value:
+            out |= _flatten(value, path)
+        else:
+            out[path] = value
+    return out
+
+
+def _changed_keys(base, stressed) -> set[str]:
+    a, b = _flatten(base.document), _flatten(stressed.document)
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def _changed_params(base, stressed) -> set[str]:
+    return {
+        name
+        for name, before, after in zip(
+            base.params._fields, base.params, stressed.params, strict=True
+        )
+        if not np.array_equal(np.asarray(before), np.asarray(after))
+    }
+
+
+@pytest.fixture(scope="module")
+def base():
+    return default_assumptions()
+
+
+@pytest.fixture(scope="module")
+def cases(base):
+    return {name: stress_case(base, name) for name in BUILTINS}
+
+
+@pytest.fixture(scope="module")
+def stressed_run(base, cases):
+    return simulate(
+        BOOK,
+        base,
+        scenarios=SCENARIOS,
+        seed=SEED,
+        backend="numpy",
+        alphas=(0.99,),
+        contributions=False,
+        sensitivities=False,
+        stress=tuple(cases.values()),
+    )
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def test_builtin_names(base):
+    assert tuple(BUILTIN_STRESSES) == BUILTINS
+    assert stress_names(base) == BUILTINS
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_builds_valid_assumptions(base, cases, name):
+    case = cases[name]
+    assert isinstance(case, StressCase)
+    assert case.name == name
+    assert case.description and "\n" not in case.description
+    s = case.assumptions
+    assert s.generations == base.generations
+    for before, after in zip(base.params, s.params, strict=True):
+        assert np.shape(before) == np.shape(after)
+        assert np.all(np.isfinite(np.asarray(after)))
+    assert np.all((s.params.launch_price_jump >= 0) & (s.params.launch_price_jump < 1))
+    assert np.all((s.params.haircut_base >= 0) & (s.params.haircut_base < 1))
+    assert s.grid() == base.grid()._replace(launch_periods=s.grid().launch_periods)
+    assert (s.seed, s.scenarios, s.mode) == (base.seed, base.scenarios, base.mode)
+
+
+def test_next_gen_glut_changes_launches_and_rent_drift(base, cases):
+    s = cases["next-gen-glut"].assumptions
+    gens = base.generations
+    launch = {f"launches.0.{k}" for k in ("years_from_now",)} | {
+        f"launches.0.{jump}.{g}" for jump in ("price_jump", "rent_jump") for g in gens
+    }
+    assert _changed_keys(base, s) == launch | {f"generations.{g}.rent_drift" for g in gens}
+    assert _changed_params(base, s) == {"launch_price_jump", "launch_rent_jump", "rent_drift"}
+    assert s.launch_names == base.launch_names
+    np.testing.assert_allclose(s.launch_years, np.asarray(base.launch_years) / 2)
+    np.testing.assert_allclose(
+        s.params.launch_price_jump, np.minimum(1.6 * base.params.launch_price_jump, MAX_JUMP)
+    )
+    np.testing.assert_allclose(
+        s.params.launch_rent_jump, np.minimum(1.6 * base.params.launch_rent_jump, MAX_JUMP)
+    )
+    np.testing.assert_allclose(s.params.rent_drift, base.params.rent_drift - 0.10)
+
+
+def test_crypto_winter_changes_crypto_drift_and_vol(base, cases):
+    s = cases["crypto-winter"].assumptions
+    assert _changed_keys(base, s) == {
+        f"crypto.{c}.{k}" for c in ("btc", "eth") for k in ("drift", "vol")
+    }
+    assert _changed_params(base, s) == {"btc_drift", "btc_vol", "eth_drift", "eth_vol"}
+    # Median one-year move: exp(μ − σ²/2) = 0.30 (BTC) and 0.20 (ETH), vols ×1.3.
+    p = s.params
+    assert math.isclose(p.btc_vol, 1.3 * base.params.btc_vol)
+    assert math.isclose(p.eth_vol, 1.3 * base.params.eth_vol)
+    assert math.isclose(math.exp(p.btc_drift - p.btc_vol**2 / 2), 0.30)
+    assert math.isclose(math.exp(p.eth_drift - p.eth_vol**2 / 2), 0.20)
+
+
+def test_liquidity_freeze_changes_depth_and_haircut(base, cases):
+    s = cases["liquidity-freeze"].assumptions
+    assert _changed_keys(base, s) == {
+        f"generations.{g}.{k}"
+        for g in base.generations
+        for k in ("market_depth_gpus_per_year", "haircut_base")
+    }
+    assert _changed_params(base, s) == {"market_depth_gpus_per_year", "haircut_base"}
+    np.testing.assert_allclose(
+        s.params.market_depth_gpus_per_year, base.params.market_depth_gpus_per_year / 10
+    )
+    np.testing.assert_allclose(
+        s.params.haircut_base,
+        np.minimum(base.params.haircut_base + 0.10, base.params.haircut_max),
+    )
+
+
+def test_rate_shock_changes_rate_level_and_mean(base, cases):
+    s = cases["rate-shock"].assumptions
+    assert _changed_keys(base, s) == {"rate.level", "rate.mean"}
+    assert _changed_params(base, s) == {"rate_level", "rate_mean"}
+    assert math.isclose(s.params.rate_level, base.params.rate_level + 0.03)
+    assert math.isclose(s.params.rate_mean, base.params.rate_mean + 0.03)
+
+
+def test_builtins_follow_amended_assumptions():
+    """A built-in is a function of the assumptions it stresses, not of the defaults."""
+    a = loads_assumptions(
+        "[rate]\nlevel = 0.05\nmean = 0.06\n[generations.H100]\nrent_drift = -0.4\n"
+    )
+    shocked = stress_case(a, "rate-shock").assumptions
+    assert math.isclose(shocked.params.rate_level, 0.08)
+    assert math.isclose(shocked.params.rate_mean, 0.09)
+    glut = stress_case(a, "next-gen-glut").assumptions
+    assert math.isclose(glut.params.rent_drift[1], -0.5)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_stress_runs_report_every_case(stressed_run, base):
+    assert [s.name for s in stressed_run.stress] == list(BUILTINS)
+    for s in stressed_run.stress:
+        deltas = s.deltas(stressed_run.measures)
+        assert set(deltas) == {"el", "var_0.99", "es_0.99"}
+        assert math.isclose(deltas["el"], s.measures.el - stressed_run.measures.el)
+
+
+def test_stresses_do_not_touch_the_base_run(stressed_run, base):
+    plain = simulate(
+        BOOK,
+        base,
+        scenarios=SCENARIOS,
+        seed=SEED,
+        backend="numpy",
+        alphas=(0.99,),
+        contributions=False,
+        sensitivities=False,
+    )
+    np.testing.assert_array_equal(plain.losses_usd, stressed_run.losses_usd)
+    assert plain.measures == stressed_run.measures
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_stress_uses_the_base_random_numbers(stressed_run, cases, name):
+    """A stress measure equals a plain run of the stressed assumptions on the same seed."""
+    direct = simulate(
+        BOOK,
+        cases[name].assumptions,
+        scenarios=SCENARIOS,
+        seed=SEED,
+        backend="numpy",
+        alphas=(0.99,),
+        contributions=False,
+        sensitivities=False,
+    )
+    measures = next(s.measures for s in stressed_run.stress if s.name == name)
+    assert measures == direct.measures
+
+
+@pytest.mark.parametrize("name", ["liquidity-freeze", "rate-shock", "next-gen-glut"])
+def test_adverse_stresses_raise_expected_loss(stressed_run, name):
+    result = next(s for s in stressed_run.stress if s.name == name)
+    deltas = result.deltas(stressed_run.measures)
+    assert deltas["el"] > 0, (name, deltas)
+    assert deltas["es_0.99"] >= 0, (name, deltas)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_user_stress_with_no_overrides_reproduces_the_base(backend):
+    a = loads_assumptions('[[stress]]\nname = "unchanged"\ndescription = "nothing moves"\n')
+    case = stress_case(a, "unchanged")
+    assert case.description == "nothing moves"
+    assert all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(case.assumptions.params, a.params, strict=True)
+    )
+    result = simulate(
+        BOOK,
+        a,
+        scenarios=2048 if backend == "jax" else SCENARIOS,
+        seed=SEED,
+        backend=backend,
+        precision="float64",
+        chunk_size=1024,
+        alphas=(0.99, 0.999),
+        contributions=False,
+        sensitivities=False,
+        stress=(case,),
+    )
+    (stressed,) = result.stress
+    assert stressed.measures == result.measures
+    assert all(v == 0.0 for v in stressed.deltas(result.measures).values())
+    assert result.summary()["stress"]["unchanged"]["description"] == "nothing moves"
+
+
+def test_user_stress_wins_over_a_builtin_of_the_same_name():
+    a = loads_assumptions('[[stress]]\nname = "rate-shock"\n[stress.rate]\nlevel = 0.10\n')
+    s = stress_case(a, "rate-shock").assumptions
+    assert s.params.rate_level == 0.10
+    assert s.params.rate_mean == a.params.rate_mean
+    assert stress_names(a) == (*BUILTINS, "rate-shock")
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_unknown_stress_lists_the_known_ones():
+    a = loads_assumptions('[[stress]]\nname = "gpu-crash"\n[stress.model]\nhaircut_slope = 0.8\n')
+    with pytest.raises(AssumptionsError) as info:
+        stress_case(a, "meteor")
+    message = str(info.value)
+    assert "meteor" in message
+    for name in (*BUILTINS, "gpu-crash"):
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        "[stress.simulation]\nhorizon_years = 2\n",
+        "[stress.simulation]\nsteps_per_year = 12\n",
+        '[stress.simulation]\ncopula = "t"\n',
+    ],
+)
+def test_stress_that_changes_the_grid_is_refused(table):
+    a = loads_assumptions(f'[[stress]]\nname = "regrid"\n{table}')
+    with pytest.raises(AssumptionsError, match="regrid.*time grid"):
+        stress_case(a, "regrid")
+
+
+def test_invalid_stress_overrides_are_refused_when_loaded():
+    with pytest.raises(AssumptionsError, match="haircut_max"):
+        loads_assumptions('[[stress]]\nname = "bad"\n[stress.model]\nhaircut_max = 1.5\n')
