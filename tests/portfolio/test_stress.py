@@ -272,17 +272,29 @@ def test_unknown_stress_lists_the_known_ones():
         assert name in message
 
 
+NEW_GENERATION = "".join(
+    f"{key} = {value}\n"
+    for key, value in dict(
+        rent_usd_per_hour=6.0, rent_drift=-0.2, rent_vol=0.35, rent_mean_reversion=0.5,
+        price_usd=50000, depreciation=0.25, price_vol=0.3, power_kw_per_gpu=1.4,
+        haircut_base=0.15, market_depth_gpus_per_year=50000,
+    ).items()
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    "table",
+    ("table", "key"),
     [
-        "[stress.simulation]\nhorizon_years = 2\n",
-        "[stress.simulation]\nsteps_per_year = 12\n",
-        '[stress.simulation]\ncopula = "t"\n',
+        ("[stress.simulation]\nhorizon_years = 2\n", "horizon_years"),
+        ("[stress.simulation]\nsteps_per_year = 12\n", "steps_per_year"),
+        ('[stress.simulation]\ncopula = "t"\n', "copula"),
+        ("[stress.simulation]\nseed = 7\n", "seed"),  # simulate would ignore it silently
+        (f"[stress.generations.B300]\n{NEW_GENERATION}", "generations"),  # K slots change
     ],
 )
-def test_stress_that_changes_the_grid_is_refused(table):
+def test_stress_that_changes_the_random_numbers_is_refused(table, key):
     a = loads_assumptions(f'[[stress]]\nname = "regrid"\n{table}')
-    with pytest.raises(AssumptionsError, match="regrid.*time grid"):
+    with pytest.raises(AssumptionsError, match=f"regrid: must not change {key}"):
         stress_case(a, "regrid")
 
 

@@ -807,13 +807,14 @@ def stress_case(assumptions: Assumptions, name: str, repair_correlation: bool = 
     except KeyError as error:
         raise AssumptionsError([f"{source}: {error.args[0]}"]) from None
     stressed = with_overrides(assumptions, overrides, repair_correlation)
-    if (stressed.horizon_years, stressed.steps_per_year, stressed.copula, stressed.t_dof) != (
-        assumptions.horizon_years,
-        assumptions.steps_per_year,
-        assumptions.copula,
-        assumptions.t_dof,
-    ):
+    # The same random numbers need the same grid, factors (K slots per period) and seed.
+    fixed = ("horizon_years", "steps_per_year", "copula", "t_dof", "generations", "seed")
+    changed = [k for k in fixed if getattr(stressed, k) != getattr(assumptions, k)]
+    if changed:
         raise AssumptionsError(
-            [f"{source}: must not change the time grid or the copula (same random numbers)"]
+            [
+                f"{source}: must not change {', '.join(changed)}: a stress runs on the base "
+                "run's random numbers"
+            ]
         )
     return StressCase(name=name, description=description, assumptions=stressed)

@@ -665,7 +665,7 @@ class CupyBackend:
             from gpucredit.kernels import jax_engine
 
             self._blocks = jax_engine.prepare_loans(
-                self.loans, self.precision, min(self.block_size, self.n_loans)
+                self.loans, self.precision, self.block_size
             )
         return self._blocks
 

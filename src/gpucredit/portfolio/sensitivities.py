@@ -103,6 +103,8 @@ def compute_sensitivities(
         return total
 
     n_el = min(int(el_scenarios), len(losses_usd))
+    if n_el < 1:
+        raise ValueError(f"the EL sensitivity needs at least one scenario, got {el_scenarios}")
     el_indices = np.arange(n_el)
     d_el = accumulate(el_indices, np.full(n_el, 1.0 / n_el))
     d_es = {}
