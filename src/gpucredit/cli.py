@@ -370,5 +370,27 @@ def validate_model(quick, out, seed):
         sys.exit(1)
 
 
+@main.command("bench")
+@click.option("--quick", is_flag=True, help="Small sizes: about a minute on a CPU.")
+@click.option("--out", type=click.Path(file_okay=False), default="bench/results", show_default=True)
+@click.option("--name", default=None, help="Results file name (default: the device).")
+@friendly_errors
+def bench_command(quick, out, name):
+    """Benchmark throughput, scaling, memory and the roofline on this machine.
+
+    Checks every backend against the NumPy reference first, then times each case in its own
+    process and writes OUT/<device>.json and OUT/<device>.md.
+    """
+    from gpucredit.benchmark import run_benchmarks
+
+    try:
+        report = run_benchmarks(quick=quick, out_dir=out, name=name, echo=click.echo)
+    except RuntimeError as error:  # the correctness check failed: nothing was timed
+        raise RunFailure(str(error)) from None
+    failed = [r for r in report["cases"] if "error" in r and "skipped" not in r["error"]]
+    if failed:
+        raise RunFailure(f"{len(failed)} benchmark case(s) failed; see {out}")
+
+
 if __name__ == "__main__":
     main()
