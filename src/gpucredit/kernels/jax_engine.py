@@ -37,13 +37,14 @@ from __future__ import annotations
 
 import collections
 import functools
+import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.scipy.special import betainc, ndtr, ndtri
+from jax.scipy.special import betainc, ndtri
 
 from gpucredit.kernels.params import (
     BTC,
@@ -63,6 +64,20 @@ from gpucredit.kernels.rng import (
 )
 
 jax.config.update("jax_enable_x64", True)
+
+
+def _prefer_wide_cpu_vectors() -> None:
+    """Let XLA's CPU backend emit 512-bit vectors (AVX-512): ~25% faster period loop.
+
+    XLA reads XLA_FLAGS when its first backend starts, so this only acts if that has not
+    happened yet; a flag the user set is left alone. CPU-only, ignored by GPU backends.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_prefer_vector_width" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_prefer_vector_width=512").strip()
+
+
+_prefer_wide_cpu_vectors()
 
 __all__ = [
     "FactorPaths",
@@ -244,7 +259,6 @@ class _LoanTerms(NamedTuple):
     generation: jax.Array  # [NB, b] int32
     borrower: jax.Array  # [NB, b] int32
     volume_weights: jax.Array  # [NB, b, G] n a one-hot: Q_g(t) = Σ_i d_i(t) volume_weights[i, g]
-    generation_onehot: jax.Array  # [NB, G, b] 1.0 at each loan's generation: x_g = x @ that
     pledged_gpus: jax.Array  # [NB, b] n a
     recovery_gpus: jax.Array  # [NB, b] n a (1 − c)
     power_kwh_per_period: jax.Array  # [NB, b] n N_h w:  opex = that × E(t) + n N_h o
@@ -297,7 +311,6 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
         generation=blocks.generation,
         borrower=blocks.borrower,
         volume_weights=cast(volume * blocks.pledged_gpus[..., None]),
-        generation_onehot=cast(jnp.swapaxes(volume, 1, 2)),
         pledged_gpus=cast(blocks.pledged_gpus),
         recovery_gpus=cast(blocks.recovery_gpus),
         power_kwh_per_period=cast(n * hours * blocks.power_kw_per_gpu),
@@ -496,13 +509,51 @@ def _ln_coverage(numerator, denominator, floor, cap):
     return jnp.log(jnp.where(positive, ratio, cap))
 
 
-def _take(x, generation_onehot):
-    """x [S, G] at each loan's generation -> [S, b], as x @ one-hot [G, b].
+def _take(x, generation):
+    """x [S, G] at each loan's generation [b] -> [S, b], as a chain of G − 1 selects.
 
-    Exact (products with 1 and 0 of finite values) and, on CPU, ~3x faster than a gather;
-    HIGHEST precision keeps float32 off TF32/bf16 on GPUs.
+    Exact, and fused by XLA into the period loop's elementwise kernel: no [S, b] temporary
+    in memory, no gather and no K = G matmul (on CPU a gather of per-generation factors was
+    70% of the time, a one-hot matmul ~3x faster than that and the selects faster still).
     """
-    return jnp.matmul(x, generation_onehot, precision=lax.Precision.HIGHEST)
+    out = x[:, :1]
+    for g in range(1, x.shape[1]):
+        out = jnp.where(generation == g, x[:, g : g + 1], out)
+    return jnp.broadcast_to(out, (x.shape[0], generation.shape[-1]))
+
+
+# erfc(x) = t exp(−x² + P(t)), t = 1/(1 + |x|/2), x >= 0 (Numerical Recipes' erfcc,
+# Chebyshev fit): relative error < 1.2e-7 for every x >= 0, so float32-exact for the hazard.
+_ERFC_COEFFICIENTS = (
+    -1.26551223,
+    1.00002368,
+    0.37409196,
+    0.09678418,
+    -0.18628806,
+    0.27886807,
+    -1.13520398,
+    1.48851587,
+    -0.82215223,
+    0.17087277,
+)
+
+
+def _erfc(x):
+    """erfc(x): lax.erfc in float64; in float32 one exp, one divide and 9 FMAs.
+
+    XLA's float32 erfc evaluates both an erf and an erfc branch and selects, and on CPU
+    its pieces land in separate fusions that each recompute the argument; this form is one
+    expression that fuses into the period loop. erfc(−x) = 2 − erfc(x).
+    """
+    if x.dtype != jnp.float32:
+        return lax.erfc(x)
+    a = jnp.abs(x)
+    t = 1 / (1 + 0.5 * a)
+    poly = jnp.asarray(_ERFC_COEFFICIENTS[-1], x.dtype)
+    for c in _ERFC_COEFFICIENTS[-2::-1]:
+        poly = c + t * poly
+    y = t * jnp.exp(poly - a * a)
+    return jnp.where(x < 0, 2 - y, y)
 
 
 def _haircut(p: ModelParams, grid: ModelGrid, volume: jax.Array) -> jax.Array:
@@ -533,7 +584,6 @@ def _revalue_block(
     """
     dtype = terms.threshold.dtype
     gen = terms.generation
-    onehot = terms.generation_onehot
     n_scen = paths.credit.shape[1]
     block = gen.shape[0]
     floor, cap = p.coverage_floor, p.coverage_cap
@@ -557,12 +607,17 @@ def _revalue_block(
 
     sampled = grid.mode == "sampled"
     u = jnp.take(uniforms, terms.borrower, axis=1) if sampled else None  # [S, b]
+    # Per-loan constants of the hazard, hoisted out of the period loop [b]: with
+    # x = (β_L ln LC + β_C ln CC + refi + √ρ Z − base) · scale, h = Φ(z) = ½ erfc(x), where
+    # base = Φ⁻¹(p^Δ) + β_L ln LC(0) + β_C ln CC(0) and scale = 1/(√2 √(1 − ρ)).
+    base = terms.threshold + p.beta_liquidity * ln_lc0 + p.beta_collateral * ln_cc0
+    scale = terms.inv_sqrt_one_minus_rho * np.sqrt(0.5).astype(dtype)
 
     def step(carry, xs):
         cash, survival, defaulted, loss, defaulted_exposure = carry
         f, period = xs
-        rent_g = _take(f.rent, onehot)
-        ln_price_g = _take(f.ln_price, onehot)
+        rent_g = _take(f.rent, gen)
+        ln_price_g = _take(f.ln_price, gen)
         noi = (
             period.fixed_income_usd
             + period.rent_hours * rent_g
@@ -574,15 +629,20 @@ def _revalue_block(
         crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
         ln_lc = _ln_coverage(cash + crypto + noi, debt_service, floor, cap)
         ln_cc = jnp.clip(ln_price_g + period.ln_gpus_per_balance, ln_floor, ln_cap)
-        shift = p.beta_liquidity * (ln_lc - ln_lc0) + p.beta_collateral * (ln_cc - ln_cc0)
         ln_rf = jnp.clip(
             jnp.minimum(ln_ltv + ln_price_g + terms.ln_gpus_per_balloon, 0), ln_floor, ln_cap
         )
-        shift = shift + jnp.where(period.at_refinancing, p.beta_refinancing * (ln_rf - ln_rf0), 0)
-        z = (terms.threshold - shift - terms.sqrt_rho * f.credit[:, None]) * (
-            terms.inv_sqrt_one_minus_rho
-        )
-        hazard = jnp.where(period.active, ndtr(z), 0)
+        refinancing = jnp.where(period.at_refinancing, p.beta_refinancing * (ln_rf - ln_rf0), 0)
+        x = (
+            p.beta_liquidity * ln_lc
+            + p.beta_collateral * ln_cc
+            + refinancing
+            + terms.sqrt_rho * f.credit[:, None]
+            - base
+        ) * scale
+        # Φ(z) = ½ erfc(−z/√2): one erfc per loan-period (jax.scipy's ndtr evaluates both
+        # erf and erfc and selects); erfc keeps the small hazards' relative accuracy.
+        hazard = jnp.where(period.active, 0.5 * _erfc(x), 0)
         new_survival = survival * (1 - hazard)
         if sampled:
             crossed = (1 - new_survival) >= u  # 1 − S_i(t) >= U_b
@@ -594,8 +654,7 @@ def _revalue_block(
         if haircut is None:
             out = jnp.matmul(default, terms.volume_weights, precision=lax.Precision.HIGHEST)
             return (cash, new_survival, defaulted, loss, defaulted_exposure), out  # [S, G]
-        price_g = _take(f.price, onehot)
-        recovery = terms.recovery_gpus * price_g * (1 - _take(f.haircut, onehot)) + (
+        recovery = terms.recovery_gpus * _take(f.salvage_price, gen) + (
             terms.crypto_pledged * crypto
         )
         exposure = period.exposure_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
@@ -626,7 +685,11 @@ def _revalue_block(
         power=paths.power,
         rate=paths.rate,
         credit=paths.credit,
-        haircut=haircut if haircut is not None else jnp.zeros((grid.periods, 0, 0), dtype),
+        salvage_price=(
+            paths.price * (1 - haircut)
+            if haircut is not None
+            else jnp.zeros((grid.periods, 0, 0), dtype)
+        ),
         discount=discount if discount is not None else jnp.zeros((grid.periods, 0), dtype),
     )
     period_terms = _PeriodTerms(
@@ -665,7 +728,7 @@ class _StepFactors(NamedTuple):
     power: jax.Array
     rate: jax.Array
     credit: jax.Array
-    haircut: jax.Array  # [T, S, G] (pass 2) or [T, 0, 0]
+    salvage_price: jax.Array  # [T, S, G] P_g(t) (1 − H_g(t)) (pass 2) or [T, 0, 0]
     discount: jax.Array  # [T, S] or [T, 0]
 
 
