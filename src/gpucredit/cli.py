@@ -136,6 +136,12 @@ class Progress:
 @click.option("--no-contributions", is_flag=True)
 @click.option("--stress", "stresses", multiple=True, help="Stress scenario name (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option(
+    "--importance-sampling",
+    is_flag=True,
+    help="Shift the systematic shocks to the most likely scenario of the largest --alpha's VaR "
+    "(found on a pilot run) and weight each scenario by its likelihood ratio.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Run on a local Dask cluster of N processes."
@@ -158,6 +164,7 @@ def run(
     no_contributions,
     stresses,
     out,
+    importance_sampling,
     resume,
     workers,
     scheduler,
@@ -189,11 +196,27 @@ def run(
         precision,
         resume,
         chunk_size=chunk_size or default_chunk_size(backend),
+        importance_sampling=importance_sampling,
     )
+    normal_shift = None
+    if importance_sampling:
+        from gpucredit.portfolio.reverse_stress import ReverseStressError, importance_shift
+
+        level = max(alphas) if alphas else 0.999
+        if not quiet:
+            click.echo(f"importance sampling: design point of VaR {level:g} (pilot run)", err=True)
+        try:
+            normal_shift, point = importance_shift(
+                loans, assumptions, seed_, level, min(scenarios_, 20_000), backend, precision
+            )
+        except ReverseStressError as error:
+            raise RunFailure(f"importance sampling: {error}") from None
+        if not quiet:
+            click.echo(f"importance sampling: shift |z*| = {point.distance:.3f}", err=True)
     with Progress(quiet) as progress:
         progress.note(
             f"gpucredit {__version__}: {len(loans):,} loans, {scenarios_:,} scenarios, "
-            f"{mode_} mode, seed {seed_}"
+            f"{mode_} mode, seed {seed_}" + (", importance sampling" if importance_sampling else "")
         )
         result = simulate(
             loans,
@@ -210,6 +233,7 @@ def run(
             stress=cases,
             progress=progress,
             checkpoint=checkpoint,
+            normal_shift=normal_shift,
             workers=workers,
             scheduler=scheduler,
         )

@@ -286,15 +286,17 @@ def test_ties_at_var_with_no_mass_above():
 
 
 def test_ties_with_importance_weights():
-    """Unequal weights: the remaining mass is split over the ties in proportion to them."""
+    """Unequal weights (likelihood ratios, p = w / S): the remaining mass is split over the
+    ties in proportion to them."""
     per_loan = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
-    weights = np.array([0.4, 0.3, 0.1, 0.1, 0.1])
+    weights = np.array([2.0, 1.5, 0.5, 0.5, 0.5])  # p = 0.4, 0.3, 0.1, 0.1, 0.1
     losses = per_loan.sum(axis=1)  # 1, 1, 2, 2, 2: three ties at the top
     loan_losses_at, _ = _constructed(per_loan)
     out = tail_loan_contributions(loan_losses_at, losses, weights, (0.8,), 2)
     # P(L = 2) = 0.3 >= 0.2: all the tail mass on the ties, 1/3 each (equal weights among them).
     np.testing.assert_allclose(out["0.8"], [2.0 / 3 + 1.0 / 3, 2.0 / 3 + 1.0 / 3], rtol=1e-12)
-    np.testing.assert_allclose(out["0.8"].sum(), var_es(losses, weights, 0.8)[1], rtol=1e-12)
+    es = var_es(losses, weights, 0.8, likelihood_ratios=True)[1]
+    np.testing.assert_allclose(out["0.8"].sum(), es, rtol=1e-12)
 
 
 def test_sampled_mode_with_var_at_zero():

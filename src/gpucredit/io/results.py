@@ -153,6 +153,7 @@ class Checkpoint:
         precision: str,
         resume: bool,
         chunk_size: int,
+        importance_sampling: bool = False,
     ):
         self.directory = out_dir / CHECKPOINT_DIR
         self.chunk_size = chunk_size
@@ -164,6 +165,7 @@ class Checkpoint:
             "mode": mode,
             "backend": backend,
             "precision": precision,
+            "importance_sampling": importance_sampling,
         }
         identity_path = self.directory / "run.json"
         if resume:
@@ -199,6 +201,7 @@ class Checkpoint:
                     loan_loss_sum_usd=chunk.loan_loss_sum_usd,
                     loan_default_probability_sum=chunk.loan_default_probability_sum,
                     loan_defaulted_exposure_sum_usd=chunk.loan_defaulted_exposure_sum_usd,
+                    **({} if chunk.log_weights is None else {"log_weights": chunk.log_weights}),
                 )
 
         write_atomically(self._path(first), write)

@@ -664,9 +664,7 @@ class CupyBackend:
         if self._blocks is None:
             from gpucredit.kernels import jax_engine
 
-            self._blocks = jax_engine.prepare_loans(
-                self.loans, self.precision, self.block_size
-            )
+            self._blocks = jax_engine.prepare_loans(self.loans, self.precision, self.block_size)
         return self._blocks
 
     def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:

@@ -85,6 +85,7 @@ __all__ = [
     "TRACE_COUNTS",
     "chunk_losses",
     "chunk_outcomes",
+    "importance_log_weights",
     "correlated_shocks_jax",
     "factor_paths_jax",
     "loan_losses_at",
@@ -743,11 +744,30 @@ class _PeriodTerms(NamedTuple):
     at_refinancing: jax.Array
 
 
-def _simulate(params, grid: ModelGrid, blocks: LoanBlocks, normals, uniforms, output: str):
+def _shifted(normals, normal_shift, grid: ModelGrid):
+    """Importance sampling: the systematic normals z [S, T, :K] move to z + μ (μ [T, K]);
+    the χ² slots do not (kernels.reference.shift_normals)."""
+    if normal_shift is None:
+        return normals
+    k = grid.n_factors
+    mu = jnp.asarray(normal_shift).astype(normals.dtype)
+    return normals.at[..., :k].add(mu[None])
+
+
+def _simulate(
+    params,
+    grid: ModelGrid,
+    blocks: LoanBlocks,
+    normals,
+    uniforms,
+    output: str,
+    scenario_weights=None,
+):
     """From the chunk's random numbers, by `output`:
     "total": loss per scenario [S]; "per_loan": loss per scenario and loan [S, NB b];
     "outcomes": (loss [S], and summed over the scenarios, per loan [NB b]: loss, default
-    probability, defaulted exposure)."""
+    probability, defaulted exposure), each scenario weighted by `scenario_weights` [S]
+    (importance sampling's likelihood ratios) when given."""
     dtype = blocks.dtype
     p = _cast_params(params, dtype)
     terms = _loan_terms(blocks, grid, dtype)
@@ -774,7 +794,9 @@ def _simulate(params, grid: ModelGrid, blocks: LoanBlocks, normals, uniforms, ou
         if output == "per_loan":
             return total, outcome.loss  # [S, b]
         if output == "outcomes":
-            return total, tuple(jnp.sum(x, axis=0) for x in outcome)  # 3 × [b]
+            if scenario_weights is None:
+                return total, tuple(jnp.sum(x, axis=0) for x in outcome)  # 3 × [b]
+            return total, tuple(scenario_weights @ x for x in outcome)
         return total, None
 
     total, per_block = lax.scan(loss_block, jnp.zeros((n_scen,), dtype), terms)
@@ -831,23 +853,38 @@ def _statics(grid: ModelGrid, blocks: LoanBlocks) -> tuple[LoanBlocks, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "count", "n_uniforms", "output"))
-def _chunk_losses_jit(params, grid, blocks, seed, first_scenario, count, n_uniforms, output):
+def _chunk_losses_jit(
+    params,
+    grid,
+    blocks,
+    seed,
+    first_scenario,
+    count,
+    n_uniforms,
+    output,
+    normal_shift=None,
+    scenario_weights=None,
+):
     TRACE_COUNTS["chunk_losses"] += 1
     dtype = blocks.dtype
     normals = shock_normals_jax(
         seed, first_scenario, count, grid.periods, grid.slots_per_period, dtype
     )
+    normals = _shifted(normals, normal_shift, grid)
     uniforms = None
     if grid.mode == "sampled":
         uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
-    return _simulate(params, grid, blocks, normals, uniforms, output)
+    if scenario_weights is not None:
+        scenario_weights = scenario_weights.astype(dtype)
+    return _simulate(params, grid, blocks, normals, uniforms, output, scenario_weights)
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "output", "n_uniforms"))
-def _losses_at_jit(params, grid, blocks, seed, scenarios, output, n_uniforms):
+def _losses_at_jit(params, grid, blocks, seed, scenarios, output, n_uniforms, normal_shift=None):
     TRACE_COUNTS["loan_losses_at" if output == "per_loan" else "losses_at"] += 1
     dtype = blocks.dtype
     normals = shock_normals_jax_at(seed, scenarios, grid.periods, grid.slots_per_period, dtype)
+    normals = _shifted(normals, normal_shift, grid)
     uniforms = None
     if grid.mode == "sampled":
         uniforms = default_uniforms_jax_at(seed, scenarios, n_uniforms, dtype)
@@ -855,11 +892,14 @@ def _losses_at_jit(params, grid, blocks, seed, scenarios, output, n_uniforms):
 
 
 @functools.partial(jax.jit, static_argnames=("grid",))
-def _weighted_loss_gradient_jit(params, grid, blocks, seed, scenarios, coefficients):
+def _weighted_loss_gradient_jit(
+    params, grid, blocks, seed, scenarios, coefficients, normal_shift=None
+):
     TRACE_COUNTS["weighted_loss_gradient"] += 1
     normals = shock_normals_jax_at(
         seed, scenarios, grid.periods, grid.slots_per_period, blocks.dtype
     )
+    normals = _shifted(normals, normal_shift, grid)
 
     def objective(theta):
         losses = _simulate(theta, grid, blocks, normals, None, "total")
@@ -869,7 +909,13 @@ def _weighted_loss_gradient_jit(params, grid, blocks, seed, scenarios, coefficie
 
 
 def chunk_losses(
-    params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, first_scenario, count: int
+    params: ModelParams,
+    grid: ModelGrid,
+    blocks: LoanBlocks,
+    seed,
+    first_scenario,
+    count: int,
+    normal_shift=None,
 ) -> jax.Array:
     """Portfolio loss L(ω) (MODEL.md §6) for scenarios first_scenario .. first_scenario+count−1.
 
@@ -880,6 +926,7 @@ def chunk_losses(
       seed: int in [0, 2^32) or a uint32 scalar (traced: a new seed does not retrace).
       first_scenario: int or uint32 scalar (traced: a new chunk does not retrace).
       count: S, the chunk size (static).
+      normal_shift: [T, K] or None: importance sampling's shift of the systematic normals.
     Returns:
       [count] losses in blocks.dtype, USD.
     """
@@ -893,16 +940,25 @@ def chunk_losses(
         int(count),
         n_uniforms,
         "total",
+        _shift_arg(normal_shift),
     )
 
 
 def chunk_outcomes(
-    params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, first_scenario, count: int
+    params: ModelParams,
+    grid: ModelGrid,
+    blocks: LoanBlocks,
+    seed,
+    first_scenario,
+    count: int,
+    normal_shift=None,
+    scenario_weights=None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """What pass 1 of a run keeps of a chunk: the portfolio loss per scenario [count] and,
     summed over the chunk's scenarios, per loan [N]: the loss, the horizon default
     probability 1 − S_i(T) (sampled mode: default indicators) and the defaulted exposure
-    Σ_t DF d_i(t) EAD_i(t). Arguments as `chunk_losses`."""
+    Σ_t DF d_i(t) EAD_i(t); each scenario weighted by `scenario_weights` [count] when given
+    (importance sampling, with `normal_shift`). Other arguments as `chunk_losses`."""
     stripped, n_uniforms = _statics(grid, blocks)
     losses, loss_sum, pd_sum, ead_sum = _chunk_losses_jit(
         _params_arg(params),
@@ -913,12 +969,21 @@ def chunk_outcomes(
         int(count),
         n_uniforms,
         "outcomes",
+        _shift_arg(normal_shift),
+        None if scenario_weights is None else jnp.asarray(scenario_weights),
     )
     n = blocks.n_loans
     return losses, loss_sum[:n], pd_sum[:n], ead_sum[:n]
 
 
-def losses_at(params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, scenario_indices):
+def losses_at(
+    params: ModelParams,
+    grid: ModelGrid,
+    blocks: LoanBlocks,
+    seed,
+    scenario_indices,
+    normal_shift=None,
+):
     """Portfolio loss [S] for an explicit array of scenario indices [S] (e.g. the tail set)."""
     stripped, n_uniforms = _statics(grid, blocks)
     return _losses_at_jit(
@@ -929,11 +994,17 @@ def losses_at(params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, sc
         _indices_arg(scenario_indices),
         "total",
         n_uniforms,
+        _shift_arg(normal_shift),
     )
 
 
 def loan_losses_at(
-    params: ModelParams, grid: ModelGrid, blocks: LoanBlocks, seed, scenario_indices
+    params: ModelParams,
+    grid: ModelGrid,
+    blocks: LoanBlocks,
+    seed,
+    scenario_indices,
+    normal_shift=None,
 ) -> jax.Array:
     """Loss per scenario and loan [S, N] (padding removed), for Euler contributions.
 
@@ -948,6 +1019,7 @@ def loan_losses_at(
         _indices_arg(scenario_indices),
         "per_loan",
         n_uniforms,
+        _shift_arg(normal_shift),
     )
     return losses[:, : blocks.n_loans]
 
@@ -959,6 +1031,7 @@ def weighted_loss_gradient(
     seed,
     scenario_indices,
     coefficients,
+    normal_shift=None,
 ) -> tuple[jax.Array, ModelParams]:
     """Σ_j c_j L(ω_j) and its gradient w.r.t. every ModelParams leaf (reverse-mode AD).
 
@@ -984,6 +1057,33 @@ def weighted_loss_gradient(
         _u32(seed, "seed"),
         _indices_arg(scenario_indices),
         jnp.asarray(coefficients, dtype=jnp.float64),
+        _shift_arg(normal_shift),
+    )
+
+
+def _shift_arg(normal_shift):
+    return None if normal_shift is None else jnp.asarray(normal_shift, dtype=jnp.float64)
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "count"))
+def _log_weights_jit(grid, seed, first_scenario, count, normal_shift):
+    normals = shock_normals_jax(
+        seed, first_scenario, count, grid.periods, grid.slots_per_period, jnp.float64
+    )
+    z = normals[..., : grid.n_factors]
+    return -jnp.einsum("stk,tk->s", z, normal_shift) - 0.5 * jnp.sum(normal_shift**2)
+
+
+def importance_log_weights(grid: ModelGrid, seed, first_scenario, count: int, normal_shift):
+    """ln w(ω) [count] of scenarios first_scenario.. under the shift μ = normal_shift [T, K]:
+    w = φ(z + μ)/φ(z) = exp(−μ·z − |μ|²/2), z the unshifted Threefry normals (float64; the
+    same numbers as kernels.reference.shift_normals)."""
+    return _log_weights_jit(
+        grid,
+        _u32(seed, "seed"),
+        _u32(first_scenario, "first_scenario"),
+        int(count),
+        _shift_arg(normal_shift),
     )
 
 

@@ -60,6 +60,12 @@ class Contributions:
         return out
 
 
+def contribution_of_chunk(loan_losses_at, indices: np.ndarray, rows: dict) -> dict:
+    """{α key: Σ_j row_j L_i(ω_j)} [N] over one chunk of the tail union (one pass-2 task)."""
+    per_loan = loan_losses_at(indices)  # [chunk, N]
+    return {key: row @ per_loan for key, row in rows.items()}
+
+
 def tail_loan_contributions(
     loan_losses_at,
     losses_usd: np.ndarray,
@@ -67,21 +73,39 @@ def tail_loan_contributions(
     alphas: Sequence[float],
     n_loans: int,
     chunk_size: int = 1024,
+    run_tasks=None,
 ) -> dict[str, np.ndarray]:
-    """ES_{α,i} [N] for each α, from `loan_losses_at(indices) -> [S, N]` over the tail union."""
-    tails = {alpha_key(a): tail_coefficients(losses_usd, weights, a) for a in alphas}
+    """ES_{α,i} [N] for each α, from `loan_losses_at(indices) -> [S, N]` over the tail union.
+
+    The union of the tails is cut into chunks of `chunk_size` indices, one task each:
+    `run_tasks(items) -> results` runs `contribution_of_chunk` on every (indices, rows) item
+    in order (by default here, with `loan_losses_at`; on Dask, on the workers). The results
+    are added in chunk order, so every runner gives the same numbers.
+    """
+    # Weights are importance sampling's likelihood ratios (p = w / S), as in the run's measures.
+    ratios = weights is not None
+    tails = {alpha_key(a): tail_coefficients(losses_usd, weights, a, ratios) for a in alphas}
     union = np.unique(np.concatenate([idx for idx, _ in tails.values()]))
     coefficient_rows = {}
     for key, (idx, coef) in tails.items():
         row = np.zeros(len(union))
         row[np.searchsorted(union, idx)] = coef
         coefficient_rows[key] = row
+    items = [
+        (
+            union[start : start + chunk_size].astype(np.uint32),
+            {key: row[start : start + chunk_size] for key, row in coefficient_rows.items()},
+        )
+        for start in range(0, len(union), chunk_size)
+    ]
+    if run_tasks is None:
+        results = [contribution_of_chunk(loan_losses_at, *item) for item in items]
+    else:
+        results = run_tasks(items)
     contributions = {key: np.zeros(n_loans) for key in tails}
-    for start in range(0, len(union), chunk_size):
-        part = slice(start, start + chunk_size)
-        per_loan = loan_losses_at(union[part].astype(np.uint32))  # [chunk, N]
-        for key, row in coefficient_rows.items():
-            contributions[key] += row[part] @ per_loan
+    for partial in results:
+        for key in contributions:
+            contributions[key] += partial[key]
     return contributions
 
 

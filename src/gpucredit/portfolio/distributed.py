@@ -44,15 +44,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
+from gpucredit.kernels.params import ModelParams
+from gpucredit.portfolio.contributions import contribution_of_chunk, tail_loan_contributions
 from gpucredit.portfolio.engine import (
+    BackendSpec,
     ChunkOutput,
     EngineError,
     Pass1,
+    Pass1Accumulator,
     ProgressCallback,
-    make_backend,
 )
 from gpucredit.portfolio.risk import alpha_key, tail_coefficients, var_es
+from gpucredit.portfolio.sensitivities import compute_sensitivities
 
 __all__ = [
     "BackendSpec",
@@ -72,36 +75,12 @@ CONNECT_TIMEOUT = "5s"
 WORKER_WAIT_SECONDS = 60.0
 """How long `DaskRunner` waits for the first worker of an existing cluster."""
 
-CONTRIBUTION_CHUNK = 1024  # = contributions.tail_loan_contributions' default chunk_size
-GRADIENT_CHUNK = 256  # = sensitivities.compute_sensitivities' default chunk_size
-
 
 class SchedulerUnreachable(EngineError):
     """The Dask scheduler at the given address did not answer (exit status 2 in the CLI)."""
 
 
 # --------------------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """Everything a worker needs to build a backend: what `engine.make_backend` takes."""
-
-    backend: str
-    precision: str
-    params: ModelParams
-    grid: ModelGrid
-    loans: LoanArrays
-    seed: int
-
-    def build(self):
-        if self.backend == "jax-gradient":  # the conditional-mode JAX backend of pass 2
-            from gpucredit.portfolio.engine import JaxBackend
-
-            return JaxBackend(self.params, self.grid, self.loans, self.seed, self.precision)
-        return make_backend(
-            self.backend, self.precision, self.params, self.grid, self.loans, self.seed
-        )
 
 
 def _plugin_class():
@@ -164,8 +143,7 @@ def _pass1_block(name: str, first: int, count: int, chunk_size: int) -> BlockOut
 
 def _contribution_chunk(name: str, indices: np.ndarray, rows: dict[str, np.ndarray]):
     """{α key: Σ_j row_j L_i(ω_j)} [N] over one chunk of the tail union."""
-    per_loan = _worker_backend(name).loan_losses_at(indices)  # [chunk, N]
-    return {key: row @ per_loan for key, row in rows.items()}
+    return contribution_of_chunk(_worker_backend(name).loan_losses_at, indices, rows)
 
 
 def _gradient_chunk(name: str, indices: np.ndarray, coefficients: np.ndarray) -> ModelParams:
@@ -253,44 +231,6 @@ def plan_blocks(
     per_block = max(1, min(max_chunks_per_block, math.ceil(n_chunks / (4 * max(workers, 1)))))
     step = per_block * chunk_size
     return [(first, min(step, scenarios - first)) for first in range(0, scenarios, step)]
-
-
-class _OrderedFold:
-    """`run_pass1`'s accumulation, fed chunk outputs in any order, folded in index order."""
-
-    def __init__(self, scenarios: int, chunk_size: int, n_loans: int):
-        self.scenarios, self.chunk_size = scenarios, chunk_size
-        self.losses = np.empty(scenarios)
-        self.loss_sum = np.zeros(n_loans)
-        self.pd_sum = np.zeros(n_loans)
-        self.ead_sum = np.zeros(n_loans)
-        self.next_first = 0
-        self.pending: dict[int, ChunkOutput] = {}
-
-    def add(self, first: int, chunk: ChunkOutput) -> None:
-        self.pending[first] = chunk
-        while self.next_first in self.pending:
-            first = self.next_first
-            chunk = self.pending.pop(first)
-            count = len(chunk.losses_usd)
-            self.losses[first : first + count] = chunk.losses_usd
-            self.loss_sum += chunk.loan_loss_sum_usd
-            self.pd_sum += chunk.loan_default_probability_sum
-            self.ead_sum += chunk.loan_defaulted_exposure_sum_usd
-            self.next_first = first + count
-
-    def result(self, elapsed_seconds: float) -> Pass1:
-        if self.next_first != self.scenarios:  # pragma: no cover - a bug, not a user error
-            raise RuntimeError(f"pass 1 folded {self.next_first} of {self.scenarios} scenarios")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_lgd = np.where(self.ead_sum > 0, self.loss_sum / self.ead_sum, np.nan)
-        return Pass1(
-            losses_usd=self.losses,
-            loan_expected_loss_usd=self.loss_sum / self.scenarios,
-            loan_horizon_pd=self.pd_sum / self.scenarios,
-            loan_mean_lgd=mean_lgd,
-            elapsed_seconds=elapsed_seconds,
-        )
 
 
 # --------------------------------------------------------------------------- exact tails
@@ -502,7 +442,7 @@ class DaskRunner:
 
         start = time.perf_counter()
         done = done or {}
-        fold = _OrderedFold(scenarios, chunk_size, n_loans)
+        fold = Pass1Accumulator(scenarios, n_loans)
         completed = 0
         todo = []
         for first, count in plan_blocks(scenarios, chunk_size, self.n_workers()):
@@ -543,6 +483,22 @@ class DaskRunner:
 
     # -- pass 2
 
+    def _run_tasks(self, spec: BackendSpec, task):
+        """A `run_tasks(items)` for the pass-2 functions: one Dask task per item, on the
+        backend `spec` installed on every worker, results in item order."""
+
+        def run(items: list) -> list:
+            name = self._install(spec)
+            try:
+                futures = [self._submit(task, name, *item) for item in items]
+                results: list = [None] * len(futures)
+                self._gather_in_order(futures, results.__setitem__)
+            finally:
+                self._uninstall(name)
+            return results
+
+        return run
+
     def tail_loan_contributions(
         self,
         spec: BackendSpec,
@@ -550,90 +506,25 @@ class DaskRunner:
         weights: np.ndarray | None,
         alphas: Sequence[float],
         n_loans: int,
-        chunk_size: int = CONTRIBUTION_CHUNK,
     ) -> dict[str, np.ndarray]:
         """`contributions.tail_loan_contributions` on the cluster (same chunks, same order)."""
-        tails = {alpha_key(a): tail_coefficients(losses_usd, weights, a) for a in alphas}
-        union = np.unique(np.concatenate([idx for idx, _ in tails.values()]))
-        rows = {}
-        for key, (idx, coef) in tails.items():
-            row = np.zeros(len(union))
-            row[np.searchsorted(union, idx)] = coef
-            rows[key] = row
-        parts = [slice(s, s + chunk_size) for s in range(0, len(union), chunk_size)]
-        name = self._install(spec)
-        try:
-            futures = [
-                self._submit(
-                    _contribution_chunk,
-                    name,
-                    union[part].astype(np.uint32),
-                    {key: row[part] for key, row in rows.items()},
-                )
-                for part in parts
-            ]
-            results: list = [None] * len(futures)
-            self._gather_in_order(futures, results.__setitem__)
-        finally:
-            self._uninstall(name)
-        contributions = {key: np.zeros(n_loans) for key in tails}
-        for partial in results:  # chunk order: the single-process summation order
-            for key in contributions:
-                contributions[key] += partial[key]
-        return contributions
+        run = self._run_tasks(spec, _contribution_chunk)
+        return tail_loan_contributions(None, losses_usd, weights, alphas, n_loans, run_tasks=run)
 
     def compute_sensitivities(
         self,
         spec: BackendSpec,
         assumptions,
         losses_usd: np.ndarray,
+        weights: np.ndarray | None,
         alphas: Sequence[float],
         el_scenarios: int,
-        chunk_size: int = GRADIENT_CHUNK,
     ):
-        """`sensitivities.compute_sensitivities` on the cluster (same chunks, same order).
-
-        `spec` is the conditional-mode JAX backend (``BackendSpec("jax-gradient", ...)``).
-        """
-        from gpucredit.portfolio.assumptions import parameter_paths, parameter_value
-        from gpucredit.portfolio.sensitivities import Sensitivities, gradient_by_path
-
-        def padded(indices: np.ndarray, coefficients: np.ndarray):
-            pad = -len(indices) % chunk_size
-            indices = np.concatenate([indices, np.zeros(pad, dtype=indices.dtype)])
-            coefficients = np.concatenate([coefficients, np.zeros(pad)])
-            return [
-                (indices[s : s + chunk_size].astype(np.uint32), coefficients[s : s + chunk_size])
-                for s in range(0, len(indices), chunk_size)
-            ]
-
-        n_el = min(int(el_scenarios), len(losses_usd))
-        jobs = {"el": padded(np.arange(n_el), np.full(n_el, 1.0 / n_el))}
-        for alpha in alphas:
-            idx, coef = tail_coefficients(losses_usd, None, alpha)
-            jobs[alpha_key(alpha)] = padded(idx, coef)
-        name = self._install(spec)
-        try:
-            futures, owners = [], []
-            for key, chunks in jobs.items():
-                for indices, coefficients in chunks:
-                    futures.append(self._submit(_gradient_chunk, name, indices, coefficients))
-                    owners.append(key)
-            results: list = [None] * len(futures)
-            self._gather_in_order(futures, results.__setitem__)
-        finally:
-            self._uninstall(name)
-        totals: dict[str, np.ndarray | None] = dict.fromkeys(jobs)
-        for key, grads in zip(owners, results, strict=True):  # chunk order per key
-            _, flat = gradient_by_path(assumptions, grads)
-            totals[key] = flat if totals[key] is None else totals[key] + flat
-        paths = parameter_paths(assumptions)
-        return Sensitivities(
-            parameter=tuple(p for p, _, _ in paths),
-            value=np.array([parameter_value(assumptions.params, f, i) for _, f, i in paths]),
-            d_expected_loss=totals.pop("el"),
-            d_expected_shortfall=totals,
-            el_scenarios=n_el,
+        """`sensitivities.compute_sensitivities` on the cluster (same chunks, same order);
+        `spec` is the gradient backend (``BackendSpec(..., gradient=True)``)."""
+        run = self._run_tasks(spec, _gradient_chunk)
+        return compute_sensitivities(
+            None, assumptions, losses_usd, alphas, el_scenarios, weights=weights, run_tasks=run
         )
 
 

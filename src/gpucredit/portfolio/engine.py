@@ -46,6 +46,9 @@ class ChunkOutput:
     loan_loss_sum_usd: np.ndarray  # [N] Σ over the chunk's scenarios of L_i
     loan_default_probability_sum: np.ndarray  # [N] Σ of 1 − S_i(T) (or default indicators)
     loan_defaulted_exposure_sum_usd: np.ndarray  # [N] Σ of Σ_t DF d_i EAD_i
+    # Importance sampling: [S] ln w(ω), and the per-loan sums above are Σ w(ω) x(ω). None
+    # without it (w = 1).
+    log_weights: np.ndarray | None = None
 
 
 class NumpyBackend:
@@ -56,22 +59,37 @@ class NumpyBackend:
     device = "cpu (numpy reference)"
     default_chunk_size = 256
 
-    def __init__(self, params: ModelParams, grid: ModelGrid, loans: LoanArrays, seed: int):
+    def __init__(
+        self,
+        params: ModelParams,
+        grid: ModelGrid,
+        loans: LoanArrays,
+        seed: int,
+        normal_shift: np.ndarray | None = None,
+    ):
         self.params, self.grid, self.loans, self.seed = params, grid, loans, seed
+        self.normal_shift = normal_shift
 
     def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
         scenarios = np.arange(first_scenario, first_scenario + count, dtype=np.uint32)
-        out = reference.simulate_outcomes(self.params, self.grid, self.loans, self.seed, scenarios)
+        out = reference.simulate_outcomes(
+            self.params, self.grid, self.loans, self.seed, scenarios, self.normal_shift
+        )
+        shifted = self.normal_shift is not None
+        w = np.exp(out.log_likelihood_ratio) if shifted else np.ones(count)
         return ChunkOutput(
             losses_usd=out.loss_usd.sum(axis=1),
-            loan_loss_sum_usd=out.loss_usd.sum(axis=0),
-            loan_default_probability_sum=out.default_probability.sum(axis=0),
-            loan_defaulted_exposure_sum_usd=out.defaulted_exposure_usd.sum(axis=0),
+            loan_loss_sum_usd=w @ out.loss_usd,
+            loan_default_probability_sum=w @ out.default_probability,
+            loan_defaulted_exposure_sum_usd=w @ out.defaulted_exposure_usd,
+            log_weights=out.log_likelihood_ratio if shifted else None,
         )
 
     def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
         """[S, N] loss per loan at the given scenario indices."""
-        return reference.simulate_chunk(self.params, self.grid, self.loans, self.seed, scenarios)
+        return reference.simulate_chunk(
+            self.params, self.grid, self.loans, self.seed, scenarios, self.normal_shift
+        )
 
 
 class JaxBackend:
@@ -88,6 +106,7 @@ class JaxBackend:
         seed: int,
         precision: str,
         block_size: int = 512,
+        normal_shift: np.ndarray | None = None,
     ):
         import jax
 
@@ -95,6 +114,7 @@ class JaxBackend:
 
         self._engine = jax_engine
         self.params, self.grid, self.seed, self.precision = params, grid, seed, precision
+        self.normal_shift = normal_shift
         self.n_loans = len(loans.gpu_count)
         # prepare_loans itself shrinks the block of a small book to the next power of two
         # >= N, so books that pad to the same shape share one compilation; passing
@@ -103,15 +123,34 @@ class JaxBackend:
         self.device = device_name(jax.devices()[0])
 
     def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
+        log_weights = None
+        if self.normal_shift is not None:
+            log_weights = np.asarray(
+                self._engine.importance_log_weights(
+                    self.grid, self.seed, first_scenario, count, self.normal_shift
+                )
+            )
         out = self._engine.chunk_outcomes(
-            self.params, self.grid, self.blocks, self.seed, first_scenario, count
+            self.params,
+            self.grid,
+            self.blocks,
+            self.seed,
+            first_scenario,
+            count,
+            normal_shift=self.normal_shift,
+            scenario_weights=None if log_weights is None else np.exp(log_weights),
         )
         losses, loss_sum, pd_sum, ead_sum = (np.asarray(x, dtype=np.float64) for x in out)
-        return ChunkOutput(losses, loss_sum, pd_sum, ead_sum)
+        return ChunkOutput(losses, loss_sum, pd_sum, ead_sum, log_weights)
 
     def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
         out = self._engine.loan_losses_at(
-            self.params, self.grid, self.blocks, self.seed, np.asarray(scenarios, np.uint32)
+            self.params,
+            self.grid,
+            self.blocks,
+            self.seed,
+            np.asarray(scenarios, np.uint32),
+            normal_shift=self.normal_shift,
         )
         return np.asarray(out, dtype=np.float64)
 
@@ -124,6 +163,7 @@ class JaxBackend:
             self.seed,
             np.asarray(scenarios, np.uint32),
             np.asarray(coefficients),
+            normal_shift=self.normal_shift,
         )
         return grads
 
@@ -137,27 +177,81 @@ def device_name(device) -> str:
 
 
 def choose_backend(name: str) -> str:
-    """`auto`: JAX everywhere for now (CuPy joins when its kernel lands)."""
+    """`auto` is JAX (CPU or GPU). The CuPy kernel is chosen only by name until it has been
+    measured faster than JAX on a GPU (bench/gpu_check.sh)."""
     if name not in BACKENDS:
         raise EngineError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "cupy":
-        raise EngineError("the cupy backend is not available in this build; use jax or numpy")
+        from gpucredit.kernels import cupy_engine
+
+        if not cupy_engine.available():
+            raise EngineError(
+                "the cupy backend needs CuPy and an NVIDIA GPU (pip install 'gpucredit[gpu]')"
+            )
     return "jax" if name == "auto" else name
 
 
 def make_backend(
-    name: str, precision: str, params: ModelParams, grid: ModelGrid, loans: LoanArrays, seed: int
+    name: str,
+    precision: str,
+    params: ModelParams,
+    grid: ModelGrid,
+    loans: LoanArrays,
+    seed: int,
+    normal_shift: np.ndarray | None = None,
 ):
+    """The backend `name` for a run; `normal_shift` [T, K] turns on importance sampling."""
     name = choose_backend(name)
     if precision not in PRECISIONS:
         raise EngineError(f"unknown precision {precision!r}; choose float32 or float64")
     if name == "numpy":
-        return NumpyBackend(params, grid, loans, seed)
-    if len(_local_gpus()) > 1:  # several GPUs on one host: shard each chunk over them
-        from gpucredit.portfolio.distributed import ShardedJaxBackend
+        return NumpyBackend(params, grid, loans, seed, normal_shift)
+    if name == "cupy" or len(_local_gpus()) > 1:
+        if normal_shift is not None:
+            raise EngineError("importance sampling runs on the jax and numpy backends only")
+        if name == "cupy":
+            from gpucredit.kernels.cupy_engine import CupyBackend
+
+            return CupyBackend(params, grid, loans, seed, precision)
+        from gpucredit.portfolio.distributed import ShardedJaxBackend  # several GPUs, one host
 
         return ShardedJaxBackend(params, grid, loans, seed, precision)
-    return JaxBackend(params, grid, loans, seed, precision)
+    return JaxBackend(params, grid, loans, seed, precision, normal_shift=normal_shift)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything that builds a backend (what a Dask worker receives once). `gradient`: the
+    conditional-mode JAX backend of the sensitivities pass."""
+
+    backend: str
+    precision: str
+    params: ModelParams
+    grid: ModelGrid
+    loans: LoanArrays
+    seed: int
+    normal_shift: np.ndarray | None = None
+    gradient: bool = False
+
+    def build(self):
+        if self.gradient:
+            return JaxBackend(
+                self.params,
+                self.grid._replace(mode="conditional"),
+                self.loans,
+                self.seed,
+                self.precision,
+                normal_shift=self.normal_shift,
+            )
+        return make_backend(
+            self.backend,
+            self.precision,
+            self.params,
+            self.grid,
+            self.loans,
+            self.seed,
+            self.normal_shift,
+        )
 
 
 def _local_gpus() -> list:
@@ -184,9 +278,61 @@ class Pass1:
     loan_horizon_pd: np.ndarray  # [N]
     loan_mean_lgd: np.ndarray  # [N] EL_i / expected defaulted exposure (nan if none)
     elapsed_seconds: float
+    log_weights: np.ndarray | None = None  # [S] ln w(ω) under importance sampling
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """[S] the likelihood ratios w(ω) (E[w] = 1), or None without importance sampling."""
+        return None if self.log_weights is None else np.exp(self.log_weights)
 
 
 ProgressCallback = Callable[[int, int], None]  # (scenarios done, scenarios in all)
+
+
+class Pass1Accumulator:
+    """Folds chunk outputs into a `Pass1` in scenario order (whatever order they arrive in),
+    so every runner adds the per-loan sums in the same order and gets the same numbers."""
+
+    def __init__(self, scenarios: int, n_loans: int):
+        self.scenarios = scenarios
+        self.losses = np.empty(scenarios)
+        self.log_weights: np.ndarray | None = None
+        self.loss_sum = np.zeros(n_loans)
+        self.pd_sum = np.zeros(n_loans)
+        self.ead_sum = np.zeros(n_loans)
+        self.next_first = 0
+        self.pending: dict[int, ChunkOutput] = {}
+
+    def add(self, first: int, chunk: ChunkOutput) -> None:
+        self.pending[first] = chunk
+        while self.next_first in self.pending:
+            first = self.next_first
+            chunk = self.pending.pop(first)
+            count = len(chunk.losses_usd)
+            self.losses[first : first + count] = chunk.losses_usd
+            if chunk.log_weights is not None:
+                if self.log_weights is None:
+                    self.log_weights = np.zeros(self.scenarios)
+                self.log_weights[first : first + count] = chunk.log_weights
+            self.loss_sum += chunk.loan_loss_sum_usd
+            self.pd_sum += chunk.loan_default_probability_sum
+            self.ead_sum += chunk.loan_defaulted_exposure_sum_usd
+            self.next_first = first + count
+
+    def result(self, elapsed_seconds: float) -> Pass1:
+        if self.next_first != self.scenarios:  # a bug, not a user error
+            raise RuntimeError(f"pass 1 folded {self.next_first} of {self.scenarios} scenarios")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_lgd = np.where(self.ead_sum > 0, self.loss_sum / self.ead_sum, np.nan)
+        return Pass1(
+            losses_usd=self.losses,
+            # Σ w x / S: unbiased under importance sampling (E[w] = 1), plain means without.
+            loan_expected_loss_usd=self.loss_sum / self.scenarios,
+            loan_horizon_pd=self.pd_sum / self.scenarios,
+            loan_mean_lgd=mean_lgd,
+            elapsed_seconds=elapsed_seconds,
+            log_weights=self.log_weights,
+        )
 
 
 def run_pass1(
@@ -204,10 +350,7 @@ def run_pass1(
     is called after each new chunk (checkpointing).
     """
     start = time.perf_counter()
-    losses = np.empty(scenarios)
-    loss_sum = np.zeros(n_loans)
-    pd_sum = np.zeros(n_loans)
-    ead_sum = np.zeros(n_loans)
+    fold = Pass1Accumulator(scenarios, n_loans)
     done = done or {}
     for first in range(0, scenarios, chunk_size):
         count = min(chunk_size, scenarios - first)
@@ -216,21 +359,36 @@ def run_pass1(
             chunk = backend.run_chunk(first, count)
             if on_chunk is not None:
                 on_chunk(first, chunk)
-        losses[first : first + count] = chunk.losses_usd
-        loss_sum += chunk.loan_loss_sum_usd
-        pd_sum += chunk.loan_default_probability_sum
-        ead_sum += chunk.loan_defaulted_exposure_sum_usd
+        fold.add(first, chunk)
         if progress is not None:
             progress(first + count, scenarios)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_lgd = np.where(ead_sum > 0, loss_sum / ead_sum, np.nan)
-    return Pass1(
-        losses_usd=losses,
-        loan_expected_loss_usd=loss_sum / scenarios,
-        loan_horizon_pd=pd_sum / scenarios,
-        loan_mean_lgd=mean_lgd,
-        elapsed_seconds=time.perf_counter() - start,
-    )
+    return fold.result(time.perf_counter() - start)
+
+
+class LocalRunner:
+    """Both passes in this process (the Dask runner has the same methods)."""
+
+    def run_pass1(self, spec: BackendSpec, scenarios, chunk_size, n_loans, progress=None,
+                  done=None, on_chunk=None) -> Pass1:  # fmt: skip
+        return run_pass1(spec.build(), scenarios, chunk_size, n_loans, progress, done, on_chunk)
+
+    def tail_loan_contributions(self, spec: BackendSpec, losses_usd, weights, alphas, n_loans):
+        backend = spec.build()
+        return tail_loan_contributions(backend.loan_losses_at, losses_usd, weights, alphas, n_loans)
+
+    def compute_sensitivities(self, spec: BackendSpec, assumptions, losses_usd, weights, alphas,
+                              el_scenarios) -> Sensitivities:  # fmt: skip
+        backend = spec.build()
+        return compute_sensitivities(
+            backend.weighted_gradient, assumptions, losses_usd, alphas, el_scenarios,
+            weights=weights,
+        )  # fmt: skip
+
+    def describe(self) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def resolve_run_settings(
@@ -356,6 +514,7 @@ def simulate(
     checkpoint=None,
     workers: int | None = None,
     scheduler: str | None = None,
+    normal_shift: np.ndarray | None = None,
 ) -> RunResult:
     """Run the book against the assumptions (MODEL.md) and measure the loss distribution.
 
@@ -365,100 +524,94 @@ def simulate(
     `.done() -> dict[first, ChunkOutput]` and `.save(first, ChunkOutput)` for resume.
     `workers` (a local Dask cluster of that many processes) or `scheduler` (the address of an
     existing one) runs both passes on Dask (portfolio/distributed.py), with identical results.
+    `normal_shift` [T, K] (importance sampling) moves the mean of the systematic normals,
+    e.g. to a reverse-stress design point; every scenario then carries its likelihood ratio
+    and all measures, contributions and sensitivities are weighted.
     """
     started = time.perf_counter()
     scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
     alphas = default_alphas(alphas)
     loans = loan_arrays(book, assumptions)
     grid = assumptions.grid(mode)
-    engine = make_backend(backend, precision, assumptions.params, grid, loans, seed)
-    chunk = chunk_size or engine.default_chunk_size
-    dask = spec = None
-    if workers is not None or scheduler is not None:
-        from gpucredit.portfolio.distributed import BackendSpec, DaskRunner
-
-        dask = DaskRunner(workers=workers, scheduler=scheduler)
-        spec = BackendSpec(backend, precision, assumptions.params, grid, loans, seed)
-    pass1 = (run_pass1 if dask is None else dask.run_pass1)(
-        engine if dask is None else spec,
-        scenarios,
-        chunk,
-        len(book),
-        progress,
-        done=checkpoint.done() if checkpoint is not None else None,
-        on_chunk=checkpoint.save if checkpoint is not None else None,
-    )
-    measures = risk_measures(pass1.losses_usd, None, alphas)
-
-    contrib = None
-    if contributions:
-        if dask is None:
-            es_i = tail_loan_contributions(
-                engine.loan_losses_at, pass1.losses_usd, None, alphas, len(book)
+    if normal_shift is not None:
+        normal_shift = np.asarray(normal_shift, dtype=np.float64)
+        if normal_shift.shape != (grid.periods, grid.n_factors):
+            raise EngineError(
+                f"normal_shift must be [periods, factors] = {(grid.periods, grid.n_factors)}, "
+                f"got {normal_shift.shape}"
             )
-        else:
-            es_i = dask.tail_loan_contributions(spec, pass1.losses_usd, None, alphas, len(book))
-        contrib = make_contributions(
-            book, pass1.loan_expected_loss_usd, es_i, pass1.loan_horizon_pd, pass1.loan_mean_lgd
+
+    def spec_for(a: Assumptions, gradient: bool = False) -> BackendSpec:
+        return BackendSpec(
+            backend,
+            engine.precision if gradient else precision,
+            a.params,
+            a.grid(mode),
+            loans if a is assumptions else loan_arrays(book, a),
+            seed,
+            normal_shift,
+            gradient,
         )
 
-    sens = None
-    sensitivities_seconds = 0.0
-    if sensitivities:
-        t0 = time.perf_counter()
-        if dask is None:
-            # engine.precision, not `precision`: a NumPy (float64) run gets float64 gradients.
-            gradient_engine = JaxBackend(
-                assumptions.params, assumptions.grid("conditional"), loans, seed, engine.precision
+    engine = make_backend(backend, precision, assumptions.params, grid, loans, seed, normal_shift)
+    chunk = chunk_size or engine.default_chunk_size
+    if workers is not None or scheduler is not None:
+        from gpucredit.portfolio.distributed import DaskRunner
+
+        runner = DaskRunner(workers=workers, scheduler=scheduler)
+    else:
+        runner = LocalRunner()
+    try:
+        pass1 = runner.run_pass1(
+            spec_for(assumptions),
+            scenarios,
+            chunk,
+            len(book),
+            progress,
+            done=checkpoint.done() if checkpoint is not None else None,
+            on_chunk=checkpoint.save if checkpoint is not None else None,
+        )
+        weights = pass1.weights
+        measures = risk_measures(pass1.losses_usd, weights, alphas, likelihood_ratios=True)
+
+        contrib = None
+        if contributions:
+            es_i = runner.tail_loan_contributions(
+                spec_for(assumptions), pass1.losses_usd, weights, alphas, len(book)
             )
-            sens = compute_sensitivities(
-                gradient_engine.weighted_gradient,
+            contrib = make_contributions(
+                book,
+                pass1.loan_expected_loss_usd,
+                es_i,
+                pass1.loan_horizon_pd,
+                pass1.loan_mean_lgd,
+            )
+
+        sens = None
+        sensitivities_seconds = 0.0
+        if sensitivities:
+            t0 = time.perf_counter()
+            # engine.precision, not `precision`: a NumPy (float64) run gets float64 gradients.
+            sens = runner.compute_sensitivities(
+                spec_for(assumptions, gradient=True),
                 assumptions,
                 pass1.losses_usd,
+                weights,
                 alphas,
                 el_sensitivity_scenarios,
             )
-        else:
-            gradient_spec = BackendSpec(
-                "jax-gradient",
-                engine.precision,
-                assumptions.params,
-                assumptions.grid("conditional"),
-                loans,
-                seed,
-            )
-            sens = dask.compute_sensitivities(
-                gradient_spec, assumptions, pass1.losses_usd, alphas, el_sensitivity_scenarios
-            )
-        sensitivities_seconds = time.perf_counter() - t0
+            sensitivities_seconds = time.perf_counter() - t0
 
-    stress_results = []
-    for case in stress:
-        stressed = case.assumptions
-        if dask is not None:
-            stressed_spec = BackendSpec(
-                backend,
-                precision,
-                stressed.params,
-                stressed.grid(mode),
-                loan_arrays(book, stressed),
-                seed,
+        stress_results = []
+        for case in stress:
+            stressed = runner.run_pass1(spec_for(case.assumptions), scenarios, chunk, len(book))
+            stress_measures = risk_measures(
+                stressed.losses_usd, stressed.weights, alphas, likelihood_ratios=True
             )
-            stressed_pass = dask.run_pass1(stressed_spec, scenarios, chunk, len(book))
-            stress_measures = risk_measures(stressed_pass.losses_usd, None, alphas)
             stress_results.append(StressResult(case.name, case.description, stress_measures))
-            continue
-        stressed_engine = make_backend(
-            backend,
-            precision,
-            stressed.params,
-            stressed.grid(mode),
-            loan_arrays(book, stressed),
-            seed,
-        )
-        stressed_pass = run_pass1(stressed_engine, scenarios, chunk, len(book))
-        stress_measures = risk_measures(stressed_pass.losses_usd, None, alphas)
-        stress_results.append(StressResult(case.name, case.description, stress_measures))
+        cluster = runner.describe()
+    finally:
+        runner.close()
 
     elapsed = time.perf_counter() - started
     metadata = {
@@ -483,13 +636,17 @@ def simulate(
         "elapsed_seconds": elapsed,
         "scenarios_per_second": scenarios / pass1.elapsed_seconds,
         "loan_periods_per_second": scenarios * len(book) * grid.periods / pass1.elapsed_seconds,
+        "estimator": "plain Monte Carlo"
+        if normal_shift is None
+        else "importance sampling: systematic normals shifted to the design point",
+        "effective_sample_size": measures.effective_sample_size,
+        "sensitivities_of": "the conditional-mode loss (MODEL.md §7), on this run's tail set",
     }
-    if dask is not None:
-        metadata["dask"] = dask.describe()
-        dask.close()
+    if cluster is not None:
+        metadata["dask"] = cluster
     return RunResult(
         losses_usd=pass1.losses_usd,
-        weights=None,
+        weights=weights,
         measures=measures,
         contributions=contrib,
         sensitivities=sens,

@@ -87,9 +87,9 @@ def _prepare(losses, weights) -> tuple[np.ndarray, np.ndarray | None]:
 class _Sorted:
     """The losses sorted once (stable), with their weights and cumulative weights."""
 
-    __slots__ = ("cw", "loss", "order", "total", "w")
+    __slots__ = ("cw", "loss", "order", "total", "w", "wsum")
 
-    def __init__(self, L: np.ndarray, w: np.ndarray | None):
+    def __init__(self, L: np.ndarray, w: np.ndarray | None, likelihood_ratios: bool = False):
         self.order = np.argsort(L, kind="stable")
         self.loss = L[self.order]
         if w is None:
@@ -97,14 +97,19 @@ class _Sorted:
         else:
             self.w = w[self.order]
         self.cw = np.cumsum(self.w)
-        self.total = float(self.cw[-1])
+        self.wsum = float(self.cw[-1])
+        # p = w / total: self-normalised (total = Σw), or likelihood ratios (total = S).
+        self.total = float(L.size) if likelihood_ratios else self.wsum
 
     def tail(self, alpha: float) -> tuple[float, int, int, float, float]:
         """VaR and the sorted positions ``[i0, j)`` of the ties at VaR (``[j, S)`` lie above),
         the normalised mass and loss-weighted sum above VaR, and the remaining mass
         ``1 - alpha - P(L > VaR)`` that sits on VaR (clamped at 0, rounding snapped to 0)."""
         n = self.loss.size
-        k = int(np.searchsorted(self.cw, alpha * self.total * (1.0 - _PTOL), side="left"))
+        # VaR: the smallest loss with P(L > VaR) <= 1 − α, the mass above counted from the top
+        # (= the cumulative weight reaching α Σw when the weights are self-normalised).
+        target = self.wsum - (1.0 - alpha) * self.total
+        k = int(np.searchsorted(self.cw, target * (1.0 - _PTOL), side="left"))
         k = min(k, n - 1)
         var = float(self.loss[k])
         i0 = int(np.searchsorted(self.loss, var, side="left"))
@@ -124,7 +129,9 @@ class _Sorted:
         return var, es
 
 
-def var_es(losses, weights=None, alpha: float = 0.99) -> tuple[float, float]:
+def var_es(
+    losses, weights=None, alpha: float = 0.99, likelihood_ratios: bool = False
+) -> tuple[float, float]:
     """``(VaR_alpha, ES_alpha)`` of the weighted empirical loss distribution.
 
     ``losses``: [S] finite. ``weights``: [S] non-negative with a positive sum, or None for
@@ -134,10 +141,12 @@ def var_es(losses, weights=None, alpha: float = 0.99) -> tuple[float, float]:
     """
     L, w = _prepare(losses, weights)
     a = _check_alpha(alpha)
-    return _Sorted(L, w).var_es(a)
+    return _Sorted(L, w, likelihood_ratios).var_es(a)
 
 
-def tail_coefficients(losses, weights=None, alpha: float = 0.99) -> tuple[np.ndarray, np.ndarray]:
+def tail_coefficients(
+    losses, weights=None, alpha: float = 0.99, likelihood_ratios: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The scenarios that carry ``ES_alpha`` and their coefficients.
 
     Returns ``(indices, coefficients)``: ``indices`` int64, ascending, into ``losses``;
@@ -154,7 +163,7 @@ def tail_coefficients(losses, weights=None, alpha: float = 0.99) -> tuple[np.nda
     """
     L, w = _prepare(losses, weights)
     a = _check_alpha(alpha)
-    srt = _Sorted(L, w)
+    srt = _Sorted(L, w, likelihood_ratios)
     _, i0, j, _, rem = srt.tail(a)
     scale = 1.0 / (srt.total * (1.0 - a))
     c_above = srt.w[j:] * scale
@@ -287,6 +296,7 @@ def risk_measures(
     weights=None,
     alphas: Sequence[float] = (0.99, 0.999),
     n_batches: int = MIN_BATCHES,
+    likelihood_ratios: bool = False,
 ) -> RiskMeasures:
     """EL, standard deviation, and VaR/ES at each ``alphas`` with Monte Carlo standard errors.
 
@@ -298,6 +308,12 @@ def risk_measures(
     ValueError. Small samples never raise: the standard errors are nan when ``S < n_batches``
     (or a batch has zero weight), and unreliable when ``tail_scenarios_per_batch`` is below a
     few. Duplicate ``alphas`` are computed once.
+
+    ``likelihood_ratios=True``: the weights are importance sampling's likelihood ratios
+    (E[w] = 1 under the sampling measure) and ``p = w / S`` instead of ``w / Σw``: EL and the
+    tail mass P(L > x) = Σ_{L>x} w / S are then unbiased, and the tail measures do not take
+    on the noise of Σw, which the body's rare, heavy weights dominate (Glasserman,
+    Heidelberger & Shahabuddin 2000).
     """
     L, w = _prepare(losses, weights)
     nb = operator.index(n_batches)
@@ -311,13 +327,13 @@ def risk_measures(
     S = L.size
 
     # Full-sample point estimates.
-    p = np.full(S, 1.0 / S) if w is None else w / w.sum()
+    p = np.full(S, 1.0 / S) if w is None else w / (S if likelihood_ratios else w.sum())
     el = float(p @ L)
     dev = L - el
     std = math.sqrt(max(float(p @ (dev * dev)), 0.0))
     el_se_iid = math.sqrt(S / (S - 1) * float((p * p) @ (dev * dev))) if S > 1 else math.nan
     ess = float(S) if w is None else float(w.sum() ** 2 / (w @ w))
-    srt = _Sorted(L, w)
+    srt = _Sorted(L, w, likelihood_ratios)
     points = [srt.var_es(a) for a in alist]
 
     # Batch means.
@@ -330,8 +346,9 @@ def risk_measures(
             wb = None if w is None else w[idx]
             if wb is not None and not wb.sum() > 0.0:
                 continue
-            el_b[b] = Lb.mean() if wb is None else float(wb @ Lb) / float(wb.sum())
-            sb = _Sorted(Lb, wb)
+            mass = float(Lb.size if likelihood_ratios else wb.sum()) if wb is not None else 1
+            el_b[b] = Lb.mean() if wb is None else float(wb @ Lb) / mass
+            sb = _Sorted(Lb, wb, likelihood_ratios)
             for i, a in enumerate(alist):
                 var_b[i, b], es_b[i, b] = sb.var_es(a)
 

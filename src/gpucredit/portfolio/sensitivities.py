@@ -75,6 +75,37 @@ def gradient_by_path(
     return tuple(names), np.asarray(values)
 
 
+def gradient_tasks(
+    losses_usd: np.ndarray,
+    weights: np.ndarray | None,
+    alphas: Sequence[float],
+    el_scenarios: int,
+    chunk_size: int,
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]], int]:
+    """The pass-2 gradient tasks: (owner key of each task, (indices, coefficients) of each
+    task, scenarios of the ∂EL estimate). Every task has exactly `chunk_size` indices (padded
+    with scenario 0 and coefficient 0): one compiled shape for all."""
+    n_el = min(int(el_scenarios), len(losses_usd))
+    if n_el < 1:
+        raise ValueError(f"the EL sensitivity needs at least one scenario, got {el_scenarios}")
+    # Weights are importance sampling's likelihood ratios: p = w / S (risk.risk_measures).
+    el_weights = np.ones(n_el) if weights is None else np.asarray(weights[:n_el], np.float64)
+    jobs = {"el": (np.arange(n_el), el_weights / n_el)}
+    for alpha in alphas:
+        jobs[alpha_key(alpha)] = tail_coefficients(losses_usd, weights, alpha, weights is not None)
+    owners, items = [], []
+    for key, (indices, coefficients) in jobs.items():
+        pad = -len(indices) % chunk_size
+        indices = np.concatenate([indices, np.zeros(pad, dtype=np.int64)]).astype(np.uint32)
+        coefficients = np.concatenate([coefficients, np.zeros(pad)])
+        for start in range(0, len(indices), chunk_size):
+            owners.append(key)
+            items.append(
+                (indices[start : start + chunk_size], coefficients[start : start + chunk_size])
+            )
+    return owners, items, n_el
+
+
 def compute_sensitivities(
     weighted_gradient,
     assumptions: Assumptions,
@@ -82,40 +113,31 @@ def compute_sensitivities(
     alphas: Sequence[float],
     el_scenarios: int,
     chunk_size: int = 256,
+    weights: np.ndarray | None = None,
+    run_tasks=None,
 ) -> Sensitivities:
     """Sensitivities from `weighted_gradient(indices, coefficients) -> ModelParams` (Σ c_j ∂L_j).
 
     ∂EL averages over the first `el_scenarios` scenarios (all of them when that is at least
-    the run's count); ∂ES_α uses exactly the tail set of the run.
+    the run's count); ∂ES_α uses exactly the tail set of the run. `weights` are importance
+    sampling's likelihood ratios (coefficients w/S, as in the run's measures).
+    `run_tasks(items) -> [ModelParams]` runs the tasks elsewhere (Dask); the results are
+    added in task order either way.
     """
-
-    def accumulate(indices: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
-        # Pad to whole chunks (scenario 0 with coefficient 0): one compiled shape for all.
-        pad = -len(indices) % chunk_size
-        indices = np.concatenate([indices, np.zeros(pad, dtype=indices.dtype)])
-        coefficients = np.concatenate([coefficients, np.zeros(pad)])
-        total = None
-        for start in range(0, len(indices), chunk_size):
-            part = slice(start, start + chunk_size)
-            grads = weighted_gradient(indices[part].astype(np.uint32), coefficients[part])
-            _, flat = gradient_by_path(assumptions, grads)
-            total = flat if total is None else total + flat
-        return total
-
-    n_el = min(int(el_scenarios), len(losses_usd))
-    if n_el < 1:
-        raise ValueError(f"the EL sensitivity needs at least one scenario, got {el_scenarios}")
-    el_indices = np.arange(n_el)
-    d_el = accumulate(el_indices, np.full(n_el, 1.0 / n_el))
-    d_es = {}
-    for alpha in alphas:
-        idx, coef = tail_coefficients(losses_usd, None, alpha)
-        d_es[alpha_key(alpha)] = accumulate(idx, coef)
+    owners, items, n_el = gradient_tasks(losses_usd, weights, alphas, el_scenarios, chunk_size)
+    if run_tasks is None:
+        results = [weighted_gradient(*item) for item in items]
+    else:
+        results = run_tasks(items)
+    totals: dict[str, np.ndarray] = {}
+    for key, grads in zip(owners, results, strict=True):
+        _, flat = gradient_by_path(assumptions, grads)
+        totals[key] = flat if key not in totals else totals[key] + flat
     paths = parameter_paths(assumptions)
     return Sensitivities(
         parameter=tuple(p for p, _, _ in paths),
         value=np.array([parameter_value(assumptions.params, f, i) for _, f, i in paths]),
-        d_expected_loss=d_el,
-        d_expected_shortfall=d_es,
+        d_expected_loss=totals.pop("el"),
+        d_expected_shortfall=totals,
         el_scenarios=n_el,
     )
