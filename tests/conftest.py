@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpucredit.portfolio.book import Book
+from gpucredit.portfolio.book import Book, uniform_book  # noqa: F401 (shared by tests)
 
 
 def random_book(seed: int, n_loans: int, generations=("A100", "H100", "H200", "B200")) -> Book:
@@ -53,48 +53,6 @@ def random_book(seed: int, n_loans: int, generations=("A100", "H100", "H200", "B
         crypto_pledged=is_miner & (rng.random(n_loans) < 0.5),
         liquidation_cost=rng.uniform(0.02, 0.15, n_loans),
         asset_correlation=rng.uniform(0.05, 0.4, n_loans),
-    )
-
-
-def uniform_book(n: int, **columns) -> Book:
-    """A book of n loans; every column a scalar (broadcast) or an [n] sequence."""
-    defaults = dict(
-        borrower_id=[f"B{i:04d}" for i in range(n)],
-        borrower_type="neocloud",
-        balance_usd=1_000_000.0,
-        rate_type="fixed",
-        rate=0.08,
-        maturity_years=5.0,
-        amortization="bullet",
-        gpu_generation="H100",
-        gpu_count=100.0,
-        pd_annual=0.05,
-        collateral_share=1.0,
-        contracted_share=0.0,
-        contract_rate_usd_per_hour=0.0,
-        contract_years_remaining=0.0,
-        utilization=0.70,
-        power_kw_per_gpu=0.91,
-        other_opex_usd_per_gpu_hour=0.0,
-        cash_usd=0.0,
-        btc_units=0.0,
-        eth_units=0.0,
-        crypto_pledged=False,
-        liquidation_cost=0.05,
-        asset_correlation=0.15,
-    )
-    defaults.update(columns)
-    strings = {"borrower_id", "borrower_type", "rate_type", "amortization", "gpu_generation"}
-    fields = {}
-    for key, value in defaults.items():
-        if key in strings:
-            fields[key] = np.asarray(np.broadcast_to(np.asarray(value, dtype=object), (n,))).copy()
-        elif key == "crypto_pledged":
-            fields[key] = np.broadcast_to(np.asarray(value, dtype=bool), (n,)).copy()
-        else:
-            fields[key] = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()
-    return Book(
-        source="<test>", loan_id=np.array([f"L{i:05d}" for i in range(n)], dtype=object), **fields
     )
 
 

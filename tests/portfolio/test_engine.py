@@ -18,7 +18,6 @@ from gpucredit.portfolio.engine import (
     choose_backend,
     run_pass1,
     simulate,
-    simulate_losses,
 )
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import alpha_key, risk_measures, var_es
@@ -156,15 +155,6 @@ def test_jax_summary_is_json(assumptions):
 
 
 # --------------------------------------------------------------------------- pass 1
-
-
-def test_simulate_losses_is_pass_one(assumptions, result):
-    pass1 = simulate_losses(BOOK, assumptions, scenarios=SCENARIOS, seed=SEED, backend="numpy")
-    np.testing.assert_array_equal(pass1.losses_usd, result.losses_usd)
-    # The run used chunks of 300, this one the default 256: EL_i sums in another order.
-    np.testing.assert_allclose(
-        pass1.loan_expected_loss_usd, result.contributions.expected_loss_usd, rtol=1e-13
-    )
 
 
 def test_pass1_is_independent_of_the_chunk_size(assumptions):

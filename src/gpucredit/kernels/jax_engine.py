@@ -56,6 +56,7 @@ from gpucredit.kernels.params import (
     ModelGrid,
     ModelParams,
 )
+from gpucredit.kernels.reference import FactorPaths  # the same fields, JAX arrays here
 from gpucredit.kernels.rng import (
     default_uniforms_jax,
     default_uniforms_jax_at,
@@ -339,18 +340,6 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
 
 
 # --------------------------------------------------------------------------- factors
-
-
-class FactorPaths(NamedTuple):
-    """Systematic factor paths (MODEL.md §2), index 0 = today, 1..T the periods (as reference)."""
-
-    rent_usd_per_hour: jax.Array  # [S, T+1, G] R_g(t)
-    price_usd: jax.Array  # [S, T+1, G] P_g(t)
-    btc_usd: jax.Array  # [S, T+1]
-    eth_usd: jax.Array  # [S, T+1]
-    power_usd_per_kwh: jax.Array  # [S, T+1]
-    base_rate: jax.Array  # [S, T+1] r(t)
-    credit: jax.Array  # [S, T+1] Z(t) (index 0 unused, 0)
 
 
 def _cast_params(params: ModelParams, dtype) -> ModelParams:

@@ -92,3 +92,48 @@ class Book:
         """The loans at `rows` (positions), as a new Book."""
         fields = {k: (v[rows] if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()}
         return Book(**fields)
+
+
+# Column values of `uniform_book` where the caller gives none: one H100 loan of $1M, 100 GPUs.
+UNIFORM_LOAN = dict(
+    borrower_type="neocloud",
+    balance_usd=1_000_000.0,
+    rate_type="fixed",
+    rate=0.08,
+    maturity_years=5.0,
+    amortization="bullet",
+    gpu_generation="H100",
+    gpu_count=100.0,
+    pd_annual=0.05,
+    collateral_share=1.0,
+    contracted_share=0.0,
+    contract_rate_usd_per_hour=0.0,
+    contract_years_remaining=0.0,
+    utilization=0.70,
+    power_kw_per_gpu=0.91,
+    other_opex_usd_per_gpu_hour=0.0,
+    cash_usd=0.0,
+    btc_units=0.0,
+    eth_units=0.0,
+    crypto_pledged=False,
+    liquidation_cost=0.05,
+    asset_correlation=0.15,
+)
+STRING_FIELDS = ("borrower_id", "borrower_type", "rate_type", "amortization", "gpu_generation")
+
+
+def uniform_book(n: int, source: str = "<uniform>", **columns) -> Book:
+    """A book of n loans (one borrower each unless `borrower_id` is given) built in memory:
+    every column a scalar (broadcast) or an [n] sequence, `UNIFORM_LOAN` where not given.
+    For closed-form checks (Vasicek) and tests; it bypasses file validation."""
+    fields = {"borrower_id": [f"B{i:05d}" for i in range(n)], **UNIFORM_LOAN, **columns}
+    out = {}
+    for key, value in fields.items():
+        if key in STRING_FIELDS:
+            out[key] = np.asarray(np.broadcast_to(np.asarray(value, dtype=object), (n,))).copy()
+        elif key == "crypto_pledged":
+            out[key] = np.broadcast_to(np.asarray(value, dtype=bool), (n,)).copy()
+        else:
+            out[key] = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()
+    loan_id = np.array([f"L{i:05d}" for i in range(n)], dtype=object)
+    return Book(source=source, loan_id=loan_id, **out)

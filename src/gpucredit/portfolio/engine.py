@@ -409,27 +409,6 @@ def resolve_run_settings(
     return scenarios, seed, mode
 
 
-def simulate_losses(
-    book: Book,
-    assumptions: Assumptions,
-    scenarios: int | None = None,
-    seed: int | None = None,
-    mode: str | None = None,
-    backend: str = "auto",
-    precision: str = "float32",
-    chunk_size: int | None = None,
-    progress: ProgressCallback | None = None,
-) -> Pass1:
-    """Pass 1 only: every per-scenario loss of the book (and the per-loan sums)."""
-    scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
-    loans = loan_arrays(book, assumptions)
-    engine = make_backend(
-        backend, precision, assumptions.params, assumptions.grid(mode), loans, seed
-    )
-    chunk = chunk_size or engine.default_chunk_size
-    return run_pass1(engine, scenarios, chunk, len(book), progress)
-
-
 def default_alphas(alphas: Sequence[float] | None) -> tuple[float, ...]:
     return tuple(alphas) if alphas else (0.99, 0.999)
 

@@ -39,7 +39,7 @@ from gpucredit import __version__
 from gpucredit.kernels import reference
 from gpucredit.kernels.params import ModelParams
 from gpucredit.portfolio.assumptions import Assumptions, parameter_paths
-from gpucredit.portfolio.book import Book
+from gpucredit.portfolio.book import Book, uniform_book
 from gpucredit.portfolio.contributions import tail_loan_contributions
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import MIN_BATCHES, alpha_key, risk_measures, var_es
@@ -377,47 +377,6 @@ def relative_agreement_check(
 # --------------------------------------------------------------------------- books
 
 
-def _book(n: int, source: str, **columns) -> Book:
-    """A book of n loans; every column a scalar (broadcast) or an [n] sequence."""
-    fields = dict(
-        borrower_id=[f"B{i:05d}" for i in range(n)],
-        borrower_type="neocloud",
-        balance_usd=1_000_000.0,
-        rate_type="fixed",
-        rate=0.08,
-        maturity_years=5.0,
-        amortization="bullet",
-        gpu_generation="H100",
-        gpu_count=100.0,
-        pd_annual=0.05,
-        collateral_share=1.0,
-        contracted_share=0.0,
-        contract_rate_usd_per_hour=0.0,
-        contract_years_remaining=0.0,
-        utilization=0.70,
-        power_kw_per_gpu=0.91,
-        other_opex_usd_per_gpu_hour=0.0,
-        cash_usd=0.0,
-        btc_units=0.0,
-        eth_units=0.0,
-        crypto_pledged=False,
-        liquidation_cost=0.05,
-        asset_correlation=0.15,
-    )
-    fields.update(columns)
-    strings = {"borrower_id", "borrower_type", "rate_type", "amortization", "gpu_generation"}
-    out = {}
-    for key, value in fields.items():
-        if key in strings:
-            out[key] = np.asarray(np.broadcast_to(np.asarray(value, dtype=object), (n,))).copy()
-        elif key == "crypto_pledged":
-            out[key] = np.broadcast_to(np.asarray(value, dtype=bool), (n,)).copy()
-        else:
-            out[key] = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()
-    loan_id = np.array([f"L{i:05d}" for i in range(n)], dtype=object)
-    return Book(source=source, loan_id=loan_id, **out)
-
-
 def validation_book(n_loans: int, seed: int = 2026) -> Book:
     """A book that exercises every mechanism of MODEL.md §3-6: every generation, amortization
     and rate type, maturities before, on and after the horizon (on and off the grid), expiring
@@ -436,7 +395,7 @@ def validation_book(n_loans: int, seed: int = 2026) -> Book:
     borrower = np.array([f"B{rng.integers(0, n_borrowers):04d}" for _ in range(n_loans)])
     miner = rng.random(n_loans) < 0.4
     contracted = rng.random(n_loans) < 0.5
-    return _book(
+    return uniform_book(
         n_loans,
         f"<validation book: {n_loans} loans, seed {seed}>",
         borrower_id=borrower,
@@ -507,7 +466,7 @@ def vasicek_assumptions(base: Assumptions, copula: str = "gaussian", t_dof: int 
 
 def vasicek_book(pd_annual: float, rho: float, n: int = VASICEK_LOANS) -> Book:
     """n identical fixed-rate bullet loans on H100s, maturity after the one-year horizon."""
-    return _book(
+    return uniform_book(
         n,
         f"<Vasicek book: PD {pd_annual}, rho {rho}>",
         balance_usd=VASICEK_LTV * VASICEK_GPUS * 22_000.0,
