@@ -89,6 +89,7 @@ def test_run_writes_every_result_file(small_book, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metadata"]["scenarios"] == 640
     assert len(summary["metadata"]["book_sha256"]) == 64
+    assert len(summary["metadata"]["book_file_sha256"]) == 64
     losses = pq.read_table(out / "losses.parquet").column("loss_usd").to_numpy()
     assert summary["measures"]["el"] == pytest.approx(losses.mean(), rel=1e-12)
 

@@ -90,6 +90,18 @@ def book_sha256(book: Book) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str) -> str | None:
+    """SHA-256 of a file's bytes, read in blocks (None for an in-memory book)."""
+    source = Path(path)
+    if not source.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def assumptions_sha256(assumptions: Assumptions) -> str:
     text = json.dumps(assumptions.document, sort_keys=True, default=_json_default)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -104,6 +116,7 @@ def write_results(
     summary = result.summary()
     summary["metadata"] |= {
         "book_sha256": book_sha256(book),
+        "book_file_sha256": file_sha256(book.source),
         "assumptions_sha256": assumptions_sha256(assumptions),
     }
     summary["book"] = book_summary(book, assumptions)
