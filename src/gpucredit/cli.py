@@ -237,6 +237,8 @@ def run(
             workers=workers,
             scheduler=scheduler,
         )
+    if result.sensitivities is None and not no_sensitivities and not quiet:
+        click.echo(f"sensitivities: {result.metadata['sensitivities_of']}", err=True)
     written = write_results(result, out_dir, loans, assumptions)
     checkpoint.clear()
     print_run_summary(result)

@@ -241,3 +241,15 @@ def test_contract_periods_tolerance():
     assert contract_periods(np.array([0.29, 0.57, 0.58]), 100).tolist() == [29, 57, 58]
     # just under a period boundary, beyond the tolerance, is the period before
     assert contract_periods(np.array([0.5 - 1e-6]), 4).tolist() == [1]
+
+
+def test_annuity_with_a_tiny_rate_is_finite_and_amortizes():
+    """1 − (1 + q)^(−t_M) loses every digit for |q| ~ 1e-16: the schedule must stay finite
+    and reach zero without a spurious balloon."""
+    balance, installment, balloon, t_m = balance_schedule(
+        np.array([1e6, 1e6]), np.array([1e-17, 1e-12]), np.array([2.0, 2.0]),
+        np.array([ANNUITY, ANNUITY]), 4, 12,
+    )  # fmt: skip
+    assert np.all(np.isfinite(balance)) and np.all(np.isfinite(installment))
+    np.testing.assert_array_equal(balloon, 0.0)
+    np.testing.assert_allclose(installment[:, 1:9].sum(axis=1), 1e6, rtol=1e-9)

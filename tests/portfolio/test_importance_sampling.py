@@ -100,3 +100,25 @@ def test_tail_mass_is_counted_from_the_top_with_likelihood_ratios():
     assert self_normalised == 1.0  # w/Σw puts 97% of the mass on the first loss
     m = risk_measures(np.tile(losses, 8), np.tile(weights, 8), (0.95,), likelihood_ratios=True)
     assert m.el == pytest.approx(np.mean(weights * losses))
+
+
+def test_el_statistics_with_likelihood_ratios():
+    """EL = mean(w L) with SE std(w L)/√S; std is the loss's under the original measure."""
+    rng = np.random.default_rng(4)
+    losses = rng.lognormal(size=4096)
+    weights = rng.exponential(size=4096)  # mean 1, like likelihood ratios
+    m = risk_measures(losses, weights, (0.99,), likelihood_ratios=True)
+    assert m.el == pytest.approx(np.mean(weights * losses))
+    assert m.el_se_iid == pytest.approx(np.std(weights * losses, ddof=1) / np.sqrt(4096))
+    second_moment = np.mean(weights * losses**2)
+    assert m.std == pytest.approx(np.sqrt(second_moment - m.el**2))
+    ones = risk_measures(losses, np.ones(4096), (0.99,), likelihood_ratios=True)
+    plain = risk_measures(losses, None, (0.99,))
+    assert ones.el == pytest.approx(plain.el) and ones.std == pytest.approx(plain.std)
+    assert ones.var(0.99) == plain.var(0.99) and ones.es(0.99) == pytest.approx(plain.es(0.99))
+
+
+def test_sampled_mode_runs_skip_sensitivities_and_say_so(assumptions):
+    run = simulate(BOOK, assumptions, scenarios=256, mode="sampled", contributions=False)
+    assert run.sensitivities is None
+    assert "not computed in sampled mode" in run.metadata["sensitivities_of"]

@@ -60,6 +60,11 @@ def _positive(x) -> str | None:
     return None if x > 0 else "must be > 0"
 
 
+def _after_today(x) -> str | None:
+    # MODEL.md's time tolerance: a launch within 1e-9 years of today would fall in no period.
+    return None if x > 1e-9 else "must be > 0 (years, beyond the 1e-9 time tolerance)"
+
+
 def _nonnegative(x) -> str | None:
     return None if x >= 0 else "must be >= 0"
 
@@ -173,7 +178,7 @@ PAIR_KEYS: dict[str, tuple[str, Check]] = {
 }
 LAUNCH_KEYS: dict[str, tuple[str, Check]] = {
     "name": ("str", _name),
-    "years_from_now": ("number", _positive),
+    "years_from_now": ("number", _after_today),
 }
 LAUNCH_JUMPS = ("price_jump", "rent_jump")
 COINS = ("btc", "eth")

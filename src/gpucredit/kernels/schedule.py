@@ -50,9 +50,9 @@ def balance_schedule(
     t_m = maturity_period(maturity, steps_per_year)
     q = np.asarray(rate_at_origination, dtype=np.float64) * dt
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        annuity_payment = np.where(
-            q == 0.0, b0 / t_m, b0 * q / (1.0 - (1.0 + q) ** (-t_m.astype(np.float64)))
-        )
+        # 1 − (1 + q)^(−t_M) as −expm1(−t_M log1p(q)): exact for tiny |q| too
+        discount = -np.expm1(-t_m.astype(np.float64) * np.log1p(q))
+        annuity_payment = np.where(q == 0.0, b0 / t_m, b0 * q / discount)
 
     n_loans = len(b0)
     balance = np.zeros((n_loans, periods + 1))

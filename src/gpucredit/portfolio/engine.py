@@ -568,7 +568,9 @@ def simulate(
 
         sens = None
         sensitivities_seconds = 0.0
-        if sensitivities:
+        # Sensitivities are derivatives of the conditional-mode loss (MODEL.md §7); a sampled
+        # run's tail set is driven by the default draws, so they are not computed there.
+        if sensitivities and mode == "conditional":
             t0 = time.perf_counter()
             # engine.precision, not `precision`: a NumPy (float64) run gets float64 gradients.
             sens = runner.compute_sensitivities(
@@ -604,6 +606,9 @@ def simulate(
         "chunk_size": chunk,
         "alphas": list(alphas),
         "copula": assumptions.copula,
+        "t_dof": assumptions.t_dof if assumptions.copula == "t" else None,
+        "correlation_repaired": assumptions.correlation_repair is not None,
+        "importance_shift": None if normal_shift is None else normal_shift.tolist(),
         "horizon_years": assumptions.horizon_years,
         "steps_per_year": assumptions.steps_per_year,
         "discount": assumptions.discount,
@@ -619,7 +624,9 @@ def simulate(
         if normal_shift is None
         else "importance sampling: systematic normals shifted to the design point",
         "effective_sample_size": measures.effective_sample_size,
-        "sensitivities_of": "the conditional-mode loss (MODEL.md §7), on this run's tail set",
+        "sensitivities_of": "the conditional-mode loss (MODEL.md §7), on this run's tail set"
+        if mode == "conditional"
+        else "not computed in sampled mode: run --mode conditional for sensitivities",
     }
     if cluster is not None:
         metadata["dask"] = cluster

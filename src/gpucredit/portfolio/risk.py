@@ -329,9 +329,16 @@ def risk_measures(
     # Full-sample point estimates.
     p = np.full(S, 1.0 / S) if w is None else w / (S if likelihood_ratios else w.sum())
     el = float(p @ L)
-    dev = L - el
-    std = math.sqrt(max(float(p @ (dev * dev)), 0.0))
-    el_se_iid = math.sqrt(S / (S - 1) * float((p * p) @ (dev * dev))) if S > 1 else math.nan
+    if likelihood_ratios and w is not None:
+        # EL = mean of w L (E[w] = 1): its variance is var(w L)/S; the loss's own variance
+        # under the original measure is E_w[L²] − EL².
+        std = math.sqrt(max(float(p @ (L * L)) - el * el, 0.0))
+        wl = w * L
+        el_se_iid = float(np.std(wl, ddof=1) / math.sqrt(S)) if S > 1 else math.nan
+    else:
+        dev = L - el
+        std = math.sqrt(max(float(p @ (dev * dev)), 0.0))
+        el_se_iid = math.sqrt(S / (S - 1) * float((p * p) @ (dev * dev))) if S > 1 else math.nan
     ess = float(S) if w is None else float(w.sum() ** 2 / (w @ w))
     srt = _Sorted(L, w, likelihood_ratios)
     points = [srt.var_es(a) for a in alist]
