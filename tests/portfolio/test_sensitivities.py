@@ -7,10 +7,9 @@ then, for a parameter θ,
     ∂ES_α/∂θ ≈ [Σ_j c_j L_j(θ + h) − Σ_j c_j L_j(θ − h)] / 2h,     ∂EL/∂θ ≈ the same, c_j = 1/S,
 
 with L_j from `jax_engine.losses_at` in float64 on the same seed, scenario indices and
-LoanBlocks. Only `ModelParams` is bumped (`_replace`), never the book's LoanArrays: the balance
-schedules (annuity instalments use r(0) at origination, MODEL.md §3) are per-book constants
-computed once, so `rate.level`'s effect through the annuity schedule is deliberately not
-part of the derivative, neither in the AD gradient nor in these differences.
+LoanBlocks. `ModelParams` is bumped (`_replace`); for `rate.level` the book's balance schedules
+are rebuilt too (a floating annuity's instalment uses r(0), MODEL.md §3), as a run with another
+rate level would: the AD gradient adds that path through `jax_engine.schedule_tangent`.
 
 The finite-difference error is estimated by comparing steps h and h/2; the tolerance is the
 larger of 1e-5 relative, four times that estimate and a floor from float64 rounding of the
@@ -26,7 +25,7 @@ import numpy as np
 import pytest
 
 from conftest import random_book
-from gpucredit.io.assumptions import default_assumptions
+from gpucredit.io.assumptions import default_assumptions, with_overrides
 from gpucredit.kernels import jax_engine
 from gpucredit.portfolio.assumptions import parameter_paths, parameter_value
 from gpucredit.portfolio.engine import simulate
@@ -134,14 +133,23 @@ def _weighted(params, assumptions, blocks, indices, coefficients):
     return float(np.asarray(losses, np.float64) @ coefficients)
 
 
+def _blocks_at(assumptions, blocks, params):
+    """The book's blocks for bumped params: rebuilt when r(0), which the schedules use, moved."""
+    if params.rate_level == assumptions.params.rate_level:
+        return blocks
+    moved = with_overrides(assumptions, {"rate": {"level": float(params.rate_level)}})
+    return jax_engine.prepare_loans(loan_arrays(BOOK, moved), jnp.float64, 64)
+
+
 def _central_difference(assumptions, blocks, sets, field, index, h):
     """{set key: (Σ c L(θ+h) − Σ c L(θ−h)) / 2h} for every index set."""
     up = _bumped(assumptions.params, field, index, h)
     down = _bumped(assumptions.params, field, index, -h)
+    blocks_up, blocks_down = (_blocks_at(assumptions, blocks, p) for p in (up, down))
     return {
         key: (
-            _weighted(up, assumptions, blocks, idx, coef)
-            - _weighted(down, assumptions, blocks, idx, coef)
+            _weighted(up, assumptions, blocks_up, idx, coef)
+            - _weighted(down, assumptions, blocks_down, idx, coef)
         )
         / (2 * h)
         for key, (idx, coef) in sets.items()
@@ -229,12 +237,17 @@ def test_direct_gradient_matches_the_run(run, assumptions, blocks, tail_sets):
     from gpucredit.portfolio.sensitivities import gradient_by_path
 
     sens = run.sensitivities
+    tangent = jax_engine.schedule_tangent(
+        loan_arrays(BOOK, assumptions), float(assumptions.params.rate_level),
+        assumptions.steps_per_year, 64,
+    )  # fmt: skip
     for alpha in ALPHAS:
         key = alpha_key(alpha)
         idx, coef = tail_sets[key]
         value, grads = jax_engine.weighted_loss_gradient(
-            assumptions.params, assumptions.grid(), blocks, SEED, idx, coef
-        )
+            assumptions.params, assumptions.grid(), blocks, SEED, idx, coef,
+            schedule_rate_tangent=tangent,
+        )  # fmt: skip
         np.testing.assert_allclose(float(value), run.es(alpha), rtol=1e-12)
         names, flat = gradient_by_path(assumptions, grads)
         assert names == sens.parameter

@@ -890,9 +890,42 @@ def _losses_at_jit(params, grid, blocks, seed, scenarios, output, n_uniforms, no
     return _simulate(params, grid, blocks, normals, uniforms, output)
 
 
+SCHEDULE_LEAVES = (
+    "balance_before_usd",
+    "installment_usd",
+    "ln_gpus_per_balance",
+    "ln_gpus_per_balloon",
+)  # the LoanBlocks leaves that depend on the balance schedule
+
+
+def schedule_tangent(
+    loans: LoanArrays, rate_level: float, steps_per_year: int, block_size: int = 512
+) -> tuple[jax.Array, ...]:
+    """d/dr(0) of the schedule-dependent LoanBlocks leaves (SCHEDULE_LEAVES order, float64):
+    the schedules are per-book constants built from r(0) outside the AD graph (MODEL.md §3),
+    so `weighted_loss_gradient` adds ⟨∂L/∂leaf, d leaf/dr(0)⟩ to ∂/∂rate_level."""
+    from gpucredit.kernels.schedule import balance_schedule
+
+    periods = np.asarray(loans.balance_usd).shape[1] - 1
+    step = 1e-6
+
+    def blocks_at(level: float) -> LoanBlocks:
+        rate0 = loans.rate + loans.is_floating * level
+        balance, installment, balloon, _ = balance_schedule(
+            loans.balance_usd[:, 0], rate0, loans.maturity_years, loans.amortization,
+            steps_per_year, periods,
+        )  # fmt: skip
+        moved = loans._replace(balance_usd=balance, installment_usd=installment,
+                               balloon_usd=balloon)  # fmt: skip
+        return prepare_loans(moved, jnp.float64, block_size)
+
+    up, down = blocks_at(rate_level + step), blocks_at(rate_level - step)
+    return tuple((getattr(up, k) - getattr(down, k)) / (2 * step) for k in SCHEDULE_LEAVES)
+
+
 @functools.partial(jax.jit, static_argnames=("grid",))
 def _weighted_loss_gradient_jit(
-    params, grid, blocks, seed, scenarios, coefficients, normal_shift=None
+    params, grid, blocks, seed, scenarios, coefficients, normal_shift=None, tangent=None
 ):
     TRACE_COUNTS["weighted_loss_gradient"] += 1
     normals = shock_normals_jax_at(
@@ -900,11 +933,19 @@ def _weighted_loss_gradient_jit(
     )
     normals = _shifted(normals, normal_shift, grid)
 
-    def objective(theta):
-        losses = _simulate(theta, grid, blocks, normals, None, "total")
+    def objective(theta, schedule):
+        moved = blocks._replace(**dict(zip(SCHEDULE_LEAVES, schedule, strict=True)))
+        losses = _simulate(theta, grid, moved, normals, None, "total")
         return jnp.sum(coefficients * losses.astype(jnp.float64))
 
-    return jax.value_and_grad(objective)(params)
+    schedule = tuple(getattr(blocks, k) for k in SCHEDULE_LEAVES)
+    if tangent is None:
+        return jax.value_and_grad(objective)(params, schedule)
+    value, (grads, schedule_grads) = jax.value_and_grad(objective, argnums=(0, 1))(params, schedule)
+    through_schedule = sum(
+        jnp.vdot(g.astype(jnp.float64), t) for g, t in zip(schedule_grads, tangent, strict=True)
+    )
+    return value, grads._replace(rate_level=grads.rate_level + through_schedule)
 
 
 def chunk_losses(
@@ -1031,6 +1072,7 @@ def weighted_loss_gradient(
     scenario_indices,
     coefficients,
     normal_shift=None,
+    schedule_rate_tangent=None,
 ) -> tuple[jax.Array, ModelParams]:
     """Σ_j c_j L(ω_j) and its gradient w.r.t. every ModelParams leaf (reverse-mode AD).
 
@@ -1046,6 +1088,8 @@ def weighted_loss_gradient(
       Correlation: grads.correlation[j, k] is the derivative w.r.t. the entry [j, k] of the
       matrix as passed; jnp.linalg.cholesky symmetrizes its input, so for a symmetric move
       of Σ_jk = Σ_kj (MODEL.md §7) the derivative is grads[j, k] + grads[k, j].
+      schedule_rate_tangent: `schedule_tangent(...)` to include r(0)'s effect on the balance
+      schedules in grads.rate_level (without it, the schedules are held fixed).
     """
     params = ModelParams(*(jnp.asarray(leaf, dtype=jnp.float64) for leaf in params))
     stripped, _ = _statics(grid._replace(mode="conditional"), blocks)
@@ -1057,6 +1101,7 @@ def weighted_loss_gradient(
         _indices_arg(scenario_indices),
         jnp.asarray(coefficients, dtype=jnp.float64),
         _shift_arg(normal_shift),
+        schedule_rate_tangent,
     )
 
 

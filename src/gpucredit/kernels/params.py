@@ -133,6 +133,8 @@ class LoanArrays(NamedTuple):
     pd_annual: np.ndarray  # [N] p_i
     rate: np.ndarray  # [N] fixed rate or floating spread
     is_floating: np.ndarray  # [N] 1.0 floating, 0.0 fixed
+    maturity_years: np.ndarray  # [N] as in the book (schedules are rebuilt from it)
+    amortization: np.ndarray  # [N] int code: 0 bullet, 1 linear, 2 annuity
     maturity_period: np.ndarray  # [N] int t_M
     balance_usd: np.ndarray  # [N, T + 1] scheduled balance B_i(t), 0 from t_M on
     installment_usd: np.ndarray  # [N, T + 1] I_i(t) (index 0 unused, 0)

@@ -121,6 +121,8 @@ class JaxBackend:
         # min(block_size, N) here would give every book size its own shape (and compile).
         self.blocks = jax_engine.prepare_loans(loans, precision, block_size)
         self.device = device_name(jax.devices()[0])
+        self._loans, self._block_size = loans, block_size
+        self._schedule_tangent = None  # d(schedule leaves)/d rate.level, built on first use
 
     def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
         log_weights = None
@@ -155,7 +157,13 @@ class JaxBackend:
         return np.asarray(out, dtype=np.float64)
 
     def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
-        """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode)."""
+        """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode); ∂/∂rate.level
+        includes r(0)'s effect on the floating annuities' schedules (MODEL.md §3)."""
+        if self._schedule_tangent is None:
+            self._schedule_tangent = self._engine.schedule_tangent(
+                self._loans, float(self.params.rate_level), self.grid.steps_per_year,
+                self._block_size,
+            )  # fmt: skip
         _, grads = self._engine.weighted_loss_gradient(
             self.params,
             self.grid,
@@ -164,6 +172,7 @@ class JaxBackend:
             np.asarray(scenarios, np.uint32),
             np.asarray(coefficients),
             normal_shift=self.normal_shift,
+            schedule_rate_tangent=self._schedule_tangent,
         )
         return grads
 

@@ -50,6 +50,8 @@ def loan_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
         pd_annual=f64(book.pd_annual),
         rate=f64(book.rate),
         is_floating=is_floating,
+        maturity_years=f64(book.maturity_years),
+        amortization=amortization,
         maturity_period=t_m,
         balance_usd=balance,
         installment_usd=installment,
