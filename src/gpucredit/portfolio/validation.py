@@ -928,7 +928,11 @@ def gradient_checks(
     grid = base.grid("conditional")
 
     def measures(params: ModelParams) -> tuple[float, float]:
-        bumped = _jax_backend(base, loans, s.seed, "float64", params=params, grid=grid)
+        # A run at another r(0) also rebuilds the floating annuities' schedules (MODEL.md §3).
+        moved = loans
+        if params.rate_level != base.params.rate_level:
+            moved = loan_arrays(book, dataclasses.replace(base, params=params))
+        bumped = _jax_backend(base, moved, s.seed, "float64", params=params, grid=grid)
         L = _pass1(bumped, n, n, len(book)).losses_usd
         return float(L.mean()), var_es(L, None, alpha)[1]
 
