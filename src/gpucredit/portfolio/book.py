@@ -137,3 +137,57 @@ def uniform_book(n: int, source: str = "<uniform>", **columns) -> Book:
             out[key] = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,)).copy()
     loan_id = np.array([f"L{i:05d}" for i in range(n)], dtype=object)
     return Book(source=source, loan_id=loan_id, **out)
+
+
+def feature_book(
+    n_loans: int,
+    seed: int,
+    ltv: tuple[float, float] = (0.4, 0.9),
+    rate: tuple[float, float] = (0.0, 0.12),
+    borrowers: int | None = None,
+    source: str = "<feature book>",
+) -> Book:
+    """A small random book that exercises every mechanism of MODEL.md §3-6: every generation,
+    amortization and rate type, maturities before, on and after a 3-year horizon (on and off
+    the quarterly grid), expiring and running contracts, miners with pledged and unpledged
+    BTC/ETH, shared borrowers (cross-default; `borrowers` ids, default half the loans)."""
+    rng = np.random.default_rng(seed)
+    prices = {"A100": 9000.0, "H100": 22000.0, "H200": 29000.0, "B200": 40000.0}
+    rents = {"A100": 1.2, "H100": 2.2, "H200": 3.0, "B200": 4.5}
+    power = {"A100": 0.52, "H100": 0.91, "H200": 0.91, "B200": 1.30}
+    gen = rng.choice(list(prices), n_loans)
+    gpus = rng.integers(50, 3000, n_loans).astype(float)
+    share = rng.choice([1.0, 0.6], n_loans)
+    balance = rng.uniform(*ltv, n_loans) * gpus * np.array([prices[g] for g in gen]) * share
+    n_borrowers = max(1, n_loans // 2 if borrowers is None else borrowers)
+    borrower = np.array([f"B{rng.integers(0, n_borrowers):04d}" for _ in range(n_loans)])
+    miner = rng.random(n_loans) < 0.4
+    contracted = rng.random(n_loans) < 0.5
+    return uniform_book(
+        n_loans,
+        source,
+        borrower_id=borrower,
+        borrower_type=np.where(miner, "miner", "neocloud"),
+        balance_usd=balance,
+        rate_type=rng.choice(["fixed", "floating"], n_loans),
+        rate=rng.uniform(*rate, n_loans),
+        maturity_years=rng.choice([0.6, 1.0, 1.75, 2.3, 3.0, 4.0, 5.0], n_loans),
+        amortization=rng.choice(["bullet", "linear", "annuity"], n_loans),
+        gpu_generation=gen,
+        gpu_count=gpus,
+        pd_annual=rng.uniform(0.01, 0.15, n_loans),
+        collateral_share=share,
+        contracted_share=np.where(contracted, rng.uniform(0.3, 0.9, n_loans), 0.0),
+        contract_rate_usd_per_hour=np.array([rents[g] for g in gen])
+        * rng.uniform(0.8, 1.3, n_loans),
+        contract_years_remaining=np.where(contracted, rng.choice([0.1, 0.5, 1.2, 4.0], n_loans), 0),
+        utilization=rng.uniform(0.5, 0.95, n_loans),
+        power_kw_per_gpu=np.array([power[g] for g in gen]),
+        other_opex_usd_per_gpu_hour=rng.uniform(0.0, 0.3, n_loans),
+        cash_usd=rng.uniform(0, 0.1, n_loans) * balance,
+        btc_units=np.where(miner, rng.uniform(0, 200, n_loans), 0.0),
+        eth_units=np.where(miner, rng.uniform(0, 3000, n_loans), 0.0),
+        crypto_pledged=miner & (rng.random(n_loans) < 0.5),
+        liquidation_cost=rng.uniform(0.02, 0.15, n_loans),
+        asset_correlation=rng.uniform(0.05, 0.4, n_loans),
+    )
