@@ -94,7 +94,8 @@ class Book:
         return Book(**fields)
 
 
-# Column values of `uniform_book` where the caller gives none: one H100 loan of $1M, 100 GPUs.
+# Column values of `uniform_book` where the caller gives none: one H100 loan of $1M, 100 GPUs,
+# the optional columns at their MODEL.md §9 defaults (power: the H100's).
 UNIFORM_LOAN = dict(
     borrower_type="neocloud",
     balance_usd=1_000_000.0,
@@ -105,19 +106,7 @@ UNIFORM_LOAN = dict(
     gpu_generation="H100",
     gpu_count=100.0,
     pd_annual=0.05,
-    collateral_share=1.0,
-    contracted_share=0.0,
-    contract_rate_usd_per_hour=0.0,
-    contract_years_remaining=0.0,
-    utilization=0.70,
-    power_kw_per_gpu=0.91,
-    other_opex_usd_per_gpu_hour=0.0,
-    cash_usd=0.0,
-    btc_units=0.0,
-    eth_units=0.0,
-    crypto_pledged=False,
-    liquidation_cost=0.05,
-    asset_correlation=0.15,
+    **(OPTIONAL_DEFAULTS | {"power_kw_per_gpu": 0.91}),
 )
 STRING_FIELDS = ("borrower_id", "borrower_type", "rate_type", "amortization", "gpu_generation")
 
