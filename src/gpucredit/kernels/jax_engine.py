@@ -703,7 +703,7 @@ def _revalue_block(
         at_refinancing=terms.at_refinancing,
     )
     (_, survival, defaulted, loss, defaulted_exposure), volume = lax.scan(
-        step, carry, (factors, period_terms)
+        jax.checkpoint(step), carry, (factors, period_terms)
     )
     if haircut is None:
         return volume
