@@ -22,7 +22,13 @@ from gpucredit.io.assumptions import (
 from gpucredit.io.book import BookError, example_book_path, read_book, write_book
 from gpucredit.io.report import ReportError
 from gpucredit.io.results import ResultsError
-from gpucredit.portfolio.engine import BACKENDS, MODES, PRECISIONS, EngineError
+from gpucredit.portfolio.engine import (
+    BACKENDS,
+    KEEP_LOSSES_MAX_SCENARIOS,
+    MODES,
+    PRECISIONS,
+    EngineError,
+)
 
 EXIT_BAD_INPUT = 2
 
@@ -147,6 +153,15 @@ class Progress:
     "--workers", type=click.IntRange(min=1), help="Run on a local Dask cluster of N processes."
 )
 @click.option("--scheduler", help="Run on the Dask cluster at this address (tcp://host:8786).")
+@click.option(
+    "--keep-losses/--tails-only",
+    "keep_losses",
+    default=None,
+    help="Keep every per-scenario loss (and write losses.parquet), or only each batch's largest "
+    "losses and statistics (tails-only: same measures, contributions and sensitivities, "
+    f"tail_losses.parquet instead). Default: keep them up to {KEEP_LOSSES_MAX_SCENARIOS:,} "
+    "scenarios.",
+)
 @click.option("--quiet", is_flag=True)
 @friendly_errors
 def run(
@@ -168,6 +183,7 @@ def run(
     resume,
     workers,
     scheduler,
+    keep_losses,
     quiet,
 ):
     """Simulate BOOK (default: the embedded example) and report EL, VaR and ES."""
@@ -179,11 +195,17 @@ def run(
         write_results,
     )
     from gpucredit.io.summary_text import print_run_summary
-    from gpucredit.portfolio.engine import default_chunk_size, resolve_run_settings, simulate
+    from gpucredit.portfolio.engine import (
+        default_chunk_size,
+        resolve_keep_losses,
+        resolve_run_settings,
+        simulate,
+    )
 
     loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
     cases = [stress_case(assumptions, name, repair_correlation) for name in stresses]
     scenarios_, seed_, mode_ = resolve_run_settings(assumptions, scenarios, seed, mode)
+    keep_losses = resolve_keep_losses(keep_losses, scenarios_, importance_sampling)
     out_dir = prepare_output_dir(Path(out))
     checkpoint = Checkpoint(
         out_dir,
@@ -216,7 +238,9 @@ def run(
     with Progress(quiet) as progress:
         progress.note(
             f"gpucredit {__version__}: {len(loans):,} loans, {scenarios_:,} scenarios, "
-            f"{mode_} mode, seed {seed_}" + (", importance sampling" if importance_sampling else "")
+            f"{mode_} mode, seed {seed_}"
+            + (", importance sampling" if importance_sampling else "")
+            + ("" if keep_losses else ", tails-only pass 1")
         )
         result = simulate(
             loans,
@@ -236,6 +260,7 @@ def run(
             normal_shift=normal_shift,
             workers=workers,
             scheduler=scheduler,
+            keep_losses=keep_losses,
         )
     if result.sensitivities is None and not no_sensitivities and not quiet:
         click.echo(f"sensitivities: {result.metadata['sensitivities_of']}", err=True)

@@ -94,6 +94,55 @@ def test_run_writes_every_result_file(small_book, tmp_path):
     assert summary["measures"]["el"] == pytest.approx(losses.mean(), rel=1e-12)
 
 
+def test_run_tails_only_writes_the_tail_and_the_same_numbers(small_book, tmp_path):
+    """--tails-only: no losses.parquet, tail_losses.parquet and the histogram instead; the
+    same measures and contributions as --keep-losses; `gpucredit report` re-renders it."""
+    tails, full = tmp_path / "tails", tmp_path / "full"
+    result = invoke("run", str(small_book), *RUN_ARGS, "--tails-only", "--out", str(tails))
+    assert result.exit_code == 0, result.output
+    assert "tails-only pass 1" in result.output and "ES 99.9%" in result.output
+    files = {p.name for p in tails.iterdir()}
+    assert "losses.parquet" not in files
+    assert {"summary.json", "tail_losses.parquet", "contributions.parquet", "report.html"} <= files
+    summary = json.loads((tails / "summary.json").read_text())
+    assert summary["metadata"]["keep_losses"] is False
+    assert sum(summary["loss_histogram"]["counts"]) == 640
+    assert "Tails-only run" in (tails / "report.html").read_text()
+
+    result = invoke("run", str(small_book), *RUN_ARGS, "--keep-losses", "--out", str(full))
+    assert result.exit_code == 0, result.output
+    kept = json.loads((full / "summary.json").read_text())
+    assert kept["metadata"]["keep_losses"] is True
+    assert kept["measures"] == summary["measures"]
+    assert kept["loss_histogram"] == summary["loss_histogram"]
+    assert pq.read_table(full / "contributions.parquet").equals(
+        pq.read_table(tails / "contributions.parquet")
+    )
+    losses = pq.read_table(full / "losses.parquet").column("loss_usd").to_numpy()
+    tail = pq.read_table(tails / "tail_losses.parquet").to_pydict()
+    np.testing.assert_array_equal(losses[tail["scenario"]], tail["loss_usd"])
+    assert min(tail["loss_usd"]) <= summary["measures"]["tail"]["0.99"]["var"]
+    assert len(tail["scenario"]) >= 0.01 * 640 + 2
+
+    (tails / "report.html").unlink()
+    result = invoke("report", str(tails))
+    assert result.exit_code == 0 and (tails / "report.html").exists()
+    # Keeping every loss in the same directory removes the tails-only file.
+    assert invoke("run", str(small_book), *RUN_ARGS, "--out", str(tails)).exit_code == 0
+    assert (tails / "losses.parquet").exists() and not (tails / "tail_losses.parquet").exists()
+
+
+def test_tails_only_with_importance_sampling_is_refused(small_book, tmp_path):
+    out = tmp_path / "refused"
+    args = ["run", str(small_book), "--tails-only", "--importance-sampling", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    last = [line for line in result.output.splitlines() if line.strip()][-1]
+    assert last.startswith("error: tails-only mode") and "importance sampling" in last
+    assert "Traceback" not in result.output and not out.exists()
+    assert "--keep-losses / --tails-only" in invoke("run", "--help").output
+
+
 def test_unwritable_out_is_a_clear_error(small_book, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

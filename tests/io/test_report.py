@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpucredit.io.report import ReportError, render_report, render_report_from_dir
+from gpucredit.portfolio.risk import LossHistogram, largest_losses, tail_size
 
 ALPHAS = (0.99, 0.999)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -270,6 +271,45 @@ def test_all_null_summary_still_renders():
     }
     text = render_report(summary, np.array([0.0, 1.0, 2.0, np.nan]), None, None)
     assert "Headline risk measures" in text and "—" in text
+
+
+def _make_tails_only(directory: Path) -> np.ndarray:
+    """Turn a results directory into a tails-only run's: no losses.parquet, the histogram in
+    summary.json and the largest losses in tail_losses.parquet. Returns the losses."""
+    losses = pq.read_table(directory / "losses.parquet").column("loss_usd").to_numpy()
+    (directory / "losses.parquet").unlink()
+    summary = json.loads((directory / "summary.json").read_text())
+    summary["metadata"]["keep_losses"] = False
+    summary["loss_histogram"] = LossHistogram.of(losses).to_dict()
+    (directory / "summary.json").write_text(json.dumps(summary))
+    top = largest_losses(losses, tail_size(losses.size, ALPHAS))
+    table = pa.table({"scenario": top.indices, "loss_usd": top.losses_usd})
+    pq.write_table(table, directory / "tail_losses.parquet")
+    return losses
+
+
+def test_tails_only_report_draws_the_merged_histogram_and_the_tail(tmp_path: Path):
+    """Without losses.parquet the report draws the same histogram and exceedance curve from
+    summary.json's histogram and tail_losses.parquet; missing inputs name their file."""
+    full = render_report_from_dir(write_results_dir(tmp_path / "full")).read_text()
+    directory = write_results_dir(tmp_path / "tails")
+    losses = _make_tails_only(directory)
+    text = render_report_from_dir(directory).read_text(encoding="utf-8")
+    positions = [text.find(f">{h}</h2>") for h in SECTION_HEADINGS]
+    assert all(p > 0 for p in positions) and positions == sorted(positions)
+    assert _image_sources(text)[:2] == _image_sources(full)[:2]  # histogram and tail charts
+    assert len(_image_sources(text)) == 7
+    assert "Tails-only run: merged from the per-batch histograms" in text
+    assert "Median (within one histogram bin)" in text and f"{losses.size:,} simulated" in text
+    (directory / "tail_losses.parquet").unlink()
+    with pytest.raises(ReportError, match="tail_losses.parquet"):
+        render_report_from_dir(directory)
+    _make_tails_only(write_results_dir(tmp_path / "again"))
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    del summary["loss_histogram"]
+    (tmp_path / "again" / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ReportError, match="summary.json: no valid loss_histogram"):
+        render_report_from_dir(tmp_path / "again")
 
 
 # ----------------------------------------------------------------------------- headless browser

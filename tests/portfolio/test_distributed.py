@@ -27,13 +27,9 @@ from gpucredit.io.assumptions import load_assumptions  # noqa: E402
 from gpucredit.portfolio.distributed import (  # noqa: E402
     DaskRunner,
     SchedulerUnreachable,
-    block_tail,
-    merge_block_tails,
     plan_blocks,
-    tail_size,
 )
 from gpucredit.portfolio.engine import simulate  # noqa: E402
-from gpucredit.portfolio.risk import alpha_key, tail_coefficients, var_es  # noqa: E402
 
 UNREACHABLE = "tcp://127.0.0.1:9"  # the discard port: nothing listens there
 
@@ -123,49 +119,110 @@ def test_blocks_are_whole_chunks_in_order():
     assert len(blocks) == math.ceil(40 / 5)  # 40 chunks, 5 per block: ~4 blocks a worker
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_block_tails_give_the_exact_tail(ties):
-    """Per-block top-k (ties kept) gives exactly VaR, ES and the tail set of all losses."""
-    rng = np.random.default_rng(3)
-    S, alphas = 20_000, (0.95, 0.99, 0.999)
-    losses = rng.lognormal(0.0, 1.0, S)
-    if ties:
-        losses = np.round(losses, 1)  # many ties, at VaR too
-    k = tail_size(S, alphas)
-    tails = [block_tail(f, losses[f : f + c], k) for f, c in plan_blocks(S, 2048, workers=1)]
-    assert len(tails) == 4 and sum(t.indices.size for t in tails) < S / 4  # k = 1002 a block
-    assert math.isclose(sum(t.loss_sum for t in tails), losses.sum(), rel_tol=1e-12)
-    merged = merge_block_tails(tails, S, alphas)
-    for alpha in alphas:
-        var, es, idx, coef = merged[alpha_key(alpha)]
-        assert (var, es) == pytest.approx(var_es(losses, None, alpha), rel=1e-12)
-        want_idx, want_coef = tail_coefficients(losses, None, alpha)
-        np.testing.assert_array_equal(idx, want_idx)
-        np.testing.assert_allclose(coef, want_coef, rtol=1e-12)
-
-
 # ----------------------------------------------------------------------------- on a cluster
 
 
-def test_two_workers_give_the_single_process_numbers(cluster, assumptions):
+JAX_BOOK = random_book(3, 12)
+JAX_KWARGS = dict(
+    scenarios=2048 + 100,  # a short last chunk and last block
+    seed=11,
+    backend="jax",
+    precision="float32",
+    chunk_size=256,
+    alphas=(0.9, 0.99),
+    el_sensitivity_scenarios=512,
+)
+
+
+@pytest.fixture(scope="module")
+def single_jax_run(jax_cache, assumptions):
+    """The single-process JAX float32 run (every loss kept) the cluster runs must equal."""
+    return simulate(JAX_BOOK, assumptions, **JAX_KWARGS)
+
+
+def test_two_workers_give_the_single_process_numbers(cluster, assumptions, single_jax_run):
     """JAX float32: per-scenario losses, VaR/ES, contributions and sensitivities identical."""
     address, _ = cluster
-    book = random_book(3, 12)
-    kwargs = dict(
-        scenarios=2048 + 100,  # a short last chunk and last block
-        seed=11,
-        backend="jax",
-        precision="float32",
-        chunk_size=256,
-        alphas=(0.9, 0.99),
-        el_sensitivity_scenarios=512,
-    )
-    single = simulate(book, assumptions, **kwargs)
-    on_dask = simulate(book, assumptions, scheduler=address, **kwargs)
+    single = single_jax_run
+    on_dask = simulate(JAX_BOOK, assumptions, scheduler=address, **JAX_KWARGS)
     assert_same_run(single, on_dask)
     meta = on_dask.metadata["dask"]
     assert meta["scheduler"] == address and meta["workers"] == 2
     assert meta["worker_devices"] == [single.metadata["device"]]
+
+
+def assert_same_tails_run(a, b):
+    """Everything but the per-scenario losses identical (b may be tails-only)."""
+    np.testing.assert_array_equal(a.tail.indices, b.tail.indices)
+    np.testing.assert_array_equal(a.tail.losses_usd, b.tail.losses_usd)
+    np.testing.assert_array_equal(a.histogram.counts, b.histogram.counts)
+    assert_same_run(
+        dataclasses.replace(a, losses_usd=None), dataclasses.replace(b, losses_usd=None)
+    )
+
+
+def test_tails_only_on_two_workers_gives_the_numbers_of_keeping_every_loss(
+    cluster, assumptions, single_jax_run
+):
+    """Tails-only pass 1 on the cluster (one task a batch, only tails and statistics back)
+    equals the single-process run that keeps every loss, and the single-process tails-only
+    run: measures with their standard errors, contributions and sensitivities, bit for bit."""
+    address, _ = cluster
+    on_dask = simulate(JAX_BOOK, assumptions, scheduler=address, keep_losses=False, **JAX_KWARGS)
+    assert on_dask.losses_usd is None and on_dask.metadata["keep_losses"] is False
+    assert on_dask.metadata["dask"]["workers"] == 2
+    assert_same_tails_run(single_jax_run, on_dask)
+    local = simulate(JAX_BOOK, assumptions, keep_losses=False, **JAX_KWARGS)
+    assert_same_tails_run(local, on_dask)
+
+
+@pytest.mark.parametrize("keep_losses", [True, False])
+def test_pass2_tasks_go_to_the_worker_that_ran_their_scenarios(
+    cluster, assumptions, monkeypatch, keep_losses
+):
+    """Each contribution task is submitted to the worker whose pass-1 task (block or batch)
+    holds its first tail index, as a loose restriction (another worker may take it)."""
+    from distributed import Client
+
+    from gpucredit.portfolio.distributed import owner_of
+
+    address, client = cluster
+    submitted, owners = [], []
+    submit = Client.submit
+
+    def recording_submit(self, fn, *args, **kwargs):
+        submitted.append((fn.__name__, args, kwargs))
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "submit", recording_submit)
+    for method in ("run_pass1", "run_tails_pass1"):
+        original = getattr(DaskRunner, method)
+
+        def recording(self, *args, _original=original, **kwargs):
+            pass1 = _original(self, *args, **kwargs)
+            owners.extend(pass1.owners)
+            return pass1
+
+        monkeypatch.setattr(DaskRunner, method, recording)
+    book = random_book(4, 10)
+    kwargs = dict(scenarios=4000, seed=5, backend="numpy", chunk_size=128, alphas=(0.5, 0.99))
+    result = simulate(
+        book, assumptions, scheduler=address, keep_losses=keep_losses, sensitivities=False,
+        **kwargs,
+    )  # fmt: skip
+    workers = set(client.scheduler_info()["workers"])
+    assert {worker for _, _, worker in owners} == workers  # both ran pass-1 tasks
+    assert sum(count for _, count, _ in owners) == 4000
+    pass1 = [kw for name, _, kw in submitted if name.startswith("_pass1")]
+    assert pass1 and all("workers" not in kw for kw in pass1)
+    pass2 = [(args, kw) for name, args, kw in submitted if name == "_contribution_chunk"]
+    assert len(pass2) == 2  # the union of the tails: 2,000 indices, two chunks of 1024
+    for args, kw in pass2:
+        first_index = int(args[1][0])
+        assert kw["workers"] == [owner_of(owners, first_index)]
+        assert kw["allow_other_workers"] is True
+    single = simulate(book, assumptions, keep_losses=keep_losses, sensitivities=False, **kwargs)
+    assert_same_tails_run(single, result)
 
 
 def test_a_killed_worker_is_replaced_and_the_result_is_the_same(cluster, assumptions):
@@ -249,6 +306,24 @@ def test_cli_runs_on_a_scheduler(cluster, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert (out / "losses.parquet").exists() and (out / "summary.json").exists()
+
+
+def test_pass2_runs_elsewhere_when_the_owner_is_gone(cluster, assumptions):
+    """The owner restriction is loose: a task whose owner left the cluster runs on another
+    worker, with the same result as in one process."""
+    from gpucredit.portfolio.engine import BackendSpec, LocalRunner
+    from gpucredit.portfolio.loans import loan_arrays
+
+    _, client = cluster
+    book = random_book(4, 10)
+    loans = loan_arrays(book, assumptions)
+    spec = BackendSpec("numpy", "float64", assumptions.params, assumptions.grid(), loans, 5)
+    tails = {"0.9": (np.arange(100, 300), np.full(200, 1 / 200))}
+    gone = ((0, 10_000, "tcp://127.0.0.1:9"),)  # no worker there
+    with DaskRunner(client=client) as runner:
+        got = runner.tail_contributions(spec, tails, len(book), owners=gone)
+    want = LocalRunner().tail_contributions(spec, tails, len(book))
+    np.testing.assert_array_equal(got["0.9"], want["0.9"])
 
 
 # ----------------------------------------------------------------------------- errors

@@ -1,5 +1,6 @@
 """The chunked two-pass run: pass 1 over chunks (resume, progress, chunk-size invariance),
-backend selection and refusals, and the RunResult (measures, summary, metadata)."""
+backend selection and refusals, the RunResult (measures, summary, metadata), and tails-only
+pass 1 against a run that keeps every loss."""
 
 from __future__ import annotations
 
@@ -11,16 +12,29 @@ import pytest
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions, stress_case
 from gpucredit.portfolio.engine import (
+    KEEP_LOSSES_MAX_SCENARIOS,
+    BatchOutput,
     ChunkOutput,
     EngineError,
     NumpyBackend,
     RunResult,
+    StressCase,
     choose_backend,
+    resolve_keep_losses,
     run_pass1,
+    run_tails_pass1,
     simulate,
 )
 from gpucredit.portfolio.loans import loan_arrays
-from gpucredit.portfolio.risk import alpha_key, risk_measures, var_es
+from gpucredit.portfolio.risk import (
+    LossHistogram,
+    alpha_key,
+    largest_losses,
+    risk_measures,
+    risk_measures_from_tail,
+    tail_size,
+    var_es,
+)
 
 SEED = 5
 SCENARIOS = 1024
@@ -47,6 +61,7 @@ METADATA_KEYS = {
     "elapsed_seconds",
     "scenarios_per_second",
     "loan_periods_per_second",
+    "keep_losses",
 }
 
 
@@ -236,3 +251,151 @@ def test_bad_run_settings_are_refused(assumptions, kwargs, match):
 def test_auto_backend_is_jax():
     assert choose_backend("auto") == "jax"
     assert choose_backend("numpy") == "numpy"
+
+
+# --------------------------------------------------------------------------- tails-only mode
+
+
+def assert_same_results(a: RunResult, b: RunResult) -> None:
+    """Measures (standard errors and intervals included), tail, histogram, contributions,
+    sensitivities and stress measures identical, bit for bit."""
+    assert a.measures.to_dict() == b.measures.to_dict()
+    np.testing.assert_array_equal(a.tail.indices, b.tail.indices)
+    np.testing.assert_array_equal(a.tail.losses_usd, b.tail.losses_usd)
+    assert a.histogram.bin_width_usd == b.histogram.bin_width_usd
+    np.testing.assert_array_equal(a.histogram.counts, b.histogram.counts)
+    ca, cb = a.contributions, b.contributions
+    for field in ("expected_loss_usd", "horizon_pd", "mean_lgd"):
+        np.testing.assert_array_equal(getattr(ca, field), getattr(cb, field))
+    assert ca.expected_shortfall_usd.keys() == cb.expected_shortfall_usd.keys()
+    for key in ca.expected_shortfall_usd:
+        np.testing.assert_array_equal(
+            ca.expected_shortfall_usd[key], cb.expected_shortfall_usd[key]
+        )
+    assert (a.sensitivities is None) == (b.sensitivities is None)
+    if a.sensitivities is not None:
+        np.testing.assert_array_equal(
+            a.sensitivities.d_expected_loss, b.sensitivities.d_expected_loss
+        )
+        for key, values in a.sensitivities.d_expected_shortfall.items():
+            np.testing.assert_array_equal(values, b.sensitivities.d_expected_shortfall[key])
+    assert [s.measures.to_dict() for s in a.stress] == [s.measures.to_dict() for s in b.stress]
+
+
+TAILS_KWARGS = dict(
+    scenarios=2048 + 100,  # a short last chunk; batches of 67 scenarios across chunk edges
+    seed=11,
+    backend="jax",
+    precision="float32",
+    chunk_size=256,
+    alphas=(0.9, 0.99),
+    el_sensitivity_scenarios=512,
+)
+
+
+@pytest.fixture(scope="module")
+def both_modes(assumptions):
+    """(every loss kept, tails only): one JAX float32 run of a small book in each mode."""
+    book = random_book(3, 12)
+    stress = (stress_case(assumptions, "liquidity-freeze"),)
+    full = simulate(book, assumptions, keep_losses=True, stress=stress, **TAILS_KWARGS)
+    tails = simulate(book, assumptions, keep_losses=False, stress=stress, **TAILS_KWARGS)
+    return full, tails
+
+
+def test_tails_only_gives_the_numbers_of_keeping_every_loss(both_modes):
+    full, tails = both_modes
+    assert full.metadata["keep_losses"] is True and tails.metadata["keep_losses"] is False
+    assert tails.losses_usd is None and full.losses_usd.shape == (2148,)
+    assert tails.measures.n_batches == 32 and tails.sensitivities is not None
+    assert_same_results(full, tails)
+    # ... and they are the measures of every loss.
+    assert full.measures == risk_measures(full.losses_usd, None, (0.9, 0.99))
+    for alpha in (0.9, 0.99):
+        assert (tails.var(alpha), tails.es(alpha)) == var_es(full.losses_usd, None, alpha)
+    top = largest_losses(full.losses_usd, tail_size(2148, (0.9, 0.99)))
+    np.testing.assert_array_equal(tails.tail.indices, top.indices)
+    hist = LossHistogram.of(full.losses_usd)
+    np.testing.assert_array_equal(tails.histogram.counts, hist.counts)
+    assert tails.stress[0].measures.es(0.99) != tails.es(0.99)
+    json.dumps(tails.summary(), allow_nan=False)
+
+
+def test_tails_only_pass1_resumes_from_saved_batches(assumptions):
+    """Batches are the checkpoint unit: a resumed run recomputes only the missing ones and
+    gives the same Pass1; progress reaches every scenario."""
+    backend = _backend(assumptions)
+    saved: dict[int, BatchOutput] = {}
+    progress: list[int] = []
+    full = run_tails_pass1(
+        backend, 300, 128, (0.95,), lambda done, _: progress.append(done), None,
+        saved.__setitem__,
+    )  # fmt: skip
+    assert len(saved) == 32 and progress[-1] == 300 and progress == sorted(progress)
+    assert full.losses_usd is None and full.tail.n_scenarios == 300
+
+    computed: list[int] = []
+
+    class Counting:
+        def run_chunk(self, first, count):
+            computed.append(first)
+            return backend.run_chunk(first, count)
+
+    keep = sorted(saved)[:20]  # batches of 10 or 9 scenarios: chunk 128 is the boundary
+    resumed = run_tails_pass1(Counting(), 300, 128, (0.95,), done={f: saved[f] for f in keep})
+    assert computed == [128, 256]  # chunk 0 was all in saved batches
+    for field in ("loan_expected_loss_usd", "loan_horizon_pd", "loan_mean_lgd"):
+        np.testing.assert_array_equal(getattr(resumed, field), getattr(full, field))
+    assert resumed.batches == full.batches
+    np.testing.assert_array_equal(resumed.tail.losses_usd, full.tail.losses_usd)
+    # Batches saved at other alphas (another tail size and batch VaR) are recomputed.
+    computed.clear()
+    run_tails_pass1(Counting(), 300, 128, (0.99,), done=saved)
+    assert computed == [0, 128, 256]
+    # The per-loan sums are those of the run that keeps every loss, bit for bit.
+    kept = run_pass1(backend, 300, 128, len(BOOK))
+    np.testing.assert_array_equal(kept.loan_expected_loss_usd, full.loan_expected_loss_usd)
+
+
+def test_tails_only_pass1_reruns_a_batch_that_held_too_much_of_the_tail():
+    """Losses that grow with the scenario index put the whole tail in the last batch, beyond
+    its margin: that batch runs again down to the merged tail's floor, and the measures are
+    those of every loss."""
+    calls: list[int] = []
+
+    class Increasing:
+        def run_chunk(self, first, count):
+            calls.append(first)
+            losses, zeros = np.arange(first, first + count, dtype=np.float64), np.zeros(3)
+            return ChunkOutput(losses, zeros, zeros, zeros)
+
+    saved: dict[int, BatchOutput] = {}
+    pass1 = run_tails_pass1(Increasing(), 3200, 64, (0.99,), on_batch=saved.__setitem__)
+    assert len(calls) == 50 + 2  # every chunk once, then the last batch's two chunks again
+    assert len(saved) == 32 and saved[3100].tail.indices.size == 100  # all above the floor
+    losses = np.arange(3200, dtype=np.float64)
+    want = risk_measures(losses, None, (0.99,))
+    assert risk_measures_from_tail(pass1.tail, pass1.batches, (0.99,)).to_dict() == want.to_dict()
+
+
+def test_keep_losses_default_and_refusal(assumptions):
+    assert resolve_keep_losses(None, KEEP_LOSSES_MAX_SCENARIOS) is True
+    assert resolve_keep_losses(None, KEEP_LOSSES_MAX_SCENARIOS + 1) is False
+    assert resolve_keep_losses(None, 10**9, importance_sampling=True) is True
+    assert resolve_keep_losses(False, 100) is False and resolve_keep_losses(True, 10**9)
+    grid = assumptions.grid()
+    shift = np.zeros((grid.periods, grid.n_factors))
+    with pytest.raises(EngineError, match="importance sampling"):
+        simulate(BOOK, assumptions, scenarios=64, backend="numpy", normal_shift=shift,
+                 keep_losses=False)  # fmt: skip
+
+
+def test_tails_only_stress_and_sampled_mode(assumptions):
+    """Sampled mode (lumpy losses, many ties at zero) and a stress case, numpy backend."""
+    stressed = StressCase("freeze", "", stress_case(assumptions, "liquidity-freeze").assumptions)
+    kwargs = dict(scenarios=700, seed=3, backend="numpy", chunk_size=128, mode="sampled")
+    kwargs |= dict(sensitivities=False, stress=(stressed,), alphas=(0.95, 0.99))
+    full = simulate(BOOK, assumptions, keep_losses=True, **kwargs)
+    tails = simulate(BOOK, assumptions, keep_losses=False, **kwargs)
+    assert tails.histogram.zero_count == int(np.sum(full.losses_usd == 0)) > 0
+    assert_same_results(full, tails)

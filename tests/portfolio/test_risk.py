@@ -1,6 +1,7 @@
 """Tests of gpucredit.portfolio.risk: VaR/ES on exact discrete distributions (against a
 brute-force quantile integral in rational arithmetic), tail coefficients, closed forms for
-normal and exponential losses, importance weights, and the batch-means intervals."""
+normal and exponential losses, importance weights, the batch-means intervals, and the
+tails-only building blocks (partial tails, batch statistics, mergeable histograms)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,25 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from gpucredit.portfolio.risk import (
+    HISTOGRAM_BINS,
+    MAX_BATCH_SCENARIOS,
+    LossHistogram,
+    LossTail,
     RiskMeasures,
     TailMeasures,
     alpha_key,
+    batch_bounds,
+    batch_count,
+    batch_statistics,
+    batch_tail_size,
+    largest_losses,
+    merge_tails,
     risk_measures,
+    risk_measures_from_tail,
+    short_tails,
     tail_coefficients,
+    tail_sets,
+    tail_size,
     var_es,
 )
 
@@ -387,3 +402,165 @@ def test_refuses_too_few_batches():
         risk_measures(np.arange(100.0), alphas=(1.5,))
     with pytest.raises(TypeError):
         risk_measures(np.arange(100.0), n_batches=32.0)
+
+
+# --------------------------------------------------------------------------- tails only
+
+
+def _losses(ties: bool, size: int = 20_000) -> np.ndarray:
+    losses = np.random.default_rng(3).lognormal(0.0, 1.0, size)
+    return np.round(losses, 1) if ties else losses  # many ties, at VaR too
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_merged_block_tails_are_exactly_the_top_k(ties):
+    """Per-block top k (ties kept), merged, is the top k of all losses: VaR, ES and the tail
+    sets from it equal those of every loss, bit for bit."""
+    S, alphas = 20_000, (0.95, 0.99, 0.999)
+    losses = _losses(ties, S)
+    k = tail_size(S, alphas)
+    assert 1002 <= k <= 1003  # ⌈0.05 S⌉ + 2, to rounding
+    blocks = batch_bounds(S, 7)  # uneven blocks
+    parts = [largest_losses(losses[f : f + c], k, first=f) for f, c in blocks]
+    assert sum(t.indices.size for t in parts) < S / 2
+    merged = merge_tails(parts, k)
+    whole = largest_losses(losses, k)
+    np.testing.assert_array_equal(merged.indices, whole.indices)
+    np.testing.assert_array_equal(merged.losses_usd, whole.losses_usd)
+    assert merged.n_scenarios == S and np.all(np.diff(merged.indices) > 0)
+    for alpha in alphas:
+        assert var_es(merged.losses_usd, None, alpha, n_scenarios=S) == var_es(losses, None, alpha)
+        idx, coef = merged.coefficients(alpha)
+        want_idx, want_coef = tail_coefficients(losses, None, alpha)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_array_equal(coef, want_coef)
+    assert tail_sets(merged, alphas).keys() == {alpha_key(a) for a in alphas}
+
+
+def test_batches_keep_their_share_of_the_tail_with_a_margin():
+    """Tails-only batches keep their expected share of the top k plus a margin: about k in
+    all, and with i.i.d. losses none is short."""
+    S, alphas = 200_000, (0.99, 0.999)
+    losses = np.random.default_rng(9).lognormal(0.0, 1.5, S)
+    k = tail_size(S, alphas)
+    bounds = batch_bounds(S, 32)
+    parts = [
+        largest_losses(losses[f : f + c], batch_tail_size(S, alphas, c), first=f) for f, c in bounds
+    ]
+    kept = sum(t.indices.size for t in parts)
+    assert k < kept < 2.5 * k  # 32 × (62.5 + 8 √62.5 + 10) = 4,352 against k = 2,003
+    assert short_tails(parts, k)[1] == []
+    merged = merge_tails(parts, k)
+    np.testing.assert_array_equal(merged.indices, largest_losses(losses, k).indices)
+    assert batch_tail_size(1000, (0.5,), 10) == 10  # at most the batch
+
+
+def test_a_batch_cut_above_the_run_tail_is_found_and_taken_again():
+    """All the large losses in the last batches: their cut lies above the union's k-th
+    largest, merging refuses, and taking them again down to that floor makes it exact."""
+    S, alphas = 3200, (0.99,)
+    losses = np.arange(S, dtype=np.float64)  # the top k all in the last batch
+    k = tail_size(S, alphas)
+    bounds = batch_bounds(S, 32)
+    parts = [
+        largest_losses(losses[f : f + c], batch_tail_size(S, alphas, c), first=f) for f, c in bounds
+    ]
+    floor, short = short_tails(parts, k)
+    # The floor: the union's k-th largest (from the last two batches' tops), below the last
+    # batch's cut and at most the run's k-th largest.
+    union = np.sort(np.concatenate([t.losses_usd for t in parts]))
+    assert short == [31] and floor == union[-k] < parts[31].losses_usd.min()
+    assert floor <= S - k
+    with pytest.raises(ValueError, match="cut above"):
+        merge_tails(parts, k)
+    f, c = bounds[31]
+    parts[31] = largest_losses(losses[f : f + c], batch_tail_size(S, alphas, c), f, floor)
+    assert short_tails(parts, k)[1] == []
+    merged = merge_tails(parts, k)
+    np.testing.assert_array_equal(merged.indices, np.arange(S - k, S))
+    assert var_es(merged.losses_usd, None, 0.99, n_scenarios=S) == var_es(losses, None, 0.99)
+
+
+def test_a_tail_too_short_for_alpha_is_refused():
+    losses = _losses(False, 1000)
+    tail = largest_losses(losses, tail_size(1000, (0.99,)))
+    with pytest.raises(ValueError, match="too short"):
+        var_es(tail.losses_usd, None, 0.9, n_scenarios=1000)
+    with pytest.raises(ValueError, match="equal weights"):
+        var_es(tail.losses_usd, np.ones(tail.losses_usd.size), 0.99, n_scenarios=1000)
+    with pytest.raises(ValueError, match="below"):
+        var_es(losses, None, 0.99, n_scenarios=999)
+
+
+@pytest.mark.parametrize("S", [10, 31, 32, 1000, 20_000])
+def test_measures_from_the_tail_and_batches_equal_risk_measures(S):
+    """What a tails-only run has (the top k and each batch's statistics) gives exactly the
+    RiskMeasures of every loss, standard errors and intervals included."""
+    losses = _losses(True, S)
+    alphas = (0.99, 0.9, 0.99)
+    nb = 40
+    batches = [batch_statistics(losses[f : f + c], alphas) for f, c in batch_bounds(S, nb)]
+    tail = largest_losses(losses, tail_size(S, (0.99, 0.9)))
+    got = risk_measures_from_tail(tail, batches, alphas)
+    assert got.to_dict() == risk_measures(losses, None, alphas, n_batches=nb).to_dict()
+    assert got.alphas == (0.99, 0.9) and got.n_batches == nb
+    if S >= nb:
+        assert math.isfinite(got.at(0.99).es_se)
+    with pytest.raises(ValueError, match="other alphas"):
+        risk_measures_from_tail(tail, batches, (0.9,))
+    with pytest.raises(ValueError, match="scenarios"):
+        risk_measures_from_tail(tail, batches[1:] + batches[:1] * 2, alphas)
+
+
+def test_batches_and_their_statistics():
+    for S, nb in ((10_000, 32), (100, 32), (5, 32), (1_000_003, 40)):
+        bounds = batch_bounds(S, nb)
+        sizes = [idx.size for idx in np.array_split(np.arange(S), nb)]
+        assert [c for _, c in bounds] == sizes
+        assert [f for f, _ in bounds] == list(np.cumsum([0, *sizes[:-1]]))
+    assert batch_count(1000) == 32 and batch_count(32 * MAX_BATCH_SCENARIOS) == 32
+    assert batch_count(32 * MAX_BATCH_SCENARIOS + 1) == 33
+    losses = _losses(False, 999)
+    b = batch_statistics(losses, (0.95, 0.95))
+    assert b.count == 999 and b.alphas == (0.95,)
+    assert b.loss_sum_usd == pytest.approx(losses.sum(), rel=1e-13)
+    assert b.loss_m2_usd2 == pytest.approx(999 * losses.var(), rel=1e-12)
+    assert (b.var_usd[0], b.es_usd[0]) == var_es(losses, None, 0.95)
+    empty = batch_statistics([], (0.95,))
+    assert empty.count == 0 and math.isnan(empty.es_usd[0])
+
+
+def test_loss_tail_of_a_weighted_run_is_the_whole_run():
+    losses = _losses(False, 500)
+    w = np.random.default_rng(1).uniform(0.5, 1.5, 500)
+    tail = LossTail.of_run(losses, w, (0.99,))
+    assert tail.indices.size == 500
+    idx, coef = tail.coefficients(0.99)
+    want_idx, want_coef = tail_coefficients(losses, w, 0.99, likelihood_ratios=True)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(coef, want_coef)
+
+
+def test_histograms_merge_exactly():
+    """Per-part histograms of very different ranges merge into the histogram of all losses."""
+    rng = np.random.default_rng(4)
+    parts = [
+        np.zeros(50),  # all zero: the narrowest bins
+        rng.uniform(0, 3.0, 1000),
+        rng.lognormal(15, 1.0, 5000),
+        np.r_[rng.lognormal(10, 2.0, 3000), 0.0, 0.0],
+    ]
+    whole = LossHistogram.of(np.concatenate(parts))
+    merged = LossHistogram.merge([LossHistogram.of(p) for p in parts])
+    assert merged.bin_width_usd == whole.bin_width_usd
+    assert math.log2(whole.bin_width_usd).is_integer()
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    assert merged.zero_count == whole.zero_count == 52
+    assert whole.counts.sum() == 9052 and whole.counts.size == HISTOGRAM_BINS
+    top = float(np.concatenate(parts).max())
+    assert top < HISTOGRAM_BINS * whole.bin_width_usd <= max(2 * top, HISTOGRAM_BINS)
+    back = LossHistogram.from_dict(json.loads(json.dumps(whole.to_dict())))
+    np.testing.assert_array_equal(back.counts, whole.counts)
+    assert back.bin_width_usd == whole.bin_width_usd and back.zero_count == 52
+    with pytest.raises(ValueError):
+        whole.coarsened(whole.bin_width_usd / 2)

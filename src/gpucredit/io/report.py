@@ -21,6 +21,7 @@ import math
 import os
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +30,13 @@ import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gpucredit.portfolio.risk import LossHistogram
+
 __all__ = ["ReportError", "render_report", "render_report_from_dir"]
 
 SUMMARY_FILE = "summary.json"
 LOSSES_FILE = "losses.parquet"
+TAIL_LOSSES_FILE = "tail_losses.parquet"
 CONTRIBUTIONS_FILE = "contributions.parquet"
 SENSITIVITIES_FILE = "sensitivities.parquet"
 REPORT_FILE = "report.html"
@@ -350,33 +354,77 @@ def _headline(summary: dict) -> str:
     )
 
 
-def _loss_distribution(summary: dict, losses_usd: np.ndarray) -> str:
-    losses = np.asarray(losses_usd, dtype=np.float64).ravel()
-    losses = losses[np.isfinite(losses)]
-    if losses.size == 0:
+@dataclass(frozen=True)
+class _Losses:
+    """What the loss-distribution section draws: every loss, or for a tails-only run the
+    merged histogram and the largest losses (summary.json's loss_histogram and
+    tail_losses.parquet)."""
+
+    n: int  # scenarios
+    histogram: LossHistogram
+    largest_usd: np.ndarray  # the largest losses, unsorted (every loss when all are kept)
+    mean_usd: float | None
+    median_usd: float | None
+    all_usd: np.ndarray | None  # every loss, or None (tails-only run)
+
+    @classmethod
+    def of_all(cls, losses_usd: np.ndarray) -> _Losses:
+        losses = np.asarray(losses_usd, dtype=np.float64).ravel()
+        losses = losses[np.isfinite(losses)]
+        if losses.size == 0:
+            return cls(0, LossHistogram.of(losses), losses, None, None, losses)
+        mean, median = float(losses.mean()), float(np.median(losses))
+        return cls(losses.size, LossHistogram.of(losses), losses, mean, median, losses)
+
+    @classmethod
+    def of_tail(cls, summary: dict, histogram: LossHistogram, tail_usd: np.ndarray) -> _Losses:
+        largest = np.asarray(tail_usd, dtype=np.float64).ravel()
+        largest = largest[np.isfinite(largest)]
+        n = int(histogram.counts.sum())
+        # The median within one bin: the middle of the bin holding the (n/2)-th loss.
+        middle = int(np.searchsorted(np.cumsum(histogram.counts), n / 2.0))
+        median = (middle + 0.5) * histogram.bin_width_usd if n else None
+        return cls(n, histogram, largest, _num(_get(summary, "measures", "el")), median, None)
+
+
+def _histogram_bars(histogram: LossHistogram, bars: int = 120):
+    """(left edges, widths, counts) of about `bars` bars over the used bins: whole groups of
+    the histogram's bins, so the counts stay exact."""
+    used = int(np.flatnonzero(histogram.counts)[-1]) + 1 if histogram.counts.any() else 1
+    group = max(1, math.ceil(used / bars))
+    n_bars = math.ceil(used / group)
+    counts = np.zeros(n_bars * group, dtype=np.int64)
+    counts[:used] = histogram.counts[:used]
+    width = group * histogram.bin_width_usd
+    return np.arange(n_bars) * width, width, counts.reshape(n_bars, group).sum(axis=1)
+
+
+def _loss_distribution(summary: dict, view: _Losses | None) -> str:
+    if view is None or view.n == 0:
         return _section("losses", "Loss distribution", _not_computed("Scenario losses"))
     measures = summary.get("measures")
     alphas = _alphas(summary)
     el = _num(_get(measures, "el"))
     if el is None:
-        el = float(losses.mean())
-    markers: list[tuple[str, float, str, str]] = [("EL", el, C_EL, "-")]
+        el = view.mean_usd
+    markers: list[tuple[str, float, str, str]] = [] if el is None else [("EL", el, C_EL, "-")]
     styles = ["--", ":", "-."]
     for i, (key, alpha) in enumerate(alphas):
         label = alpha_label(alpha if alpha is not None else key)
         var = _num(_get(measures, "tail", key, "var"))
         es = _num(_get(measures, "tail", key, "es"))
-        if var is None and alpha is not None:
-            var = float(np.quantile(losses, alpha, method="inverted_cdf"))
+        if var is None and alpha is not None and view.all_usd is not None:
+            var = float(np.quantile(view.all_usd, alpha, method="inverted_cdf"))
         ls = styles[i % len(styles)]
         if var is not None:
             markers.append((f"VaR {label}", var, C_VAR, ls))
         if es is not None:
             markers.append((f"ES {label}", es, C_ES, ls))
 
-    # Histogram.
+    # Histogram (power-of-two bins from 0, grouped into about 120 bars).
+    left, width, counts = _histogram_bars(view.histogram)
     fig, ax = _new_figure(10, 4.2)
-    ax.hist(losses / 1e6, bins=120, color=C_BAR, edgecolor="none")
+    ax.bar(left / 1e6, counts, width=width / 1e6, align="edge", color=C_BAR, edgecolor="none")
     for label, x, colour, ls in markers:
         ax.axvline(
             x / 1e6, color=colour, linestyle=ls, linewidth=1.6, label=f"{label} {fmt_usd(x)}"
@@ -386,28 +434,40 @@ def _loss_distribution(summary: dict, losses_usd: np.ndarray) -> str:
     ax.set_title("Distribution of portfolio loss", fontsize=11)
     _millions_formatter(ax)
     ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    merged = (
+        ""
+        if view.all_usd is not None
+        else " Tails-only run: merged from the per-batch histograms; per-scenario losses were "
+        "not kept."
+    )
     hist = _figure_html(
         fig,
         "Histogram of portfolio losses",
-        f"Histogram of {losses.size:,} simulated losses, with EL, VaR and ES marked.",
+        f"Histogram of {view.n:,} simulated losses, with EL, VaR and ES marked.{merged}",
     )
 
     # Tail: empirical exceedance 1 - F(x) above the lowest VaR, log scale.
     lowest_var = next((x for label, x, _, _ in markers if label.startswith("VaR")), None)
-    threshold = lowest_var if lowest_var is not None else float(np.quantile(losses, 0.99))
-    n = losses.size
-    tail = np.sort(losses[losses >= threshold])
+    if lowest_var is not None:
+        threshold = lowest_var
+    elif view.all_usd is not None:
+        threshold = float(np.quantile(view.all_usd, 0.99))
+    else:
+        threshold = float(view.largest_usd.min()) if view.largest_usd.size else math.inf
+    n = view.n
+    tail = np.sort(view.largest_usd[view.largest_usd >= threshold])
     if tail.size >= 2:
         # P(L > x) just after each sorted tail loss; last point set to 1/n to stay on the plot.
         exceed = (tail.size - np.arange(1, tail.size + 1)) / n
         exceed[-1] = 1.0 / n
+        shown = tail.size
         if tail.size > 4000:  # thin the curve, keep the extreme end exactly
             keep = np.unique(np.r_[np.linspace(0, tail.size - 1, 3000).astype(int), tail.size - 1])
             tail, exceed = tail[keep], exceed[keep]
         fig, ax = _new_figure(10, 3.8)
         ax.step(tail / 1e6, exceed, where="post", color="#333333", linewidth=1.3)
         ax.set_yscale("log")
-        for label, x, colour, ls in markers[1:]:
+        for label, x, colour, ls in (m for m in markers if m[0] != "EL"):
             ax.axvline(
                 x / 1e6, color=colour, linestyle=ls, linewidth=1.6, label=f"{label} {fmt_usd(x)}"
             )
@@ -419,19 +479,20 @@ def _loss_distribution(summary: dict, losses_usd: np.ndarray) -> str:
         tail_html = _figure_html(
             fig,
             "Exceedance probability of losses in the tail",
-            f"Empirical exceedance curve 1\u2212F(x) for the {int((losses >= threshold).sum()):,} "
+            f"Empirical exceedance curve 1\u2212F(x) for the {shown:,} "
             f"losses at or above {fmt_usd(threshold)}, log scale (unweighted scenario counts).",
         )
     else:
         tail_html = '<p class="note">Too few tail scenarios to draw the exceedance curve.</p>'
+    median_label = "Median" if view.all_usd is not None else "Median (within one histogram bin)"
     stats = _table(
         ["Statistic", "Value"],
         [
             ["Scenarios", f"{n:,}"],
-            ["Mean", fmt_usd(losses.mean())],
-            ["Median", fmt_usd(np.median(losses))],
-            ["Maximum", fmt_usd(losses.max())],
-            ["Share of scenarios with zero loss", fmt_pct(float(np.mean(losses <= 0)))],
+            ["Mean", fmt_usd(view.mean_usd)],
+            [median_label, fmt_usd(view.median_usd)],
+            ["Maximum", fmt_usd(view.largest_usd.max() if view.largest_usd.size else None)],
+            ["Share of scenarios with zero loss", fmt_pct(view.histogram.zero_count / n)],
         ],
         css_class="compact",
     )
@@ -919,16 +980,19 @@ _SECTIONS = (
 
 def render_report(
     summary: dict,
-    losses_usd: np.ndarray,
+    losses_usd: np.ndarray | None,
     contributions: pa.Table | None,
     sensitivities: pa.Table | None,
     *,
+    tail_losses_usd: np.ndarray | None = None,
     reverse_stress: dict | None = None,
     generated_at: dt.datetime | None = None,
 ) -> str:
     """The report as one self-contained HTML document (no script, no external resource).
 
-    summary: the parsed summary.json; losses_usd: [scenarios] portfolio loss per scenario;
+    summary: the parsed summary.json; losses_usd: [scenarios] portfolio loss per scenario,
+    or None for a tails-only run, whose distribution is then drawn from summary's
+    loss_histogram and tail_losses_usd (its largest losses, tail_losses.parquet);
     contributions / sensitivities: the tables of contributions.parquet and
     sensitivities.parquet, or None when not computed. generated_at: the date shown in the
     header (default: now, UTC). reverse_stress: the parsed reverse_stress.json, if any.
@@ -940,13 +1004,19 @@ def render_report(
     when = generated_at or dt.datetime.now(dt.UTC)
     if when.tzinfo is not None:
         when = when.astimezone(dt.UTC)
+    if losses_usd is not None:
+        losses = _Losses.of_all(losses_usd)
+    elif tail_losses_usd is not None:
+        losses = _Losses.of_tail(summary, _summary_histogram(summary), tail_losses_usd)
+    else:
+        losses = None
     book = _book_name(summary)
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in _SECTIONS)
     body = [
         _header(summary, when),
         f"<nav>{nav}</nav>",
         _headline(summary),
-        _loss_distribution(summary, losses_usd),
+        _loss_distribution(summary, losses),
         _contributions(contributions),
         _sensitivities(sensitivities),
         _stress(summary),
@@ -1007,22 +1077,41 @@ def _read_parquet(path: Path, required: Sequence[str], optional: bool) -> pa.Tab
     return table
 
 
+def _summary_histogram(summary: dict) -> LossHistogram:
+    try:
+        return LossHistogram.from_dict(summary["loss_histogram"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ReportError(
+            f"{SUMMARY_FILE}: no valid loss_histogram (a tails-only run needs it): {error!r}"
+        ) from None
+
+
+def _read_losses(path: Path) -> np.ndarray:
+    table = _read_parquet(path, ("loss_usd",), optional=False)
+    assert table is not None
+    try:
+        return table.column("loss_usd").to_numpy(zero_copy_only=False).astype(np.float64)
+    except (pa.ArrowException, TypeError, ValueError) as error:
+        raise ReportError(f"{path}: loss_usd is not numeric: {error}") from None
+
+
 def render_report_from_dir(directory: Path) -> Path:
-    """Read summary.json, losses.parquet and (when present) contributions.parquet and
-    sensitivities.parquet from `directory`; write `directory/report.html` atomically
-    (temporary name in the same directory, then rename) and return its path.
+    """Read summary.json, losses.parquet (tails-only runs: tail_losses.parquet and summary's
+    loss_histogram) and, when present, contributions.parquet and sensitivities.parquet from
+    `directory`; write `directory/report.html` atomically (temporary name in the same
+    directory, then rename) and return its path.
 
     Raises ReportError naming the file when a required input is missing or any input is
     unreadable.
     """
     directory = Path(directory)
     summary = _read_summary(directory / SUMMARY_FILE)
-    losses_table = _read_parquet(directory / LOSSES_FILE, ("loss_usd",), optional=False)
-    assert losses_table is not None
-    try:
-        losses = losses_table.column("loss_usd").to_numpy(zero_copy_only=False).astype(np.float64)
-    except (pa.ArrowException, TypeError, ValueError) as error:
-        raise ReportError(f"{directory / LOSSES_FILE}: loss_usd is not numeric: {error}") from None
+    losses, tail_losses = None, None
+    if _get(summary, "metadata", "keep_losses") is False:  # a tails-only run
+        _summary_histogram(summary)
+        tail_losses = _read_losses(directory / TAIL_LOSSES_FILE)
+    else:
+        losses = _read_losses(directory / LOSSES_FILE)
     contributions = _read_parquet(
         directory / CONTRIBUTIONS_FILE, CONTRIBUTION_COLUMNS, optional=True
     )
@@ -1031,7 +1120,14 @@ def render_report_from_dir(directory: Path) -> Path:
     )
     design_path = directory / REVERSE_STRESS_FILE
     design = _read_summary(design_path) if design_path.exists() else None
-    text = render_report(summary, losses, contributions, sensitivities, reverse_stress=design)
+    text = render_report(
+        summary,
+        losses,
+        contributions,
+        sensitivities,
+        tail_losses_usd=tail_losses,
+        reverse_stress=design,
+    )
     target = directory / REPORT_FILE
     temporary = directory / f".{REPORT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:

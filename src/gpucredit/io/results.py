@@ -1,6 +1,7 @@
-"""The results directory: summary.json, losses.parquet, contributions.parquet,
-sensitivities.parquet and report.html, each written to a temporary name and renamed, and the
-checkpoint of completed chunks that lets an interrupted run resume.
+"""The results directory: summary.json, losses.parquet (every loss kept) or
+tail_losses.parquet (tails-only mode), contributions.parquet, sensitivities.parquet and
+report.html, each written to a temporary name and renamed, and the checkpoint of completed
+chunks (or batches, tails-only) that lets an interrupted run resume.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import pyarrow.parquet as pq
 from gpucredit.io.book import book_to_table
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import Book
-from gpucredit.portfolio.engine import ChunkOutput, RunResult
+from gpucredit.portfolio.engine import BatchOutput, ChunkOutput, RunResult
+from gpucredit.portfolio.risk import BatchStatistics, LossHistogram, LossTail
 from gpucredit.portfolio.summary import book_summary
 
 CHECKPOINT_DIR = ".checkpoint"
+LOSSES_FILE = "losses.parquet"
+TAIL_LOSSES_FILE = "tail_losses.parquet"
 
 
 class ResultsError(Exception):
@@ -120,15 +124,20 @@ def write_results(
         "assumptions_sha256": assumptions_sha256(assumptions),
     }
     summary["book"] = book_summary(book, assumptions)
+    summary["loss_histogram"] = result.histogram.to_dict()
+    # Every loss (losses.parquet), or in tails-only mode the run's largest losses: the report's
+    # tail. The other file is removed, so a directory never mixes two runs.
+    if result.losses_usd is not None:
+        name, stale = LOSSES_FILE, TAIL_LOSSES_FILE
+        scenarios, losses = np.arange(len(result.losses_usd)), result.losses_usd
+    else:
+        name, stale = TAIL_LOSSES_FILE, LOSSES_FILE
+        scenarios, losses = result.tail.indices, result.tail.losses_usd
+    (directory / stale).unlink(missing_ok=True)
     written = [
         write_parquet(
-            directory / "losses.parquet",
-            pa.table(
-                {
-                    "scenario": np.arange(len(result.losses_usd), dtype=np.int64),
-                    "loss_usd": result.losses_usd,
-                }
-            ),
+            directory / name,
+            pa.table({"scenario": scenarios.astype(np.int64, copy=False), "loss_usd": losses}),
         )
     ]
     for name, part in (
@@ -146,7 +155,8 @@ def write_results(
 
 
 class Checkpoint:
-    """Completed chunks of pass 1, saved in `<out>/.checkpoint/` as they finish.
+    """Completed chunks (or, tails-only, batches) of pass 1, saved in `<out>/.checkpoint/` as
+    they finish; a resumed run takes only those of its own mode.
 
     The run's identity (book and assumptions hashes, scenarios, seed, mode, backend,
     precision, chunk size) is stored with them; `--resume` continues only the same run, and
@@ -202,30 +212,80 @@ class Checkpoint:
                 ) from None
             write_json(identity_path, self.identity | {"chunk_size": self.chunk_size})
 
-    def _path(self, first: int) -> Path:
-        return self.directory / f"chunk-{first:012d}.npz"
+    def _path(self, first: int, kind: str) -> Path:
+        return self.directory / f"{kind}-{first:012d}.npz"
 
-    def save(self, first: int, chunk: ChunkOutput) -> None:
-        def write(path: Path) -> None:
-            with open(path, "wb") as handle:
-                np.savez(
-                    handle,
-                    losses_usd=chunk.losses_usd,
-                    loan_loss_sum_usd=chunk.loan_loss_sum_usd,
-                    loan_default_probability_sum=chunk.loan_default_probability_sum,
-                    loan_defaulted_exposure_sum_usd=chunk.loan_defaulted_exposure_sum_usd,
-                    **({} if chunk.log_weights is None else {"log_weights": chunk.log_weights}),
-                )
+    def save(self, first: int, output: ChunkOutput | BatchOutput) -> None:
+        """Save a chunk (every loss kept) or a batch (tails-only mode) of pass 1."""
+        if isinstance(output, BatchOutput):
+            path, arrays = self._path(first, "batch"), _batch_arrays(output)
+        else:
+            path = self._path(first, "chunk")
+            arrays = {
+                "losses_usd": output.losses_usd,
+                "loan_loss_sum_usd": output.loan_loss_sum_usd,
+                "loan_default_probability_sum": output.loan_default_probability_sum,
+                "loan_defaulted_exposure_sum_usd": output.loan_defaulted_exposure_sum_usd,
+            }
+            if output.log_weights is not None:
+                arrays["log_weights"] = output.log_weights
 
-        write_atomically(self._path(first), write)
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, **arrays)
 
-    def done(self) -> dict[int, ChunkOutput]:
-        chunks = {}
-        for path in sorted(self.directory.glob("chunk-*.npz")):
-            first = int(path.stem.split("-")[1])
+        write_atomically(path, write)
+
+    def done(self) -> dict[int, ChunkOutput | BatchOutput]:
+        """The saved chunks and batches, keyed by their first scenario."""
+        outputs: dict[int, ChunkOutput | BatchOutput] = {}
+        for path in sorted(self.directory.glob("*.npz")):
+            kind, first = path.stem.split("-")
             with np.load(path) as data:
-                chunks[first] = ChunkOutput(**{k: data[k] for k in data.files})
-        return chunks
+                arrays = {k: data[k] for k in data.files}
+            if kind == "chunk":
+                outputs[int(first)] = ChunkOutput(**arrays)
+            elif kind == "batch":
+                outputs[int(first)] = _batch_from_arrays(int(first), arrays)
+        return outputs
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _batch_arrays(batch: BatchOutput) -> dict[str, np.ndarray]:
+    stats = batch.statistics
+    return {
+        "tail_indices": batch.tail.indices,
+        "tail_losses_usd": batch.tail.losses_usd,
+        "count": np.int64(stats.count),
+        "loss_sum_usd": np.float64(stats.loss_sum_usd),
+        "loss_m2_usd2": np.float64(stats.loss_m2_usd2),
+        "alphas": np.asarray(stats.alphas, np.float64),
+        "var_usd": np.asarray(stats.var_usd, np.float64),
+        "es_usd": np.asarray(stats.es_usd, np.float64),
+        "bin_width_usd": np.float64(batch.histogram.bin_width_usd),
+        "histogram_counts": batch.histogram.counts,
+        "zero_count": np.int64(batch.histogram.zero_count),
+        "loan_sums": batch.loan_sums,
+    }
+
+
+def _batch_from_arrays(first: int, a: dict[str, np.ndarray]) -> BatchOutput:
+    count = int(a["count"])
+    return BatchOutput(
+        first=first,
+        tail=LossTail(a["tail_indices"], a["tail_losses_usd"], count),
+        statistics=BatchStatistics(
+            count=count,
+            loss_sum_usd=float(a["loss_sum_usd"]),
+            loss_m2_usd2=float(a["loss_m2_usd2"]),
+            alphas=tuple(float(x) for x in a["alphas"]),
+            var_usd=tuple(float(x) for x in a["var_usd"]),
+            es_usd=tuple(float(x) for x in a["es_usd"]),
+        ),
+        histogram=LossHistogram(
+            float(a["bin_width_usd"]), a["histogram_counts"], int(a["zero_count"])
+        ),
+        loan_sums=a["loan_sums"],
+    )

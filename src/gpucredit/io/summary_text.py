@@ -110,6 +110,12 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
         f"({meta['scenarios_per_second']:,.0f}/s, {meta['loan_periods_per_second']:.3g} "
         f"loan-periods/s) on {meta['device']}; total {meta['elapsed_seconds']:.1f} s"
     )
+    if result.losses_usd is None:
+        console.print(
+            f"tails-only pass 1: {m.n_batches} batches kept their largest losses and statistics; "
+            f"per-scenario losses were not kept (the {len(result.tail.indices):,} largest are in "
+            "tail_losses.parquet; --keep-losses keeps them all)"
+        )
 
 
 def print_book_summary(summary: dict) -> None:

@@ -2,7 +2,8 @@
 
 ES_{α,i} = Σ_j c_j L_i(ω_j) with the tail coefficients c_j of `risk.tail_coefficients`, so
 Σ_i ES_{α,i} = ES_α to rounding. The tail is regenerated from the scenario indices, in
-chunks, so no [scenarios × loans] array over all scenarios is ever kept.
+chunks, so no [scenarios × loans] array over all scenarios is ever kept. The tail sets come
+from the run (`risk.tail_sets`), whether pass 1 kept every loss or only the tails.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpucredit.portfolio.book import Book
-from gpucredit.portfolio.risk import alpha_key, tail_coefficients
+from gpucredit.portfolio.risk import LossTail, tail_sets
 
 
 @dataclass(frozen=True)
@@ -66,38 +67,43 @@ def contribution_of_chunk(loan_losses_at, indices: np.ndarray, rows: dict) -> di
     return {key: row @ per_loan for key, row in rows.items()}
 
 
-def tail_loan_contributions(
-    loan_losses_at,
-    losses_usd: np.ndarray,
-    weights: np.ndarray | None,
-    alphas: Sequence[float],
-    n_loans: int,
-    chunk_size: int = 1024,
-    run_tasks=None,
-) -> dict[str, np.ndarray]:
-    """ES_{α,i} [N] for each α, from `loan_losses_at(indices) -> [S, N]` over the tail union.
-
-    The union of the tails is cut into chunks of `chunk_size` indices, one task each:
-    `run_tasks(items) -> results` runs `contribution_of_chunk` on every (indices, rows) item
-    in order (by default here, with `loan_losses_at`; on Dask, on the workers). The results
-    are added in chunk order, so every runner gives the same numbers.
-    """
-    # Weights are importance sampling's likelihood ratios (p = w / S), as in the run's measures.
-    ratios = weights is not None
-    tails = {alpha_key(a): tail_coefficients(losses_usd, weights, a, ratios) for a in alphas}
+def contribution_tasks(
+    tails: dict[str, tuple[np.ndarray, np.ndarray]], chunk_size: int
+) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """The pass-2 contribution tasks: the union of the tail sets, ascending, cut into chunks
+    of `chunk_size` indices, each with its coefficient row per α key (0 outside that α's
+    tail)."""
     union = np.unique(np.concatenate([idx for idx, _ in tails.values()]))
     coefficient_rows = {}
     for key, (idx, coef) in tails.items():
         row = np.zeros(len(union))
         row[np.searchsorted(union, idx)] = coef
         coefficient_rows[key] = row
-    items = [
+    return [
         (
             union[start : start + chunk_size].astype(np.uint32),
             {key: row[start : start + chunk_size] for key, row in coefficient_rows.items()},
         )
         for start in range(0, len(union), chunk_size)
     ]
+
+
+def tail_contributions(
+    loan_losses_at,
+    tails: dict[str, tuple[np.ndarray, np.ndarray]],
+    n_loans: int,
+    chunk_size: int = 1024,
+    run_tasks=None,
+) -> dict[str, np.ndarray]:
+    """ES_{α,i} [N] for each α key of `tails` ({key: (scenario indices, coefficients)},
+    `risk.tail_sets`), from `loan_losses_at(indices) -> [S, N]`.
+
+    Each `contribution_tasks` item is one task: `run_tasks(items) -> results` runs
+    `contribution_of_chunk` on every (indices, rows) item in order (by default here, with
+    `loan_losses_at`; on Dask, on the workers). The results are added in chunk order, so every
+    runner gives the same numbers.
+    """
+    items = contribution_tasks(tails, chunk_size)
     if run_tasks is None:
         results = [contribution_of_chunk(loan_losses_at, *item) for item in items]
     else:
@@ -107,6 +113,21 @@ def tail_loan_contributions(
         for key in contributions:
             contributions[key] += partial[key]
     return contributions
+
+
+def tail_loan_contributions(
+    loan_losses_at,
+    losses_usd: np.ndarray,
+    weights: np.ndarray | None,
+    alphas: Sequence[float],
+    n_loans: int,
+    chunk_size: int = 1024,
+    run_tasks=None,
+) -> dict[str, np.ndarray]:
+    """`tail_contributions` over the tail sets of a run's every loss `losses_usd` [S]
+    (`weights`: importance sampling's likelihood ratios, p = w / S, or None)."""
+    tails = tail_sets(LossTail.of_run(losses_usd, weights, alphas), alphas)
+    return tail_contributions(loan_losses_at, tails, n_loans, chunk_size, run_tasks)
 
 
 def make_contributions(

@@ -4,18 +4,30 @@ A run on a cluster is the single-process run cut into tasks, with every floating
 reduction kept in the single-process order, so the results are *bit-identical* for any number
 of workers (and to `engine.simulate` without Dask):
 
-* Pass 1. A task is a block of whole chunks ``[first, first + count)``; chunks have the run's
-  chunk size and start at multiples of it, exactly as in `engine.run_pass1`, so every
-  per-scenario loss is the same float (the JAX kernels are bit-identical for chunks of the
-  same size at any offset). A task returns the `ChunkOutput` of each of its chunks (losses
-  [chunk] and three per-loan sums [N]); the driver folds them in chunk order as they arrive
-  (out-of-order blocks wait in a buffer), so EL_i, horizon PD and mean LGD match too.
+* Pass 1, every loss kept. A task is a block of whole chunks ``[first, first + count)``;
+  chunks have the run's chunk size and start at multiples of it, exactly as in
+  `engine.run_pass1`, so every per-scenario loss is the same float (the JAX kernels are
+  bit-identical for chunks of the same size at any offset). A task returns the `ChunkOutput`
+  of each of its chunks (losses [chunk] and three per-loan sums [N]); the driver folds them in
+  chunk order as they arrive (out-of-order blocks wait in a buffer), so EL_i, horizon PD and
+  mean LGD match too. Every loss travels to the driver: 8 bytes a scenario.
+* Pass 1, tails only (`engine.run_tails_pass1`; the default beyond
+  `engine.KEEP_LOSSES_MAX_SCENARIOS` scenarios). A task is one batch of the batch-means
+  standard errors (`engine.run_batch`, in the run's chunks) and returns only a `BatchOutput`:
+  its largest losses with their indices (its share of the run's top k = `risk.tail_size`,
+  with a margin), its count, Σ L, Σ (L − mean)² and its own VaR/ES, a mergeable histogram
+  and the per-loan sums: about (1 − min α) S losses reach the driver in all. A batch that
+  held more of the top k than its margin is run again down to a floor (`risk.short_tails`).
+  The driver merges the tails (`risk.merge_tails`: exactly the top k of all losses) and
+  builds the same `RiskMeasures` as a run that kept every loss
+  (`risk.risk_measures_from_tail`).
 * Pass 2. Contributions and sensitivities cut the tail set into the same index chunks that
-  `contributions.tail_loan_contributions` (1024) and `sensitivities.compute_sensitivities`
-  (256, zero-padded) use; each chunk is one task that regenerates its scenarios from their
-  indices on whichever worker runs it (a scenario's random numbers depend only on its index,
-  so nothing per scenario is kept on, or shipped to, the workers), and the driver adds the
-  per-chunk results in chunk order.
+  `contributions.tail_contributions` (1024) and `sensitivities.tail_sensitivities` (256,
+  zero-padded) use; each chunk is one task that regenerates its scenarios from their indices
+  (a scenario's random numbers depend only on its index, so nothing per scenario is kept on,
+  or shipped to, the workers), and the driver adds the per-chunk results in chunk order. A
+  task goes to the worker that ran the pass-1 task owning its first index (`Pass1.owners`),
+  as a loose restriction (``allow_other_workers``), so a lost worker never stalls the run.
 * The book and the assumptions reach each worker once: a `WorkerPlugin` per backend
   (`BackendSpec`) is registered on the cluster, and every worker, a replacement for a lost one
   included, receives it when it joins and builds the backend once, lazily, in its own process
@@ -24,17 +36,11 @@ of workers (and to `engine.simulate` without Dask):
 * Losing a worker: the scheduler reruns the tasks it held on the others (or on the
   replacement its nanny starts); tasks are pure functions of their arguments, so the result is
   unchanged. ``retries`` covers tasks that raise.
-
-What pass 1 returns: every per-scenario loss (8 bytes a scenario: 0.8 GB on the driver at
-10^8 scenarios, which `risk_measures`, losses.parquet and the report need anyway). For runs
-far beyond that, `block_tail` / `merge_block_tails` give the exact alternative: a block keeps
-only its losses at or above its own k-th largest (k = ⌈(1 − min α) S⌉ + 1) with their
-indices; the union over blocks provably contains every scenario at or above the global VaR,
-ties included, so VaR, ES and the tail set of pass 2 are exact (see `merge_block_tails`).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import uuid
@@ -45,28 +51,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpucredit.kernels.params import ModelParams
-from gpucredit.portfolio.contributions import contribution_of_chunk, tail_loan_contributions
+from gpucredit.portfolio.contributions import contribution_of_chunk, tail_contributions
 from gpucredit.portfolio.engine import (
     BackendSpec,
+    BatchOutput,
     ChunkOutput,
     EngineError,
     Pass1,
     Pass1Accumulator,
     ProgressCallback,
+    TailsAccumulator,
+    run_batch,
 )
-from gpucredit.portfolio.risk import alpha_key, tail_coefficients, var_es
-from gpucredit.portfolio.sensitivities import compute_sensitivities
+from gpucredit.portfolio.sensitivities import tail_sensitivities
 
 __all__ = [
     "BackendSpec",
-    "BlockTail",
     "DaskRunner",
     "SchedulerUnreachable",
     "ShardedJaxBackend",
-    "block_tail",
-    "merge_block_tails",
     "plan_blocks",
-    "tail_size",
 ]
 
 CONNECT_TIMEOUT = "5s"
@@ -124,13 +128,21 @@ def _worker_backend(name: str):
     return plugin.backend()
 
 
+def _worker_address() -> str:
+    from distributed import get_worker
+
+    return get_worker().address
+
+
 @dataclass(frozen=True)
 class BlockOutput:
-    """What a pass-1 task returns: the `ChunkOutput` of each chunk of its block, in order."""
+    """What a pass-1 task returns: the `ChunkOutput` of each chunk of its block, in order,
+    and where it ran."""
 
     first: int
     chunks: tuple[ChunkOutput, ...]
     device: str
+    worker: str
 
 
 def _pass1_block(name: str, first: int, count: int, chunk_size: int) -> BlockOutput:
@@ -138,7 +150,30 @@ def _pass1_block(name: str, first: int, count: int, chunk_size: int) -> BlockOut
     chunks = []
     for start in range(first, first + count, chunk_size):
         chunks.append(backend.run_chunk(start, min(chunk_size, first + count - start)))
-    return BlockOutput(first, tuple(chunks), backend.device)
+    return BlockOutput(first, tuple(chunks), backend.device, _worker_address())
+
+
+@dataclass(frozen=True)
+class BatchTaskOutput:
+    """What a tails-only pass-1 task returns: its batch's `BatchOutput` and where it ran."""
+
+    batch: BatchOutput
+    device: str
+    worker: str
+
+
+def _pass1_batch(
+    name: str,
+    chunk_size: int,
+    scenarios: int,
+    alphas: tuple,
+    first: int,
+    count: int,
+    floor: float = math.inf,
+) -> BatchTaskOutput:
+    backend = _worker_backend(name)
+    batch = run_batch(backend, first, count, chunk_size, scenarios, alphas, floor=floor)
+    return BatchTaskOutput(batch, backend.device, _worker_address())
 
 
 def _contribution_chunk(name: str, indices: np.ndarray, rows: dict[str, np.ndarray]):
@@ -233,77 +268,14 @@ def plan_blocks(
     return [(first, min(step, scenarios - first)) for first in range(0, scenarios, step)]
 
 
-# --------------------------------------------------------------------------- exact tails
-
-
-@dataclass(frozen=True)
-class BlockTail:
-    """A block's share of the tail: its losses at or above its k-th largest, with indices,
-    and the batch statistics of the block (count, Σ L, Σ L²)."""
-
-    indices: np.ndarray  # int64 [m], m >= k (ties at the k-th largest kept)
-    losses_usd: np.ndarray  # [m]
-    count: int
-    loss_sum: float
-    loss_sq_sum: float
-
-
-def tail_size(scenarios: int, alphas: Sequence[float]) -> int:
-    """k = ⌈(1 − min α) S⌉ + 2: enough order statistics for VaR and ES at every α (one more
-    than needed, against the rounding tolerance of `risk`)."""
-    return min(scenarios, math.ceil((1.0 - min(alphas)) * scenarios) + 2)
-
-
-def block_tail(first: int, losses_usd: np.ndarray, k: int) -> BlockTail:
-    """The `BlockTail` of a block whose scenario indices start at `first`."""
-    L = np.asarray(losses_usd, dtype=np.float64)
-    if k >= L.size:
-        keep = np.arange(L.size)
-    else:
-        kth = np.partition(L, L.size - k)[L.size - k]  # the k-th largest
-        keep = np.flatnonzero(L >= kth)
-    return BlockTail(
-        indices=keep.astype(np.int64) + first,
-        losses_usd=L[keep],
-        count=int(L.size),
-        loss_sum=float(L.sum()),
-        loss_sq_sum=float(L @ L),
-    )
-
-
-def merge_block_tails(
-    tails: Sequence[BlockTail], scenarios: int, alphas: Sequence[float]
-) -> dict[str, tuple[float, float, np.ndarray, np.ndarray]]:
-    """Exact ``{α key: (VaR, ES, tail indices, coefficients)}`` from per-block tails, equal
-    to `risk.var_es` and `risk.tail_coefficients` on all S losses (equal weights).
-
-    Why exact: let v_b be block b's k-th largest loss. Block b alone has k losses >= v_b, so
-    the whole sample's k-th largest v is >= v_b for every b, and every scenario with L >= v
-    lies in some block's kept set. With k = `tail_size` (> (1 − α) S + 1 for every α asked),
-    VaR_α >= v, so the union holds every loss >= VaR_α, ties included. The scenarios left out
-    are replaced by one stand-in loss below all kept ones that carries their probability
-    mass, which leaves the distribution above it, hence VaR, ES and the tail set, unchanged.
-    """
-    idx = np.concatenate([t.indices for t in tails])
-    L = np.concatenate([t.losses_usd for t in tails])
-    n_below = scenarios - L.size
-    if n_below:
-        floor = L.min() - max(1.0, abs(L.min()))
-        L_all = np.concatenate([[floor], L])
-        w_all = np.concatenate([[float(n_below)], np.ones(L.size)])
-    else:
-        L_all, w_all = L, None
-    out = {}
-    for alpha in alphas:
-        var, es = var_es(L_all, w_all, alpha)
-        sel, coef = tail_coefficients(L_all, w_all, alpha)
-        if n_below:
-            if np.any(sel == 0):  # pragma: no cover - excluded by the argument above
-                raise RuntimeError("the tail reaches below the kept losses; increase k")
-            sel = sel - 1
-        order = np.argsort(idx[sel], kind="stable")
-        out[alpha_key(alpha)] = (var, es, idx[sel][order], coef[order])
-    return out
+def owner_of(owners: Sequence[tuple[int, int, str]], index: int) -> str | None:
+    """The worker address of the pass-1 task (first, count, address) holding scenario
+    `index`, or None (no such task: e.g. its block came from a checkpoint)."""
+    firsts = [first for first, _, _ in owners]
+    i = bisect.bisect_right(firsts, index) - 1
+    if i >= 0 and index < owners[i][0] + owners[i][1]:
+        return owners[i][2]
+    return None
 
 
 # --------------------------------------------------------------------------- the runner
@@ -413,8 +385,15 @@ class DaskRunner:
         except Exception:  # best effort: a stale plugin only costs memory
             pass
 
-    def _submit(self, fn, *args):
-        return self.client.submit(fn, *args, pure=False, retries=self.retries)
+    def _submit(self, fn, *args, worker: str | None = None):
+        """Submit one task; `worker` (an address) is where it should run if that worker is
+        still there, any other otherwise (a loose restriction: a lost worker stalls nothing)."""
+        if worker is None:
+            return self.client.submit(fn, *args, pure=False, retries=self.retries)
+        return self.client.submit(
+            fn, *args, pure=False, retries=self.retries, workers=[worker],
+            allow_other_workers=True,
+        )  # fmt: skip
 
     def _gather_in_order(self, futures: list, consume: Callable[[int, object], None]) -> None:
         """Call consume(i, result) as futures finish (any order); raise the first error."""
@@ -449,7 +428,8 @@ class DaskRunner:
             starts = range(first, first + count, chunk_size)
             known = [done.get(s) for s in starts]
             if all(
-                c is not None and len(c.losses_usd) == min(chunk_size, first + count - s)
+                isinstance(c, ChunkOutput)
+                and len(c.losses_usd) == min(chunk_size, first + count - s)
                 for c, s in zip(known, starts, strict=True)
             ):
                 for s, c in zip(starts, known, strict=True):
@@ -459,6 +439,7 @@ class DaskRunner:
                 todo.append((first, count))
         if completed and progress is not None:
             progress(completed, scenarios)
+        owners = []
         name = self._install(spec)
         try:
             futures = [self._submit(_pass1_block, name, f, c, chunk_size) for f, c in todo]
@@ -472,6 +453,7 @@ class DaskRunner:
                         on_chunk(s, chunk)
                     fold.add(s, chunk)
                     s += len(chunk.losses_usd)
+                owners.append((block.first, s - block.first, block.worker))
                 completed += s - block.first
                 if progress is not None:
                     progress(completed, scenarios)
@@ -479,18 +461,69 @@ class DaskRunner:
             self._gather_in_order(futures, consume)
         finally:
             self._uninstall(name)
-        return fold.result(time.perf_counter() - start)
+        return fold.result(time.perf_counter() - start, owners=tuple(sorted(owners)))
+
+    def run_tails_pass1(
+        self,
+        spec: BackendSpec,
+        scenarios: int,
+        chunk_size: int,
+        alphas: Sequence[float],
+        progress: ProgressCallback | None = None,
+        done: dict | None = None,
+        on_batch: Callable[[int, BatchOutput], None] | None = None,
+    ) -> Pass1:
+        """`engine.run_tails_pass1` on the cluster, one task a batch: the same `Pass1`, bit
+        for bit; only each batch's tail and statistics travel back."""
+        import time
+
+        start = time.perf_counter()
+        fold = TailsAccumulator(scenarios, alphas)
+        todo = fold.missing(done)
+        completed = scenarios - sum(count for _, count in todo)
+        if completed and progress is not None:
+            progress(completed, scenarios)
+        owners: dict[int, tuple[int, int, str]] = {}
+        name = self._install(spec)
+        try:
+
+            def consume(_, out: BatchTaskOutput) -> None:
+                nonlocal completed
+                self.devices.add(out.device)
+                if on_batch is not None:
+                    on_batch(out.batch.first, out.batch)
+                fold.add(out.batch)
+                owners[out.batch.first] = (out.batch.first, out.batch.count, out.worker)
+                completed = min(completed + out.batch.count, scenarios)
+                if progress is not None:
+                    progress(completed, scenarios)
+
+            alphas = tuple(alphas)
+            args = (name, chunk_size, scenarios, alphas)
+            futures = [self._submit(_pass1_batch, *args, f, c) for f, c in todo]
+            self._gather_in_order(futures, consume)
+            # The batches that held more of the run's tail than their margin, again.
+            short = fold.short()
+            futures = [self._submit(_pass1_batch, *args, f, c, floor) for f, c, floor in short]
+            self._gather_in_order(futures, consume)
+        finally:
+            self._uninstall(name)
+        return fold.result(time.perf_counter() - start, owners=tuple(sorted(owners.values())))
 
     # -- pass 2
 
-    def _run_tasks(self, spec: BackendSpec, task):
+    def _run_tasks(self, spec: BackendSpec, task, owners: Sequence[tuple[int, int, str]]):
         """A `run_tasks(items)` for the pass-2 functions: one Dask task per item, on the
-        backend `spec` installed on every worker, results in item order."""
+        backend `spec` installed on every worker, sent to the owner of the item's first
+        scenario index (`owner_of`), results in item order."""
 
         def run(items: list) -> list:
             name = self._install(spec)
             try:
-                futures = [self._submit(task, name, *item) for item in items]
+                futures = [
+                    self._submit(task, name, *item, worker=owner_of(owners, int(item[0][0])))
+                    for item in items
+                ]
                 results: list = [None] * len(futures)
                 self._gather_in_order(futures, results.__setitem__)
             finally:
@@ -499,32 +532,32 @@ class DaskRunner:
 
         return run
 
-    def tail_loan_contributions(
+    def tail_contributions(
         self,
         spec: BackendSpec,
-        losses_usd: np.ndarray,
-        weights: np.ndarray | None,
-        alphas: Sequence[float],
+        tails: dict[str, tuple[np.ndarray, np.ndarray]],
         n_loans: int,
+        owners: Sequence[tuple[int, int, str]] = (),
     ) -> dict[str, np.ndarray]:
-        """`contributions.tail_loan_contributions` on the cluster (same chunks, same order)."""
-        run = self._run_tasks(spec, _contribution_chunk)
-        return tail_loan_contributions(None, losses_usd, weights, alphas, n_loans, run_tasks=run)
+        """`contributions.tail_contributions` on the cluster (same chunks, same order)."""
+        run = self._run_tasks(spec, _contribution_chunk, owners)
+        return tail_contributions(None, tails, n_loans, run_tasks=run)
 
-    def compute_sensitivities(
+    def tail_sensitivities(
         self,
         spec: BackendSpec,
         assumptions,
-        losses_usd: np.ndarray,
+        tails: dict[str, tuple[np.ndarray, np.ndarray]],
+        n_scenarios: int,
         weights: np.ndarray | None,
-        alphas: Sequence[float],
         el_scenarios: int,
+        owners: Sequence[tuple[int, int, str]] = (),
     ):
-        """`sensitivities.compute_sensitivities` on the cluster (same chunks, same order);
+        """`sensitivities.tail_sensitivities` on the cluster (same chunks, same order);
         `spec` is the gradient backend (``BackendSpec(..., gradient=True)``)."""
-        run = self._run_tasks(spec, _gradient_chunk)
-        return compute_sensitivities(
-            None, assumptions, losses_usd, alphas, el_scenarios, weights=weights, run_tasks=run
+        run = self._run_tasks(spec, _gradient_chunk, owners)
+        return tail_sensitivities(
+            None, assumptions, tails, n_scenarios, el_scenarios, weights=weights, run_tasks=run
         )
 
 

@@ -1,13 +1,18 @@
 """The chunked two-pass run (DESIGN.md, Data flow).
 
-Pass 1 streams scenario chunks through a backend and keeps every portfolio loss (one float
-per scenario) and per-loan sums (EL_i, horizon PD, defaulted exposure). The tail scenarios of
-each α are then regenerated from their indices (pass 2): per-loan tail losses give the Euler
-ES contributions and reverse-mode AD on the same scenarios gives the sensitivities.
+Pass 1 streams scenario chunks through a backend and keeps per-loan sums (EL_i, horizon PD,
+defaulted exposure) and either every portfolio loss (one float per scenario: `run_pass1`) or,
+in tails-only mode (`run_tails_pass1`, the default beyond `KEEP_LOSSES_MAX_SCENARIOS`), per
+batch of the batch-means standard errors only its largest losses with their indices, its own
+statistics and a histogram (`BatchOutput`). Both give the same risk measures: VaR and ES from
+the run's largest losses (`risk.LossTail`), standard errors from the same batches. The tail
+scenarios of each α are then regenerated from their indices (pass 2): per-loan tail losses give
+the Euler ES contributions and reverse-mode AD on the same scenarios gives the sensitivities.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,18 +25,35 @@ from gpucredit.kernels import reference
 from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import Book
-from gpucredit.portfolio.contributions import (
-    Contributions,
-    make_contributions,
-    tail_loan_contributions,
-)
+from gpucredit.portfolio.contributions import Contributions, make_contributions, tail_contributions
 from gpucredit.portfolio.loans import loan_arrays
-from gpucredit.portfolio.risk import RiskMeasures, alpha_key, risk_measures
-from gpucredit.portfolio.sensitivities import Sensitivities, compute_sensitivities
+from gpucredit.portfolio.risk import (
+    BatchStatistics,
+    LossHistogram,
+    LossTail,
+    RiskMeasures,
+    alpha_key,
+    batch_bounds,
+    batch_count,
+    batch_statistics,
+    batch_tail_size,
+    largest_losses,
+    merge_tails,
+    risk_measures,
+    risk_measures_from_tail,
+    short_tails,
+    tail_sets,
+    tail_size,
+)
+from gpucredit.portfolio.sensitivities import Sensitivities, tail_sensitivities
 
 BACKENDS = ("auto", "jax", "numpy", "cupy")
 PRECISIONS = ("float32", "float64")
 MODES = ("conditional", "sampled")
+
+KEEP_LOSSES_MAX_SCENARIOS = 50_000_000
+"""The most scenarios whose every loss a run keeps by default (400 MB of losses, a few GB
+while they are sorted, and as big a losses.parquet); beyond it pass 1 is tails-only."""
 
 
 class EngineError(ValueError):
@@ -280,14 +302,23 @@ def default_chunk_size(backend: str) -> int:
 
 @dataclass(frozen=True)
 class Pass1:
-    """All per-scenario losses of a run plus the per-loan sums over all scenarios."""
+    """Pass 1 of a run: the per-loan sums over all scenarios, and either every per-scenario
+    loss or (tails-only mode) the run's largest losses, its batches' statistics and a
+    histogram."""
 
-    losses_usd: np.ndarray  # [S]
+    losses_usd: np.ndarray | None  # [S], or None in tails-only mode
     loan_expected_loss_usd: np.ndarray  # [N] EL_i
     loan_horizon_pd: np.ndarray  # [N]
     loan_mean_lgd: np.ndarray  # [N] EL_i / expected defaulted exposure (nan if none)
     elapsed_seconds: float
     log_weights: np.ndarray | None = None  # [S] ln w(ω) under importance sampling
+    # Tails-only mode: the top `tail_size` losses, every batch's statistics, the histogram.
+    tail: LossTail | None = None
+    batches: tuple[BatchStatistics, ...] | None = None
+    histogram: LossHistogram | None = None
+    # (first, count, worker address) of each pass-1 task that ran on Dask: pass 2 sends the
+    # tasks of those scenarios to the same worker. Empty in one process.
+    owners: tuple[tuple[int, int, str], ...] = ()
 
     @property
     def weights(self) -> np.ndarray | None:
@@ -298,6 +329,48 @@ class Pass1:
 ProgressCallback = Callable[[int, int], None]  # (scenarios done, scenarios in all)
 
 
+def run_batches(scenarios: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of the batches of a run (`risk.batch_bounds` of `risk.batch_count`):
+    the batch-means batches in both modes, and the pass-1 tasks of tails-only mode."""
+    return batch_bounds(scenarios, batch_count(scenarios))
+
+
+class _LoanSums:
+    """Per-loan sums folded batch by batch: Σ_batches (Σ_chunks the batch owns) in order, the
+    same floating-point additions whether the chunks or the batches' sums arrive (a chunk
+    belongs to the batch holding its first scenario)."""
+
+    def __init__(self, n_loans: int):
+        self.totals = np.zeros((3, n_loans))
+
+    def add_batch(self, sums: np.ndarray) -> None:
+        self.totals += sums
+
+    def result(self, scenarios: int, elapsed_seconds: float, **fields) -> Pass1:
+        loss_sum, pd_sum, ead_sum = self.totals
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_lgd = np.where(ead_sum > 0, loss_sum / ead_sum, np.nan)
+        return Pass1(
+            # Σ w x / S: unbiased under importance sampling (E[w] = 1), plain means without.
+            loan_expected_loss_usd=loss_sum / scenarios,
+            loan_horizon_pd=pd_sum / scenarios,
+            loan_mean_lgd=mean_lgd,
+            elapsed_seconds=elapsed_seconds,
+            **fields,
+        )
+
+
+def _chunk_sums(chunk: ChunkOutput) -> np.ndarray:
+    """[3, N] the per-loan sums of a chunk."""
+    return np.stack(
+        [
+            chunk.loan_loss_sum_usd,
+            chunk.loan_default_probability_sum,
+            chunk.loan_defaulted_exposure_sum_usd,
+        ]
+    ).astype(np.float64)
+
+
 class Pass1Accumulator:
     """Folds chunk outputs into a `Pass1` in scenario order (whatever order they arrive in),
     so every runner adds the per-loan sums in the same order and gets the same numbers."""
@@ -306,9 +379,10 @@ class Pass1Accumulator:
         self.scenarios = scenarios
         self.losses = np.empty(scenarios)
         self.log_weights: np.ndarray | None = None
-        self.loss_sum = np.zeros(n_loans)
-        self.pd_sum = np.zeros(n_loans)
-        self.ead_sum = np.zeros(n_loans)
+        self.sums = _LoanSums(n_loans)
+        self.batch_firsts = np.array([f for f, _ in run_batches(scenarios)])
+        self.batch = 0  # the batch whose chunks `batch_sums` is adding
+        self.batch_sums = np.zeros((3, n_loans))
         self.next_first = 0
         self.pending: dict[int, ChunkOutput] = {}
 
@@ -323,24 +397,24 @@ class Pass1Accumulator:
                 if self.log_weights is None:
                     self.log_weights = np.zeros(self.scenarios)
                 self.log_weights[first : first + count] = chunk.log_weights
-            self.loss_sum += chunk.loan_loss_sum_usd
-            self.pd_sum += chunk.loan_default_probability_sum
-            self.ead_sum += chunk.loan_defaulted_exposure_sum_usd
+            batch = int(np.searchsorted(self.batch_firsts, first, side="right")) - 1
+            if batch != self.batch:
+                self.sums.add_batch(self.batch_sums)
+                self.batch, self.batch_sums = batch, np.zeros_like(self.batch_sums)
+            self.batch_sums += _chunk_sums(chunk)
             self.next_first = first + count
 
-    def result(self, elapsed_seconds: float) -> Pass1:
+    def result(self, elapsed_seconds: float, owners: tuple = ()) -> Pass1:
         if self.next_first != self.scenarios:  # a bug, not a user error
             raise RuntimeError(f"pass 1 folded {self.next_first} of {self.scenarios} scenarios")
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_lgd = np.where(self.ead_sum > 0, self.loss_sum / self.ead_sum, np.nan)
-        return Pass1(
+        self.sums.add_batch(self.batch_sums)
+        self.batch_sums = np.zeros_like(self.batch_sums)
+        return self.sums.result(
+            self.scenarios,
+            elapsed_seconds,
             losses_usd=self.losses,
-            # Σ w x / S: unbiased under importance sampling (E[w] = 1), plain means without.
-            loan_expected_loss_usd=self.loss_sum / self.scenarios,
-            loan_horizon_pd=self.pd_sum / self.scenarios,
-            loan_mean_lgd=mean_lgd,
-            elapsed_seconds=elapsed_seconds,
             log_weights=self.log_weights,
+            owners=owners,
         )
 
 
@@ -364,7 +438,7 @@ def run_pass1(
     for first in range(0, scenarios, chunk_size):
         count = min(chunk_size, scenarios - first)
         chunk = done.get(first)
-        if chunk is None or len(chunk.losses_usd) != count:
+        if not isinstance(chunk, ChunkOutput) or len(chunk.losses_usd) != count:
             chunk = backend.run_chunk(first, count)
             if on_chunk is not None:
                 on_chunk(first, chunk)
@@ -374,22 +448,228 @@ def run_pass1(
     return fold.result(time.perf_counter() - start)
 
 
+# --------------------------------------------------------------------------- tails-only mode
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """What tails-only pass 1 keeps of one batch ``[first, first + count)``: its largest
+    losses, its statistics, its histogram and per-loan sums; no per-scenario loss."""
+
+    first: int
+    tail: LossTail  # its top risk.batch_tail_size losses (or all >= a floor), run indices
+    statistics: BatchStatistics  # count, Σ L, Σ (L − mean)², its own VaR and ES per α
+    histogram: LossHistogram
+    loan_sums: np.ndarray  # [3, N] Σ L_i, Σ PD_i, Σ EAD_i over the chunks the batch owns
+
+    @property
+    def count(self) -> int:
+        return self.statistics.count
+
+
+def run_batch(
+    backend,
+    first: int,
+    count: int,
+    chunk_size: int,
+    scenarios: int,
+    alphas: Sequence[float],
+    progress: Callable[[int], None] | None = None,
+    floor: float = math.inf,
+) -> BatchOutput:
+    """Tails-only pass 1 over the batch ``[first, first + count)`` of a run of `scenarios`.
+
+    The batch's scenarios are computed in the run's own chunks (starting at multiples of
+    `chunk_size`, the last one short), as `run_pass1` computes them, so every loss is the same
+    float in both modes. A chunk across the batch's edge is computed whole and its losses
+    outside the batch dropped (at most one extra chunk a batch edge; `batch_count` keeps
+    batches of large runs thousands of chunks long; in one process `_LastChunk` computes it
+    once); its per-loan sums count in the batch holding its first scenario, as in
+    `Pass1Accumulator`. The tail kept is the batch's top `risk.batch_tail_size`, or every loss
+    at or above `floor` where that is more (the rerun of a short batch: `TailsAccumulator`).
+    `progress(n)`: n more scenarios done.
+    """
+    losses = np.empty(count)
+    sums = None
+    for start in range(first - first % chunk_size, first + count, chunk_size):
+        size = min(chunk_size, scenarios - start)
+        chunk = backend.run_chunk(start, size)
+        if chunk.log_weights is not None:  # pragma: no cover - simulate refuses it first
+            raise EngineError("tails-only mode does not take importance sampling")
+        lo, hi = max(start, first), min(start + size, first + count)
+        losses[lo - first : hi - first] = chunk.losses_usd[lo - start : hi - start]
+        part = _chunk_sums(chunk)
+        if sums is None:
+            sums = np.zeros_like(part)
+        if start >= first:  # the batch owns this chunk
+            sums += part
+        if progress is not None:
+            progress(hi - lo)
+    return BatchOutput(
+        first=first,
+        tail=largest_losses(losses, batch_tail_size(scenarios, alphas, count), first, floor),
+        statistics=batch_statistics(losses, alphas),
+        histogram=LossHistogram.of(losses),
+        loan_sums=sums,
+    )
+
+
+class TailsAccumulator:
+    """Folds `BatchOutput`s into a tails-only `Pass1`, in batch order whatever order they
+    arrive in (per-loan sums as `Pass1Accumulator` adds them).
+
+    A runner adds every batch (`missing` says which are still to run), then reruns the
+    batches of `short()`, if any, with their floor, then takes the `result`.
+    """
+
+    def __init__(self, scenarios: int, alphas: Sequence[float]):
+        self.scenarios = scenarios
+        self.alphas = tuple(alphas)
+        self.batches = run_batches(scenarios)
+        self.outputs: dict[int, BatchOutput] = {}
+        self.empty = batch_statistics([], alphas)  # also: the alphas as batches record them
+
+    def missing(self, done: dict | None = None) -> list[tuple[int, int]]:
+        """The non-empty batches still to run; those in `done` (resume: first -> output of
+        the same batch and alphas) are taken as they are."""
+        todo = []
+        for first, count in self.batches:
+            if count == 0:
+                continue
+            known = (done or {}).get(first)
+            if (
+                isinstance(known, BatchOutput)
+                and known.count == count
+                and known.statistics.alphas == self.empty.alphas
+            ):
+                self.add(known)
+            else:
+                todo.append((first, count))
+        return todo
+
+    def add(self, output: BatchOutput) -> None:
+        self.outputs[output.first] = output
+
+    def short(self) -> list[tuple[int, int, float]]:
+        """``(first, count, floor)`` of the batches to run again, keeping every loss at or
+        above `floor`: those that held more of the run's top k than their margin
+        (`risk.short_tails`; with i.i.d. scenarios about never)."""
+        outputs = [self.outputs[first] for first, count in self.batches if count]
+        k = tail_size(self.scenarios, self.alphas)
+        floor, positions = short_tails([o.tail for o in outputs], k)
+        return [(outputs[i].first, outputs[i].count, floor) for i in positions]
+
+    def result(self, elapsed_seconds: float, owners: tuple = ()) -> Pass1:
+        outputs = [self.outputs[first] for first, count in self.batches if count]
+        if sum(o.count for o in outputs) != self.scenarios:  # a bug, not a user error
+            raise RuntimeError(f"pass 1 folded {len(outputs)} of {len(self.batches)} batches")
+        sums = _LoanSums(outputs[0].loan_sums.shape[1])
+        for output in outputs:
+            sums.add_batch(output.loan_sums)
+        by_first = {o.first: o.statistics for o in outputs}
+        return sums.result(
+            self.scenarios,
+            elapsed_seconds,
+            losses_usd=None,
+            tail=merge_tails([o.tail for o in outputs], tail_size(self.scenarios, self.alphas)),
+            batches=tuple(by_first.get(first, self.empty) for first, _ in self.batches),
+            histogram=LossHistogram.merge([o.histogram for o in outputs]),
+            owners=owners,
+        )
+
+
+class _LastChunk:
+    """A backend that remembers its last chunk: consecutive batches share the chunk across
+    their edge, computed once (in one process; a Dask task computes its own)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.last: tuple[int, int, ChunkOutput] | None = None
+
+    def run_chunk(self, first: int, count: int) -> ChunkOutput:
+        if self.last is None or self.last[:2] != (first, count):
+            self.last = (first, count, self.backend.run_chunk(first, count))
+        return self.last[2]
+
+
+def run_tails_pass1(
+    backend,
+    scenarios: int,
+    chunk_size: int,
+    alphas: Sequence[float],
+    progress: ProgressCallback | None = None,
+    done: dict | None = None,
+    on_batch: Callable[[int, BatchOutput], None] | None = None,
+) -> Pass1:
+    """Tails-only pass 1 in this process, batch by batch (`run_batch`), then the short
+    batches again (`TailsAccumulator.short`). `done` holds batches already computed (resume),
+    keyed by their first scenario; `on_batch` is called after each new one (checkpointing)."""
+    start = time.perf_counter()
+    fold = TailsAccumulator(scenarios, alphas)
+    todo = fold.missing(done)
+    completed = scenarios - sum(count for _, count in todo)
+    if completed and progress is not None:
+        progress(completed, scenarios)
+    backend = _LastChunk(backend)
+
+    def advance(n: int) -> None:
+        nonlocal completed
+        completed += n
+        if progress is not None:
+            progress(completed, scenarios)
+
+    for first, count in todo:
+        output = run_batch(backend, first, count, chunk_size, scenarios, alphas, advance)
+        if on_batch is not None:
+            on_batch(first, output)
+        fold.add(output)
+    for first, count, floor in fold.short():
+        output = run_batch(backend, first, count, chunk_size, scenarios, alphas, floor=floor)
+        if on_batch is not None:
+            on_batch(first, output)
+        fold.add(output)
+    return fold.result(time.perf_counter() - start)
+
+
+def resolve_keep_losses(
+    keep_losses: bool | None, scenarios: int, importance_sampling: bool = False
+) -> bool:
+    """Whether pass 1 keeps every per-scenario loss. None: yes up to
+    `KEEP_LOSSES_MAX_SCENARIOS` scenarios (and always under importance sampling), tails-only
+    beyond. Tails-only with importance sampling is refused: the tail order then depends on each
+    scenario's likelihood ratio, not on its loss alone."""
+    if keep_losses is None:
+        return importance_sampling or scenarios <= KEEP_LOSSES_MAX_SCENARIOS
+    if not keep_losses and importance_sampling:
+        raise EngineError(
+            "tails-only mode (--tails-only, keep_losses=False) cannot be combined with "
+            "importance sampling: the tail then depends on every scenario's likelihood ratio; "
+            "keep every loss instead (--keep-losses)"
+        )
+    return bool(keep_losses)
+
+
 class LocalRunner:
-    """Both passes in this process (the Dask runner has the same methods)."""
+    """Both passes in this process (the Dask runner has the same methods). `owners`, where
+    taken, is `Pass1.owners` (only Dask uses it)."""
 
     def run_pass1(self, spec: BackendSpec, scenarios, chunk_size, n_loans, progress=None,
                   done=None, on_chunk=None) -> Pass1:  # fmt: skip
         return run_pass1(spec.build(), scenarios, chunk_size, n_loans, progress, done, on_chunk)
 
-    def tail_loan_contributions(self, spec: BackendSpec, losses_usd, weights, alphas, n_loans):
-        backend = spec.build()
-        return tail_loan_contributions(backend.loan_losses_at, losses_usd, weights, alphas, n_loans)
+    def run_tails_pass1(self, spec: BackendSpec, scenarios, chunk_size, alphas, progress=None,
+                        done=None, on_batch=None) -> Pass1:  # fmt: skip
+        return run_tails_pass1(
+            spec.build(), scenarios, chunk_size, alphas, progress, done, on_batch
+        )
 
-    def compute_sensitivities(self, spec: BackendSpec, assumptions, losses_usd, weights, alphas,
-                              el_scenarios) -> Sensitivities:  # fmt: skip
-        backend = spec.build()
-        return compute_sensitivities(
-            backend.weighted_gradient, assumptions, losses_usd, alphas, el_scenarios,
+    def tail_contributions(self, spec: BackendSpec, tails, n_loans, owners=()):
+        return tail_contributions(spec.build().loan_losses_at, tails, n_loans)
+
+    def tail_sensitivities(self, spec: BackendSpec, assumptions, tails, n_scenarios, weights,
+                           el_scenarios, owners=()) -> Sensitivities:  # fmt: skip
+        return tail_sensitivities(
+            spec.build().weighted_gradient, assumptions, tails, n_scenarios, el_scenarios,
             weights=weights,
         )  # fmt: skip
 
@@ -451,15 +731,21 @@ class StressResult:
 
 @dataclass(frozen=True)
 class RunResult:
-    """Everything one run produced (what `write_results` and the report consume)."""
+    """Everything one run produced (what `write_results` and the report consume).
 
-    losses_usd: np.ndarray  # [S] per-scenario loss
+    `losses_usd` is None in tails-only mode (``metadata["keep_losses"]`` False): no process
+    held every loss; `tail` and `histogram` describe the distribution in both modes.
+    """
+
+    losses_usd: np.ndarray | None  # [S] per-scenario loss, or None (tails-only mode)
     weights: np.ndarray | None  # [S] or None (equal weights)
     measures: RiskMeasures
     contributions: Contributions | None
     sensitivities: Sensitivities | None
     stress: tuple[StressResult, ...]
     metadata: dict
+    tail: LossTail  # the largest losses (top `tail_size(S, alphas)`, ties kept) by scenario
+    histogram: LossHistogram  # of every loss (risk.LossHistogram: power-of-two bins from 0)
 
     def var(self, alpha: float) -> float:
         return self.measures.var(alpha)
@@ -503,13 +789,19 @@ def simulate(
     workers: int | None = None,
     scheduler: str | None = None,
     normal_shift: np.ndarray | None = None,
+    keep_losses: bool | None = None,
 ) -> RunResult:
     """Run the book against the assumptions (MODEL.md) and measure the loss distribution.
 
-    Pass 1 keeps every per-scenario loss; pass 2 revisits the tail scenarios of each α by
+    Pass 1 keeps every per-scenario loss (`keep_losses` True) or, tails-only (False), per
+    batch only its largest losses, statistics and histogram, with the same measures, tail sets,
+    contributions and sensitivities and ``RunResult.losses_usd`` None; None (the default)
+    keeps them up to `KEEP_LOSSES_MAX_SCENARIOS` scenarios (`resolve_keep_losses`). Pass 2
+    revisits the tail scenarios of each α by
     index for Euler contributions and AD sensitivities. Stress scenarios rerun pass 1 with
     overridden assumptions on the same random numbers. `checkpoint` (optional) has
-    `.done() -> dict[first, ChunkOutput]` and `.save(first, ChunkOutput)` for resume.
+    `.done() -> dict[first, ChunkOutput | BatchOutput]` and `.save(first, output)` for resume
+    (chunks when every loss is kept, batches in tails-only mode).
     `workers` (a local Dask cluster of that many processes) or `scheduler` (the address of an
     existing one) runs both passes on Dask (portfolio/distributed.py), with identical results.
     `normal_shift` [T, K] (importance sampling) moves the mean of the systematic normals,
@@ -518,6 +810,7 @@ def simulate(
     """
     started = time.perf_counter()
     scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
+    keep_losses = resolve_keep_losses(keep_losses, scenarios, normal_shift is not None)
     alphas = default_alphas(alphas)
     loans = loan_arrays(book, assumptions)
     grid = assumptions.grid(mode)
@@ -549,23 +842,24 @@ def simulate(
         runner = DaskRunner(workers=workers, scheduler=scheduler)
     else:
         runner = LocalRunner()
+
+    def pass1_of(a: Assumptions, progress=None, checkpoint=None) -> Pass1:
+        done = checkpoint.done() if checkpoint is not None else None
+        save = checkpoint.save if checkpoint is not None else None
+        if keep_losses:
+            return runner.run_pass1(spec_for(a), scenarios, chunk, len(book), progress, done, save)
+        return runner.run_tails_pass1(spec_for(a), scenarios, chunk, alphas, progress, done, save)
+
     try:
-        pass1 = runner.run_pass1(
-            spec_for(assumptions),
-            scenarios,
-            chunk,
-            len(book),
-            progress,
-            done=checkpoint.done() if checkpoint is not None else None,
-            on_chunk=checkpoint.save if checkpoint is not None else None,
-        )
+        pass1 = pass1_of(assumptions, progress, checkpoint)
         weights = pass1.weights
-        measures = risk_measures(pass1.losses_usd, weights, alphas, likelihood_ratios=True)
+        measures, tail = _measures_and_tail(pass1, alphas)
+        tails = tail_sets(tail, alphas)  # {α key: (scenario indices, coefficients)}
 
         contrib = None
         if contributions:
-            es_i = runner.tail_loan_contributions(
-                spec_for(assumptions), pass1.losses_usd, weights, alphas, len(book)
+            es_i = runner.tail_contributions(
+                spec_for(assumptions), tails, len(book), owners=pass1.owners
             )
             contrib = make_contributions(
                 book,
@@ -582,27 +876,31 @@ def simulate(
         if sensitivities and mode == "conditional":
             t0 = time.perf_counter()
             # engine.precision, not `precision`: a NumPy (float64) run gets float64 gradients.
-            sens = runner.compute_sensitivities(
+            sens = runner.tail_sensitivities(
                 spec_for(assumptions, gradient=True),
                 assumptions,
-                pass1.losses_usd,
+                tails,
+                scenarios,
                 weights,
-                alphas,
                 el_sensitivity_scenarios,
+                owners=pass1.owners,
             )
             sensitivities_seconds = time.perf_counter() - t0
 
         stress_results = []
         for case in stress:
-            stressed = runner.run_pass1(spec_for(case.assumptions), scenarios, chunk, len(book))
-            stress_measures = risk_measures(
-                stressed.losses_usd, stressed.weights, alphas, likelihood_ratios=True
-            )
+            stress_measures, _ = _measures_and_tail(pass1_of(case.assumptions), alphas)
             stress_results.append(StressResult(case.name, case.description, stress_measures))
         cluster = runner.describe()
     finally:
         runner.close()
 
+    if pass1.losses_usd is None:
+        largest, histogram = pass1.tail, pass1.histogram
+    else:  # with equal weights `tail` is the top k already; with weights, the whole run
+        k = tail_size(scenarios, alphas)
+        largest = tail if weights is None else largest_losses(pass1.losses_usd, k)
+        histogram = LossHistogram.of(pass1.losses_usd)
     elapsed = time.perf_counter() - started
     metadata = {
         "version": __version__,
@@ -613,6 +911,7 @@ def simulate(
         "device": engine.device,
         "precision": engine.precision,
         "chunk_size": chunk,
+        "keep_losses": keep_losses,
         "alphas": list(alphas),
         "copula": assumptions.copula,
         "t_dof": assumptions.t_dof if assumptions.copula == "t" else None,
@@ -647,4 +946,19 @@ def simulate(
         sensitivities=sens,
         stress=tuple(stress_results),
         metadata=metadata,
+        tail=largest,
+        histogram=histogram,
     )
+
+
+def _measures_and_tail(pass1: Pass1, alphas: Sequence[float]) -> tuple[RiskMeasures, LossTail]:
+    """The risk measures of a pass 1 and the `LossTail` its tail sets come from: the same
+    `risk.risk_measures_from_tail` on the same largest losses and batches in both modes (with
+    importance sampling: the weighted measures over every loss)."""
+    if pass1.losses_usd is None:
+        return risk_measures_from_tail(pass1.tail, pass1.batches, alphas), pass1.tail
+    S = len(pass1.losses_usd)
+    measures = risk_measures(
+        pass1.losses_usd, pass1.weights, alphas, batch_count(S), likelihood_ratios=True
+    )
+    return measures, LossTail.of_run(pass1.losses_usd, pass1.weights, alphas)

@@ -14,7 +14,7 @@ import numpy as np
 
 from gpucredit.kernels.params import ModelParams
 from gpucredit.portfolio.assumptions import Assumptions, parameter_paths, parameter_value
-from gpucredit.portfolio.risk import alpha_key, tail_coefficients
+from gpucredit.portfolio.risk import LossTail, alpha_key, tail_sets
 
 
 @dataclass(frozen=True)
@@ -76,23 +76,24 @@ def gradient_by_path(
 
 
 def gradient_tasks(
-    losses_usd: np.ndarray,
+    tails: dict[str, tuple[np.ndarray, np.ndarray]],
+    n_scenarios: int,
     weights: np.ndarray | None,
-    alphas: Sequence[float],
     el_scenarios: int,
     chunk_size: int,
 ) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]], int]:
     """The pass-2 gradient tasks: (owner key of each task, (indices, coefficients) of each
-    task, scenarios of the ∂EL estimate). Every task has exactly `chunk_size` indices (padded
-    with scenario 0 and coefficient 0): one compiled shape for all."""
-    n_el = min(int(el_scenarios), len(losses_usd))
+    task, scenarios of the ∂EL estimate). `tails`: {α key: (scenario indices, coefficients)}
+    (`risk.tail_sets`); the ∂EL task averages over the first `el_scenarios` of the run's
+    `n_scenarios` (weighted by `weights` [S], likelihood ratios, when given). Every task has
+    exactly `chunk_size` indices (padded with scenario 0 and coefficient 0): one compiled
+    shape for all."""
+    n_el = min(int(el_scenarios), int(n_scenarios))
     if n_el < 1:
         raise ValueError(f"the EL sensitivity needs at least one scenario, got {el_scenarios}")
     # Weights are importance sampling's likelihood ratios: p = w / S (risk.risk_measures).
     el_weights = np.ones(n_el) if weights is None else np.asarray(weights[:n_el], np.float64)
-    jobs = {"el": (np.arange(n_el), el_weights / n_el)}
-    for alpha in alphas:
-        jobs[alpha_key(alpha)] = tail_coefficients(losses_usd, weights, alpha, weights is not None)
+    jobs = {"el": (np.arange(n_el), el_weights / n_el), **tails}
     owners, items = [], []
     for key, (indices, coefficients) in jobs.items():
         pad = -len(indices) % chunk_size
@@ -106,11 +107,11 @@ def gradient_tasks(
     return owners, items, n_el
 
 
-def compute_sensitivities(
+def tail_sensitivities(
     weighted_gradient,
     assumptions: Assumptions,
-    losses_usd: np.ndarray,
-    alphas: Sequence[float],
+    tails: dict[str, tuple[np.ndarray, np.ndarray]],
+    n_scenarios: int,
     el_scenarios: int,
     chunk_size: int = 256,
     weights: np.ndarray | None = None,
@@ -119,12 +120,12 @@ def compute_sensitivities(
     """Sensitivities from `weighted_gradient(indices, coefficients) -> ModelParams` (Σ c_j ∂L_j).
 
     ∂EL averages over the first `el_scenarios` scenarios (all of them when that is at least
-    the run's count); ∂ES_α uses exactly the tail set of the run. `weights` are importance
-    sampling's likelihood ratios (coefficients w/S, as in the run's measures).
-    `run_tasks(items) -> [ModelParams]` runs the tasks elsewhere (Dask); the results are
-    added in task order either way.
+    the run's `n_scenarios`); ∂ES_α uses exactly the run's tail set of α (`tails`,
+    `risk.tail_sets`). `weights` [S] are importance sampling's likelihood ratios
+    (coefficients w/S, as in the run's measures). `run_tasks(items) -> [ModelParams]` runs the
+    tasks elsewhere (Dask); the results are added in task order either way.
     """
-    owners, items, n_el = gradient_tasks(losses_usd, weights, alphas, el_scenarios, chunk_size)
+    owners, items, n_el = gradient_tasks(tails, n_scenarios, weights, el_scenarios, chunk_size)
     if run_tasks is None:
         results = [weighted_gradient(*item) for item in items]
     else:
@@ -141,3 +142,21 @@ def compute_sensitivities(
         d_expected_shortfall=totals,
         el_scenarios=n_el,
     )
+
+
+def compute_sensitivities(
+    weighted_gradient,
+    assumptions: Assumptions,
+    losses_usd: np.ndarray,
+    alphas: Sequence[float],
+    el_scenarios: int,
+    chunk_size: int = 256,
+    weights: np.ndarray | None = None,
+    run_tasks=None,
+) -> Sensitivities:
+    """`tail_sensitivities` over the tail sets of a run's every loss `losses_usd` [S]."""
+    tails = tail_sets(LossTail.of_run(losses_usd, weights, alphas), alphas)
+    return tail_sensitivities(
+        weighted_gradient, assumptions, tails, len(losses_usd), el_scenarios, chunk_size,
+        weights, run_tasks,
+    )  # fmt: skip
