@@ -237,23 +237,96 @@ def test_a_killed_worker_is_replaced_and_the_result_is_the_same(cluster, assumpt
         sensitivities=False,
     )
     single = simulate(book, assumptions, **kwargs)
+    kill_one_worker, victim, killed = _killer(client)
+    on_dask = simulate(book, assumptions, scheduler=address, progress=kill_one_worker, **kwargs)
+    assert killed, "the run ended before a worker could be killed"
+    assert_same_run(single, on_dask)
+    _wait_for_a_replacement(client, victim)
+
+
+def _killer(client):
+    """(progress callback that SIGKILLs one worker at the first progress report of an
+    unfinished run, the victim's pid, the list it appends to once it has killed)."""
     pids = client.run(os.getpid)  # {worker address: pid}
     victim = pids[sorted(pids)[0]]
-    killed = []
+    killed: list[int] = []
 
     def kill_one_worker(done, total):
         if not killed and done < total:
             os.kill(victim, signal.SIGKILL)
             killed.append(done)
 
-    on_dask = simulate(book, assumptions, scheduler=address, progress=kill_one_worker, **kwargs)
-    assert killed, "the run ended before a worker could be killed"
-    assert_same_run(single, on_dask)
-    client.wait_for_workers(2, timeout=120)  # the nanny started a replacement
+    return kill_one_worker, victim, killed
+
+
+def _wait_for_a_replacement(client, victim: int) -> None:
+    """The nanny started a replacement: two workers again, the victim not among them."""
+    client.wait_for_workers(2, timeout=120)
     deadline = time.monotonic() + 60
     while victim in client.run(os.getpid).values() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert victim not in client.run(os.getpid).values()
+
+
+def test_a_killed_worker_in_tails_only_mode_changes_nothing(cluster, assumptions):
+    """Tails-only pass 1 (one task a batch) with a worker SIGKILLed after the first batch came
+    back: its batches run again elsewhere, and tail, histogram, measures with their standard
+    errors and contributions are those of one process keeping every loss, bit for bit."""
+    address, client = cluster
+    book = random_book(5, 40)
+    kwargs = dict(scenarios=8192, seed=2, backend="numpy", chunk_size=256, alphas=(0.95, 0.99))
+    kwargs |= dict(sensitivities=False)
+    single = simulate(book, assumptions, keep_losses=True, **kwargs)
+    kill_one_worker, victim, killed = _killer(client)
+    on_dask = simulate(
+        book, assumptions, scheduler=address, keep_losses=False, progress=kill_one_worker,
+        **kwargs,
+    )  # fmt: skip
+    assert killed and killed[0] < 8192, "the run ended before a worker could be killed"
+    assert on_dask.losses_usd is None and on_dask.measures.n_batches == 32
+    assert_same_tails_run(single, on_dask)
+    _wait_for_a_replacement(client, victim)
+
+
+def test_batches_short_of_the_tail_run_again_on_the_cluster(cluster, assumptions, monkeypatch):
+    """With every batch keeping only its 8 largest losses (patched on the workers; k = 202,
+    about 6 a batch), many batches hold more of the run's top k than that: the cluster runs
+    those again down to the merged floor, and the result is that of one process keeping
+    every loss."""
+    from distributed import Client
+
+    address, client = cluster
+
+    def keep_eight():  # runs on each worker (a nested function: pickled by value)
+        from gpucredit.portfolio import engine
+
+        engine.batch_tail_size = lambda scenarios, alphas, count: min(count, 8)
+
+    def restore():
+        from gpucredit.portfolio import engine, risk
+
+        engine.batch_tail_size = risk.batch_tail_size
+
+    book = random_book(6, 10)
+    kwargs = dict(scenarios=2000, seed=7, backend="numpy", chunk_size=128, alphas=(0.9, 0.99))
+    kwargs |= dict(sensitivities=False)
+    single = simulate(book, assumptions, keep_losses=True, **kwargs)
+    submitted = []
+    submit = Client.submit
+
+    def recording_submit(self, fn, *args, **kw):
+        submitted.append((fn.__name__, args))
+        return submit(self, fn, *args, **kw)
+
+    monkeypatch.setattr(Client, "submit", recording_submit)
+    client.run(keep_eight)
+    try:
+        on_dask = simulate(book, assumptions, scheduler=address, keep_losses=False, **kwargs)
+    finally:
+        client.run(restore)
+    reruns = [args for name, args in submitted if name == "_pass1_batch" and len(args) == 7]
+    assert len(reruns) >= 4 and all(math.isfinite(args[-1]) for args in reruns)
+    assert_same_tails_run(single, on_dask)
 
 
 def test_stress_and_checkpoint_hooks_on_the_cluster(cluster, assumptions):

@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions, stress_case
@@ -21,6 +23,7 @@ from gpucredit.portfolio.engine import (
     StressCase,
     choose_backend,
     resolve_keep_losses,
+    run_batches,
     run_pass1,
     run_tails_pass1,
     simulate,
@@ -29,9 +32,11 @@ from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import (
     LossHistogram,
     alpha_key,
+    batch_tail_size,
     largest_losses,
     risk_measures,
     risk_measures_from_tail,
+    tail_coefficients,
     tail_size,
     var_es,
 )
@@ -399,3 +404,101 @@ def test_tails_only_stress_and_sampled_mode(assumptions):
     tails = simulate(BOOK, assumptions, keep_losses=False, **kwargs)
     assert tails.histogram.zero_count == int(np.sum(full.losses_usd == 0)) > 0
     assert_same_results(full, tails)
+
+
+class _GivenLosses:
+    """A backend whose scenario s has the loss `losses[s]` and per-loan sums that depend on
+    the chunk (so a wrong chunk order or ownership shows)."""
+
+    def __init__(self, losses: np.ndarray):
+        self.losses = np.asarray(losses, dtype=np.float64)
+
+    def run_chunk(self, first, count):
+        losses = self.losses[first : first + count].copy()
+        sums = np.array([losses.sum(), 0.1 * first + count, float(count)])
+        return ChunkOutput(losses, sums, sums * 0.5, sums + 1.0)
+
+
+def assert_tails_pass1_is_exact(losses, alphas, chunk_size) -> None:
+    """Tails-only pass 1 over `losses` gives exactly what keeping every loss gives: the top k
+    (ties kept), the tail sets and coefficients, the measures, histogram and per-loan sums."""
+    S = losses.size
+    backend = _GivenLosses(losses)
+    tails = run_tails_pass1(backend, S, chunk_size, alphas)
+    kept = run_pass1(backend, S, chunk_size, 3)
+    whole = largest_losses(losses, tail_size(S, alphas))
+    np.testing.assert_array_equal(tails.tail.indices, whole.indices)
+    np.testing.assert_array_equal(tails.tail.losses_usd, whole.losses_usd)
+    for alpha in set(alphas):
+        idx, coef = tails.tail.coefficients(alpha)
+        want_idx, want_coef = tail_coefficients(losses, None, alpha)
+        np.testing.assert_array_equal(idx, want_idx)
+        np.testing.assert_array_equal(coef, want_coef)
+    got = risk_measures_from_tail(tails.tail, tails.batches, alphas)
+    want = risk_measures(losses, None, alphas, n_batches=len(tails.batches))
+    assert got.to_dict() == want.to_dict()
+    np.testing.assert_array_equal(tails.histogram.counts, LossHistogram.of(losses).counts)
+    assert tails.histogram.bin_width_usd == LossHistogram.of(losses).bin_width_usd
+    for field in ("loan_expected_loss_usd", "loan_horizon_pd", "loan_mean_lgd"):
+        np.testing.assert_array_equal(getattr(tails, field), getattr(kept, field))
+
+
+def _adversarial(values, layout: str, rng) -> np.ndarray:
+    """The losses `values` laid out to put the tail where the batches' margins are tightest:
+    sorted either way, or the largest m contiguous at a random place (most of the run's top k
+    in one or two batches) and the others shuffled around them."""
+    losses = np.asarray(values, dtype=np.float64)
+    if layout == "ascending":
+        return np.sort(losses)
+    if layout == "descending":
+        return np.sort(losses)[::-1].copy()
+    if layout == "block":
+        ranked = np.sort(losses)[::-1]
+        batches = run_batches(losses.size)
+        m = int(rng.integers(1, 2 * batches[0][1] + 2))  # up to two batches
+        rest = rng.permutation(ranked[m:])
+        start = int(rng.integers(0, rest.size + 1))
+        if rng.random() < 0.5:  # at a batch's first scenario
+            start = min(batches[int(rng.integers(0, len(batches)))][0], rest.size)
+        out = np.concatenate([rest[:start], ranked[:m], rest[start:]])
+        # The rest of the batches holding the block at the smallest loss: nothing of theirs
+        # between their cut and the run's k-th largest.
+        for first, count in batches:
+            if first < start + m and start < first + count:
+                lo, hi = max(first, start), min(first + count, start + m)
+                out[first:lo], out[hi : first + count] = ranked[-1], ranked[-1]
+        return out
+    return losses
+
+
+@settings(max_examples=150, deadline=None)
+@example(S=1997, n_values=60, layout="block", alphas=[0.9], chunk_size=64, seed=1)
+@given(
+    st.integers(1, 4000),
+    st.sampled_from([2, 7, 60, 10**6]),
+    st.sampled_from(["random", "ascending", "descending", "block"]),
+    st.lists(st.sampled_from([0.5, 0.9, 0.95, 0.99, 0.999999]), min_size=1, max_size=3),
+    st.sampled_from([1, 7, 64, 1000]),
+    st.integers(0, 2**32 - 1),
+)
+def test_tails_only_pass1_is_exact_for_any_losses(S, n_values, layout, alphas, chunk_size, seed):
+    """Whatever the losses (few distinct values: ties at every cut; most of the tail in one
+    batch; runs shorter than 32 scenarios; duplicate alphas; alpha close to 1), tails-only
+    pass 1 is the pass 1 that keeps every loss."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, n_values, S) * 1e4
+    losses = _adversarial(values, layout, rng)
+    assert_tails_pass1_is_exact(losses, tuple(alphas), chunk_size)
+
+
+def test_tails_only_pass1_after_a_rerun_batch_still_drops_less_than_its_floor():
+    """A batch taken again down to the merged k-th loss v keeps every loss >= v; it is
+    complete there even when its smallest kept loss lies above the new k-th loss (it has no
+    loss in between). 25 huge losses in batch 0 (margin 20 of k = 35), zeros around them:
+    the rerun keeps exactly those 25, which once made the merge refuse the run."""
+    S, alphas = 3200, (0.99,)
+    losses = np.random.default_rng(0).uniform(0.0, 1000.0, S)
+    losses[:100] = 0.0
+    losses[:25] = 1e6 + np.arange(25)
+    assert tail_size(S, alphas) == 35 and batch_tail_size(S, alphas, 100) == 20
+    assert_tails_pass1_is_exact(losses, alphas, 64)

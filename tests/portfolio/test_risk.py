@@ -564,3 +564,37 @@ def test_histograms_merge_exactly():
     assert back.bin_width_usd == whole.bin_width_usd and back.zero_count == 52
     with pytest.raises(ValueError):
         whole.coarsened(whole.bin_width_usd / 2)
+
+
+def test_histograms_of_very_different_ranges_merge():
+    """Bin widths 2^63 or more apart (a part's largest loss near 0, another's near 10^23 USD)
+    still merge: every loss of the narrow part lands in the wide part's bin 0."""
+    parts = [np.array([0.0, 1.0, 3000.0]), np.array([2.0**80, 5.0]), np.array([1e300])]
+    for pair in (parts[:2], parts):
+        whole = LossHistogram.of(np.concatenate(pair))
+        merged = LossHistogram.merge([LossHistogram.of(p) for p in pair])
+        assert merged.bin_width_usd == whole.bin_width_usd
+        np.testing.assert_array_equal(merged.counts, whole.counts)
+        assert merged.zero_count == whole.zero_count == 1
+
+
+def test_a_batch_taken_again_is_complete_down_to_its_floor():
+    """Batch 0 holds 25 huge losses and zeros (margin 20 of k = 35): cut above the union's
+    k-th largest v, it is taken again down to v and keeps exactly the 25. The union's k-th
+    largest then rises above v but stays below those 25; batch 0 dropped only losses below v,
+    so it is not short again, and the merge is the top k of every loss."""
+    S, alphas = 3200, (0.99,)
+    losses = np.random.default_rng(0).uniform(0.0, 1000.0, S)
+    losses[:100] = 0.0
+    losses[:25] = 1e6 + np.arange(25)
+    k, bounds = tail_size(S, alphas), batch_bounds(S, 32)
+    parts = [
+        largest_losses(losses[f : f + c], batch_tail_size(S, alphas, c), first=f) for f, c in bounds
+    ]
+    floor, short = short_tails(parts, k)
+    assert short == [0] and floor < 1000.0
+    parts[0] = largest_losses(losses[:100], batch_tail_size(S, alphas, 100), 0, floor)
+    assert parts[0].indices.size == 25 and parts[0].floor_usd == floor
+    new_floor, short = short_tails(parts, k)
+    assert floor < new_floor < parts[0].losses_usd.min() and short == []
+    np.testing.assert_array_equal(merge_tails(parts, k).indices, largest_losses(losses, k).indices)

@@ -258,6 +258,7 @@ def _batch_arrays(batch: BatchOutput) -> dict[str, np.ndarray]:
     return {
         "tail_indices": batch.tail.indices,
         "tail_losses_usd": batch.tail.losses_usd,
+        "tail_floor_usd": np.float64(batch.tail.floor_usd),
         "count": np.int64(stats.count),
         "loss_sum_usd": np.float64(stats.loss_sum_usd),
         "loss_m2_usd2": np.float64(stats.loss_m2_usd2),
@@ -275,7 +276,13 @@ def _batch_from_arrays(first: int, a: dict[str, np.ndarray]) -> BatchOutput:
     count = int(a["count"])
     return BatchOutput(
         first=first,
-        tail=LossTail(a["tail_indices"], a["tail_losses_usd"], count),
+        # The floor of a batch taken again (`risk.short_tails`); none in older checkpoints.
+        tail=LossTail(
+            a["tail_indices"],
+            a["tail_losses_usd"],
+            count,
+            floor_usd=float(a.get("tail_floor_usd", np.inf)),
+        ),
         statistics=BatchStatistics(
             count=count,
             loss_sum_usd=float(a["loss_sum_usd"]),

@@ -455,6 +455,10 @@ class LossTail:
     losses_usd: np.ndarray  # float64 [m]
     n_scenarios: int  # S
     weights: np.ndarray | None = None  # [S] likelihood ratios (then m = S), or None
+    # `largest_losses`' floor: every loss at or above it is kept too. A batch taken again
+    # down to a floor may hold no loss between it and its smallest kept loss, and is complete
+    # down to the floor all the same (`short_tails` must not call it short again).
+    floor_usd: float = math.inf
 
     def coefficients(self, alpha: float) -> tuple[np.ndarray, np.ndarray]:
         """`tail_coefficients` at ``alpha`` as (scenario indices ascending, coefficients)."""
@@ -480,14 +484,15 @@ class LossTail:
 
 def largest_losses(losses_usd, k: int, first: int = 0, floor: float = math.inf) -> LossTail:
     """Every loss at or above the k-th largest of ``losses_usd`` [S] (ties kept), or at or
-    above `floor` where that is lower, whose scenario indices are ``first, first + 1, ...``."""
+    above `floor` where that is lower (kept as `LossTail.floor_usd`), whose scenario indices
+    are ``first, first + 1, ...``."""
     L = np.asarray(losses_usd, dtype=np.float64)
     if k >= L.size:
         keep = np.arange(L.size)
     else:
         kth = np.partition(L, L.size - k)[L.size - k]
         keep = np.flatnonzero(L >= min(kth, floor))
-    return LossTail(keep.astype(np.int64) + first, L[keep], int(L.size))
+    return LossTail(keep.astype(np.int64) + first, L[keep], int(L.size), floor_usd=floor)
 
 
 def batch_tail_size(scenarios: int, alphas: Sequence[float], count: int) -> int:
@@ -504,10 +509,12 @@ def short_tails(parts: Sequence[LossTail], k: int) -> tuple[float, list[int]]:
     """``(v, positions)``: v, the k-th largest loss of the union of the parts (−inf if they
     hold fewer than k), and the positions of the parts cut above v.
 
-    A part cut at c (it kept every loss of its scenarios at or above c, its smallest kept loss,
-    and dropped some below) may have dropped losses of the run's top k only if c > v: the
-    run's k-th largest is at least v. With no part cut above v, the union holds the run's top
-    k and `merge_tails` is exact; a part cut above v must be taken again at a cut at most v.
+    A part cut at c (it kept every loss of its scenarios at or above c, the lower of its
+    smallest kept loss and its `floor_usd`, and dropped some below) may have dropped losses of
+    the run's top k only if c > v: the run's k-th largest is at least v. With no part cut
+    above v, the union holds the run's top k and `merge_tails` is exact; a part cut above v
+    must be taken again at a cut at most v (its floor: then never cut above the union's new
+    k-th largest, which is at least v).
     """
     union = sum(t.losses_usd.size for t in parts)
     if union < k:
@@ -518,7 +525,7 @@ def short_tails(parts: Sequence[LossTail], k: int) -> tuple[float, list[int]]:
     short = [
         i
         for i, t in enumerate(parts)
-        if t.losses_usd.size < t.n_scenarios and float(t.losses_usd.min()) > v
+        if t.losses_usd.size < t.n_scenarios and min(float(t.losses_usd.min()), t.floor_usd) > v
     ]
     return v, short
 
@@ -575,7 +582,8 @@ class LossHistogram:
         factor = int(bin_width_usd / self.bin_width_usd)
         if factor < 1 or factor * self.bin_width_usd != bin_width_usd:
             raise ValueError(f"cannot coarsen bins of {self.bin_width_usd} to {bin_width_usd}")
-        target = np.arange(HISTOGRAM_BINS) // factor
+        # A factor of HISTOGRAM_BINS or more puts every bin in bin 0 (and may not fit int64).
+        target = np.arange(HISTOGRAM_BINS) // min(factor, HISTOGRAM_BINS)
         counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
         np.add.at(counts, target, self.counts)
         return LossHistogram(bin_width_usd, counts, self.zero_count)
