@@ -51,6 +51,7 @@ def test_tails_only_checkpoint_round_trip_and_resume(tmp_path):
         np.testing.assert_array_equal(back.histogram.counts, output.histogram.counts)
         assert back.histogram.bin_width_usd == output.histogram.bin_width_usd
         np.testing.assert_array_equal(back.loan_sums, output.loan_sums)
+        assert back.chunk_size == output.chunk_size is not None
 
     batches = sorted((tmp_path / ".checkpoint").glob("batch-*.npz"))
     for path in batches[20:]:

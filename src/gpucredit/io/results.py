@@ -259,6 +259,7 @@ def _batch_arrays(batch: BatchOutput) -> dict[str, np.ndarray]:
         "tail_indices": batch.tail.indices,
         "tail_losses_usd": batch.tail.losses_usd,
         "tail_floor_usd": np.float64(batch.tail.floor_usd),
+        "chunk_size": np.int64(-1 if batch.chunk_size is None else batch.chunk_size),
         "count": np.int64(stats.count),
         "loss_sum_usd": np.float64(stats.loss_sum_usd),
         "loss_m2_usd2": np.float64(stats.loss_m2_usd2),
@@ -295,4 +296,5 @@ def _batch_from_arrays(first: int, a: dict[str, np.ndarray]) -> BatchOutput:
             float(a["bin_width_usd"]), a["histogram_counts"], int(a["zero_count"])
         ),
         loan_sums=a["loan_sums"],
+        chunk_size=int(a["chunk_size"]) if int(a.get("chunk_size", -1)) >= 0 else None,
     )

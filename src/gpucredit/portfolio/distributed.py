@@ -479,7 +479,7 @@ class DaskRunner:
 
         start = time.perf_counter()
         fold = TailsAccumulator(scenarios, alphas)
-        todo = fold.missing(done)
+        todo = fold.missing(done, chunk_size)
         completed = scenarios - sum(count for _, count in todo)
         if completed and progress is not None:
             progress(completed, scenarios)

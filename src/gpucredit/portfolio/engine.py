@@ -461,6 +461,7 @@ class BatchOutput:
     statistics: BatchStatistics  # count, Σ L, Σ (L − mean)², its own VaR and ES per α
     histogram: LossHistogram
     loan_sums: np.ndarray  # [3, N] Σ L_i, Σ PD_i, Σ EAD_i over the chunks the batch owns
+    chunk_size: int | None = None  # the chunking it was computed in (None: unknown)
 
     @property
     def count(self) -> int:
@@ -511,6 +512,7 @@ def run_batch(
         statistics=batch_statistics(losses, alphas),
         histogram=LossHistogram.of(losses),
         loan_sums=sums,
+        chunk_size=chunk_size,
     )
 
 
@@ -529,9 +531,12 @@ class TailsAccumulator:
         self.outputs: dict[int, BatchOutput] = {}
         self.empty = batch_statistics([], alphas)  # also: the alphas as batches record them
 
-    def missing(self, done: dict | None = None) -> list[tuple[int, int]]:
+    def missing(
+        self, done: dict | None = None, chunk_size: int | None = None
+    ) -> list[tuple[int, int]]:
         """The non-empty batches still to run; those in `done` (resume: first -> output of
-        the same batch and alphas) are taken as they are."""
+        the same batch, alphas and chunk size, so every loss and sum is the same float) are
+        taken as they are."""
         todo = []
         for first, count in self.batches:
             if count == 0:
@@ -541,6 +546,7 @@ class TailsAccumulator:
                 isinstance(known, BatchOutput)
                 and known.count == count
                 and known.statistics.alphas == self.empty.alphas
+                and known.chunk_size == chunk_size
             ):
                 self.add(known)
             else:
@@ -606,7 +612,7 @@ def run_tails_pass1(
     keyed by their first scenario; `on_batch` is called after each new one (checkpointing)."""
     start = time.perf_counter()
     fold = TailsAccumulator(scenarios, alphas)
-    todo = fold.missing(done)
+    todo = fold.missing(done, chunk_size)
     completed = scenarios - sum(count for _, count in todo)
     if completed and progress is not None:
         progress(completed, scenarios)
