@@ -479,10 +479,7 @@ class DaskRunner:
 
         start = time.perf_counter()
         fold = TailsAccumulator(scenarios, alphas)
-        todo = fold.missing(done, chunk_size)
-        completed = scenarios - sum(count for _, count in todo)
-        if completed and progress is not None:
-            progress(completed, scenarios)
+        todo, completed = fold.resume(done, chunk_size, progress)
         owners: dict[int, tuple[int, int, str]] = {}
         name = self._install(spec)
         try:

@@ -553,6 +553,16 @@ class TailsAccumulator:
                 todo.append((first, count))
         return todo
 
+    def resume(
+        self, done: dict | None, chunk_size: int, progress: ProgressCallback | None
+    ) -> tuple[list[tuple[int, int]], int]:
+        """(`missing` batches, scenarios already done), the latter reported to `progress`."""
+        todo = self.missing(done, chunk_size)
+        completed = self.scenarios - sum(count for _, count in todo)
+        if completed and progress is not None:
+            progress(completed, self.scenarios)
+        return todo, completed
+
     def add(self, output: BatchOutput) -> None:
         self.outputs[output.first] = output
 
@@ -612,10 +622,7 @@ def run_tails_pass1(
     keyed by their first scenario; `on_batch` is called after each new one (checkpointing)."""
     start = time.perf_counter()
     fold = TailsAccumulator(scenarios, alphas)
-    todo = fold.missing(done, chunk_size)
-    completed = scenarios - sum(count for _, count in todo)
-    if completed and progress is not None:
-        progress(completed, scenarios)
+    todo, completed = fold.resume(done, chunk_size, progress)
     backend = _LastChunk(backend)
 
     def advance(n: int) -> None:
