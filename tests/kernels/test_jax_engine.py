@@ -16,6 +16,7 @@ from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions, with_overrides
 from gpucredit.kernels import jax_engine, reference
 from gpucredit.kernels.rng import shock_normals_np
+from gpucredit.portfolio.assumptions import bumped_parameter
 from gpucredit.portfolio.loans import loan_arrays
 
 SEED = 11
@@ -250,16 +251,6 @@ def _weighted_loss(params, grid, blocks, scenarios, coefficients):
     return float(np.sum(coefficients * losses))
 
 
-def _bumped(params, name, index, step):
-    leaf = np.array(getattr(params, name), dtype=np.float64)
-    if leaf.ndim == 0:
-        return params._replace(**{name: float(leaf) + step})
-    leaf[index] += step
-    if name == "correlation":  # a move of Σ_jk moves Σ_kj with it (MODEL.md §7)
-        leaf[index[::-1]] += step
-    return params._replace(**{name: leaf})
-
-
 def test_weighted_gradient_finite_and_matches_finite_differences(assumptions, loans):
     grid = assumptions.grid()
     blocks = _blocks(loans, jnp.float64)
@@ -281,10 +272,10 @@ def test_weighted_gradient_finite_and_matches_finite_differences(assumptions, lo
         base = float(np.asarray(getattr(params, name))[index])
         step = 1e-5 * max(abs(base), 1e-2)
         up = _weighted_loss(
-            _bumped(params, name, index, step), grid, blocks, scenarios, coefficients
+            bumped_parameter(params, name, index, step), grid, blocks, scenarios, coefficients
         )
         down = _weighted_loss(
-            _bumped(params, name, index, -step), grid, blocks, scenarios, coefficients
+            bumped_parameter(params, name, index, -step), grid, blocks, scenarios, coefficients
         )
         finite_difference = (up - down) / (2 * step)
         leaf = np.asarray(getattr(grads, name))

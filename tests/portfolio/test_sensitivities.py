@@ -27,7 +27,7 @@ import pytest
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions, with_overrides
 from gpucredit.kernels import jax_engine
-from gpucredit.portfolio.assumptions import parameter_paths, parameter_value
+from gpucredit.portfolio.assumptions import bumped_parameter, parameter_paths, parameter_value
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import alpha_key, tail_coefficients
@@ -118,16 +118,6 @@ def _field_index(assumptions, path):
     raise KeyError(path)
 
 
-def _bumped(params, field, index, step):
-    leaf = np.array(getattr(params, field), dtype=np.float64)  # a writable copy
-    if leaf.ndim == 0:
-        return params._replace(**{field: float(leaf) + step})
-    leaf[index] += step
-    if field == "correlation":  # a move of Σ_jk moves Σ_kj with it (MODEL.md §7)
-        leaf[index[::-1]] += step
-    return params._replace(**{field: leaf})
-
-
 def _weighted(params, assumptions, blocks, indices, coefficients):
     losses = jax_engine.losses_at(params, assumptions.grid(), blocks, SEED, indices)
     return float(np.asarray(losses, np.float64) @ coefficients)
@@ -143,8 +133,8 @@ def _blocks_at(assumptions, blocks, params):
 
 def _central_difference(assumptions, blocks, sets, field, index, h):
     """{set key: (Σ c L(θ+h) − Σ c L(θ−h)) / 2h} for every index set."""
-    up = _bumped(assumptions.params, field, index, h)
-    down = _bumped(assumptions.params, field, index, -h)
+    up = bumped_parameter(assumptions.params, field, index, h)
+    down = bumped_parameter(assumptions.params, field, index, -h)
     blocks_up, blocks_down = (_blocks_at(assumptions, blocks, p) for p in (up, down))
     return {
         key: (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gpucredit.io.files import write_atomically
 from gpucredit.portfolio.book import (
     AMORTIZATIONS,
     BORROWER_TYPES,
@@ -407,18 +407,12 @@ def write_book(table_or_book: pa.Table | Book, path: str | os.PathLike) -> Path:
     half-written book. Returns the path written.
     """
     table = book_to_table(table_or_book) if isinstance(table_or_book, Book) else table_or_book
-    target = Path(path)
-    # A fresh name next to the target (same file system, so the rename is atomic); not
-    # mkstemp, whose 0600 mode would survive the rename.
-    tmp_name = str(target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        if target.suffix.lower() == ".parquet":
-            pq.write_table(table, tmp_name)
+
+    def write(temporary: Path) -> None:
+        if Path(path).suffix.lower() == ".parquet":
+            pq.write_table(table, temporary)
         else:
-            with pa.OSFile(tmp_name, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+            with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+
+    return write_atomically(path, write)

@@ -18,8 +18,6 @@ import html
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import pyarrow.parquet as pq
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gpucredit.io.files import write_atomically
 from gpucredit.portfolio.risk import LossHistogram
 
 __all__ = ["ReportError", "render_report", "render_report_from_dir"]
@@ -1129,14 +1128,8 @@ def render_report_from_dir(directory: Path) -> Path:
         reverse_stress=design,
     )
     target = directory / REPORT_FILE
-    temporary = directory / f".{REPORT_FILE}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target)
+        write_atomically(target, lambda temporary: temporary.write_text(text, encoding="utf-8"))
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise ReportError(f"{target}: cannot write: {error.strerror or error}") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
     return target

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gpucredit.io import files
 from gpucredit.io.book import book_to_table
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import Book
@@ -33,23 +32,12 @@ class ResultsError(Exception):
     """The results directory cannot be written or resumed (message says why)."""
 
 
-def _temporary_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
 def write_atomically(path: Path, write) -> Path:
-    """Call `write(temporary_path)`, then rename over `path`: a reader never sees half a file."""
-    temporary = _temporary_sibling(path)
+    """`files.write_atomically`, an OSError reported as a ResultsError."""
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        return files.write_atomically(path, write)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise ResultsError(f"cannot write {path}: {error.strerror or error}") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: Path, document: dict) -> Path:
@@ -73,7 +61,7 @@ def prepare_output_dir(directory: Path) -> Path:
     """Create `directory` if needed and check it can be written, before any simulation."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = _temporary_sibling(directory / "probe")
+        probe = files.temporary_sibling(directory / "probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:

@@ -44,7 +44,15 @@ import numpy as np
 from scipy.special import ndtri
 
 from gpucredit.kernels import reference
-from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
+from gpucredit.kernels.params import (
+    HOURS_PER_YEAR,
+    LOG_BIG,
+    THRESHOLD_LIMIT,
+    LoanArrays,
+    ModelGrid,
+    ModelParams,
+    safe_log_ratio,
+)
 
 __all__ = [
     "ChunkOutcomes",
@@ -66,12 +74,9 @@ __all__ = [
     "shared_memory_bytes",
 ]
 
-HOURS_PER_YEAR = 8760.0
 WARP = 32
 MAX_THREADS = 256  # GPUCREDIT_MAX_THREADS in forward.cu (__launch_bounds__)
 KERNEL_SOURCE = "cuda/forward.cu"
-_LOG_BIG = 1.0e4  # ln(n a / B) stand-in at B <= 0 (the cap) or n a = 0 (the floor)
-_THRESHOLD_LIMIT = 37.0  # |Φ⁻¹(p^Δ)| beyond this is Φ = 0 or 1 anyway
 _FIXED_POINT_BITS = 62  # Q in fixed point: the generation's total pledged GPUs is < 2^62
 _MAX_SCENARIOS_PER_BLOCK = 64
 _TARGET_BLOCKS = 4096  # enough blocks for every SM of an H100 several times over
@@ -200,15 +205,6 @@ class LoanTables(NamedTuple):
     depth_gpus: np.ndarray  # [G] D_g (GPUs per period)
 
 
-def _safe_log_ratio(num, den) -> np.ndarray:
-    """ln(num/den); +_LOG_BIG where den <= 0 (the cap), −_LOG_BIG where num <= 0 < den."""
-    num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.log(num / den)
-    value = np.where(num > 0, value, -_LOG_BIG)
-    return np.where(den > 0, value, _LOG_BIG)
-
-
 def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> LoanTables:
     """Every per-loan and per-(loan, period) constant of the period loop, in float64."""
     loans = prepared.loans
@@ -233,11 +229,11 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
 
     today = reference.today_metrics(params, grid, loans)
     pd_period = 1.0 - (1.0 - f64(loans.pd_annual)) ** dt
-    threshold = np.clip(ndtri(pd_period), -_THRESHOLD_LIMIT, _THRESHOLD_LIMIT)
+    threshold = np.clip(ndtri(pd_period), -THRESHOLD_LIMIT, THRESHOLD_LIMIT)
     refi_ltv = float(params.refi_ltv)
-    ln_ltv = np.log(refi_ltv) if refi_ltv > 0 else -_LOG_BIG
+    ln_ltv = np.log(refi_ltv) if refi_ltv > 0 else -LOG_BIG
     ln_refi = np.where(
-        has_balloon, ln_ltv + _safe_log_ratio(pledged, np.where(has_balloon, balloon, 1.0)), 0.0
+        has_balloon, ln_ltv + safe_log_ratio(pledged, np.where(has_balloon, balloon, 1.0)), 0.0
     )
 
     per_loan = np.zeros((_LOAN_REAL_SLOTS, prepared.n_loans))
@@ -273,7 +269,7 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
         [
             balance_before,
             f64(loans.installment_usd)[:, 1 : periods + 1],  # I(t)
-            _safe_log_ratio(pledged[:, None], balance_before),
+            safe_log_ratio(pledged[:, None], balance_before),
         ]
     ).transpose(0, 2, 1)  # [3, T, N]
 
@@ -286,7 +282,7 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
     loan_int[:, real] = ints[:, src]
     loan_int[0] = prepared.generation  # padding keeps its run's generation
     loan_period = np.zeros((_PERIOD_SLOTS, periods, prepared.n_pad))
-    loan_period[2] = _LOG_BIG  # padding: B = 0
+    loan_period[2] = LOG_BIG  # padding: B = 0
     loan_period[:, :, real] = per_period[:, :, src]
 
     g_count = grid.n_generations

@@ -50,11 +50,15 @@ from gpucredit.kernels.params import (
     BTC,
     CREDIT,
     ETH,
+    HOURS_PER_YEAR,
+    LOG_BIG,
     POWER,
     RATE,
+    THRESHOLD_LIMIT,
     LoanArrays,
     ModelGrid,
     ModelParams,
+    safe_log_ratio,
 )
 from gpucredit.kernels.reference import FactorPaths  # the same fields, JAX arrays here
 from gpucredit.kernels.rng import (
@@ -95,12 +99,6 @@ __all__ = [
     "student_t_to_normal_jax",
     "weighted_loss_gradient",
 ]
-
-HOURS_PER_YEAR = 8760.0
-# Stand-in for ln(n a / B) when B <= 0 (the ratio is then the cap) or n a = 0 (the floor):
-# far outside any [ln floor, ln cap], finite so gradients stay NaN-free.
-_LOG_BIG = 1.0e4
-_THRESHOLD_LIMIT = 37.0  # |Φ⁻¹(p^Δ)| beyond this is Φ = 0 or 1 in float64 anyway
 
 # Python-side trace counters (incremented when a jitted function is traced, not when it runs).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -149,7 +147,7 @@ class LoanBlocks(NamedTuple):
     ln_gpus_per_balloon: jax.Array  # [NB, b] ln(n_i a_i / Bal_i) (0 without a balloon)
     balance_before_usd: jax.Array  # [NB, T, b] B_i(t − 1)
     installment_usd: jax.Array  # [NB, T, b] I_i(t)
-    ln_gpus_per_balance: jax.Array  # [NB, T, b] ln(n_i a_i / B_i(t − 1)), ±_LOG_BIG at the edges
+    ln_gpus_per_balance: jax.Array  # [NB, T, b] ln(n_i a_i / B_i(t − 1)), ±LOG_BIG at the edges
     n_loans: int | None  # N real loans (None inside jit)
     n_borrowers: int | None  # B (None inside jit)
 
@@ -165,15 +163,6 @@ class LoanBlocks(NamedTuple):
     @property
     def periods(self) -> int:
         return int(self.balance_before_usd.shape[1])
-
-
-def _safe_log_ratio(num, den) -> np.ndarray:
-    """ln(num/den); +_LOG_BIG where den <= 0 (the cap), −_LOG_BIG where num <= 0 < den (floor)."""
-    num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.log(num / den)
-    value = np.where(num > 0, value, -_LOG_BIG)
-    return np.where(den > 0, value, _LOG_BIG)
 
 
 def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -> LoanBlocks:
@@ -239,13 +228,11 @@ def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -
         maturity_period=per_loan(loans.maturity_period, 0, np.int32),
         has_balloon=per_loan(has_balloon, False, np.bool_),
         ln_gpus_per_balloon=per_loan(
-            np.where(
-                has_balloon, _safe_log_ratio(pledged, np.where(has_balloon, balloon, 1.0)), 0.0
-            )
+            np.where(has_balloon, safe_log_ratio(pledged, np.where(has_balloon, balloon, 1.0)), 0.0)
         ),
         balance_before_usd=per_period(balance_before),
         installment_usd=per_period(f64(loans.installment_usd)[:, 1:]),
-        ln_gpus_per_balance=per_period(_safe_log_ratio(pledged[:, None], balance_before), _LOG_BIG),
+        ln_gpus_per_balance=per_period(safe_log_ratio(pledged[:, None], balance_before), LOG_BIG),
         n_loans=n_loans,
         n_borrowers=int(loans.n_borrowers),
     )
@@ -306,7 +293,7 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
     rate = blocks.rate.astype(f64)[:, None, :]
     balance = blocks.balance_before_usd.astype(f64)
     pd_period = 1.0 - (1.0 - blocks.pd_annual.astype(f64)) ** dt
-    threshold = jnp.clip(ndtri(pd_period), -_THRESHOLD_LIMIT, _THRESHOLD_LIMIT)
+    threshold = jnp.clip(ndtri(pd_period), -THRESHOLD_LIMIT, THRESHOLD_LIMIT)
     per_rate = blocks.is_floating.astype(f64)[:, None, :] * dt * balance
     volume = jax.nn.one_hot(blocks.generation, grid.n_generations, dtype=f64)
     return _LoanTerms(
@@ -589,7 +576,7 @@ def _revalue_block(
     floor, cap = p.coverage_floor, p.coverage_cap
     ln_floor, ln_cap = jnp.log(floor), jnp.log(cap)
     positive_ltv = p.refi_ltv > 0
-    ln_ltv = jnp.where(positive_ltv, jnp.log(jnp.where(positive_ltv, p.refi_ltv, 1)), -_LOG_BIG)
+    ln_ltv = jnp.where(positive_ltv, jnp.log(jnp.where(positive_ltv, p.refi_ltv, 1)), -LOG_BIG)
 
     # Today's metrics (MODEL.md §3, "Today's values"): every factor at its t = 0 level.
     ln_price0 = jnp.log(p.price_usd)[gen]
@@ -678,7 +665,6 @@ def _revalue_block(
     )
     factors = _StepFactors(
         rent=paths.rent,
-        price=paths.price,
         ln_price=paths.ln_price,
         btc=paths.btc,
         eth=paths.eth,
@@ -692,16 +678,7 @@ def _revalue_block(
         ),
         discount=discount if discount is not None else jnp.zeros((grid.periods, 0), dtype),
     )
-    period_terms = _PeriodTerms(
-        fixed_income_usd=terms.fixed_income_usd,
-        rent_hours=terms.rent_hours,
-        debt_service_fixed_usd=terms.debt_service_fixed_usd,
-        debt_service_per_rate_usd=terms.debt_service_per_rate_usd,
-        exposure_fixed_usd=terms.exposure_fixed_usd,
-        ln_gpus_per_balance=terms.ln_gpus_per_balance,
-        active=terms.active,
-        at_refinancing=terms.at_refinancing,
-    )
+    period_terms = _PeriodTerms(*(getattr(terms, name) for name in _PeriodTerms._fields))
     (_, survival, defaulted, loss, defaulted_exposure), volume = lax.scan(
         jax.checkpoint(step), carry, (factors, period_terms)
     )
@@ -721,7 +698,6 @@ class _BlockOutcome(NamedTuple):
 
 class _StepFactors(NamedTuple):
     rent: jax.Array  # [T, S, G]
-    price: jax.Array
     ln_price: jax.Array
     btc: jax.Array  # [T, S]
     eth: jax.Array
@@ -733,6 +709,8 @@ class _StepFactors(NamedTuple):
 
 
 class _PeriodTerms(NamedTuple):
+    """The [T, b] leaves of `_LoanTerms` the period loop scans over (same names)."""
+
     fixed_income_usd: jax.Array  # [T, b]
     rent_hours: jax.Array
     debt_service_fixed_usd: jax.Array

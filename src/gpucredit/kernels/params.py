@@ -21,6 +21,22 @@ BTC, ETH, POWER, RATE, CREDIT = range(5)
 MARKET_FACTORS = ("btc", "eth", "power", "rate", "credit")
 
 TIME_TOL_YEARS = 1e-9  # MODEL.md: a <= b means a <= b + 1e-9 (years)
+HOURS_PER_YEAR = 8760.0
+
+# The fast kernels' per-loan preparation (jax_engine, cupy_engine) shares these:
+# LOG_BIG stands in for ln(n a / B) when B <= 0 (the ratio is then the cap) or n a = 0 (the
+# floor), far outside any [ln floor, ln cap] and finite so that gradients stay NaN-free.
+LOG_BIG = 1.0e4
+THRESHOLD_LIMIT = 37.0  # |Φ⁻¹(p^Δ)| beyond this is Φ = 0 or 1 in float64 anyway
+
+
+def safe_log_ratio(num, den) -> np.ndarray:
+    """ln(num/den); +LOG_BIG where den <= 0 (the cap), −LOG_BIG where num <= 0 < den (floor)."""
+    num, den = np.broadcast_arrays(np.asarray(num, np.float64), np.asarray(den, np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.log(num / den)
+    value = np.where(num > 0, value, -LOG_BIG)
+    return np.where(den > 0, value, LOG_BIG)
 
 
 def factor_names(generations: tuple[str, ...]) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from gpucredit.kernels.params import (
     BTC,
     CREDIT,
     ETH,
+    HOURS_PER_YEAR,
     POWER,
     RATE,
     LoanArrays,
@@ -22,8 +23,6 @@ from gpucredit.kernels.params import (
     ModelParams,
 )
 from gpucredit.kernels.rng import default_uniforms_np, shock_normals_np
-
-HOURS_PER_YEAR = 8760.0
 
 
 class FactorPaths(NamedTuple):

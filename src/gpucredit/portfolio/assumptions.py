@@ -138,3 +138,15 @@ def parameter_paths(assumptions: Assumptions) -> list[tuple[str, str, tuple]]:
 def parameter_value(params: ModelParams, field: str, index: tuple) -> float:
     """The value of one parameter named by `parameter_paths`."""
     return float(np.asarray(getattr(params, field))[index])
+
+
+def bumped_parameter(params: ModelParams, field: str, index: tuple, step: float) -> ModelParams:
+    """`params` with the parameter (field, index) of `parameter_paths` moved by `step`; a move
+    of the correlation entry Σ_jk moves Σ_kj with it (MODEL.md §7). For finite differences."""
+    leaf = np.array(getattr(params, field), dtype=np.float64)  # a writable copy
+    if leaf.ndim == 0:
+        return params._replace(**{field: float(leaf) + step})
+    leaf[index] += step
+    if field == "correlation":
+        leaf[index[::-1]] += step
+    return params._replace(**{field: leaf})

@@ -13,7 +13,6 @@ embedded example book (2,000 loans, seed 2026).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -244,25 +243,15 @@ def debt_service_coverage_today(table: pa.Table) -> np.ndarray:
     return noi_usd / (q * balance + installment)
 
 
-def _write_atomically(table: pa.Table, path: Path) -> None:
-    import pyarrow.parquet as pq
-
-    tmp_name = str(path.parent / f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def _main(argv: list[str]) -> None:
     """Regenerate the embedded example book (or: N SEED OUT)."""
     n_loans = int(argv[0]) if len(argv) > 0 else EXAMPLE_LOANS
     seed = int(argv[1]) if len(argv) > 1 else EXAMPLE_SEED
     default_out = Path(__file__).resolve().parents[1] / "data" / "example_book.parquet"
     out = Path(argv[2]) if len(argv) > 2 else default_out
-    _write_atomically(make_book(n_loans, seed), out)
+    from gpucredit.io.book import write_book  # the script writes a file: io's job
+
+    write_book(make_book(n_loans, seed), out)
     print(f"wrote {out} ({n_loans} loans, seed {seed})")
 
 

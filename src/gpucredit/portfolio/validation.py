@@ -38,7 +38,7 @@ from scipy.special import ndtr, ndtri
 from gpucredit import __version__
 from gpucredit.kernels import reference
 from gpucredit.kernels.params import ModelParams
-from gpucredit.portfolio.assumptions import Assumptions, parameter_paths
+from gpucredit.portfolio.assumptions import Assumptions, bumped_parameter, parameter_paths
 from gpucredit.portfolio.book import Book, feature_book, uniform_book
 from gpucredit.portfolio.contributions import tail_loan_contributions
 from gpucredit.portfolio.loans import loan_arrays
@@ -852,16 +852,6 @@ def invariance_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
 # --------------------------------------------------------------------------- gradients
 
 
-def _bump(params: ModelParams, field: str, index: tuple, step: float) -> ModelParams:
-    leaf = np.array(getattr(params, field), dtype=np.float64)
-    if leaf.ndim == 0:
-        return params._replace(**{field: float(leaf) + step})
-    leaf[index] += step
-    if field == "correlation":  # a move of Σ_jk moves Σ_kj with it (MODEL.md §7)
-        leaf[index[::-1]] += step
-    return params._replace(**{field: leaf})
-
-
 FD_RELATIVE_STEP = 1e-5
 FD_RTOL = 1e-4
 FD_ROUNDING = 1e-10  # relative accuracy assumed of a float64 sum of losses
@@ -903,8 +893,8 @@ def gradient_checks(
         field, index = paths[path]
         value = float(np.asarray(getattr(base.params, field))[index])
         h = FD_RELATIVE_STEP * max(abs(value), 1e-2)
-        up = measures(_bump(base.params, field, index, h))
-        down = measures(_bump(base.params, field, index, -h))
+        up = measures(bumped_parameter(base.params, field, index, h))
+        down = measures(bumped_parameter(base.params, field, index, -h))
         row = sens.parameter.index(path)
         for what, ad, fd_pair, level in (
             ("EL", sens.d_expected_loss[row], (up[0], down[0]), el0),
