@@ -113,6 +113,28 @@ def test_float32_close_to_reference(assumptions, loans, copula):
     np.testing.assert_allclose(actual[big], expected[big], rtol=1e-3)
 
 
+def test_float32_sampled_defaults_match_reference(assumptions, loans):
+    """Sampled mode in float32: the same default events as the float64 reference, loan by
+    loan, and the same losses where they default. A default flips only where 1 − S_i(t) lies
+    within float32 rounding (~1e-7) of U, so at most 0.1% of the loan-scenarios may differ."""
+    grid = assumptions.grid("sampled")
+    scenarios = np.arange(COUNT)
+    expected = _reference_losses(assumptions, grid, loans, scenarios)  # [S, N]
+    actual = np.asarray(
+        jax_engine.loan_losses_at(
+            assumptions.params, grid, _blocks(loans, jnp.float32), SEED, scenarios
+        ),
+        np.float64,
+    )
+    defaulted, expected_defaulted = actual > 0, expected > 0
+    assert expected_defaulted.sum() > 50  # the book defaults: the check has something to check
+    assert np.mean(defaulted != expected_defaulted) <= 1e-3
+    both = defaulted & expected_defaulted
+    # LGD = max(EAD − recovery, 0) cancels: a small loss carries float32 rounding of EAD and
+    # recovery, about 1e-7 relative each over ~100 operations, so an absolute term too.
+    np.testing.assert_allclose(actual[both], expected[both], rtol=1e-3, atol=1e-5 * expected.max())
+
+
 @pytest.mark.parametrize("mode", ["conditional", "sampled"])
 def test_loan_losses_match_reference_per_loan(assumptions, loans, mode):
     grid = assumptions.grid(mode)
@@ -299,3 +321,25 @@ def test_gradient_ignores_sampled_mode(assumptions, loans):
     np.testing.assert_array_equal(
         np.asarray(conditional[1].correlation), np.asarray(sampled[1].correlation)
     )
+
+
+def test_float32_runs_on_a_repaired_correlation_matrix(loans):
+    """A repaired matrix's smallest eigenvalue (1e-8) is below float32 resolution: the
+    Cholesky factor is taken in float64 and cast, so float32 losses stay finite and match
+    float64 (found in review: every float32 loss was NaN)."""
+    repaired = with_overrides(
+        default_assumptions(),
+        {"correlation": {"pairs": [{"a": "rent:H100", "b": "price:H100", "value": -0.9}]}},
+        repair_correlation=True,
+    )
+    assert repaired.correlation_repair is not None
+    grid = repaired.grid()
+    out = {
+        dtype: np.asarray(
+            jax_engine.chunk_losses(repaired.params, grid, _blocks(loans, dtype), SEED, 0, COUNT),
+            np.float64,
+        )
+        for dtype in (jnp.float32, jnp.float64)
+    }
+    assert np.all(np.isfinite(out[jnp.float32]))
+    np.testing.assert_allclose(out[jnp.float32], out[jnp.float64], rtol=1e-3, atol=1.0)

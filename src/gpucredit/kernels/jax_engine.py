@@ -248,7 +248,6 @@ class _LoanTerms(NamedTuple):
     generation: jax.Array  # [NB, b] int32
     borrower: jax.Array  # [NB, b] int32
     volume_weights: jax.Array  # [NB, b, G] n a one-hot: Q_g(t) = Σ_i d_i(t) volume_weights[i, g]
-    pledged_gpus: jax.Array  # [NB, b] n a
     recovery_gpus: jax.Array  # [NB, b] n a (1 − c)
     power_kwh_per_period: jax.Array  # [NB, b] n N_h w:  opex = that × E(t) + n N_h o
     btc_units: jax.Array
@@ -300,7 +299,6 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
         generation=blocks.generation,
         borrower=blocks.borrower,
         volume_weights=cast(volume * blocks.pledged_gpus[..., None]),
-        pledged_gpus=cast(blocks.pledged_gpus),
         recovery_gpus=cast(blocks.recovery_gpus),
         power_kwh_per_period=cast(n * hours * blocks.power_kw_per_gpu),
         btc_units=cast(blocks.btc_units),
@@ -330,7 +328,10 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
 
 
 def _cast_params(params: ModelParams, dtype) -> ModelParams:
-    return ModelParams(*(jnp.asarray(leaf).astype(dtype) for leaf in params))
+    """Every leaf in the computation dtype except the correlation matrix, kept in float64 for
+    its Cholesky factor (`correlated_shocks_jax`)."""
+    cast = ModelParams(*(jnp.asarray(leaf).astype(dtype) for leaf in params))
+    return cast._replace(correlation=jnp.asarray(params.correlation).astype(jnp.float64))
 
 
 def student_t_to_normal_jax(y: jax.Array, dof: int) -> jax.Array:
@@ -361,7 +362,10 @@ def correlated_shocks_jax(params: ModelParams, grid: ModelGrid, normals: jax.Arr
     """
     dtype = normals.dtype
     n_factors = grid.n_factors
-    cholesky = jnp.linalg.cholesky(jnp.asarray(params.correlation).astype(dtype))
+    # Factored in float64, then cast: a repaired matrix's smallest eigenvalue (1e-8) is below
+    # float32 resolution, where the factorisation fails (NaN).
+    correlation = jnp.asarray(params.correlation).astype(jnp.float64)
+    cholesky = jnp.linalg.cholesky(correlation).astype(dtype)
     x = jnp.einsum(
         "stj,kj->stk", normals[..., :n_factors], cholesky, precision=lax.Precision.HIGHEST
     )
