@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,21 @@ from gpucredit.portfolio.engine import (
 )
 
 EXIT_BAD_INPUT = 2
+
+
+class FiniteFloatRange(click.FloatRange):
+    """`click.FloatRange` that also refuses NaN (it compares false with every bound, so the
+    range alone lets it through) and infinities."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
+
+
+ALPHA = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # a confidence level
+SEED = click.IntRange(0, 2**32 - 1)
 
 
 class RunFailure(Exception):
@@ -131,13 +147,15 @@ class Progress:
 @click.argument("book", required=False, type=click.Path(dir_okay=False))
 @click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
 @click.option("--repair-correlation", is_flag=True, help="Use the nearest correlation matrix.")
-@click.option("--scenarios", type=int, help="Scenarios (default: the assumptions').")
-@click.option("--seed", type=int, help="Random seed below 2^32 (default: the assumptions').")
+@click.option(
+    "--scenarios", type=click.IntRange(min=1), help="Scenarios (default: the assumptions')."
+)
+@click.option("--seed", type=SEED, help="Random seed below 2^32 (default: the assumptions').")
 @click.option("--mode", type=click.Choice(MODES))
-@click.option("--alpha", "alphas", type=float, multiple=True, help="Confidence level(s).")
+@click.option("--alpha", "alphas", type=ALPHA, multiple=True, help="Confidence level(s).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True)
-@click.option("--chunk-size", type=int, help="Scenarios per chunk.")
+@click.option("--chunk-size", type=click.IntRange(min=1), help="Scenarios per chunk.")
 @click.option("--no-sensitivities", is_flag=True)
 @click.option("--no-contributions", is_flag=True)
 @click.option("--stress", "stresses", multiple=True, help="Stress scenario name (repeatable).")
@@ -338,14 +356,19 @@ def report(directory):
 @click.argument("book", required=False, type=click.Path(dir_okay=False))
 @click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
 @click.option("--repair-correlation", is_flag=True)
-@click.option("--loss", "loss_usd", type=float, help="Target portfolio loss in USD.")
+@click.option(
+    "--loss",
+    "loss_usd",
+    type=FiniteFloatRange(min=0, min_open=True),
+    help="Target portfolio loss in USD.",
+)
 @click.option(
     "--alpha",
-    type=float,
+    type=ALPHA,
     help="Target the VaR at this level from a plain run (default 0.999 when --loss is absent).",
 )
-@click.option("--scenarios", type=int, default=20_000, show_default=True)
-@click.option("--seed", type=int)
+@click.option("--scenarios", type=click.IntRange(min=1), default=20_000, show_default=True)
+@click.option("--seed", type=SEED)
 @click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
 @friendly_errors
 def reverse_stress(

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -190,3 +191,141 @@ def test_killed_run_resumes_to_the_identical_result(small_book, tmp_path):
     a = json.loads((interrupted / "summary.json").read_text())["measures"]
     b = json.loads((fresh / "summary.json").read_text())["measures"]
     assert a == b
+
+
+# ----------------------------------------------------------------------------- bad options
+
+
+def _refused(args: list[str], tmp_path: Path, option: str):
+    out = tmp_path / "never"
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+    assert not out.exists(), "nothing may be written for a refused option"
+    return result
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        (["--alpha", "1.5"], "--alpha"),
+        (["--alpha", "0.99", "--alpha", "1"], "--alpha"),
+        (["--alpha", "0"], "--alpha"),
+        (["--alpha", "-0.5"], "--alpha"),
+        (["--alpha", "nan"], "--alpha"),
+        (["--chunk-size", "-8"], "--chunk-size"),
+        (["--chunk-size", "0"], "--chunk-size"),
+        (["--importance-sampling", "--alpha", "1.5"], "--alpha"),
+    ],
+)
+def test_run_refuses_a_bad_alpha_or_chunk_size_before_any_work(small_book, tmp_path, extra, option):
+    args = ["run", str(small_book), "--backend", "numpy", "--no-sensitivities", "--quiet"]
+    _refused([*args, "--scenarios", "64", *extra], tmp_path, option)
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        (["--alpha", "1.5"], "--alpha"),
+        (["--alpha", "0"], "--alpha"),
+        (["--alpha", "nan"], "--alpha"),
+        (["--loss", "-5"], "--loss"),
+        (["--loss", "0"], "--loss"),
+        (["--loss", "nan"], "--loss"),
+        (["--loss", "inf"], "--loss"),
+        (["--scenarios", "0"], "--scenarios"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_reverse_stress_refuses_a_bad_alpha_or_loss_before_any_work(
+    small_book, tmp_path, extra, option
+):
+    _refused(["reverse-stress", str(small_book), *extra], tmp_path, option)
+
+
+# ----------------------------------------------------------------------------- validate
+
+
+def _book_with(tmp_path: Path, **columns) -> Path:
+    table = make_book(12, seed=4)
+    for name, value in columns.items():
+        index = table.schema.get_field_index(name)
+        column = pa.array([value] * len(table), type=table.schema.field(name).type)
+        table = table.set_column(index, name, column)
+    path = tmp_path / "book.parquet"
+    write_book(table, path)
+    return path
+
+
+def test_validate_prints_n_a_for_an_undefined_ltv(tmp_path):
+    """collateral_share 0 on every loan is valid: no collateral, so no LTV."""
+    path = _book_with(tmp_path, collateral_share=0.0)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "LTV n/a" in result.output and "debt-service coverage" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_prints_n_a_for_an_undefined_ltv_and_dscr(tmp_path):
+    """No collateral and no debt service today (0% bullet loans): neither ratio exists."""
+    path = _book_with(
+        tmp_path, collateral_share=0.0, rate=0.0, rate_type="fixed", amortization="bullet"
+    )
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "LTV n/a, debt-service coverage n/a" in result.output
+    assert "Traceback" not in result.output
+    summary = json.loads(invoke("validate", str(path), "--json").output)
+    assert summary["ltv"] is None and summary["dscr"] is None
+
+
+def test_validate_refuses_a_negative_annuity_rate_with_status_2(tmp_path):
+    """rate = -5 on an annuity made the schedule NaN ("losses must be finite" in run)."""
+    path = _book_with(tmp_path, rate=-5.0, amortization="annuity")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "column rate: must be in (-1, 1)" in result.output and "loan_id=" in result.output
+    assert "Traceback" not in result.output
+
+
+# ----------------------------------------------------------------------------- damaged resume
+
+
+def _damaged_checkpoint(small_book: Path, out: Path) -> Path:
+    """A checkpoint of `run small_book RUN_ARGS --chunk-size 64` with one chunk saved."""
+    from gpucredit.io.assumptions import default_assumptions
+    from gpucredit.io.book import read_book
+    from gpucredit.io.results import Checkpoint
+    from gpucredit.portfolio.engine import ChunkOutput
+
+    assumptions = default_assumptions()
+    book = read_book(small_book, assumptions)
+    checkpoint = Checkpoint(
+        out, book, assumptions, 640, assumptions.seed, "conditional", "numpy", "float32", False,
+        chunk_size=64,
+    )  # fmt: skip
+    n = len(book)
+    checkpoint.save(0, ChunkOutput(np.zeros(64), np.zeros(n), np.zeros(n), np.zeros(n)))
+    return out / ".checkpoint"
+
+
+@pytest.mark.parametrize("damage", ["run.json", "truncated", "stray"])
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(small_book, tmp_path, damage):
+    out = tmp_path / "out"
+    directory = _damaged_checkpoint(small_book, out)
+    if damage == "run.json":
+        bad = directory / "run.json"
+        bad.write_text('{"book_sha256": "12')
+    elif damage == "truncated":
+        bad = directory / "chunk-000000000000.npz"
+        bad.write_bytes(bad.read_bytes()[:50])
+    else:
+        bad = directory / "chunk-0.npz.bak.npz"
+        bad.write_bytes(b"")
+    args = ["run", str(small_book), *RUN_ARGS, "--chunk-size", "64", "--resume", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert str(bad) in result.output and "without --resume" in result.output
+    assert not (out / "summary.json").exists()

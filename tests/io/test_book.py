@@ -93,6 +93,12 @@ BAD_VALUES = [
     ("cash_usd", -1.0, "must be >= 0"),
     ("btc_units", -1.0, "must be >= 0"),
     ("eth_units", -1.0, "must be >= 0"),
+    ("rate", -5.0, "must be in (-1, 1)"),
+    ("rate", -1.0, "must be in (-1, 1)"),
+    ("rate", 8.0, "must be in (-1, 1)"),
+    ("maturity_years", 1e300, "must be <= 100"),
+    ("maturity_years", 100.5, "must be <= 100"),
+    ("contract_years_remaining", 1e300, "must be <= 100"),
     ("rate", float("nan"), "must be a finite number, got nan"),
     ("balance_usd", float("inf"), "must be a finite number, got inf"),
     ("pd_annual", None, "must not be null"),
@@ -124,6 +130,47 @@ def test_bad_value_is_refused_with_file_loan_column_and_rule(tmp_path, column, b
     assert len(error.problems) == 2  # both rows, each named once
     assert {p.loan_id for p in error.problems} == {"L000002", "L000004"}
     assert {p.column for p in error.problems} == {column}
+
+
+def test_rate_rule_says_it_is_a_fraction(tmp_path):
+    columns = good_columns()
+    columns["rate"][1] = 8.0  # 8% written as 8
+    error = refusal(write_parquet(tmp_path, columns))
+    assert len(error.problems) == 1
+    assert "a yearly rate or spread as a fraction" in error.problems[0].rule
+    assert error.problems[0].rule.endswith("got 8")
+
+
+def test_edge_values_of_rate_and_years_are_accepted(tmp_path):
+    """Negative spreads, a rate of 0, and 100-year maturities and contracts are allowed."""
+    columns = good_columns()
+    columns["rate"] = [-0.99, 0.0, -0.02, 0.99]
+    columns["amortization"] = ["annuity", "annuity", "bullet", "linear"]
+    columns["rate_type"] = ["fixed", "fixed", "floating", "fixed"]
+    columns["maturity_years"] = [100.0, 0.25, 30.0, 4.0]
+    columns["contract_years_remaining"] = [100.0, 0.0, 2.0, 2.0]
+
+    book = read_book(write_parquet(tmp_path, columns), ASSUMPTIONS)
+
+    np.testing.assert_array_equal(book.rate, columns["rate"])
+    assert book.maturity_years.max() == 100.0
+
+
+def test_bad_rate_and_years_are_listed_with_the_other_problems(tmp_path):
+    """The new rules add to the assumptions-dependent ones (generation) and the rest."""
+    columns = good_columns()
+    columns["rate"][0] = -5.0
+    columns["maturity_years"][1] = 1e300
+    columns["contract_years_remaining"][2] = 250.0
+    columns["gpu_generation"][3] = "V100"
+    error = refusal(write_parquet(tmp_path, columns))
+    found = {(p.loan_id, p.column) for p in error.problems}
+    assert found == {
+        ("L000001", "rate"),
+        ("L000002", "maturity_years"),
+        ("L000003", "contract_years_remaining"),
+        ("L000004", "gpu_generation"),
+    }
 
 
 @pytest.mark.parametrize("column", ["loan_id", "borrower_id"])

@@ -3,11 +3,14 @@ read back exactly, and a resumed run that recomputes only the missing ones."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions
-from gpucredit.io.results import Checkpoint
+from gpucredit.io.results import Checkpoint, ResultsError
 from gpucredit.portfolio.engine import BatchOutput, ChunkOutput, run_tails_pass1, simulate
 from gpucredit.portfolio.risk import largest_losses
 
@@ -102,3 +105,135 @@ def test_a_batch_taken_again_down_to_a_floor_resumes_as_it_was(tmp_path):
     assert computed == []
     np.testing.assert_array_equal(again.tail.indices, first.tail.indices)
     np.testing.assert_array_equal(again.tail.indices, largest_losses(losses, 35).indices)
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _saved_chunk_checkpoint(tmp_path, book, assumptions) -> Checkpoint:
+    checkpoint = _checkpoint(tmp_path, book, assumptions, resume=False)
+    n = len(book)
+    checkpoint.save(0, ChunkOutput(np.arange(64.0), np.ones(n), np.ones(n), np.ones(n)))
+    return checkpoint
+
+
+RUN_JSON_DAMAGE = [
+    pytest.param(b'{"book_sha256": "ab', id="truncated-json"),
+    pytest.param(b"\x00\xff\xfe not json", id="binary"),
+    pytest.param(b"[1, 2, 3]", id="not-an-object"),
+    pytest.param(b"", id="empty"),
+]
+
+
+@pytest.mark.parametrize("damage", RUN_JSON_DAMAGE)
+def test_a_damaged_run_json_is_a_results_error(tmp_path, damage):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _checkpoint(tmp_path, book, assumptions, resume=False)
+    run_json = tmp_path / ".checkpoint" / "run.json"
+    run_json.write_bytes(damage)
+    with pytest.raises(ResultsError) as caught:
+        _checkpoint(tmp_path, book, assumptions, resume=True)
+    message = str(caught.value)
+    assert str(run_json) in message and "without --resume" in message
+
+
+@pytest.mark.parametrize("chunk_size", ['"64"', "-8", "0", "6.5", "true", "null"])
+def test_a_bad_chunk_size_in_run_json_is_a_results_error(tmp_path, chunk_size):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _checkpoint(tmp_path, book, assumptions, resume=False)
+    run_json = tmp_path / ".checkpoint" / "run.json"
+    text = json.loads(run_json.read_text())
+    text["chunk_size"] = "@"
+    run_json.write_text(json.dumps(text).replace('"@"', chunk_size))
+    with pytest.raises(ResultsError, match="chunk_size") as caught:
+        _checkpoint(tmp_path, book, assumptions, resume=True)
+    assert str(run_json) in str(caught.value)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _flip_data_bytes(path):
+    data = bytearray(path.read_bytes())
+    start = data.index(b"\x93NUMPY") + 200  # inside the first array's data
+    data[start : start + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def _garbage(path):
+    path.write_bytes(b"this is not an npz file")
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+def _wrong_keys(path):
+    np.savez(path, something_else=np.zeros(3))
+
+
+def _wrong_shapes(path):
+    np.savez(
+        path, losses_usd=np.zeros(64), loan_loss_sum_usd=np.zeros(7),
+        loan_default_probability_sum=np.zeros(7), loan_defaulted_exposure_sum_usd=np.zeros(7),
+    )  # fmt: skip
+
+
+def _object_array(path):
+    np.savez(
+        path, losses_usd=np.array([None, "x"], dtype=object), loan_loss_sum_usd=np.zeros(4),
+        loan_default_probability_sum=np.zeros(4), loan_defaulted_exposure_sum_usd=np.zeros(4),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_truncate, _flip_data_bytes, _garbage, _empty, _wrong_keys, _wrong_shapes, _object_array],
+)
+def test_a_damaged_chunk_file_is_a_results_error(tmp_path, damage):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    path = tmp_path / ".checkpoint" / "chunk-000000000000.npz"
+    damage(path)
+    resumed = _checkpoint(tmp_path, book, assumptions, resume=True)
+    with pytest.raises(ResultsError) as caught:
+        resumed.done()
+    message = str(caught.value)
+    assert str(path) in message and "without --resume" in message
+
+
+def test_a_damaged_batch_file_is_a_results_error(tmp_path):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    checkpoint = _checkpoint(tmp_path, book, assumptions, resume=False)
+    simulate(book, assumptions, keep_losses=False, checkpoint=checkpoint, **KWARGS)
+    batches = sorted((tmp_path / ".checkpoint").glob("batch-*.npz"))
+    assert batches
+    np.savez(batches[3], loan_sums=np.zeros((3, 4)))  # the statistics are missing
+    with pytest.raises(ResultsError) as caught:
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()
+    assert str(batches[3]) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["chunk-abc.npz", "chunk-000000000000-1.npz", "chunk.npz", "losses-000000000000.npz"],
+)
+def test_an_unexpected_file_in_the_checkpoint_is_a_results_error(tmp_path, name):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    stray = tmp_path / ".checkpoint" / name
+    np.savez(stray, losses_usd=np.zeros(64))
+    with pytest.raises(ResultsError) as caught:
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()
+    message = str(caught.value)
+    assert str(stray) in message and "without --resume" in message
+
+
+def test_an_intact_checkpoint_still_reads_back(tmp_path):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    done = _checkpoint(tmp_path, book, assumptions, resume=True).done()
+    assert list(done) == [0] and isinstance(done[0], ChunkOutput)
+    np.testing.assert_array_equal(done[0].losses_usd, np.arange(64.0))
+    assert done[0].log_weights is None

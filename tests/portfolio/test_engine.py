@@ -506,3 +506,34 @@ def test_tails_only_pass1_after_a_rerun_batch_still_drops_less_than_its_floor():
     losses[:25] = 1e6 + np.arange(25)
     assert tail_size(S, alphas) == 35 and batch_tail_size(S, alphas, 100) == 20
     assert_tails_pass1_is_exact(losses, alphas, 64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"alphas": (0.99, 1.5)}, r"alpha must be in \(0, 1\), got 1.5"),
+        ({"alphas": (0.0,)}, r"alpha must be in \(0, 1\), got 0"),
+        ({"alphas": (1.0,)}, r"alpha must be in \(0, 1\), got 1"),
+        ({"alphas": (-0.5,)}, r"alpha must be in \(0, 1\)"),
+        ({"alphas": (float("nan"),)}, r"alpha must be in \(0, 1\), got nan"),
+        ({"alphas": ("high",)}, r"alpha must be a number"),
+        ({"chunk_size": -8}, "chunk_size must be at least 1, got -8"),
+        ({"chunk_size": 0}, "chunk_size must be at least 1, got 0"),
+        ({"chunk_size": 2.5}, "chunk_size must be a whole number"),
+    ],
+)
+def test_bad_alphas_and_chunk_sizes_are_refused_before_any_work(
+    assumptions, monkeypatch, kwargs, match
+):
+    """Refused up front with an EngineError, not after pass 1 (a ValueError from risk.py,
+    or a pass 1 that folded nothing)."""
+    import gpucredit.portfolio.engine as engine
+
+    def no_work(*args, **kw):
+        raise AssertionError("simulate started work before checking its arguments")
+
+    monkeypatch.setattr(engine, "loan_arrays", no_work)
+    monkeypatch.setattr(engine, "make_backend", no_work)
+    settings = {"scenarios": 64, "backend": "numpy", "sensitivities": False} | kwargs
+    with pytest.raises(EngineError, match=match):
+        simulate(BOOK, assumptions, **settings)

@@ -45,9 +45,26 @@ NUMERIC_COLUMNS = tuple(c for c in BOOK_COLUMNS if c not in STRING_COLUMNS + BOO
 MAX_ROWS_PER_RULE = 20  # listed rows per (column, rule); the rest are counted
 BATCH_ROWS = 65_536  # rows per record batch when reading Parquet
 
+# The longest maturity or contract a book may state, in years. MODEL.md and DESIGN.md give
+# no bound; without one a value like 1e300 overflows the schedule's whole-period count.
+MAX_YEARS = 100
+
 # Value rules of the numeric columns: (columns, test that is True for a *good* value, rule).
 _RANGE_RULES = (
     (("balance_usd", "gpu_count", "maturity_years"), lambda x: x > 0, "must be > 0"),
+    # A fixed rate or a floating spread (MODEL.md §3), as a fraction per year. Bounded to
+    # catch percentages (8 for 8%) and so that a fixed-rate annuity's 1 + q stays > 0
+    # (q = rate x period length; rate <= -1 made its schedule NaN).
+    (
+        ("rate",),
+        lambda x: (x > -1) & (x < 1),
+        "must be in (-1, 1) (a yearly rate or spread as a fraction, e.g. 0.08 for 8%)",
+    ),
+    (
+        ("maturity_years", "contract_years_remaining"),
+        lambda x: x <= MAX_YEARS,
+        f"must be <= {MAX_YEARS} (years)",
+    ),
     (("pd_annual",), lambda x: (x > 0) & (x < 1), "must be in (0, 1)"),
     (
         ("collateral_share", "contracted_share", "utilization", "liquidation_cost"),

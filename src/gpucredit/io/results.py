@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,17 @@ from gpucredit.portfolio.risk import BatchStatistics, LossHistogram, LossTail
 from gpucredit.portfolio.summary import book_summary
 
 CHECKPOINT_DIR = ".checkpoint"
+CHECKPOINT_FILE = re.compile(r"(chunk|batch)-(\d{12})\.npz")  # what `Checkpoint.save` writes
+# What np.load raises on a truncated or corrupt .npz (ValueError also: pickled data refused).
+_NPZ_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    zipfile.BadZipFile,
+    zlib.error,
+    NotImplementedError,
+)
 LOSSES_FILE = "losses.parquet"
 TAIL_LOSSES_FILE = "tail_losses.parquet"
 
@@ -168,6 +182,7 @@ class Checkpoint:
     ):
         self.directory = out_dir / CHECKPOINT_DIR
         self.chunk_size = chunk_size
+        self.n_loans = len(book)
         self.identity = {
             "book_sha256": book_sha256(book),
             "assumptions_sha256": assumptions_sha256(assumptions),
@@ -182,14 +197,27 @@ class Checkpoint:
         if resume:
             if not identity_path.exists():
                 raise ResultsError(f"nothing to resume in {out_dir}: no {CHECKPOINT_DIR}/run.json")
-            saved = json.loads(identity_path.read_text())
-            self.chunk_size = saved.pop("chunk_size", chunk_size)
+            try:
+                saved = json.loads(identity_path.read_text())
+            except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
+                reason = getattr(error, "strerror", None) or "not valid JSON"
+                raise self._damaged(identity_path, f"cannot be read: {reason}") from None
+            if not isinstance(saved, dict):
+                raise self._damaged(identity_path, "not a JSON object")
+            saved_chunk = saved.pop("chunk_size", chunk_size)  # absent in older checkpoints
+            if isinstance(saved_chunk, bool) or not isinstance(saved_chunk, int) or saved_chunk < 1:
+                raise self._damaged(
+                    identity_path, f"chunk_size must be a whole number >= 1, got {saved_chunk!r}"
+                )
+            self.chunk_size = saved_chunk
             if saved != self.identity:
-                changed = sorted(k for k in self.identity if saved.get(k) != self.identity[k])
+                keys = self.identity.keys() | saved.keys()
+                changed = sorted(k for k in keys if saved.get(k) != self.identity.get(k))
                 raise ResultsError(
                     f"cannot resume the run in {out_dir}: it was started with a different "
                     f"{', '.join(changed)}"
                 )
+            self._saved_files()  # an unexpected file name is refused before any work
         else:
             shutil.rmtree(self.directory, ignore_errors=True)
             try:
@@ -199,6 +227,27 @@ class Checkpoint:
                     f"cannot write {self.directory}: {error.strerror or error}"
                 ) from None
             write_json(identity_path, self.identity | {"chunk_size": self.chunk_size})
+
+    def _damaged(self, path: Path, problem: str) -> ResultsError:
+        return ResultsError(
+            f"cannot resume from the damaged checkpoint file {path}: {problem}; rerun without "
+            f"--resume to start afresh (or delete the checkpoint directory {self.directory})"
+        )
+
+    def _saved_files(self) -> list[tuple[Path, str, int]]:
+        """(path, kind, first scenario) of every saved chunk and batch, in name order; any
+        other `.npz` file is refused (a checkpoint holds only what `save` wrote)."""
+        saved = []
+        for path in sorted(self.directory.glob("*.npz")):
+            match = CHECKPOINT_FILE.fullmatch(path.name)
+            if match is None:
+                raise self._damaged(
+                    path,
+                    "unexpected file name (a checkpoint holds only chunk-<12 digits>.npz and "
+                    "batch-<12 digits>.npz files)",
+                )
+            saved.append((path, match[1], int(match[2])))
+        return saved
 
     def _path(self, first: int, kind: str) -> Path:
         return self.directory / f"{kind}-{first:012d}.npz"
@@ -227,18 +276,77 @@ class Checkpoint:
     def done(self) -> dict[int, ChunkOutput | BatchOutput]:
         """The saved chunks and batches, keyed by their first scenario."""
         outputs: dict[int, ChunkOutput | BatchOutput] = {}
-        for path in sorted(self.directory.glob("*.npz")):
-            kind, first = path.stem.split("-")
-            with np.load(path) as data:
-                arrays = {k: data[k] for k in data.files}
+        for path, kind, first in self._saved_files():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in data.files}
+            except _NPZ_READ_ERRORS:
+                raise self._damaged(
+                    path, "not a readable .npz file (truncated or corrupt)"
+                ) from None
+            problem = _arrays_problem(kind, arrays, self.n_loans)
+            if problem is not None:
+                raise self._damaged(path, problem)
             if kind == "chunk":
-                outputs[int(first)] = ChunkOutput(**arrays)
-            elif kind == "batch":
-                outputs[int(first)] = _batch_from_arrays(int(first), arrays)
+                outputs[first] = ChunkOutput(**arrays)
+            else:
+                try:
+                    outputs[first] = _batch_from_arrays(first, arrays)
+                except (TypeError, ValueError, OverflowError) as error:
+                    raise self._damaged(path, f"unusable values ({error})") from None
         return outputs
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+_CHUNK_ARRAYS = (
+    "losses_usd",
+    "loan_loss_sum_usd",
+    "loan_default_probability_sum",
+    "loan_defaulted_exposure_sum_usd",
+)
+_BATCH_ARRAYS = (
+    "tail_indices",
+    "tail_losses_usd",
+    "count",
+    "loss_sum_usd",
+    "loss_m2_usd2",
+    "alphas",
+    "var_usd",
+    "es_usd",
+    "bin_width_usd",
+    "histogram_counts",
+    "zero_count",
+    "loan_sums",
+)
+_OPTIONAL_ARRAYS = {"chunk": ("log_weights",), "batch": ("tail_floor_usd", "chunk_size")}
+
+
+def _arrays_problem(kind: str, arrays: dict[str, np.ndarray], n_loans: int) -> str | None:
+    """What is wrong with a saved chunk's or batch's arrays (names, types, shapes), or None."""
+    required = _CHUNK_ARRAYS if kind == "chunk" else _BATCH_ARRAYS
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        return f"missing arrays {', '.join(missing)}"
+    unexpected = sorted(set(arrays) - set(required) - set(_OPTIONAL_ARRAYS[kind]))
+    if unexpected:
+        return f"unexpected arrays {', '.join(unexpected)}"
+    for name, values in arrays.items():
+        if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
+            return f"array {name} is not numeric (dtype {values.dtype})"
+    if kind == "chunk":
+        if arrays["losses_usd"].ndim != 1:
+            return f"losses_usd has shape {arrays['losses_usd'].shape}, expected one dimension"
+        shapes = {name: (n_loans,) for name in _CHUNK_ARRAYS[1:]}
+        if "log_weights" in arrays:
+            shapes["log_weights"] = arrays["losses_usd"].shape
+    else:
+        shapes = {"loan_sums": (3, n_loans)}
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            return f"{name} has shape {arrays[name].shape}, expected {shape} for this book"
+    return None
 
 
 def _batch_arrays(batch: BatchOutput) -> dict[str, np.ndarray]:

@@ -118,12 +118,22 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
         )
 
 
+def _ltv(value: float | None) -> str:
+    """An LTV as a percentage; "n/a" when no loan has one (no collateral anywhere)."""
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _dscr(value: float | None) -> str:
+    """A coverage ratio; "n/a" when no loan has one (no debt service today anywhere)."""
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def print_book_summary(summary: dict) -> None:
     console = _console()
     console.print(
         f"{summary['source']}: {summary['loans']:,} loans, {summary['borrowers']:,} borrowers, "
         f"exposure ${usd_millions(summary['exposure_usd'])}m on {summary['gpus']:,.0f} GPUs; "
-        f"LTV {summary['ltv']:.1%}, debt-service coverage {summary['dscr']:.2f}x "
+        f"LTV {_ltv(summary['ltv'])}, debt-service coverage {_dscr(summary['dscr'])} "
         f"(exposure-weighted); {summary['share_dscr_below_1']:.1%} of exposure below 1.0x"
     )
     for title, key in (("generation", "by_generation"), ("borrower type", "by_borrower_type")):
@@ -136,8 +146,8 @@ def print_book_summary(summary: dict) -> None:
                 f"{g['loans']:,}",
                 usd_millions(g["exposure_usd"]),
                 f"{g['gpus']:,.0f}",
-                "n/a" if g["ltv"] is None else f"{g['ltv']:.1%}",
-                "n/a" if g["dscr"] is None else f"{g['dscr']:.2f}x",
+                _ltv(g["ltv"]),
+                _dscr(g["dscr"]),
             )
         console.print(table)
 

@@ -13,6 +13,7 @@ the Euler ES contributions and reverse-mode AD on the same scenarios gives the s
 from __future__ import annotations
 
 import math
+import operator
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -118,7 +119,7 @@ class JaxBackend:
     """The jit-compiled JAX kernels (CPU or GPU), float32 or float64."""
 
     name = "jax"
-    default_chunk_size = 4096
+    default_chunk_size = 8192
 
     def __init__(
         self,
@@ -292,12 +293,19 @@ def _local_gpus() -> list:
 
 
 def default_chunk_size(backend: str) -> int:
-    """Scenarios per chunk: small for the NumPy reference (it materialises [S, N] per period),
-    4,096 per GPU when JAX shards over several, 8,192 otherwise."""
-    if choose_backend(backend) == "numpy":
+    """Scenarios per chunk when none is given, the one rule for the CLI and `simulate` (the
+    chunking fixes the float32 numbers): the backend's own default (small for the NumPy
+    reference, which materialises [S, N] per period), 4,096 per GPU when JAX shards over
+    several."""
+    name = choose_backend(backend)
+    if name == "numpy":
         return NumpyBackend.default_chunk_size
+    if name == "cupy":
+        from gpucredit.kernels.cupy_engine import CupyBackend
+
+        return CupyBackend.default_chunk_size
     gpus = len(_local_gpus())
-    return 4096 * gpus if gpus > 1 else 8192
+    return 4096 * gpus if gpus > 1 else JaxBackend.default_chunk_size
 
 
 @dataclass(frozen=True)
@@ -715,6 +723,33 @@ def default_alphas(alphas: Sequence[float] | None) -> tuple[float, ...]:
     return tuple(alphas) if alphas else (0.99, 0.999)
 
 
+def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
+    """The confidence levels, each a number in (0, 1), or an EngineError naming the bad one."""
+    checked = []
+    for alpha in alphas:
+        try:
+            value = float(alpha)
+        except (TypeError, ValueError):
+            raise EngineError(f"alpha must be a number in (0, 1), got {alpha!r}") from None
+        if not 0.0 < value < 1.0:  # also refuses NaN
+            raise EngineError(f"alpha must be in (0, 1), got {value:g}")
+        checked.append(value)
+    return tuple(checked)
+
+
+def check_chunk_size(chunk_size: int | None) -> int | None:
+    """None (the backend's default) or a whole number of scenarios per chunk, at least 1."""
+    if chunk_size is None:
+        return None
+    try:
+        size = operator.index(chunk_size)
+    except TypeError:
+        raise EngineError(f"chunk_size must be a whole number, got {chunk_size!r}") from None
+    if size < 1:
+        raise EngineError(f"chunk_size must be at least 1, got {size}")
+    return size
+
+
 @dataclass(frozen=True)
 class StressCase:
     """A stress scenario ready to run: its name, what it does, and the stressed assumptions.
@@ -824,7 +859,8 @@ def simulate(
     started = time.perf_counter()
     scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
     keep_losses = resolve_keep_losses(keep_losses, scenarios, normal_shift is not None)
-    alphas = default_alphas(alphas)
+    alphas = check_alphas(default_alphas(alphas))
+    chunk_size = check_chunk_size(chunk_size)
     loans = loan_arrays(book, assumptions)
     grid = assumptions.grid(mode)
     if normal_shift is not None:
@@ -848,7 +884,7 @@ def simulate(
         )
 
     engine = make_backend(backend, precision, assumptions.params, grid, loans, seed, normal_shift)
-    chunk = chunk_size or engine.default_chunk_size
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(backend)
     if workers is not None or scheduler is not None:
         from gpucredit.portfolio.distributed import DaskRunner
 
