@@ -2,7 +2,7 @@
 forward pass, on the example book: the figure issues 4 and 6 ask for.
 
 Both sides run on the same scenario indices in the same process; a run's sensitivities go
-through the gradient in tasks of 256 tail scenarios (`sensitivities.compute_sensitivities`),
+through the gradient in tasks of 256 tail scenarios (`sensitivities.tail_sensitivities`),
 so 256 is the size that matters for a run, larger sizes show the trend.
 
     python bench/bench_gradient.py [--tail 256 2048] [--precision float32] [--repeats 5]
@@ -16,13 +16,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gpucredit import __version__, default_assumptions, read_book
 from gpucredit.io.book import example_book_path
 from gpucredit.kernels import jax_engine
-from gpucredit.portfolio.engine import device_name
+from gpucredit.portfolio.engine import JaxBackend, device_name
 from gpucredit.portfolio.loans import loan_arrays
 
 
@@ -45,11 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     assumptions, book = default_assumptions(), read_book(example_book_path())
     grid = assumptions.grid("conditional")
-    loans = loan_arrays(book, assumptions)
-    blocks = jax_engine.prepare_loans(loans, jnp.dtype(args.precision), 512)
-    # As a run computes it: ∂/∂rate.level through the floating annuities' schedules too.
-    tangent = jax_engine.schedule_tangent(
-        loans, float(assumptions.params.rate_level), grid.steps_per_year, 512
+    # The backend a run's gradient tasks use: ∂/∂rate.level through the floating schedules too.
+    backend = JaxBackend(
+        assumptions.params, grid, loan_arrays(book, assumptions), 0, args.precision
     )
     cases = []
     for size in args.tail:
@@ -57,21 +54,13 @@ def main() -> None:
         coefficients = np.full(size, 1.0 / size)
         forward = median_seconds(
             lambda tail=tail: jax_engine.losses_at(
-                assumptions.params, grid, blocks, 0, tail
+                assumptions.params, grid, backend.blocks, 0, tail
             ).block_until_ready(),
             args.repeats,
         )
         gradient = median_seconds(
             lambda tail=tail, coefficients=coefficients: jax.block_until_ready(
-                jax_engine.weighted_loss_gradient(
-                    assumptions.params,
-                    grid,
-                    blocks,
-                    0,
-                    tail,
-                    coefficients,
-                    schedule_rate_tangent=tangent,
-                )  # fmt: skip
+                backend.weighted_gradient(tail, coefficients)
             ),
             args.repeats,
         )

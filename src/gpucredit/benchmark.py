@@ -344,6 +344,8 @@ def _load(book_dir: Path, loans: int):
 
 
 def _make_backend(name, precision, params, grid, loans, seed):
+    """One backend on one device (`engine.make_backend` would shard JAX over every local GPU:
+    the benchmark measures a single device)."""
     if name == "cupy":
         from gpucredit.kernels.cupy_engine import CupyBackend
 
@@ -474,9 +476,9 @@ def _time_gradient(backend, case: Case, periods: int, assumptions, loans, grid) 
     fwd_first, fwd, fwd_n = _repeat(
         lambda: jax_engine.losses_at(params, grid, blocks, SEED, indices)
     )
-    grad_first, grad, grad_n = _repeat(
-        lambda: jax_engine.weighted_loss_gradient(params, grid, blocks, SEED, indices, coefficients)
-    )
+    # What a run computes (JaxBackend.weighted_gradient): every parameter, ∂/∂rate.level
+    # through the floating schedules included (their tangent is built in the first call).
+    grad_first, grad, grad_n = _repeat(lambda: backend.weighted_gradient(indices, coefficients))
     n_params = int(sum(np.size(leaf) for leaf in params))
     loan_periods = case.scenarios * case.loans * periods
     return {

@@ -31,7 +31,7 @@ from gpucredit.portfolio.assumptions import bumped_parameter, parameter_paths, p
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import alpha_key, tail_coefficients
-from gpucredit.portfolio.sensitivities import Sensitivities
+from gpucredit.portfolio.sensitivities import SMALL_MOVE, Sensitivities, parameter_moves
 
 SEED = 5
 SCENARIOS = 2048
@@ -184,6 +184,17 @@ def test_every_parameter_is_present_and_finite(run, assumptions):
     assert {"parameter", "value", "d_el_usd", "d_es_0.99_usd", "d_es_0.999_usd"} <= set(cols)
     largest = sens.largest(0.99, 5)
     assert len(largest) == 5 and all(p in sens.parameter for p, *_ in largest)
+
+
+def test_moves_are_100_percent_of_the_value_or_0_1_absolute():
+    """One rule for the CLI's table and the report's tornado (they disagreed in sign for
+    negative parameters before: |θ| in one, θ in the other)."""
+    moves, small = parameter_moves(
+        ["generations.H100.rent_drift", "model.beta_liquidity", "correlation.btc~eth", "x.y"],
+        [-0.3, 1.5, 0.6, 0.0],
+    )
+    np.testing.assert_array_equal(moves, [-0.3, 1.5, SMALL_MOVE, SMALL_MOVE])
+    np.testing.assert_array_equal(small, [False, False, True, True])
 
 
 def test_tail_regenerated_by_index_matches_the_forward_pass(run, assumptions, blocks, tail_sets):

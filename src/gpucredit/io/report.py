@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from gpucredit.io.files import write_atomically
 from gpucredit.portfolio.risk import LossHistogram
+from gpucredit.portfolio.sensitivities import parameter_moves
 
 __all__ = ["ReportError", "render_report", "render_report_from_dir"]
 
@@ -43,8 +44,6 @@ REVERSE_STRESS_FILE = "reverse_stress.json"
 
 TOP_BORROWERS = 20
 TOP_SENSITIVITIES = 15
-CORRELATION_PREFIX = "correlation"
-SMALL_MOVE = 0.1  # absolute move used for correlation entries and zero-valued parameters
 DASH = "\u2014"
 
 CONTRIBUTION_COLUMNS = (
@@ -642,18 +641,6 @@ def _contributions(contributions: pa.Table | None) -> str:
     return _section("contributions", title, "".join(parts))
 
 
-def _sensitivity_impacts(
-    parameter: np.ndarray, value: np.ndarray, d_es: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(impact, is_small_move): dES × value (100% move), or dES × 0.1 for correlation
-    entries and zero-valued parameters."""
-    small = np.array([str(p).startswith(CORRELATION_PREFIX) for p in parameter], dtype=bool) | (
-        value == 0
-    )
-    impact = np.where(small, d_es * SMALL_MOVE, d_es * value)
-    return impact, small
-
-
 def _sensitivities(sensitivities: pa.Table | None) -> str:
     title = "Sensitivities"
     if sensitivities is None:
@@ -669,7 +656,8 @@ def _sensitivities(sensitivities: pa.Table | None) -> str:
     else:
         d_es = d_el
         measure = "EL"
-    impact, small = _sensitivity_impacts(parameter, value, d_es)
+    moves, small = parameter_moves(parameter, value)
+    impact = d_es * moves
     order = np.argsort(-np.abs(impact), kind="stable")[:TOP_SENSITIVITIES]
     if order.size == 0:
         return _section("sensitivities", title, '<p class="note">No parameters.</p>')

@@ -29,7 +29,8 @@ Public API:
   chunk_outcomes_cupy(params, grid, prepared, seed, first_scenario, count)
       -> (losses [count], loan_loss_sum [N], loan_default_probability_sum [N],
           loan_defaulted_exposure_sum [N]) as cupy arrays
-  CupyBackend: the engine's backend interface (run_chunk, loan_losses_at, weighted_gradient)
+  CupyBackend: the engine's pass-1 and tail-pass backend (run_chunk, loan_losses_at); runs
+      take gradients from the JAX backend (BackendSpec.build(gradient=True))
 """
 
 from __future__ import annotations
@@ -617,11 +618,12 @@ class ChunkOutcomes(NamedTuple):
 
 
 class CupyBackend:
-    """The fused CUDA kernel for pass 1; the tail pass and the gradients go to the JAX engine.
+    """The fused CUDA kernel for pass 1; the tail pass goes to the JAX engine, and runs take
+    their gradients from a JaxBackend (`BackendSpec.build(gradient=True)`).
 
-    Mirrors portfolio.engine.JaxBackend (same constructor and methods): run_chunk(first,
+    Mirrors portfolio.engine.JaxBackend's constructor and pass-1/tail methods: run_chunk(first,
     count) returns ChunkOutcomes, whose fields are ChunkOutput's (float64 NumPy);
-    loan_losses_at and weighted_gradient run `jax_engine` on the same device. `kernels`
+    loan_losses_at runs `jax_engine` on the same device. `kernels`
     imports nothing outside `kernels`, so the engine wraps the result in ChunkOutput if it
     needs the type itself.
     """
@@ -671,17 +673,3 @@ class CupyBackend:
             self.params, self.grid, self._jax_blocks(), self.seed, np.asarray(scenarios, np.uint32)
         )
         return np.asarray(out, dtype=np.float64)
-
-    def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
-        """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode, JAX AD)."""
-        from gpucredit.kernels import jax_engine
-
-        _, grads = jax_engine.weighted_loss_gradient(
-            self.params,
-            self.grid,
-            self._jax_blocks(),
-            self.seed,
-            np.asarray(scenarios, np.uint32),
-            np.asarray(coefficients),
-        )
-        return grads

@@ -84,25 +84,3 @@ def balance_schedule(
         balloon = np.where(at_maturity, before - final_installment, balloon)
     balloon = np.where(balloon <= BALLOON_TOLERANCE * b0, 0.0, balloon)
     return balance, installment, balloon, t_m
-
-
-def schedule_rate_tangent(
-    loans, rate_level: float, steps_per_year: int, periods: int, step: float = 1e-7
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """d/dr(0) of the scheduled balance [N, T+1], installment [N, T+1] and balloon [N].
-
-    MODEL.md §3 builds annuity schedules from q = r_i(0)Δ, and a floating loan's r_i(0)
-    includes today's base rate r(0) (`rate.level`); schedules are computed outside the AD
-    graph (once per book, float64), so the AD engine adds this tangent to ∂/∂rate.level. A
-    central difference of the schedule (smooth in r(0)); zero for every other loan.
-    """
-
-    def schedule(level: float):
-        rate0 = loans.rate + loans.is_floating * level
-        return balance_schedule(
-            loans.balance_usd[:, 0], rate0, loans.maturity_years, loans.amortization,
-            steps_per_year, periods,
-        )[:3]  # fmt: skip
-
-    up, down = schedule(rate_level + step), schedule(rate_level - step)
-    return tuple((a - b) / (2 * step) for a, b in zip(up, down, strict=True))

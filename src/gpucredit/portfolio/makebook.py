@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from gpucredit.kernels.params import HOURS_PER_YEAR
+
 # MODEL.md §9 market levels used to size the book (today's values).
 GENERATIONS = ("A100", "H100", "H200", "B200")
 PRICE_USD = np.array([9_000.0, 22_000.0, 29_000.0, 40_000.0])  # [G] per GPU
 RENT_USD_PER_HOUR = np.array([1.20, 2.20, 3.00, 4.50])  # [G] market rent per GPU-hour
 POWER_KW_PER_GPU = np.array([0.52, 0.91, 0.91, 1.30])  # [G] facility draw, PUE 1.3
 POWER_USD_PER_KWH = 0.08
-BASE_RATE = 0.037  # r(0)
-HOURS_PER_YEAR = 8760.0
 
 EXAMPLE_LOANS = 2_000
 EXAMPLE_SEED = 2026
@@ -212,35 +212,6 @@ def _borrower_ids(kind_b: np.ndarray) -> np.ndarray:
         counters[name] += 1
         ids[k] = f"{BORROWER_PREFIX[name]}-{counters[name]:04d}"
     return ids
-
-
-def debt_service_coverage_today(table: pa.Table) -> np.ndarray:
-    """[N] NOI over debt service of the first quarter at today's levels (MODEL.md §3, with
-    §9's rents and power price and the base rate r(0) = 3.7%): a sizing check of the book."""
-    col = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-    g = np.array([GENERATIONS.index(x) for x in col["gpu_generation"]])
-    dt = 0.25
-    hours = HOURS_PER_YEAR * dt
-    k = np.where(col["contract_years_remaining"] > 0, col["contracted_share"], 0.0)
-    revenue = hours * (
-        k * col["contract_rate_usd_per_hour"] + (1 - k) * col["utilization"] * RENT_USD_PER_HOUR[g]
-    )
-    opex = hours * (
-        col["power_kw_per_gpu"] * POWER_USD_PER_KWH + col["other_opex_usd_per_gpu_hour"]
-    )
-    noi_usd = col["gpu_count"] * (revenue - opex)
-
-    balance = col["balance_usd"]
-    rate = np.where(col["rate_type"] == "floating", BASE_RATE + col["rate"], col["rate"])
-    periods = np.ceil(col["maturity_years"] / dt - 1e-9)
-    q = rate * dt
-    annuity = balance * q / (1 - (1 + q) ** (-periods))
-    installment = np.select(
-        [col["amortization"] == "bullet", col["amortization"] == "linear"],
-        [np.zeros_like(balance), balance * dt / col["maturity_years"]],
-        annuity - q * balance,
-    )
-    return noi_usd / (q * balance + installment)
 
 
 def _main(argv: list[str]) -> None:

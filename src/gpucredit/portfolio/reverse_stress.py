@@ -5,7 +5,8 @@ standard-normal units) that minimises |z|²/2 subject to the conditional-mode lo
 L̄(z) >= X (the FORM "most probable failure point"). L̄ is smooth, so z* is found with its
 gradient by reverse-mode AD through the JAX kernels, with the improved Hasofer-Lind-Rackwitz-
 Fiessler iteration (HL-RF with an Armijo step on a merit function). Under the t copula the
-mixing variable is held at W = 1: the search runs in the Gaussian shock space.
+mixing variable is held at W = 1 (the χ² slots at 1); the shocks are still the t copula's
+ε = Φ⁻¹(F_ν(x)) of the correlated normals x.
 """
 
 from __future__ import annotations
@@ -90,8 +91,9 @@ def _named_paths(paths, generations: tuple[str, ...]) -> dict[str, np.ndarray]:
     return out
 
 
-def _hlrf(value_and_grad, z, max_iterations: int, tolerance: float):
-    """Improved HL-RF iteration (Zhang & Der Kiureghian 1995) on G(z) <= 0."""
+def _hlrf(value, value_and_grad, z, max_iterations: int, tolerance: float):
+    """Improved HL-RF iteration (Zhang & Der Kiureghian 1995) on G(z) <= 0; `value` is G alone
+    (the Armijo trials need no gradient)."""
 
     def merit(z, g, c):
         return 0.5 * float(jnp.sum(z * z)) + c * abs(g)
@@ -113,7 +115,7 @@ def _hlrf(value_and_grad, z, max_iterations: int, tolerance: float):
         current = merit(z, g, c)
         scale = 1.0
         while scale > 1e-4:
-            g_new = float(value_and_grad(z + scale * step)[0])
+            g_new = float(value(z + scale * step))
             if merit(z + scale * step, g_new, c) <= current - 1e-4 * scale * float(
                 jnp.sum(step * step)
             ):
@@ -168,14 +170,15 @@ def find_design_point(
         loss = jax_engine.loss_given_normals(params, grid, blocks, _normals(z, chi2))[0]
         return 1.0 - loss / target
 
+    value = jax.jit(limit_state)
     value_and_grad = jax.jit(jax.value_and_grad(limit_state))
     z = jnp.zeros((grid.periods, grid.n_factors), jnp.float64)
-    g0, _ = value_and_grad(z)
+    g0 = value(z)
     central_loss = target * (1.0 - float(g0))
     iterations = 0
     if float(g0) > 0:  # else the central scenario already loses X: z* = 0
-        z, iterations = _hlrf(value_and_grad, z, max_iterations, tolerance)
-        z = _onto_limit_state(lambda x: float(value_and_grad(x)[0]), z, target)
+        z, iterations = _hlrf(value, value_and_grad, z, max_iterations, tolerance)
+        z = _onto_limit_state(lambda x: float(value(x)), z, target)
     g, grad = value_and_grad(z)
     # KKT: at the design point z* is parallel to ∇L̄ = −∇G (the clipped ratios make L̄ only
     # piecewise smooth, so HL-RF can stall a little short; the radial step closes the gap).

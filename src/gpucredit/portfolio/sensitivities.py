@@ -38,10 +38,8 @@ class Sensitivities:
         return cols
 
     def move_sizes(self) -> np.ndarray:
-        """[P] the move each parameter is ranked by: 100% of its value, or 0.1 absolute for
-        correlation entries and zero-valued parameters (the report uses the same rule)."""
-        is_correlation = np.array([p.startswith("correlation.") for p in self.parameter])
-        return np.where(is_correlation | (self.value == 0), 0.1, np.abs(self.value))
+        """[P] the move each parameter is ranked by (`parameter_moves`)."""
+        return parameter_moves(self.parameter, self.value)[0]
 
     def largest(self, alpha: float, count: int = 10) -> list[tuple[str, float, float, float]]:
         """The `count` parameters with the largest |∂ES_α/∂θ × move|, as (parameter,
@@ -53,6 +51,21 @@ class Sensitivities:
             (self.parameter[i], float(d_es[i]), float(self.value[i]), float(moves[i]))
             for i in order
         ]
+
+
+SMALL_MOVE = 0.1
+"""The absolute move of correlation entries and zero-valued parameters."""
+
+
+def parameter_moves(parameter, value) -> tuple[np.ndarray, np.ndarray]:
+    """(move [P], is_small [P]): the move each sensitivity is shown for, ΔES ≈ ∂ES/∂θ × move.
+    100% of the parameter's value (θ to 2θ, so negative for a negative θ), or `SMALL_MOVE`
+    for correlation entries and zero-valued parameters (is_small). The CLI's table and the
+    report's tornado chart both use it."""
+    value = np.asarray(value, dtype=np.float64)
+    small = np.array([str(p).startswith("correlation.") for p in parameter], dtype=bool)
+    small = small.reshape(value.shape) | (value == 0)
+    return np.where(small, SMALL_MOVE, value), small
 
 
 def gradient_by_path(

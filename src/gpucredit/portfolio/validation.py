@@ -483,21 +483,12 @@ def vasicek_closed_forms(
 
 
 def _jax_losses(book, assumptions, scenarios, seed, precision, chunk, mode=None) -> np.ndarray:
-    """Portfolio loss [scenarios] from the JAX kernel (`chunk_losses`, pass 1's loss part)."""
-    import jax.numpy as jnp
-
-    from gpucredit.kernels import jax_engine
+    """Portfolio loss [scenarios]: pass 1 of the JAX backend, as a run computes it."""
+    from gpucredit.portfolio.engine import JaxBackend, run_pass1
 
     loans = loan_arrays(book, assumptions)
-    dtype = jnp.float32 if precision == "float32" else jnp.float64
-    blocks = jax_engine.prepare_loans(loans, dtype, min(512, len(book)))
-    grid = assumptions.grid(mode)
-    out = np.empty(scenarios)
-    for first in range(0, scenarios, chunk):
-        count = min(chunk, scenarios - first)
-        losses = jax_engine.chunk_losses(assumptions.params, grid, blocks, seed, first, count)
-        out[first : first + count] = np.asarray(losses, dtype=np.float64)
-    return out
+    backend = JaxBackend(assumptions.params, assumptions.grid(mode), loans, seed, precision)
+    return run_pass1(backend, scenarios, chunk, len(book)).losses_usd
 
 
 def vasicek_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
