@@ -48,6 +48,23 @@ def main() -> None:
     backend = JaxBackend(
         assumptions.params, grid, loan_arrays(book, assumptions), 0, args.precision
     )
+    device = device_name(jax.devices()[0])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gradient-{device.split(' ')[0]}.json"
+
+    def write(cases: list[dict]) -> None:
+        result = {
+            "device": device,
+            "version": __version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "book_loans": len(book),
+            "precision": args.precision,
+            "repeats": args.repeats,
+            "cases": cases,
+        }
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(cases[-1]), flush=True)
+
     cases = []
     for size in args.tail:
         tail = np.arange(size, dtype=np.uint32)
@@ -72,20 +89,7 @@ def main() -> None:
                 "gradient_over_forward": gradient / forward,
             }
         )
-    device = device_name(jax.devices()[0])
-    result = {
-        "device": device,
-        "version": __version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "book_loans": len(book),
-        "precision": args.precision,
-        "repeats": args.repeats,
-        "cases": cases,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "gradient-" + device.split(" ")[0]
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+        write(cases)  # after every size, so a run cut short keeps what it measured
 
 
 if __name__ == "__main__":

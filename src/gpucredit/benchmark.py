@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -1050,8 +1050,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results", help="results folder")
     parser.add_argument("--name", default=None, help="file name (default: the device)")
     parser.add_argument("--books", default=None, help="folder to keep the synthetic books in")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds; later cases are skipped past it"
+    )
     args = parser.parse_args(argv)
-    report = run_benchmarks(args.quick, args.out, args.name, args.books)
+    plan = None
+    if args.budget is not None:
+        gpu = _gpu_present()
+        plan = gpu_plan(args.quick, _cupy_available()) if gpu else cpu_plan(args.quick)
+        plan = replace(
+            plan, budget_s=args.budget, case_timeout_s=min(plan.case_timeout_s, args.budget)
+        )
+    report = run_benchmarks(args.quick, args.out, args.name, args.books, plan)
     failed = [r for r in report["cases"] if "error" in r and "skipped" not in r["error"]]
     return 1 if failed else 0
 
