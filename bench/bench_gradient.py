@@ -41,6 +41,11 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", choices=("float32", "float64"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--store-steps",
+        action="store_true",
+        help="also time the backward that stores each period's intermediates (remat_steps=False)",
+    )
     args = parser.parse_args()
     assumptions, book = default_assumptions(), read_book(example_book_path())
     grid = assumptions.grid("conditional")
@@ -81,14 +86,25 @@ def main() -> None:
             ),
             args.repeats,
         )
-        cases.append(
-            {
-                "tail_scenarios": size,
-                "forward_seconds": forward,
-                "gradient_seconds": gradient,
-                "gradient_over_forward": gradient / forward,
-            }
-        )
+        case = {
+            "tail_scenarios": size,
+            "forward_seconds": forward,
+            "gradient_seconds": gradient,
+            "gradient_over_forward": gradient / forward,
+        }
+        if args.store_steps:
+            stored = median_seconds(
+                lambda tail=tail, coefficients=coefficients: jax.block_until_ready(
+                    jax_engine.weighted_loss_gradient(
+                        assumptions.params, grid, backend.blocks, 0, tail, coefficients,
+                        schedule_rate_tangent=backend.schedule_rate_tangent,
+                        remat_steps=False,
+                    )
+                ),
+                args.repeats,
+            )  # fmt: skip
+            case.update(stored_steps_seconds=stored, stored_steps_over_forward=stored / forward)
+        cases.append(case)
         write(cases)  # after every size, so a run cut short keeps what it measured
 
 

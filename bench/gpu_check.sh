@@ -6,7 +6,8 @@
 #
 #   OUT=/some/folder bench/gpu_check.sh        (from the repository root; OUT defaults to
 #                                              bench/results/gpu-run; PYTHON picks the
-#                                              interpreter, TOTAL the seconds it may take)
+#                                              interpreter, TOTAL the seconds it may take,
+#                                              SKIP_CUPY_TESTS=1 skips the CuPy tests)
 # Needs: jax[cuda13], cupy-cuda13x, pyarrow, numpy, pytest, pytest-xdist (no network).
 # Writes 8 files, all directly under $OUT:
 #   environment.txt   nvidia-smi, versions, the devices JAX and CuPy see
@@ -65,14 +66,15 @@ print("cupy available:", cupy_engine.available())
 EOF' "$PY" > "$OUT/environment.txt" 2>&1
 
 # 1. issue 4: the tail gradient against the tail forward pass, on the GPU
-step gradient 80 "$PY" bench/bench_gradient.py --tail 256 4096 16384 65536 --repeats 5 \
-  --out "$OUT" >> "$OUT/bench-log.txt" 2>&1
+step gradient 100 "$PY" bench/bench_gradient.py --tail 256 4096 16384 65536 --repeats 5 \
+  --store-steps --out "$OUT" >> "$OUT/bench-log.txt" 2>&1
 
 # 2. the JAX engine against the NumPy reference with JAX on the GPU, then the CuPy kernel
-step pytest-jax-gpu 100 "$PY" -m pytest -q -p no:cacheprovider -n 4 -x \
+step pytest-jax-gpu 110 "$PY" -m pytest -q -p no:cacheprovider -n 8 \
   tests/kernels/test_jax_engine.py tests/portfolio/test_sensitivities.py \
-  tests/portfolio/test_engine.py >> "$OUT/pytest-gpu.txt" 2>&1
-step pytest-cupy 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/kernels \
+  tests/portfolio/test_engine.py tests/portfolio/test_contributions.py \
+  >> "$OUT/pytest-gpu.txt" 2>&1
+[ -n "${SKIP_CUPY_TESTS:-}" ] || step pytest-cupy 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/kernels \
   >> "$OUT/pytest-gpu.txt" 2>&1
 
 # 3. the main job on the example book, a million scenarios, end to end

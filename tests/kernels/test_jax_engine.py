@@ -221,19 +221,23 @@ def test_launch_variants_match_reference(assumptions, loans, launches):
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_chunk_invariance_and_no_retrace(assumptions, loans, dtype):
-    """Chunks of one compiled size give bit-identical losses whatever their offsets."""
+    """Chunks of one compiled size give bit-identical losses whatever their offsets; chunks of
+    another size agree to rounding (on a GPU, XLA's reductions depend on the batch size)."""
     grid = assumptions.grid()
     blocks = _blocks(loans, dtype)
     params = assumptions.params
     half = COUNT // 2
     whole = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 0, COUNT))
-    first_half = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 0, half))
     traces = jax_engine.TRACE_COUNTS["chunk_losses"]
-    second_half = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, half, half))
-    offset = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 17, half))
+    shifted = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, half, COUNT))
+    offset = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 17, COUNT))
     assert jax_engine.TRACE_COUNTS["chunk_losses"] == traces  # new chunks do not retrace
-    np.testing.assert_array_equal(np.concatenate([first_half, second_half]), whole)
-    np.testing.assert_array_equal(offset, whole[17 : 17 + half])
+    np.testing.assert_array_equal(shifted[:half], whole[half:])
+    np.testing.assert_array_equal(offset[: COUNT - 17], whole[17:])
+    first_half = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, 0, half))
+    second_half = np.asarray(jax_engine.chunk_losses(params, grid, blocks, SEED, half, half))
+    rtol = 1e-13 if dtype == jnp.float64 else 1e-5
+    np.testing.assert_allclose(np.concatenate([first_half, second_half]), whole, rtol=rtol)
     if dtype == jnp.float64:
         # Another program (explicit indices, another batch size): equal up to the rounding
         # of XLA's vectorised transcendental functions.
@@ -303,6 +307,71 @@ def test_weighted_gradient_finite_and_matches_finite_differences(assumptions, lo
         leaf = np.asarray(getattr(grads, name))
         analytic = leaf[index] + leaf[index[::-1]] if name == "correlation" else leaf[index]
         np.testing.assert_allclose(analytic, finite_difference, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    ("discount", "copula", "remat_steps", "shifted"),
+    [(False, "gaussian", True, False), (True, "t", False, True)],
+)
+def test_one_sweep_gradient_is_the_autodiff_gradient(
+    assumptions, loans, discount, copula, remat_steps, shifted
+):
+    """`_loss_gradient` (both passes differentiated in one sweep over the blocks, the
+    haircut's cotangent from pass 2's recovery weights) against jax.grad of the loss, every
+    parameter and every schedule leaf, over 3 blocks."""
+    import jax
+
+    grid = assumptions.grid()._replace(discount=discount, copula=copula)
+    blocks, _ = jax_engine._statics(grid, _blocks(loans, jnp.float64, block_size=16))
+    params = jax_engine.ModelParams(*(jnp.asarray(x, jnp.float64) for x in assumptions.params))
+    scenarios = jnp.asarray(np.arange(48, dtype=np.uint32) * 5 + 2)
+    coefficients = jnp.asarray(np.random.default_rng(1).uniform(0.2, 2.0, 48))
+    normals = jax_engine.shock_normals_jax_at(
+        jnp.uint32(SEED), scenarios, grid.periods, grid.slots_per_period, jnp.float64
+    )
+    if shifted:
+        shift = np.random.default_rng(2).normal(0, 0.5, (grid.periods, grid.n_factors))
+        normals = jax_engine._shifted(normals, shift, grid)
+
+    def objective(theta, schedule):
+        moved = blocks._replace(**schedule)
+        losses = jax_engine._simulate(theta, grid, moved, normals, None, "total")
+        return jnp.sum(coefficients * losses)
+
+    schedule = {k: getattr(blocks, k) for k in jax_engine.SCHEDULE_LEAVES}
+    value, (grads, schedule_grads) = jax.value_and_grad(objective, argnums=(0, 1))(params, schedule)
+    one_value, one_grads, one_schedule = jax_engine._loss_gradient(
+        params, grid, blocks, normals, coefficients, remat_steps
+    )
+    np.testing.assert_allclose(float(one_value), float(value), rtol=1e-13)
+    for name in jax_engine.ModelParams._fields:
+        expected = np.asarray(getattr(grads, name))
+        actual = np.asarray(getattr(one_grads, name))
+        scale = max(float(np.max(np.abs(expected))), 1e-300)
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10 * scale, err_msg=name)
+    assert np.any(np.asarray(grads.haircut_slope) != 0)  # the haircut path is exercised
+    for name in jax_engine.SCHEDULE_LEAVES:
+        expected, actual = np.asarray(schedule_grads[name]), np.asarray(one_schedule[name])
+        scale = max(float(np.max(np.abs(expected))), 1e-300)
+        np.testing.assert_allclose(actual, expected, rtol=1e-10, atol=1e-10 * scale, err_msg=name)
+
+
+def test_schedule_terms_are_every_loan_term_the_schedules_move(assumptions, loans):
+    """SCHEDULE_TERMS (the loan terms `_loss_gradient` differentiates for the schedules) is
+    exactly the set of `_loan_terms` leaves that change when the schedule leaves do."""
+    grid = assumptions.grid()
+    blocks = _blocks(loans, jnp.float64)
+    moved = blocks._replace(
+        **{k: getattr(blocks, k) * 1.01 + 0.5 for k in jax_engine.SCHEDULE_LEAVES}
+    )
+    before = jax_engine._loan_terms(blocks, grid, jnp.float64)
+    after = jax_engine._loan_terms(moved, grid, jnp.float64)
+    changed = {
+        name
+        for name in before._fields
+        if not np.array_equal(np.asarray(getattr(before, name)), np.asarray(getattr(after, name)))
+    }
+    assert changed == set(jax_engine.SCHEDULE_TERMS)
 
 
 def test_gradient_ignores_sampled_mode(assumptions, loans):

@@ -629,7 +629,6 @@ class CupyBackend:
     """
 
     name = "cupy"
-    default_chunk_size = 16384
 
     def __init__(
         self,

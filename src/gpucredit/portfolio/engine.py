@@ -179,14 +179,19 @@ class JaxBackend:
         )
         return np.asarray(out, dtype=np.float64)
 
-    def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
-        """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode); ∂/∂rate.level
-        includes r(0)'s effect on the floating annuities' schedules (MODEL.md §3)."""
+    @property
+    def schedule_rate_tangent(self) -> tuple:
+        """d(schedule leaves)/d rate.level (`jax_engine.schedule_tangent`), built on first use."""
         if self._schedule_tangent is None:
             self._schedule_tangent = self._engine.schedule_tangent(
                 self._loans, float(self.params.rate_level), self.grid.steps_per_year,
                 self._block_size,
             )  # fmt: skip
+        return self._schedule_tangent
+
+    def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
+        """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode); ∂/∂rate.level
+        includes r(0)'s effect on the floating annuities' schedules (MODEL.md §3)."""
         _, grads = self._engine.weighted_loss_gradient(
             self.params,
             self.grid,
@@ -195,7 +200,7 @@ class JaxBackend:
             np.asarray(scenarios, np.uint32),
             np.asarray(coefficients),
             normal_shift=self.normal_shift,
-            schedule_rate_tangent=self._schedule_tangent,
+            schedule_rate_tangent=self.schedule_rate_tangent,
         )
         return grads
 
@@ -292,20 +297,21 @@ def _local_gpus() -> list:
     return [d for d in jax.devices() if d.platform == "gpu"]
 
 
+GPU_CHUNK_SIZE = 65536  # scenarios per GPU and chunk: launch overhead is < 5% from here on
+
+
 def default_chunk_size(backend: str) -> int:
     """Scenarios per chunk when none is given, the one rule for the CLI and `simulate` (the
-    chunking fixes the float32 numbers): the backend's own default (small for the NumPy
-    reference, which materialises [S, N] per period), 4,096 per GPU when JAX shards over
-    several."""
+    chunking fixes the float32 numbers): the backend's own default on a CPU (small for the
+    NumPy reference, which materialises [S, N] per period), 65,536 per GPU (CuPy, or JAX on
+    one or more GPUs): small chunks leave a GPU idle between kernel launches."""
     name = choose_backend(backend)
     if name == "numpy":
         return NumpyBackend.default_chunk_size
     if name == "cupy":
-        from gpucredit.kernels.cupy_engine import CupyBackend
-
-        return CupyBackend.default_chunk_size
+        return GPU_CHUNK_SIZE
     gpus = len(_local_gpus())
-    return 4096 * gpus if gpus > 1 else JaxBackend.default_chunk_size
+    return GPU_CHUNK_SIZE * gpus if gpus else JaxBackend.default_chunk_size
 
 
 @dataclass(frozen=True)
