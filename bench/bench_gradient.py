@@ -93,17 +93,21 @@ def main() -> None:
             "gradient_over_forward": gradient / forward,
         }
         if args.store_steps:
-            stored = median_seconds(
-                lambda tail=tail, coefficients=coefficients: jax.block_until_ready(
-                    jax_engine.weighted_loss_gradient(
-                        assumptions.params, grid, backend.blocks, 0, tail, coefficients,
-                        schedule_rate_tangent=backend.schedule_rate_tangent,
-                        remat_steps=False,
-                    )
-                ),
-                args.repeats,
-            )  # fmt: skip
-            case.update(stored_steps_seconds=stored, stored_steps_over_forward=stored / forward)
+            try:
+                stored = median_seconds(
+                    lambda tail=tail, coefficients=coefficients: jax.block_until_ready(
+                        jax_engine.weighted_loss_gradient(
+                            assumptions.params, grid, backend.blocks, 0, tail, coefficients,
+                            schedule_rate_tangent=backend.schedule_rate_tangent,
+                            remat_steps=False,
+                        )
+                    ),
+                    args.repeats,
+                )  # fmt: skip
+            except jax.errors.JaxRuntimeError as error:  # stored stacks can exceed the device
+                case.update(stored_steps_error=str(error).splitlines()[0][:200])
+            else:
+                case.update(stored_steps_seconds=stored, stored_steps_over_forward=stored / forward)
         cases.append(case)
         write(cases)  # after every size, so a run cut short keeps what it measured
 

@@ -615,6 +615,7 @@ class ChunkOutcomes(NamedTuple):
     loan_loss_sum_usd: np.ndarray  # [N] Σ over the chunk's scenarios of L_i
     loan_default_probability_sum: np.ndarray  # [N] Σ of 1 − S_i(T) (or default indicators)
     loan_defaulted_exposure_sum_usd: np.ndarray  # [N] Σ of Σ_t DF d_i EAD_i
+    log_weights: np.ndarray | None = None  # always None: no importance sampling here
 
 
 class CupyBackend:
