@@ -30,6 +30,7 @@ from gpucredit.portfolio.engine import (
     PRECISIONS,
     EngineError,
 )
+from gpucredit.portfolio.loans import ScheduleError, check_schedules
 
 EXIT_BAD_INPUT = 2
 
@@ -60,7 +61,7 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (BookError, AssumptionsError, EngineError) as error:
+        except (BookError, AssumptionsError, EngineError, ScheduleError) as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except (RunFailure, ResultsError, ReportError) as error:
@@ -224,6 +225,8 @@ def run(
     cases = [stress_case(assumptions, name, repair_correlation) for name in stresses]
     scenarios_, seed_, mode_ = resolve_run_settings(assumptions, scenarios, seed, mode)
     keep_losses = resolve_keep_losses(keep_losses, scenarios_, importance_sampling)
+    for a in (assumptions, *(case.assumptions for case in cases)):
+        check_schedules(loans, a)  # before the output directory exists
     out_dir = prepare_output_dir(Path(out))
     checkpoint = Checkpoint(
         out_dir,

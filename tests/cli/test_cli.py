@@ -329,3 +329,18 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(small_book, tmp_path,
     assert "Traceback" not in result.output
     assert str(bad) in result.output and "without --resume" in result.output
     assert not (out / "summary.json").exists()
+
+
+def test_an_undefined_floating_schedule_is_a_clear_error(small_book, tmp_path):
+    """rate.level so low that a floating loan's rate at origination is at or below −100% a
+    period: exit 2 naming the file, the loan_id and the column, nothing written."""
+    assumptions = tmp_path / "low-rate.toml"
+    assumptions.write_text("[rate]\nlevel = -5.0\n")
+    out = tmp_path / "refused"
+    args = ["run", str(small_book), *RUN_ARGS, "--assumptions", str(assumptions)]
+    result = CliRunner().invoke(main, [*args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    first = result.output.splitlines()[0]
+    assert first.startswith(f"error: {small_book}: loan_id=") and "column rate" in first
+    assert "rate.level -5" in first and "schedule is undefined" in first
+    assert "Traceback" not in result.output and not out.exists()

@@ -4,6 +4,7 @@ pass 1 against a run that keeps every loss."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from gpucredit.portfolio.engine import (
     BatchOutput,
     ChunkOutput,
     EngineError,
+    JaxBackend,
     NumpyBackend,
     RunResult,
     StressCase,
@@ -208,9 +210,9 @@ def test_pass1_resume_progress_and_checkpoint_hook(assumptions):
     computed: list[int] = []
 
     class Counting:
-        def run_chunk(self, first, count):
+        def run_chunk(self, first, count, padded_count=None):
             computed.append(first)
-            return backend.run_chunk(first, count)
+            return backend.run_chunk(first, count, padded_count)
 
     done = {0: saved[0], 256: saved[256]}
     resumed = run_pass1(Counting(), 300, 128, len(BOOK), done=done)
@@ -233,11 +235,76 @@ def test_mean_lgd_is_loss_over_defaulted_exposure(assumptions):
     np.testing.assert_allclose(pass1.loan_horizon_pd, out.loan_default_probability_sum / 200)
 
 
+@pytest.mark.parametrize("shifted", [False, True])
+def test_short_last_chunk_reuses_the_full_chunk_program(assumptions, shifted):
+    """A run's short last chunk is computed by the full chunk's program (no second compile)
+    and counts only its own scenarios: the same losses, per-loan sums and likelihood ratios
+    as the short chunk computed on its own, and as the NumPy reference."""
+    from gpucredit.kernels import jax_engine
+
+    loans = loan_arrays(BOOK, assumptions)
+    grid = assumptions.grid()
+    shift = None
+    if shifted:
+        shift = np.random.default_rng(3).normal(0, 0.3, (grid.periods, grid.n_factors))
+    backend = JaxBackend(assumptions.params, grid, loans, 5, "float64", normal_shift=shift)
+    full = backend.run_chunk(0, 64, 64)
+    traces = jax_engine.TRACE_COUNTS["chunk_losses"]
+    short = backend.run_chunk(64, 23, 64)
+    assert jax_engine.TRACE_COUNTS["chunk_losses"] == traces  # no new compilation
+    alone = backend.run_chunk(64, 23)
+    reference = NumpyBackend(assumptions.params, grid, loans, 5, shift).run_chunk(64, 23)
+    assert len(full.losses_usd) == 64 and len(short.losses_usd) == 23
+    for field in dataclasses.fields(ChunkOutput):
+        got = getattr(short, field.name)
+        if got is None:
+            assert not shifted and field.name == "log_weights"
+            continue
+        np.testing.assert_allclose(got, getattr(alone, field.name), rtol=1e-12, err_msg=field.name)
+        np.testing.assert_allclose(
+            got, getattr(reference, field.name), rtol=1e-9, atol=1e-6, err_msg=field.name
+        )
+
+
+def test_a_stress_with_an_undefined_schedule_is_refused_before_any_scenario(assumptions):
+    """A stress case whose rate.level makes a floating schedule undefined fails up front."""
+    from gpucredit.io.assumptions import with_overrides
+    from gpucredit.portfolio.loans import ScheduleError
+
+    floating = np.flatnonzero(BOOK.rate_type == "floating")
+    assert len(floating) > 0
+    low = with_overrides(assumptions, {"rate": {"level": -5.0}})
+    stress = [StressCase("too-low", "rate.level -500%", low)]
+    calls = []
+
+    def progress(done, total):
+        calls.append(done)
+
+    with pytest.raises(ScheduleError) as refused:
+        simulate(BOOK, assumptions, scenarios=64, backend="numpy", stress=stress,
+                 sensitivities=False, progress=progress)  # fmt: skip
+    assert calls == []  # nothing ran
+    lines = str(refused.value).splitlines()
+    assert len(lines) == len(floating)
+    assert lines[0].startswith(f"<random>: loan_id={BOOK.loan_id[floating[0]]}, column rate:")
+
+
+def test_importance_sampling_on_a_host_of_several_gpus_runs_on_one(assumptions, monkeypatch):
+    """Several GPUs: plain runs shard over them; importance sampling runs on one device
+    (it used to be refused, with a message naming the jax backend the user had chosen)."""
+    from gpucredit.portfolio import engine
+
+    monkeypatch.setattr(engine, "_local_gpus", lambda: ["gpu0", "gpu1"])
+    loans = loan_arrays(BOOK, assumptions)
+    grid = assumptions.grid()
+    shift = np.zeros((grid.periods, grid.n_factors))
+    backend = engine.make_backend("jax", "float64", assumptions.params, grid, loans, 1, shift)
+    assert isinstance(backend, JaxBackend) and backend.normal_shift is shift
+
+
 def test_cupy_chunks_have_the_engine_chunk_fields():
     """The CuPy backend's pass-1 chunks go through the same accumulator as ChunkOutput
     (an H100 run of `simulate(backend="cupy")` failed on a missing log_weights)."""
-    import dataclasses
-
     engine_fields = tuple(f.name for f in dataclasses.fields(ChunkOutput))
     assert cupy_engine.ChunkOutcomes._fields == engine_fields
     chunk = cupy_engine.ChunkOutcomes(*(np.zeros(3) for _ in range(4)))
@@ -370,9 +437,9 @@ def test_tails_only_pass1_resumes_from_saved_batches(assumptions):
     computed: list[int] = []
 
     class Counting:
-        def run_chunk(self, first, count):
+        def run_chunk(self, first, count, padded_count=None):
             computed.append(first)
-            return backend.run_chunk(first, count)
+            return backend.run_chunk(first, count, padded_count)
 
     keep = sorted(saved)[:20]  # batches of 10 or 9 scenarios: chunk 128 is the boundary
     resumed = run_tails_pass1(Counting(), 300, 128, (0.95,), done={f: saved[f] for f in keep})
@@ -401,7 +468,7 @@ def test_tails_only_pass1_reruns_a_batch_that_held_too_much_of_the_tail():
     calls: list[int] = []
 
     class Increasing:
-        def run_chunk(self, first, count):
+        def run_chunk(self, first, count, padded_count=None):
             calls.append(first)
             losses, zeros = np.arange(first, first + count, dtype=np.float64), np.zeros(3)
             return ChunkOutput(losses, zeros, zeros, zeros)
@@ -445,7 +512,7 @@ class _GivenLosses:
     def __init__(self, losses: np.ndarray):
         self.losses = np.asarray(losses, dtype=np.float64)
 
-    def run_chunk(self, first, count):
+    def run_chunk(self, first, count, padded_count=None):
         losses = self.losses[first : first + count].copy()
         sums = np.array([losses.sum(), 0.1 * first + count, float(count)])
         return ChunkOutput(losses, sums, sums * 0.5, sums + 1.0)

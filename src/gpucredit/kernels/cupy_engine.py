@@ -652,7 +652,11 @@ class CupyBackend:
         self.device = f"gpu: {name.decode() if isinstance(name, bytes) else name} (cupy)"
         self._blocks = None
 
-    def run_chunk(self, first_scenario: int, count: int) -> ChunkOutcomes:
+    def run_chunk(
+        self, first_scenario: int, count: int, padded_count: int | None = None
+    ) -> ChunkOutcomes:
+        """`padded_count` is ignored: the kernel takes the scenario count at run time (only
+        its random inputs, a small JAX program, compile once per chunk size)."""
         out = chunk_outcomes_cupy(
             self.params, self.grid, self.prepared, self.seed, first_scenario, count
         )

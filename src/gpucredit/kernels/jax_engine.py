@@ -765,12 +765,14 @@ def _simulate(
     uniforms,
     output: str,
     scenario_weights=None,
+    valid_count=None,
 ):
     """From the chunk's random numbers, by `output`:
     "total": loss per scenario [S]; "per_loan": loss per scenario and loan [S, NB b];
     "outcomes": (loss [S], and summed over the scenarios, per loan [NB b]: loss, default
     probability, defaulted exposure), each scenario weighted by `scenario_weights` [S]
-    (importance sampling's likelihood ratios) when given."""
+    (importance sampling's likelihood ratios) when given, and only the first `valid_count`
+    scenarios summed when given (a short chunk computed by a full chunk's program)."""
     dtype = blocks.dtype
     p = _cast_params(params, dtype)
     terms = _loan_terms(blocks, grid, dtype)
@@ -797,11 +799,19 @@ def _simulate(
         if output == "per_loan":
             return total, outcome.loss  # [S, b]
         if output == "outcomes":
-            if scenario_weights is None:
+            if scenario_weights is None and valid is None:
                 return total, tuple(jnp.sum(x, axis=0) for x in outcome)  # 3 × [b]
-            return total, tuple(scenario_weights @ x for x in outcome)
+            if scenario_weights is None:
+                return total, tuple(jnp.sum(jnp.where(valid, x, 0), axis=0) for x in outcome)
+            weights = (
+                scenario_weights if valid is None else jnp.where(valid[:, 0], scenario_weights, 0)
+            )
+            return total, tuple(weights @ x for x in outcome)
         return total, None
 
+    valid = None
+    if valid_count is not None:
+        valid = (jnp.arange(n_scen, dtype=jnp.uint32) < valid_count)[:, None]  # [S, 1]
     total, per_block = lax.scan(loss_block, jnp.zeros((n_scen,), dtype), terms)
     if output == "per_loan":
         return jnp.moveaxis(per_block, 0, 1).reshape(n_scen, -1)  # [S, NB b], padding included
@@ -867,6 +877,7 @@ def _chunk_losses_jit(
     output,
     normal_shift=None,
     scenario_weights=None,
+    valid_count=None,
 ):
     TRACE_COUNTS["chunk_losses"] += 1
     dtype = blocks.dtype
@@ -879,7 +890,7 @@ def _chunk_losses_jit(
         uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
     if scenario_weights is not None:
         scenario_weights = scenario_weights.astype(dtype)
-    return _simulate(params, grid, blocks, normals, uniforms, output, scenario_weights)
+    return _simulate(params, grid, blocks, normals, uniforms, output, scenario_weights, valid_count)
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "output", "n_uniforms"))
@@ -1103,12 +1114,16 @@ def chunk_outcomes(
     count: int,
     normal_shift=None,
     scenario_weights=None,
+    valid_count=None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """What pass 1 of a run keeps of a chunk: the portfolio loss per scenario [count] and,
     summed over the chunk's scenarios, per loan [N]: the loss, the horizon default
     probability 1 − S_i(T) (sampled mode: default indicators) and the defaulted exposure
     Σ_t DF d_i(t) EAD_i(t); each scenario weighted by `scenario_weights` [count] when given
-    (importance sampling, with `normal_shift`). Other arguments as `chunk_losses`."""
+    (importance sampling, with `normal_shift`). `valid_count` (<= count, traced: no
+    recompilation): sum only the first valid_count scenarios, so that a run's short last
+    chunk reuses the full chunks' program; the caller drops the other losses. Other
+    arguments as `chunk_losses`."""
     stripped, n_uniforms = _statics(grid, blocks)
     losses, loss_sum, pd_sum, ead_sum = _chunk_losses_jit(
         _params_arg(params),
@@ -1121,6 +1136,7 @@ def chunk_outcomes(
         "outcomes",
         _shift_arg(normal_shift),
         None if scenario_weights is None else jnp.asarray(scenario_weights),
+        None if valid_count is None else _u32(valid_count, "valid_count"),
     )
     n = blocks.n_loans
     return losses, loss_sum[:n], pd_sum[:n], ead_sum[:n]

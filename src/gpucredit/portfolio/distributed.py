@@ -23,11 +23,13 @@ of workers (and to `engine.simulate` without Dask):
   (`risk.risk_measures_from_tail`).
 * Pass 2. Contributions and sensitivities cut the tail set into the same index chunks that
   `contributions.tail_contributions` (1024) and `sensitivities.tail_sensitivities` (256,
-  zero-padded) use; each chunk is one task that regenerates its scenarios from their indices
-  (a scenario's random numbers depend only on its index, so nothing per scenario is kept on,
-  or shipped to, the workers), and the driver adds the per-chunk results in chunk order. A
-  task goes to the worker that ran the pass-1 task owning its first index (`Pass1.owners`),
-  as a loose restriction (``allow_other_workers``), so a lost worker never stalls the run.
+  zero-padded; a run in one process on a GPU uses 4,096, `JaxBackend.gradient_chunk_size`, so
+  there the two agree to float rounding rather than bit for bit) use; each chunk is one task
+  that regenerates its scenarios from their indices (a scenario's random numbers depend only
+  on its index, so nothing per scenario is kept on, or shipped to, the workers), and the
+  driver adds the per-chunk results in chunk order. A task goes to the worker that ran the
+  pass-1 task owning its first index (`Pass1.owners`), as a loose restriction
+  (``allow_other_workers``), so a lost worker never stalls the run.
 * The book and the assumptions reach each worker once: a `WorkerPlugin` per backend
   (`BackendSpec`) is registered on the cluster, and every worker, a replacement for a lost one
   included, receives it when it joins and builds the backend once, lazily, in its own process
@@ -149,7 +151,7 @@ def _pass1_block(name: str, first: int, count: int, chunk_size: int) -> BlockOut
     backend = _worker_backend(name)
     chunks = []
     for start in range(first, first + count, chunk_size):
-        chunks.append(backend.run_chunk(start, min(chunk_size, first + count - start)))
+        chunks.append(backend.run_chunk(start, min(chunk_size, first + count - start), chunk_size))
     return BlockOutput(first, tuple(chunks), backend.device, _worker_address())
 
 
@@ -201,9 +203,11 @@ class ShardedJaxBackend:
 
     name = "jax"
 
-    def __init__(self, params, grid, loans, seed, precision, devices=None, per_device=4096):
+    def __init__(self, params, grid, loans, seed, precision, devices=None, per_device=None):
         from gpucredit.kernels.sharding import scenario_mesh
-        from gpucredit.portfolio.engine import JaxBackend
+        from gpucredit.portfolio.engine import GPU_CHUNK_SIZE, JaxBackend
+
+        per_device = per_device or GPU_CHUNK_SIZE  # the run's chunk is this × the devices
 
         self._single = JaxBackend(params, grid, loans, seed, precision)
         self.params, self.grid, self.seed, self.precision = params, grid, seed, precision
@@ -213,12 +217,18 @@ class ShardedJaxBackend:
         self.default_chunk_size = per_device * self.mesh.devices.size
         self.device = f"{self.mesh.devices.size} × {self._single.device}"
 
-    def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
+    def run_chunk(
+        self, first_scenario: int, count: int, padded_count: int | None = None
+    ) -> ChunkOutput:
+        """`padded_count` as JaxBackend's: short chunks go to one device in sub-chunks of
+        `per_device`, each computed by the per_device program."""
         from gpucredit.kernels.sharding import sharded_chunk_outcomes
 
         if count != self.default_chunk_size:
             parts = [
-                self._single.run_chunk(s, min(self.per_device, first_scenario + count - s))
+                self._single.run_chunk(
+                    s, min(self.per_device, first_scenario + count - s), self.per_device
+                )
                 for s in range(first_scenario, first_scenario + count, self.per_device)
             ]
             return ChunkOutput(

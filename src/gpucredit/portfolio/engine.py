@@ -93,7 +93,11 @@ class NumpyBackend:
         self.params, self.grid, self.loans, self.seed = params, grid, loans, seed
         self.normal_shift = normal_shift
 
-    def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
+    def run_chunk(
+        self, first_scenario: int, count: int, padded_count: int | None = None
+    ) -> ChunkOutput:
+        """Scenarios [first, first + count). `padded_count` (the run's chunk size) is for
+        compiled backends; the reference compiles nothing and ignores it."""
         scenarios = np.arange(first_scenario, first_scenario + count, dtype=np.uint32)
         out = reference.simulate_outcomes(
             self.params, self.grid, self.loans, self.seed, scenarios, self.normal_shift
@@ -147,12 +151,20 @@ class JaxBackend:
         self._loans, self._block_size = loans, block_size
         self._schedule_tangent = None  # d(schedule leaves)/d rate.level, built on first use
 
-    def run_chunk(self, first_scenario: int, count: int) -> ChunkOutput:
+    def run_chunk(
+        self, first_scenario: int, count: int, padded_count: int | None = None
+    ) -> ChunkOutput:
+        """Scenarios [first, first + count), computed by the program of `padded_count`
+        scenarios when that is more (the run's chunk size: its short last chunk then reuses
+        the full chunks' compilation) and the rest dropped."""
+        size = max(count, padded_count or 0)
+        if first_scenario + size > 2**32:  # indices are uint32
+            size = count
         log_weights = None
         if self.normal_shift is not None:
             log_weights = np.asarray(
                 self._engine.importance_log_weights(
-                    self.grid, self.seed, first_scenario, count, self.normal_shift
+                    self.grid, self.seed, first_scenario, size, self.normal_shift
                 )
             )
         out = self._engine.chunk_outcomes(
@@ -161,12 +173,15 @@ class JaxBackend:
             self.blocks,
             self.seed,
             first_scenario,
-            count,
+            size,
             normal_shift=self.normal_shift,
             scenario_weights=None if log_weights is None else np.exp(log_weights),
+            valid_count=count,
         )
         losses, loss_sum, pd_sum, ead_sum = (np.asarray(x, dtype=np.float64) for x in out)
-        return ChunkOutput(losses, loss_sum, pd_sum, ead_sum, log_weights)
+        if log_weights is not None:
+            log_weights = log_weights[:count]
+        return ChunkOutput(losses[:count], loss_sum, pd_sum, ead_sum, log_weights)
 
     def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
         out = self._engine.loan_losses_at(
@@ -178,6 +193,13 @@ class JaxBackend:
             normal_shift=self.normal_shift,
         )
         return np.asarray(out, dtype=np.float64)
+
+    @property
+    def gradient_chunk_size(self) -> int:
+        """Tail scenarios per gradient task: 256 on a CPU; 4,096 on a GPU, where a task of 256
+        is launch-bound (H100, example book: the tail forward takes 4.7 ms at 256 scenarios
+        and 5.9 ms at 4,096; bench/results/gpu-h100.md)."""
+        return 4096 if self.device.startswith("gpu") else 256
 
     @property
     def schedule_rate_tangent(self) -> tuple:
@@ -214,8 +236,9 @@ def device_name(device) -> str:
 
 
 def choose_backend(name: str) -> str:
-    """`auto` is JAX (CPU or GPU). The CuPy kernel is chosen only by name until it has been
-    measured faster than JAX on a GPU (bench/gpu_check.sh)."""
+    """`auto` is JAX (CPU or GPU). The CuPy kernel is chosen only by name: it ran 1.62× JAX's
+    forward on an H100, but a whole run on it has not been checked on a GPU yet
+    (bench/results/gpu-h100.md)."""
     if name not in BACKENDS:
         raise EngineError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "cupy":
@@ -243,16 +266,18 @@ def make_backend(
         raise EngineError(f"unknown precision {precision!r}; choose float32 or float64")
     if name == "numpy":
         return NumpyBackend(params, grid, loans, seed, normal_shift)
-    if name == "cupy" or len(_local_gpus()) > 1:
+    if name == "cupy":
         if normal_shift is not None:
-            raise EngineError("importance sampling runs on the jax and numpy backends only")
-        if name == "cupy":
-            from gpucredit.kernels.cupy_engine import CupyBackend
+            raise EngineError("importance sampling runs on the jax and numpy backends, not cupy")
+        from gpucredit.kernels.cupy_engine import CupyBackend
 
-            return CupyBackend(params, grid, loans, seed, precision)
+        return CupyBackend(params, grid, loans, seed, precision)
+    if len(_local_gpus()) > 1 and normal_shift is None:
         from gpucredit.portfolio.distributed import ShardedJaxBackend  # several GPUs, one host
 
         return ShardedJaxBackend(params, grid, loans, seed, precision)
+    # One device; importance sampling on a host of several GPUs too (the sharded chunks do
+    # not carry likelihood ratios).
     return JaxBackend(params, grid, loans, seed, precision, normal_shift=normal_shift)
 
 
@@ -453,7 +478,7 @@ def run_pass1(
         count = min(chunk_size, scenarios - first)
         chunk = done.get(first)
         if not isinstance(chunk, ChunkOutput) or len(chunk.losses_usd) != count:
-            chunk = backend.run_chunk(first, count)
+            chunk = backend.run_chunk(first, count, chunk_size)
             if on_chunk is not None:
                 on_chunk(first, chunk)
         fold.add(first, chunk)
@@ -508,7 +533,7 @@ def run_batch(
     sums = None
     for start in range(first - first % chunk_size, first + count, chunk_size):
         size = min(chunk_size, scenarios - start)
-        chunk = backend.run_chunk(start, size)
+        chunk = backend.run_chunk(start, size, chunk_size)
         if chunk.log_weights is not None:  # pragma: no cover - simulate refuses it first
             raise EngineError("tails-only mode does not take importance sampling")
         lo, hi = max(start, first), min(start + size, first + count)
@@ -616,9 +641,9 @@ class _LastChunk:
         self.backend = backend
         self.last: tuple[int, int, ChunkOutput] | None = None
 
-    def run_chunk(self, first: int, count: int) -> ChunkOutput:
+    def run_chunk(self, first: int, count: int, padded_count: int | None = None) -> ChunkOutput:
         if self.last is None or self.last[:2] != (first, count):
-            self.last = (first, count, self.backend.run_chunk(first, count))
+            self.last = (first, count, self.backend.run_chunk(first, count, padded_count))
         return self.last[2]
 
 
@@ -695,9 +720,10 @@ class LocalRunner:
 
     def tail_sensitivities(self, spec: BackendSpec, assumptions, tails, n_scenarios, weights,
                            el_scenarios, owners=()) -> Sensitivities:  # fmt: skip
+        backend = spec.build()
         return tail_sensitivities(
-            spec.build().weighted_gradient, assumptions, tails, n_scenarios, el_scenarios,
-            weights=weights,
+            backend.weighted_gradient, assumptions, tails, n_scenarios, el_scenarios,
+            chunk_size=backend.gradient_chunk_size, weights=weights,
         )  # fmt: skip
 
     def describe(self) -> dict | None:
@@ -868,6 +894,8 @@ def simulate(
     alphas = check_alphas(default_alphas(alphas))
     chunk_size = check_chunk_size(chunk_size)
     loans = loan_arrays(book, assumptions)
+    # Every stress case's schedules before any scenario runs (an undefined one fails now).
+    stress_loans = {id(case.assumptions): loan_arrays(book, case.assumptions) for case in stress}
     grid = assumptions.grid(mode)
     if normal_shift is not None:
         normal_shift = np.asarray(normal_shift, dtype=np.float64)
@@ -883,7 +911,7 @@ def simulate(
             engine.precision if gradient else precision,
             a.params,
             a.grid(mode),
-            loans if a is assumptions else loan_arrays(book, a),
+            loans if a is assumptions else stress_loans[id(a)],
             seed,
             normal_shift,
             gradient,

@@ -10,8 +10,33 @@ from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import AMORTIZATIONS, Book
 
 
+class ScheduleError(ValueError):
+    """The book's schedules are undefined under these assumptions (one line per loan)."""
+
+
+def check_schedules(book: Book, assumptions: Assumptions) -> None:
+    """Raise ScheduleError naming each floating loan whose rate at origination (its spread +
+    rate.level) is at or below −100% a period: its annuity is undefined."""
+    level = float(assumptions.params.rate_level)
+    floating = book.rate_type == "floating"
+    undefined = floating & ((book.rate + level) / assumptions.steps_per_year <= -1.0)
+    if np.any(undefined):
+        raise ScheduleError(
+            "\n".join(
+                f"{book.source}: loan_id={loan_id}, column rate: the floating spread {spread:g}"
+                f" + rate.level {level:g} is at or below -100% a period "
+                f"({assumptions.steps_per_year} periods a year); the schedule is undefined"
+                for loan_id, spread in zip(
+                    book.loan_id[undefined], book.rate[undefined], strict=True
+                )
+            )
+        )
+
+
 def loan_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
-    """The book as float64 arrays plus the balance schedules on the assumptions' grid."""
+    """The book as float64 arrays plus the balance schedules on the assumptions' grid
+    (`check_schedules` first)."""
+    check_schedules(book, assumptions)
     is_floating = (book.rate_type == "floating").astype(np.float64)
     rate_at_origination = book.rate + is_floating * float(assumptions.params.rate_level)
     amortization = np.array(
