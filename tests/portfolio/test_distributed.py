@@ -140,15 +140,31 @@ def single_jax_run(jax_cache, assumptions):
     return simulate(JAX_BOOK, assumptions, **JAX_KWARGS)
 
 
-def test_two_workers_give_the_single_process_numbers(cluster, assumptions, single_jax_run):
-    """JAX float32: per-scenario losses, VaR/ES, contributions and sensitivities identical."""
+def test_two_workers_give_the_single_process_numbers(
+    cluster, assumptions, single_jax_run, monkeypatch
+):
+    """JAX float32: per-scenario losses, VaR/ES, contributions and sensitivities identical.
+    The book travels once per backend: pass 1 and the contributions share one plugin, the
+    gradient backend has the other, and both are removed from the cluster at the end."""
     address, _ = cluster
     single = single_jax_run
+    registered: list[str] = []
+    register = distributed.Client.register_plugin
+
+    def counting(self, plugin, name=None, **kwargs):
+        registered.append(name)
+        return register(self, plugin, name=name, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "register_plugin", counting)
     on_dask = simulate(JAX_BOOK, assumptions, scheduler=address, **JAX_KWARGS)
     assert_same_run(single, on_dask)
     meta = on_dask.metadata["dask"]
     assert meta["scheduler"] == address and meta["workers"] == 2
     assert meta["worker_devices"] == [single.metadata["device"]]
+    assert len(registered) == len(set(registered)) == 2
+    with distributed.Client(address, set_as_default=False) as client:
+        plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
+    assert not any(name in names for names in plugins.values() for name in registered)
 
 
 def assert_same_tails_run(a, b):

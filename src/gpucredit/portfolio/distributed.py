@@ -30,8 +30,10 @@ of workers (and to `engine.simulate` without Dask):
   driver adds the per-chunk results in chunk order. A task goes to the worker that ran the
   pass-1 task owning its first index (`Pass1.owners`), as a loose restriction
   (``allow_other_workers``), so a lost worker never stalls the run.
-* The book and the assumptions reach each worker once: a `WorkerPlugin` per backend
-  (`BackendSpec`) is registered on the cluster, and every worker, a replacement for a lost one
+* The book and the assumptions reach each worker once per backend: a `WorkerPlugin` per
+  distinct `BackendSpec` (pass 1 and the contributions of one set of assumptions share it;
+  the gradient backend and each stress case have their own) is registered on the cluster
+  for the runner's life, and every worker, a replacement for a lost one
   included, receives it when it joins and builds the backend once, lazily, in its own process
   (its jit cache then serves every later task). Tasks carry only ``(plugin name, first,
   count)`` or a chunk of tail indices.
@@ -359,10 +361,17 @@ class DaskRunner:
             self.address = cluster.scheduler_address
         self._finalizer = weakref.finalize(self, _close_all, list(self._owned))
         self.devices: set[str] = set()
+        # One plugin per distinct backend for the runner's life: pass 1 and the contributions
+        # of the same assumptions share one, so the book travels once per backend, not per pass.
+        self._plugins: dict[tuple, tuple[BackendSpec, str]] = {}
 
     # -- lifecycle
 
     def close(self) -> None:
+        if self._finalizer.alive:
+            for _, name in self._plugins.values():
+                self._uninstall(name)
+        self._plugins.clear()
         self._finalizer()
 
     def __enter__(self) -> DaskRunner:
@@ -385,9 +394,18 @@ class DaskRunner:
     # -- plumbing
 
     def _install(self, spec: BackendSpec) -> str:
-        name = f"gpucredit-backend-{uuid.uuid4().hex}"
-        self.client.register_plugin(_plugin_class()(name, spec), name=name)
-        return name
+        """The plugin name of `spec`'s backend, registered on the cluster the first time.
+        Specs built from the same objects (book arrays, parameters, shift) share it; the
+        entry keeps those objects alive, so their ids stay theirs."""
+        key = (
+            spec.backend, spec.precision, id(spec.params), spec.grid, id(spec.loans),
+            spec.seed, id(spec.normal_shift), spec.gradient,
+        )  # fmt: skip
+        if key not in self._plugins:
+            name = f"gpucredit-backend-{uuid.uuid4().hex}"
+            self.client.register_plugin(_plugin_class()(name, spec), name=name)
+            self._plugins[key] = (spec, name)
+        return self._plugins[key][1]
 
     def _uninstall(self, name: str) -> None:
         try:
@@ -451,26 +469,23 @@ class DaskRunner:
             progress(completed, scenarios)
         owners = []
         name = self._install(spec)
-        try:
-            futures = [self._submit(_pass1_block, name, f, c, chunk_size) for f, c in todo]
+        futures = [self._submit(_pass1_block, name, f, c, chunk_size) for f, c in todo]
 
-            def consume(_, block: BlockOutput) -> None:
-                nonlocal completed
-                self.devices.add(block.device)
-                s = block.first
-                for chunk in block.chunks:
-                    if on_chunk is not None:
-                        on_chunk(s, chunk)
-                    fold.add(s, chunk)
-                    s += len(chunk.losses_usd)
-                owners.append((block.first, s - block.first, block.worker))
-                completed += s - block.first
-                if progress is not None:
-                    progress(completed, scenarios)
+        def consume(_, block: BlockOutput) -> None:
+            nonlocal completed
+            self.devices.add(block.device)
+            s = block.first
+            for chunk in block.chunks:
+                if on_chunk is not None:
+                    on_chunk(s, chunk)
+                fold.add(s, chunk)
+                s += len(chunk.losses_usd)
+            owners.append((block.first, s - block.first, block.worker))
+            completed += s - block.first
+            if progress is not None:
+                progress(completed, scenarios)
 
-            self._gather_in_order(futures, consume)
-        finally:
-            self._uninstall(name)
+        self._gather_in_order(futures, consume)
         return fold.result(time.perf_counter() - start, owners=tuple(sorted(owners)))
 
     def run_tails_pass1(
@@ -492,29 +507,26 @@ class DaskRunner:
         todo, completed = fold.resume(done, chunk_size, progress)
         owners: dict[int, tuple[int, int, str]] = {}
         name = self._install(spec)
-        try:
 
-            def consume(_, out: BatchTaskOutput) -> None:
-                nonlocal completed
-                self.devices.add(out.device)
-                if on_batch is not None:
-                    on_batch(out.batch.first, out.batch)
-                fold.add(out.batch)
-                owners[out.batch.first] = (out.batch.first, out.batch.count, out.worker)
-                completed = min(completed + out.batch.count, scenarios)
-                if progress is not None:
-                    progress(completed, scenarios)
+        def consume(_, out: BatchTaskOutput) -> None:
+            nonlocal completed
+            self.devices.add(out.device)
+            if on_batch is not None:
+                on_batch(out.batch.first, out.batch)
+            fold.add(out.batch)
+            owners[out.batch.first] = (out.batch.first, out.batch.count, out.worker)
+            completed = min(completed + out.batch.count, scenarios)
+            if progress is not None:
+                progress(completed, scenarios)
 
-            alphas = tuple(alphas)
-            args = (name, chunk_size, scenarios, alphas)
-            futures = [self._submit(_pass1_batch, *args, f, c) for f, c in todo]
-            self._gather_in_order(futures, consume)
-            # The batches that held more of the run's tail than their margin, again.
-            short = fold.short()
-            futures = [self._submit(_pass1_batch, *args, f, c, floor) for f, c, floor in short]
-            self._gather_in_order(futures, consume)
-        finally:
-            self._uninstall(name)
+        alphas = tuple(alphas)
+        args = (name, chunk_size, scenarios, alphas)
+        futures = [self._submit(_pass1_batch, *args, f, c) for f, c in todo]
+        self._gather_in_order(futures, consume)
+        # The batches that held more of the run's tail than their margin, again.
+        short = fold.short()
+        futures = [self._submit(_pass1_batch, *args, f, c, floor) for f, c, floor in short]
+        self._gather_in_order(futures, consume)
         return fold.result(time.perf_counter() - start, owners=tuple(sorted(owners.values())))
 
     # -- pass 2
@@ -526,15 +538,12 @@ class DaskRunner:
 
         def run(items: list) -> list:
             name = self._install(spec)
-            try:
-                futures = [
-                    self._submit(task, name, *item, worker=owner_of(owners, int(item[0][0])))
-                    for item in items
-                ]
-                results: list = [None] * len(futures)
-                self._gather_in_order(futures, results.__setitem__)
-            finally:
-                self._uninstall(name)
+            futures = [
+                self._submit(task, name, *item, worker=owner_of(owners, int(item[0][0])))
+                for item in items
+            ]
+            results: list = [None] * len(futures)
+            self._gather_in_order(futures, results.__setitem__)
             return results
 
         return run
