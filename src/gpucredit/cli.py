@@ -238,7 +238,7 @@ def run(
         backend,
         precision,
         resume,
-        chunk_size=chunk_size or default_chunk_size(backend),
+        chunk_size=chunk_size or default_chunk_size(backend, importance_sampling),
         importance_sampling=importance_sampling,
     )
     normal_shift = None
@@ -386,6 +386,7 @@ def reverse_stress(
     if loss_usd is not None and alpha is not None:
         raise click.UsageError("give --loss or --alpha, not both")
     loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
+    check_schedules(loans, assumptions)  # before the output directory exists
     out_dir = prepare_output_dir(Path(out))
     if loss_usd is None:
         alpha = alpha or 0.999

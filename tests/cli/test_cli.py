@@ -331,16 +331,28 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(small_book, tmp_path,
     assert not (out / "summary.json").exists()
 
 
-def test_an_undefined_floating_schedule_is_a_clear_error(small_book, tmp_path):
-    """rate.level so low that a floating loan's rate at origination is at or below −100% a
-    period: exit 2 naming the file, the loan_id and the column, nothing written."""
+def test_an_undefined_floating_schedule_is_a_clear_error(tmp_path):
+    """A yearly grid and rate.level so low that a floating annuity's rate at origination is
+    below −100% a period: `run` and `reverse-stress` exit 2 naming the file, the loan_id and
+    the column, and write nothing."""
+    import pyarrow as pa
+
+    table = make_book(6, seed=3)
+    n = table.num_rows
+    for name, value in (("rate_type", "floating"), ("amortization", "annuity"), ("rate", -0.5)):
+        column = pa.array([value] * n, type=table.schema.field(name).type)
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    book = tmp_path / "floating.parquet"
+    write_book(table, book)
     assumptions = tmp_path / "low-rate.toml"
-    assumptions.write_text("[rate]\nlevel = -5.0\n")
-    out = tmp_path / "refused"
-    args = ["run", str(small_book), *RUN_ARGS, "--assumptions", str(assumptions)]
-    result = CliRunner().invoke(main, [*args, "--out", str(out)])
-    assert result.exit_code == 2, result.output
-    first = result.output.splitlines()[0]
-    assert first.startswith(f"error: {small_book}: loan_id=") and "column rate" in first
-    assert "rate.level -5" in first and "schedule is undefined" in first
-    assert "Traceback" not in result.output and not out.exists()
+    assumptions.write_text("[simulation]\nsteps_per_year = 1\n[rate]\nlevel = -0.9\n")
+    for command in (["run", *RUN_ARGS], ["reverse-stress", "--alpha", "0.99"]):
+        out = tmp_path / f"refused-{command[0]}"
+        args = [command[0], str(book), *command[1:], "--assumptions", str(assumptions)]
+        result = CliRunner().invoke(main, [*args, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        lines = result.output.splitlines()
+        assert len(lines) == n, result.output
+        assert lines[0].startswith(f"error: {book}: loan_id=") and "column rate" in lines[0]
+        assert "rate.level -0.9" in lines[0] and "annuity is undefined" in lines[0]
+        assert "Traceback" not in result.output and not out.exists()

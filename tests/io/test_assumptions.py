@@ -359,6 +359,8 @@ REFUSALS = [
     ("[simulation]\nt_dof = 0\n", "simulation.t_dof: must be >= 1"),
     ("[simulation]\nt_dof = 2.5\n", "simulation.t_dof: must be a whole number"),
     ('[simulation]\nmode = "exact"\n', "simulation.mode: must be one of 'conditional', 'sampled'"),
+    ("[rate]\nlevel = 4.0\n", "rate.level: must be in (-1, 1) (a yearly rate as a fraction)"),
+    ("[rate]\nmean = -1\n", "rate.mean: must be in (-1, 1)"),
     ("[correlation]\nrent_rent = 1.2\n", "correlation.rent_rent: must be in [-1, 1]"),
     ("[correlation]\nrate_crypto = -1.5\n", "correlation.rate_crypto: must be in [-1, 1]"),
     (

@@ -73,6 +73,20 @@ SCRIPT = textwrap.dedent(
                                      rtol=1e-12, atol=0)),
         "device": sharded.device,
     }
+    # A run with its own, smaller chunk size: sub-chunks of that size, each computed by the
+    # program of that size (not padded up to per_device).
+    sizes = []
+    run_single = sharded._single.run_chunk
+    def recording(first, count, padded_count=None):
+        sizes.append(max(count, padded_count or 0))
+        return run_single(first, count, padded_count)
+    sharded._single.run_chunk = recording
+    c = run_pass1(sharded, 100, 24, len(book))
+    d = run_pass1(single, 100, 24, len(book))
+    out["small_chunks"] = {
+        "computed_sizes": sorted(set(sizes)),
+        "losses_equal": bool(np.array_equal(c.losses_usd, d.losses_usd)),
+    }
     print("RESULT" + json.dumps(out))
     """
 )
@@ -123,3 +137,11 @@ def test_sharded_backend_in_pass1(sharded_run):
     assert r["losses_equal"]
     assert r["el_close"]
     assert r["device"].startswith("2 × cpu")
+
+
+def test_a_smaller_run_chunk_is_not_padded_to_the_per_device_size(sharded_run):
+    """--chunk-size below per_device on a multi-device host: each chunk computes its own
+    scenarios (24 at a time), as one device with that chunk size does, not per_device (64)."""
+    r = sharded_run["small_chunks"]
+    assert r["computed_sizes"] == [24]
+    assert r["losses_equal"]

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions, stress_case
 from gpucredit.kernels import cupy_engine
+from gpucredit.portfolio.book import uniform_book
 from gpucredit.portfolio.engine import (
     KEEP_LOSSES_MAX_SCENARIOS,
     BatchOutput,
@@ -267,26 +268,38 @@ def test_short_last_chunk_reuses_the_full_chunk_program(assumptions, shifted):
 
 
 def test_a_stress_with_an_undefined_schedule_is_refused_before_any_scenario(assumptions):
-    """A stress case whose rate.level makes a floating schedule undefined fails up front."""
+    """On a yearly grid, a stress case whose rate.level takes a floating annuity below −100% a
+    period (1 + q < 0: no annuity) fails before any scenario runs, naming each such loan;
+    bullet and linear floating loans (rate-free schedules) are not named."""
     from gpucredit.io.assumptions import with_overrides
     from gpucredit.portfolio.loans import ScheduleError
 
-    floating = np.flatnonzero(BOOK.rate_type == "floating")
-    assert len(floating) > 0
-    low = with_overrides(assumptions, {"rate": {"level": -5.0}})
-    stress = [StressCase("too-low", "rate.level -500%", low)]
+    book = uniform_book(
+        4,
+        rate_type=["floating", "floating", "floating", "fixed"],
+        amortization=["annuity", "bullet", "annuity", "annuity"],
+        rate=[-0.5, -0.5, 0.2, -0.5],
+        maturity_years=5.0,
+    )
+    yearly = with_overrides(assumptions, {"simulation": {"steps_per_year": 1}})
+    low = with_overrides(yearly, {"rate": {"level": -0.9}})
+    stress = [StressCase("too-low", "rate.level -90%", low)]
     calls = []
 
     def progress(done, total):
         calls.append(done)
 
     with pytest.raises(ScheduleError) as refused:
-        simulate(BOOK, assumptions, scenarios=64, backend="numpy", stress=stress,
+        simulate(book, yearly, scenarios=64, backend="numpy", stress=stress,
                  sensitivities=False, progress=progress)  # fmt: skip
     assert calls == []  # nothing ran
     lines = str(refused.value).splitlines()
-    assert len(lines) == len(floating)
-    assert lines[0].startswith(f"<random>: loan_id={BOOK.loan_id[floating[0]]}, column rate:")
+    assert len(lines) == 1  # loan 0 only: r = -1.4 a year; loan 2 stays at -0.7
+    assert lines[0].startswith(f"<uniform>: loan_id={book.loan_id[0]}, column rate:")
+    assert "annuity is undefined" in lines[0]
+    # The same loans under the base level (r = -0.46) run, finite.
+    run = simulate(book, yearly, scenarios=64, backend="numpy", sensitivities=False)
+    assert np.isfinite(run.es(0.99))
 
 
 def test_importance_sampling_on_a_host_of_several_gpus_runs_on_one(assumptions, monkeypatch):
@@ -300,6 +313,11 @@ def test_importance_sampling_on_a_host_of_several_gpus_runs_on_one(assumptions, 
     shift = np.zeros((grid.periods, grid.n_factors))
     backend = engine.make_backend("jax", "float64", assumptions.params, grid, loans, 1, shift)
     assert isinstance(backend, JaxBackend) and backend.normal_shift is shift
+    # Its default chunk is one GPU's, not the sharded run's.
+    assert engine.default_chunk_size("jax") == 2 * engine.GPU_CHUNK_SIZE
+    assert engine.default_chunk_size("jax", importance_sampling=True) == engine.GPU_CHUNK_SIZE
+    assert engine.gradient_chunk_size(backend.device) == 256  # this CPU
+    assert engine.gradient_chunk_size("2 × gpu (NVIDIA H100 80GB HBM3)") == 4096
 
 
 def test_cupy_chunks_have_the_engine_chunk_fields():

@@ -74,6 +74,11 @@ def _fraction(x) -> str | None:
     return None if 0 <= x < 1 else "must be in [0, 1)"
 
 
+def _yearly_rate(x) -> str | None:
+    # as the book's rates: catches percentages (4 for 4%) and keeps schedules defined
+    return None if -1 < x < 1 else "must be in (-1, 1) (a yearly rate as a fraction)"
+
+
 def _correlation(x) -> str | None:
     return None if -1 <= x <= 1 else "must be in [-1, 1]"
 
@@ -138,9 +143,9 @@ POWER_KEYS: dict[str, tuple[str, Check]] = {
     "vol": ("number", _nonnegative),
 }
 RATE_KEYS: dict[str, tuple[str, Check]] = {
-    "level": ("number", None),
+    "level": ("number", _yearly_rate),
     "mean_reversion": ("number", _nonnegative),
-    "mean": ("number", None),
+    "mean": ("number", _yearly_rate),
     "vol": ("number", _nonnegative),
 }
 MODEL_KEYS: dict[str, tuple[str, Check]] = {

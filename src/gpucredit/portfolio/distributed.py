@@ -23,13 +23,12 @@ of workers (and to `engine.simulate` without Dask):
   (`risk.risk_measures_from_tail`).
 * Pass 2. Contributions and sensitivities cut the tail set into the same index chunks that
   `contributions.tail_contributions` (1024) and `sensitivities.tail_sensitivities` (256,
-  zero-padded; a run in one process on a GPU uses 4,096, `JaxBackend.gradient_chunk_size`, so
-  there the two agree to float rounding rather than bit for bit) use; each chunk is one task
-  that regenerates its scenarios from their indices (a scenario's random numbers depend only
-  on its index, so nothing per scenario is kept on, or shipped to, the workers), and the
-  driver adds the per-chunk results in chunk order. A task goes to the worker that ran the
-  pass-1 task owning its first index (`Pass1.owners`), as a loose restriction
-  (``allow_other_workers``), so a lost worker never stalls the run.
+  zero-padded; 4,096 when the driver runs on a GPU, `engine.gradient_chunk_size`) use; each
+  chunk is one task that regenerates its scenarios from their indices (a scenario's random
+  numbers depend only on its index, so nothing per scenario is kept on, or shipped to, the
+  workers), and the driver adds the per-chunk results in chunk order. A task goes to the
+  worker that ran the pass-1 task owning its first index (`Pass1.owners`), as a loose
+  restriction (``allow_other_workers``), so a lost worker never stalls the run.
 * The book and the assumptions reach each worker once per backend: a `WorkerPlugin` per
   distinct `BackendSpec` (pass 1 and the contributions of one set of assumptions share it;
   the gradient backend and each stress case have their own) is registered on the cluster
@@ -222,16 +221,17 @@ class ShardedJaxBackend:
     def run_chunk(
         self, first_scenario: int, count: int, padded_count: int | None = None
     ) -> ChunkOutput:
-        """`padded_count` as JaxBackend's: short chunks go to one device in sub-chunks of
-        `per_device`, each computed by the per_device program."""
+        """`padded_count` as JaxBackend's. A chunk of another size than D × `per_device` (a
+        run's short last chunk, or a run with its own --chunk-size) goes to one device in
+        sub-chunks of min(per_device, padded_count or count) scenarios, each computed by the
+        program of that size."""
         from gpucredit.kernels.sharding import sharded_chunk_outcomes
 
         if count != self.default_chunk_size:
+            sub = min(self.per_device, padded_count or count)
             parts = [
-                self._single.run_chunk(
-                    s, min(self.per_device, first_scenario + count - s), self.per_device
-                )
-                for s in range(first_scenario, first_scenario + count, self.per_device)
+                self._single.run_chunk(s, min(sub, first_scenario + count - s), sub)
+                for s in range(first_scenario, first_scenario + count, sub)
             ]
             return ChunkOutput(
                 np.concatenate([p.losses_usd for p in parts]),
@@ -568,13 +568,15 @@ class DaskRunner:
         weights: np.ndarray | None,
         el_scenarios: int,
         owners: Sequence[tuple[int, int, str]] = (),
+        chunk_size: int = 256,
     ):
         """`sensitivities.tail_sensitivities` on the cluster (same chunks, same order);
         `spec` is the gradient backend (``BackendSpec(..., gradient=True)``)."""
         run = self._run_tasks(spec, _gradient_chunk, owners)
         return tail_sensitivities(
-            None, assumptions, tails, n_scenarios, el_scenarios, weights=weights, run_tasks=run
-        )
+            None, assumptions, tails, n_scenarios, el_scenarios, chunk_size=chunk_size,
+            weights=weights, run_tasks=run,
+        )  # fmt: skip
 
 
 def _close_all(resources: list) -> None:

@@ -195,13 +195,6 @@ class JaxBackend:
         return np.asarray(out, dtype=np.float64)
 
     @property
-    def gradient_chunk_size(self) -> int:
-        """Tail scenarios per gradient task: 256 on a CPU; 4,096 on a GPU, where a task of 256
-        is launch-bound (H100, example book: the tail forward takes 4.7 ms at 256 scenarios
-        and 5.9 ms at 4,096; bench/results/gpu-h100.md)."""
-        return 4096 if self.device.startswith("gpu") else 256
-
-    @property
     def schedule_rate_tangent(self) -> tuple:
         """d(schedule leaves)/d rate.level (`jax_engine.schedule_tangent`), built on first use."""
         if self._schedule_tangent is None:
@@ -325,17 +318,28 @@ def _local_gpus() -> list:
 GPU_CHUNK_SIZE = 65536  # scenarios per GPU and chunk: launch overhead is < 5% from here on
 
 
-def default_chunk_size(backend: str) -> int:
+def gradient_chunk_size(device: str) -> int:
+    """Tail scenarios per gradient task, from the driver's device (a backend's `device`):
+    256 on a CPU; 4,096 on a GPU, where a task of 256 is launch-bound (H100, example book: the
+    tail forward takes 4.7 ms at 256 scenarios and 5.9 ms at 4,096; bench/results/
+    gpu-h100.md). One value for the local and the Dask runner, so their results agree."""
+    return 4096 if device.startswith("gpu") or " × gpu" in device else 256
+
+
+def default_chunk_size(backend: str, importance_sampling: bool = False) -> int:
     """Scenarios per chunk when none is given, the one rule for the CLI and `simulate` (the
     chunking fixes the float32 numbers): the backend's own default on a CPU (small for the
     NumPy reference, which materialises [S, N] per period), 65,536 per GPU (CuPy, or JAX on
-    one or more GPUs): small chunks leave a GPU idle between kernel launches."""
+    one or more GPUs; importance sampling runs on one GPU): small chunks leave a GPU idle
+    between kernel launches."""
     name = choose_backend(backend)
     if name == "numpy":
         return NumpyBackend.default_chunk_size
     if name == "cupy":
         return GPU_CHUNK_SIZE
     gpus = len(_local_gpus())
+    if importance_sampling:
+        gpus = min(gpus, 1)  # make_backend: one device
     return GPU_CHUNK_SIZE * gpus if gpus else JaxBackend.default_chunk_size
 
 
@@ -719,11 +723,10 @@ class LocalRunner:
         return tail_contributions(spec.build().loan_losses_at, tails, n_loans)
 
     def tail_sensitivities(self, spec: BackendSpec, assumptions, tails, n_scenarios, weights,
-                           el_scenarios, owners=()) -> Sensitivities:  # fmt: skip
-        backend = spec.build()
+                           el_scenarios, owners=(), chunk_size=256) -> Sensitivities:  # fmt: skip
         return tail_sensitivities(
-            backend.weighted_gradient, assumptions, tails, n_scenarios, el_scenarios,
-            chunk_size=backend.gradient_chunk_size, weights=weights,
+            spec.build().weighted_gradient, assumptions, tails, n_scenarios, el_scenarios,
+            chunk_size=chunk_size, weights=weights,
         )  # fmt: skip
 
     def describe(self) -> dict | None:
@@ -918,7 +921,9 @@ def simulate(
         )
 
     engine = make_backend(backend, precision, assumptions.params, grid, loans, seed, normal_shift)
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(backend)
+    chunk = chunk_size
+    if chunk is None:
+        chunk = default_chunk_size(backend, importance_sampling=normal_shift is not None)
     if workers is not None or scheduler is not None:
         from gpucredit.portfolio.distributed import DaskRunner
 
@@ -967,6 +972,7 @@ def simulate(
                 weights,
                 el_sensitivity_scenarios,
                 owners=pass1.owners,
+                chunk_size=gradient_chunk_size(engine.device),
             )
             sensitivities_seconds = time.perf_counter() - t0
 

@@ -15,17 +15,19 @@ class ScheduleError(ValueError):
 
 
 def check_schedules(book: Book, assumptions: Assumptions) -> None:
-    """Raise ScheduleError naming each floating loan whose rate at origination (its spread +
-    rate.level) is at or below −100% a period: its annuity is undefined."""
+    """Raise ScheduleError naming each floating annuity whose rate at origination (its spread +
+    rate.level) is below −100% a period: 1 + q < 0 has no annuity (bullet and linear
+    schedules do not depend on the rate). Reachable on grids of a period a year or longer;
+    rate.level and the book's rates are each bounded to (−1, 1)."""
     level = float(assumptions.params.rate_level)
-    floating = book.rate_type == "floating"
-    undefined = floating & ((book.rate + level) / assumptions.steps_per_year <= -1.0)
+    floating_annuity = (book.rate_type == "floating") & (book.amortization == "annuity")
+    undefined = floating_annuity & ((book.rate + level) / assumptions.steps_per_year < -1.0)
     if np.any(undefined):
         raise ScheduleError(
             "\n".join(
                 f"{book.source}: loan_id={loan_id}, column rate: the floating spread {spread:g}"
-                f" + rate.level {level:g} is at or below -100% a period "
-                f"({assumptions.steps_per_year} periods a year); the schedule is undefined"
+                f" + rate.level {level:g} is below -100% a period "
+                f"({assumptions.steps_per_year} periods a year); the annuity is undefined"
                 for loan_id, spread in zip(
                     book.loan_id[undefined], book.rate[undefined], strict=True
                 )
