@@ -74,7 +74,7 @@ step pytest-jax-gpu 110 "$PY" -m pytest -q -p no:cacheprovider -n 8 \
   tests/kernels/test_jax_engine.py tests/portfolio/test_sensitivities.py \
   tests/portfolio/test_engine.py tests/portfolio/test_contributions.py \
   >> "$OUT/pytest-gpu.txt" 2>&1
-[ -n "${SKIP_CUPY_TESTS:-}" ] || step pytest-cupy 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/kernels \
+[ -n "${SKIP_CUPY_TESTS:-}" ] || step pytest-cupy 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
   >> "$OUT/pytest-gpu.txt" 2>&1
 
 # 3. the main job on the example book, a million scenarios, end to end
