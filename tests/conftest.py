@@ -13,6 +13,19 @@ def random_book(seed: int, n_loans: int) -> Book:
     return feature_book(n_loans, seed, source="<random>")
 
 
+# A small JAX float32 run that exercises chunk and batch edges: a short last chunk, batches of
+# 67 scenarios across chunk edges, two tail levels (the Dask and tails-only comparisons).
+SMALL_JAX_RUN = dict(
+    scenarios=2048 + 100,
+    seed=11,
+    backend="jax",
+    precision="float32",
+    chunk_size=256,
+    alphas=(0.9, 0.99),
+    el_sensitivity_scenarios=512,
+)
+
+
 @pytest.fixture
 def small_book() -> Book:
     return random_book(7, 40)

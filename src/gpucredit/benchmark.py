@@ -794,15 +794,19 @@ def run_benchmarks(
     book_dir: str | os.PathLike | None = None,
     plan: Plan | None = None,
     echo=print,
+    budget_s: float | None = None,
 ) -> dict:
     """Check, then time every case of the plan (CPU or GPU, chosen from the machine), and
     write `<out_dir>/<name>.json` and `.md` (rewritten after every case, so a run cut short
-    still leaves what it measured). Returns the report. Raises RuntimeError if the
-    correctness check fails (nothing is timed then)."""
+    still leaves what it measured). `budget_s` replaces the plan's budget (and caps each
+    case's timeout). Returns the report. Raises RuntimeError if the correctness check fails
+    (nothing is timed then)."""
     started = time.perf_counter()
     gpu = _gpu_present()
     cupy = gpu and _cupy_available()
     plan = plan or (gpu_plan(quick, cupy) if gpu else cpu_plan(quick))
+    if budget_s is not None:  # later cases are skipped past it; none runs longer
+        plan = replace(plan, budget_s=budget_s, case_timeout_s=min(plan.case_timeout_s, budget_s))
     env = _child_env()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1054,14 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=None, help="seconds; later cases are skipped past it"
     )
     args = parser.parse_args(argv)
-    plan = None
-    if args.budget is not None:
-        gpu = _gpu_present()
-        plan = gpu_plan(args.quick, _cupy_available()) if gpu else cpu_plan(args.quick)
-        plan = replace(
-            plan, budget_s=args.budget, case_timeout_s=min(plan.case_timeout_s, args.budget)
-        )
-    report = run_benchmarks(args.quick, args.out, args.name, args.books, plan)
+    report = run_benchmarks(args.quick, args.out, args.name, args.books, budget_s=args.budget)
     failed = [r for r in report["cases"] if "error" in r and "skipped" not in r["error"]]
     return 1 if failed else 0
 

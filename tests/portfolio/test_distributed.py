@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import random_book
+from conftest import SMALL_JAX_RUN, random_book
 
 distributed = pytest.importorskip("distributed")
 
@@ -123,21 +123,12 @@ def test_blocks_are_whole_chunks_in_order():
 
 
 JAX_BOOK = random_book(3, 12)
-JAX_KWARGS = dict(
-    scenarios=2048 + 100,  # a short last chunk and last block
-    seed=11,
-    backend="jax",
-    precision="float32",
-    chunk_size=256,
-    alphas=(0.9, 0.99),
-    el_sensitivity_scenarios=512,
-)
 
 
 @pytest.fixture(scope="module")
 def single_jax_run(jax_cache, assumptions):
     """The single-process JAX float32 run (every loss kept) the cluster runs must equal."""
-    return simulate(JAX_BOOK, assumptions, **JAX_KWARGS)
+    return simulate(JAX_BOOK, assumptions, **SMALL_JAX_RUN)
 
 
 def test_two_workers_give_the_single_process_numbers(
@@ -156,7 +147,7 @@ def test_two_workers_give_the_single_process_numbers(
         return register(self, plugin, name=name, **kwargs)
 
     monkeypatch.setattr(distributed.Client, "register_plugin", counting)
-    on_dask = simulate(JAX_BOOK, assumptions, scheduler=address, **JAX_KWARGS)
+    on_dask = simulate(JAX_BOOK, assumptions, scheduler=address, **SMALL_JAX_RUN)
     assert_same_run(single, on_dask)
     meta = on_dask.metadata["dask"]
     assert meta["scheduler"] == address and meta["workers"] == 2
@@ -184,11 +175,11 @@ def test_tails_only_on_two_workers_gives_the_numbers_of_keeping_every_loss(
     equals the single-process run that keeps every loss, and the single-process tails-only
     run: measures with their standard errors, contributions and sensitivities, bit for bit."""
     address, _ = cluster
-    on_dask = simulate(JAX_BOOK, assumptions, scheduler=address, keep_losses=False, **JAX_KWARGS)
+    on_dask = simulate(JAX_BOOK, assumptions, scheduler=address, keep_losses=False, **SMALL_JAX_RUN)
     assert on_dask.losses_usd is None and on_dask.metadata["keep_losses"] is False
     assert on_dask.metadata["dask"]["workers"] == 2
     assert_same_tails_run(single_jax_run, on_dask)
-    local = simulate(JAX_BOOK, assumptions, keep_losses=False, **JAX_KWARGS)
+    local = simulate(JAX_BOOK, assumptions, keep_losses=False, **SMALL_JAX_RUN)
     assert_same_tails_run(local, on_dask)
 
 

@@ -318,12 +318,13 @@ def _local_gpus() -> list:
 GPU_CHUNK_SIZE = 65536  # scenarios per GPU and chunk: launch overhead is < 5% from here on
 
 
-def gradient_chunk_size(device: str) -> int:
-    """Tail scenarios per gradient task, from the driver's device (a backend's `device`):
-    256 on a CPU; 4,096 on a GPU, where a task of 256 is launch-bound (H100, example book: the
-    tail forward takes 4.7 ms at 256 scenarios and 5.9 ms at 4,096; bench/results/
-    gpu-h100.md). One value for the local and the Dask runner, so their results agree."""
-    return 4096 if device.startswith("gpu") or " × gpu" in device else 256
+def gradient_chunk_size() -> int:
+    """Tail scenarios per gradient task, decided on the driver: 256 on a CPU; 4,096 where JAX
+    (which computes every gradient) has a GPU, since there a task of 256 is launch-bound
+    (H100, example book: the tail forward takes 4.7 ms at 256 scenarios and 5.9 ms at 4,096;
+    bench/results/gpu-h100.md). One value for the local and the Dask runner, so their
+    results agree."""
+    return 4096 if _local_gpus() else 256
 
 
 def default_chunk_size(backend: str, importance_sampling: bool = False) -> int:
@@ -972,7 +973,7 @@ def simulate(
                 weights,
                 el_sensitivity_scenarios,
                 owners=pass1.owners,
-                chunk_size=gradient_chunk_size(engine.device),
+                chunk_size=gradient_chunk_size(),
             )
             sensitivities_seconds = time.perf_counter() - t0
 
