@@ -1,4 +1,4 @@
-"""Shared test fixtures: small random books that cover every feature of MODEL.md §3-6."""
+"""Shared test fixtures: small random books that cover every feature of docs/spec.md §3-6."""
 
 from __future__ import annotations
 

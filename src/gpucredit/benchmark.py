@@ -1,4 +1,4 @@
-"""`gpucredit bench`: throughput, scaling, memory and the roofline (DESIGN.md, Where the time goes).
+"""`gpucredit bench`: throughput, scaling, memory and the roofline (README, Performance).
 
 The unit of work is the loan-period (scenarios × loans × periods). The harness
 

@@ -1,4 +1,4 @@
-"""The assumptions file: MODEL.md §9 defaults, §10 merge rules, refusals, the correlation
+"""The assumptions file: docs/spec.md §9 defaults, §10 merge rules, refusals, the correlation
 matrix (assembly, PD check, nearest-correlation repair) and parameter naming."""
 
 from __future__ import annotations
@@ -41,28 +41,34 @@ def refusal(tmp_path, text: str, repair: bool = False) -> str:
     return message
 
 
-# --- defaults (MODEL.md §9) -------------------------------------------------------------
+# --- defaults (docs/spec.md §9) -------------------------------------------------------------
 
 
-def test_defaults_match_model_md():
+def test_defaults_match_the_spec():
     a = default_assumptions()
     p = a.params
     assert a.generations == ("A100", "H100", "H200", "B200")
     np.testing.assert_array_equal(p.rent_usd_per_hour, [1.20, 2.20, 3.00, 4.50])
     np.testing.assert_array_equal(p.price_usd, [9000, 22000, 29000, 40000])
-    np.testing.assert_array_equal(p.rent_drift, [-0.30, -0.25, -0.22, -0.20])
+    np.testing.assert_array_equal(p.rent_drift, [-0.25, -0.20, -0.18, -0.15])
     np.testing.assert_array_equal(p.rent_vol, [0.35] * 4)
-    np.testing.assert_array_equal(p.depreciation, [0.40, 0.30, 0.28, 0.25])
+    np.testing.assert_array_equal(p.depreciation, [0.30, 0.22, 0.20, 0.18])
     np.testing.assert_array_equal(p.price_vol, [0.30] * 4)
     np.testing.assert_array_equal(p.rent_mean_reversion, [0.5] * 4)
     np.testing.assert_array_equal(p.haircut_base, [0.20, 0.15, 0.15, 0.15])
-    np.testing.assert_array_equal(p.market_depth_gpus_per_year, [100000, 150000, 100000, 80000])
+    np.testing.assert_array_equal(p.market_depth_gpus_per_year, [300000, 450000, 300000, 250000])
+    np.testing.assert_array_equal(p.financed_fleet_gpus, [200000, 1200000, 500000, 600000])
     assert a.generation_power_kw_per_gpu == (0.52, 0.91, 0.91, 1.30)
     assert a.launch_names == ("next-gen",)
     assert a.launch_years == (0.5,)
-    np.testing.assert_array_equal(p.launch_price_jump, [[0.25, 0.25, 0.20, 0.10]])
-    np.testing.assert_array_equal(p.launch_rent_jump, [[0.15, 0.15, 0.10, 0.05]])
-    assert (p.btc_price_usd, p.btc_drift, p.btc_vol) == (90000, 0, 0.55)
+    np.testing.assert_array_equal(p.launch_price_jump, [[0.10, 0.12, 0.10, 0.08]])
+    np.testing.assert_array_equal(p.launch_rent_jump, [[0.08, 0.08, 0.06, 0.04]])
+    assert (p.btc_price_usd, p.btc_drift, p.btc_vol, p.btc_hashprice_drift) == (
+        90000,
+        0,
+        0.55,
+        -0.30,
+    )
     assert (p.eth_price_usd, p.eth_drift, p.eth_vol) == (3000, 0, 0.75)
     assert (p.power_usd_per_kwh, p.power_drift, p.power_vol) == (0.08, 0.02, 0.20)
     assert (p.rate_level, p.rate_mean_reversion, p.rate_mean, p.rate_vol) == (
@@ -71,13 +77,39 @@ def test_defaults_match_model_md():
         0.035,
         0.01,
     )
-    assert (p.beta_liquidity, p.beta_collateral, p.beta_refinancing) == (1.5, 1.0, 1.0)
-    assert (p.haircut_slope, p.haircut_power, p.haircut_max) == (0.40, 1.0, 0.90)
-    assert (p.refi_ltv, p.coverage_floor, p.coverage_cap) == (0.6, 0.01, 100)
+    assert p.credit_persistence == 0.6
+    assert a.pd_anchor == "expected"
+    assert (p.beta_liquidity, p.beta_collateral, p.beta_refinancing) == (1.0, 0.75, 0.75)
+    assert (p.haircut_slope, p.haircut_power, p.haircut_max) == (0.40, 1.0, 0.60)
+    assert (p.refi_ltv, p.coverage_floor, p.coverage_cap) == (0.6, 0.01, 5)
     assert (a.horizon_years, a.steps_per_year, a.scenarios, a.seed) == (3, 4, 100_000, 0)
     assert (a.copula, a.t_dof, a.discount, a.mode) == ("gaussian", 5, False, "conditional")
     assert a.stresses == ()
     assert a.correlation_repair is None
+
+
+def test_v2_keys_are_checked(tmp_path):
+    message = refusal(
+        tmp_path,
+        "[credit]\npersistence = 1.0\n[model]\npd_anchor = 'paper'\n"
+        "[crypto.eth]\nhashprice_drift = -0.3\n[generations.H100]\nfinanced_fleet_gpus = -1\n",
+    )
+    assert "credit.persistence" in message and "[0, 1)" in message
+    assert "model.pd_anchor" in message
+    assert "crypto.eth" in message and "hashprice_drift" in message  # BTC only
+    assert "generations.H100.financed_fleet_gpus" in message
+
+
+def test_v2_keys_are_read(tmp_path):
+    a = load_assumptions(
+        write(
+            tmp_path,
+            "[credit]\npersistence = 0.0\n[model]\npd_anchor = 'today'\n"
+            "[crypto.btc]\nhashprice_drift = -0.1\n[generations.H100]\nfinanced_fleet_gpus = 7\n",
+        )
+    )
+    assert a.params.credit_persistence == 0.0 and a.pd_anchor == "today"
+    assert a.params.btc_hashprice_drift == -0.1 and a.params.financed_fleet_gpus[1] == 7
 
 
 def test_leaves_are_float64_arrays_and_python_floats():
@@ -146,12 +178,12 @@ def test_matrix_text_labels_rows_and_columns():
     assert len(lines) == 14
 
 
-# --- merging a user file (MODEL.md §10) ---------------------------------------------------
+# --- merging a user file (docs/spec.md §10) ---------------------------------------------------
 
 
 def test_amend_one_generation(tmp_path):
     a = load_assumptions(write(tmp_path, "[generations.H100]\ndepreciation = 0.5\n"))
-    np.testing.assert_array_equal(a.params.depreciation, [0.40, 0.5, 0.28, 0.25])
+    np.testing.assert_array_equal(a.params.depreciation, [0.30, 0.5, 0.20, 0.18])
     np.testing.assert_array_equal(a.params.price_usd, [9000, 22000, 29000, 40000])
     assert a.generations == default_assumptions().generations
 
@@ -168,6 +200,7 @@ price_vol = 0.3
 power_kw_per_gpu = 1.6
 haircut_base = 0.15
 market_depth_gpus_per_year = 50000
+financed_fleet_gpus = 100000
 """
 
 
@@ -180,7 +213,7 @@ def test_add_a_generation(tmp_path):
     assert a.factor_names[4] == "rent:GB300"
     assert corr(a, "rent:GB300", "price:GB300") == 0.60
     # the default launch gives the new generation no jump (absent = 0)
-    np.testing.assert_array_equal(a.params.launch_price_jump, [[0.25, 0.25, 0.20, 0.10, 0.0]])
+    np.testing.assert_array_equal(a.params.launch_price_jump, [[0.10, 0.12, 0.10, 0.08, 0.0]])
 
 
 def test_new_generation_must_give_every_key(tmp_path):
@@ -239,7 +272,7 @@ def test_simulation_and_model_amendments(tmp_path):
     a = load_assumptions(write(tmp_path, text))
     assert (a.copula, a.t_dof, a.scenarios, a.seed) == ("t", 4, 1000, 0)
     assert a.params.refi_ltv == 0.5
-    assert a.params.haircut_max == 0.90
+    assert a.params.haircut_max == 0.60
     assert a.document["model"]["refi_ltv"] == 0.5
 
 
@@ -496,18 +529,21 @@ def test_parameter_paths_cover_every_sensitivity():
     assert ("crypto.btc.vol", "btc_vol", ()) in paths
     assert ("model.beta_liquidity", "beta_liquidity", ()) in paths
     assert ("rate.mean_reversion", "rate_mean_reversion", ()) in paths
-    # every ModelParams leaf named, except the ones MODEL.md §7 leaves out
+    # every ModelParams leaf named, except the ones docs/spec.md §7 leaves out
     fields = {field for _, field, _ in paths}
     assert set(ModelParams._fields) - fields == {"haircut_max", "coverage_floor", "coverage_cap"}
-    # 9 per generation, 2 jumps per launch and generation, 19 scalars, K(K-1)/2 entries
-    assert len(paths) == 9 * 4 + 2 * 4 + 19 + K * (K - 1) // 2
+    assert ("credit.persistence", "credit_persistence", ()) in paths
+    assert ("crypto.btc.hashprice_drift", "btc_hashprice_drift", ()) in paths
+    assert ("generations.H200.financed_fleet_gpus", "financed_fleet_gpus", (2,)) in paths
+    # 10 per generation, 2 jumps per launch and generation, 21 scalars, K(K-1)/2 entries
+    assert len(paths) == 10 * 4 + 2 * 4 + 21 + K * (K - 1) // 2
 
 
 def test_parameter_value_reads_the_leaf():
     a = default_assumptions()
     values = {path: parameter_value(a.params, f, i) for path, f, i in parameter_paths(a)}
-    assert values["generations.H100.depreciation"] == 0.30
-    assert values["launches.next-gen.price_jump.H200"] == 0.20
+    assert values["generations.H100.depreciation"] == 0.22
+    assert values["launches.next-gen.price_jump.H200"] == 0.10
     assert values["correlation.rent:H100~price:A100"] == 0.45
     assert values["correlation.btc~rate"] == -0.10
     assert values["crypto.eth.vol"] == 0.75
@@ -534,8 +570,8 @@ def test_with_overrides_changes_exactly_what_is_asked():
     assert bumped.params.haircut_max == base.params.haircut_max
     assert bumped.generation_power_kw_per_gpu == base.generation_power_kw_per_gpu
     assert (bumped.scenarios, bumped.launch_names) == (base.scenarios, base.launch_names)
-    assert base.params.depreciation[1] == 0.30
-    assert base.document["generations"]["H100"]["depreciation"] == 0.30
+    assert base.params.depreciation[1] == 0.22
+    assert base.document["generations"]["H100"]["depreciation"] == 0.22
     assert bumped.document["generations"]["H100"]["depreciation"] == 0.5
 
 

@@ -56,6 +56,8 @@ def good_columns(n_loans: int = 4) -> dict[str, list]:
         "crypto_pledged": [False] * n_loans,
         "liquidation_cost": [0.05] * n_loans,
         "asset_correlation": [0.15] * n_loans,
+        "other_income_usd_per_year": [2.0e6] * n_loans,
+        "other_income_btc_share": [0.8] * n_loans,
     }
 
 
@@ -90,6 +92,10 @@ BAD_VALUES = [
     ("contract_years_remaining", -1.0, "must be >= 0"),
     ("power_kw_per_gpu", -0.5, "must be >= 0"),
     ("other_opex_usd_per_gpu_hour", -0.1, "must be >= 0"),
+    ("other_income_usd_per_year", -1.0, "must be >= 0"),
+    ("other_income_usd_per_year", float("inf"), "must be a finite number"),
+    ("other_income_btc_share", 1.1, "must be in [0, 1]"),
+    ("other_income_btc_share", -0.2, "must be in [0, 1]"),
     ("cash_usd", -1.0, "must be >= 0"),
     ("btc_units", -1.0, "must be >= 0"),
     ("eth_units", -1.0, "must be >= 0"),

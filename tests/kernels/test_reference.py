@@ -1,10 +1,10 @@
-"""The NumPy reference (kernels/reference.py) against MODEL.md §2-6 closed forms.
+"""The NumPy reference (kernels/reference.py) against docs/spec.md §2-6 closed forms.
 
 - Factor paths: Monte Carlo means/medians against the model's expectations, shock
   correlations against the assembled matrix, the t copula's normal margins and tail dependence.
 - today_metrics on a hand-built book against hand arithmetic.
 - The Vasicek / Basel IRB oracle: with β's = 0, Gaussian shocks and one period the engine is
-  exactly the one-factor Vasicek model (MODEL.md §4).
+  exactly the one-factor Vasicek model (docs/spec.md §4).
 - The t copula's heavier tail, sampled mode (cross-default), discounting.
 """
 
@@ -66,7 +66,7 @@ def paths_for(assumptions, scenarios: int) -> ref.FactorPaths:
 def quiet_overrides(
     horizon=0.25, steps=4, copula="gaussian", t_dof=5, mode="conditional", discount=False
 ):
-    """MODEL.md §4's Vasicek setting: no launches, no generation vols, β's = 0, fixed haircut."""
+    """docs/spec.md §4's Vasicek setting: no launches or generation vols, β's = 0, fixed haircut."""
     generations = default_assumptions().generations
     return {
         "launches": [],
@@ -228,17 +228,40 @@ def test_rent_median_path(default_run):
     assert np.all(np.abs(below - 0.5) < N_SE * np.sqrt(0.25 / PATH_SCENARIOS))
 
 
-def test_credit_factor_is_the_credit_shock(default_run):
+def test_credit_factor_is_a_stationary_ar1_of_the_credit_shocks(default_run):
+    """Z(1) = ε(1), Z(t) = φ Z(t−1) + √(1 − φ²) ε(t) with φ = ϕ^Δ (docs/spec.md §2)."""
     assumptions, shocks, paths = default_run
+    dt = 1.0 / assumptions.steps_per_year
+    phi = assumptions.params.credit_persistence**dt
+    eps = shocks[..., -1]
     np.testing.assert_array_equal(paths.credit[:, 0], 0.0)
-    np.testing.assert_array_equal(paths.credit[:, 1:], shocks[..., -1])
+    np.testing.assert_array_equal(paths.credit[:, 1], eps[:, 0])
+    np.testing.assert_allclose(
+        paths.credit[:, 2:], phi * paths.credit[:, 1:-1] + np.sqrt(1 - phi**2) * eps[:, 1:],
+        rtol=0, atol=1e-14,
+    )  # fmt: skip
+
+
+def test_credit_cycle_is_standard_normal_with_annual_autocorrelation(default_run):
+    """Every Z(t) has unit variance and Z(t), Z(t + m) (a year apart) correlate at ϕ, within
+    N_SE standard errors of the sample moments."""
+    assumptions, _, paths = default_run
+    m = assumptions.steps_per_year
+    z = paths.credit[:, 1:]
+    n = z.shape[0]
+    var_se = np.sqrt(2.0 / (n - 1))
+    assert np.all(np.abs(z.var(axis=0, ddof=1) - 1.0) < N_SE * var_se)
+    target = assumptions.params.credit_persistence
+    for t in range(z.shape[1] - m):
+        r = np.corrcoef(z[:, t], z[:, t + m])[0, 1]
+        assert abs(r - target) < N_SE * (1 - target**2) / np.sqrt(n - 3), (t, r)
 
 
 def test_shock_correlation_matches_assembled_matrix(default_run):
     assumptions, shocks, _ = default_run
     names = assumptions.factor_names
     sigma = assumptions.correlation_matrix()
-    # spot checks of the assembled matrix against MODEL.md §9
+    # spot checks of the assembled matrix against docs/spec.md §9
     ix = {name: k for k, name in enumerate(names)}
     for a, b, value in [
         ("rent:H100", "price:H100", 0.60),
@@ -291,7 +314,7 @@ def test_t_copula_margins_stay_standard_normal(t_copula_shocks):
 
 
 def test_t_copula_transform_formula():
-    """ε = Φ⁻¹(F_ν(y)), with the upper tail computed from the lower one (MODEL.md §2)."""
+    """ε = Φ⁻¹(F_ν(y)), with the upper tail computed from the lower one (docs/spec.md §2)."""
     y = np.array([-40.0, -8.0, -1.3, 0.0, 0.7, 5.0, 12.0, 40.0])
     for nu in (1, 4, 5, 30):
         expected_lower = stats.norm.ppf(stats.t.cdf(y, nu))
@@ -362,6 +385,8 @@ def test_today_metrics_by_hand():
         cash_usd=[50_000.0, 0.0, 0.0],
         btc_units=[2.0, 0.0, 0.0],
         eth_units=[10.0, 0.0, 0.0],
+        other_income_usd_per_year=[400_000.0, 0.0, 0.0],
+        other_income_btc_share=[0.5, 0.0, 0.0],
     )
     loans = loan_arrays(book, assumptions)
     today = ref.today_metrics(assumptions.params, assumptions.grid(), loans)
@@ -370,13 +395,13 @@ def test_today_metrics_by_hand():
     # loan 0: contracted half at 2.5 $/h, the rest at 70% of 2.2 $/h
     rev0 = 100 * hours * (0.5 * 2.5 + 0.5 * 0.7 * 2.2)
     opx0 = 100 * hours * (0.91 * 0.08 + 0.1)
-    noi0 = rev0 - opx0  # 404,536.8
+    noi0 = rev0 - opx0 + 400_000 * 0.25  # 504,536.8: other income today is OI Δ
     ds0 = (
         0.05 + 0.037
     ) * 0.25 * 1_500_000 + 1_500_000 * 0.25 / 2.0  # interest + linear installment
     lc0 = (50_000 + 2 * 90_000 + 10 * 3_000 + noi0) / ds0
     cv0 = 100 * 22_000 * 0.8
-    assert noi0 == pytest.approx(404_536.8)
+    assert noi0 == pytest.approx(504_536.8)
     assert today.noi_usd[0] == pytest.approx(noi0, rel=1e-12)
     assert today.debt_service_usd[0] == pytest.approx(220_125.0, rel=1e-12)
     assert today.liquidity_coverage[0] == pytest.approx(lc0, rel=1e-12)
@@ -391,9 +416,9 @@ def test_today_metrics_by_hand():
     assert today.collateral_coverage[1] == pytest.approx(50 * 9_000 / 800_000, rel=1e-12)
     assert today.refinancing_coverage[1] == pytest.approx(min(0.6 * 50 * 9_000 / 800_000, 1.0))
 
-    # loan 2: tiny balance -> LC and CC at the cap (100), RF = 1
-    assert today.liquidity_coverage[2] == pytest.approx(100.0)
-    assert today.collateral_coverage[2] == pytest.approx(100.0)
+    # loan 2: tiny balance -> LC and CC at the cap (5), RF = 1
+    assert today.liquidity_coverage[2] == pytest.approx(5.0)
+    assert today.collateral_coverage[2] == pytest.approx(5.0)
     assert today.refinancing_coverage[2] == pytest.approx(1.0)
 
 

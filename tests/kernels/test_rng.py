@@ -1,4 +1,4 @@
-"""Threefry-2x32-20 random numbers of MODEL.md §8: known answers, NumPy == JAX bit for bit,
+"""Threefry-2x32-20 random numbers of docs/spec.md §8: known answers, NumPy == JAX bit for bit,
 the 24-bit uniform grid, the symmetric normal mapping, chunk invariance and statistics."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Balance schedules of MODEL.md §3 against hand computations.
+"""Balance schedules of docs/spec.md §3 against hand computations.
 
-Conventions (MODEL.md §3): t_M = ceil(maturity / Δ − 1e-9); for t < t_M bullet B(t) = B(0),
+Conventions (docs/spec.md §3): t_M = ceil(maturity / Δ − 1e-9); for t < t_M bullet B(t) = B(0),
 linear B(t) = B(0)(1 − tΔ/M), annuity B(t) = B(t−1)(1 + q) − A; B(t) = 0 from t_M on; the
 installment in period t_M is the one the schedule asks (bullet 0, linear B(0)Δ/M, annuity
 A − q B(t−1)), at most B(t−1); the rest is the balloon (0 when ≤ 1e-6 B(0) or t_M > T).

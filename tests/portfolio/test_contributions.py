@@ -1,4 +1,4 @@
-"""Euler contributions (MODEL.md §7): EL_i = E[L_i] and ES_{α,i} = E[L_i | L >= VaR_α], from a
+"""Euler contributions (docs/spec.md §7): EL_i = E[L_i] and ES_{α,i} = E[L_i | L >= VaR_α], from a
 second pass over the tail scenarios only, regenerated from their indices.
 
 The book (40 loans) pads to one JAX block of 64 and every JAX run uses 2048 scenarios in
@@ -253,7 +253,7 @@ def _constructed(per_loan: np.ndarray):
 def test_ties_at_var_share_the_remaining_mass():
     """S = 200, α = 0.99: the tail holds 2 scenarios' mass. One scenario lies above VaR
     (L = 20) and four tie at VaR = 10, each splitting the loss differently over 3 loans: the
-    one above gets coefficient 1/2, the four ties 1/8 each (MODEL.md §7, Acerbi-Tasche)."""
+    one above gets coefficient 1/2, the four ties 1/8 each (docs/spec.md §7, Acerbi-Tasche)."""
     rng = np.random.default_rng(1)
     n_scen, n_loans = 200, 3
     per_loan = rng.dirichlet(np.ones(n_loans), n_scen) * rng.uniform(0, 5, (n_scen, 1))

@@ -1,4 +1,4 @@
-"""Pathwise sensitivities (MODEL.md §7) against central finite differences on common random
+"""Pathwise sensitivities (docs/spec.md §7) against central finite differences on common random
 numbers.
 
 The run's forward pass fixes the tail set and its coefficients c_j (`risk.tail_coefficients`);
@@ -8,8 +8,10 @@ then, for a parameter θ,
 
 with L_j from `jax_engine.losses_at` in float64 on the same seed, scenario indices and
 LoanBlocks. `ModelParams` is bumped (`_replace`); for `rate.level` the book's balance schedules
-are rebuilt too (a floating annuity's instalment uses r(0), MODEL.md §3), as a run with another
-rate level would: the AD gradient adds that path through `jax_engine.schedule_tangent`.
+are rebuilt too (a floating annuity's instalment uses r(0), docs/spec.md §3), as a run with another
+rate level would: the AD gradient adds that path through `jax_engine.schedule_tangent`. The
+PD references are the base run's in every bumped evaluation (docs/spec.md §4: sensitivities
+hold them fixed), as the AD gradient treats them as constants.
 
 The finite-difference error is estimated by comparing steps h and h/2; the tolerance is the
 larger of 1e-5 relative, four times that estimate and a floor from float64 rounding of the
@@ -59,9 +61,14 @@ SAMPLE = (
     "model.refi_ltv",
     "crypto.btc.vol",
     "rate.vol",
-    # Only through the factor paths, today's metrics and floating coupons; not through the
-    # annuity schedules (fixed LoanArrays, see the module docstring).
+    # Through the factor paths, the floating coupons and the schedules; the PD references
+    # stay the base run's (docs/spec.md §4).
     "rate.level",
+    # model v2: the credit cycle's persistence, miners' hashprice trend, the financed fleet
+    "credit.persistence",
+    "crypto.btc.hashprice_drift",
+    "generations.H100.financed_fleet_gpus",
+    "generations.A100.financed_fleet_gpus",
 )
 
 
@@ -128,7 +135,7 @@ def _blocks_at(assumptions, blocks, params):
     if params.rate_level == assumptions.params.rate_level:
         return blocks
     moved = with_overrides(assumptions, {"rate": {"level": float(params.rate_level)}})
-    return jax_engine.prepare_loans(loan_arrays(BOOK, moved), jnp.float64, 64)
+    return jax_engine.prepare_loans(loan_arrays(BOOK, moved, base=assumptions), jnp.float64, 64)
 
 
 def _central_difference(assumptions, blocks, sets, field, index, h):
@@ -163,7 +170,7 @@ def test_every_parameter_is_present_and_finite(run, assumptions):
     assert sens.parameter == tuple(p for p, _, _ in paths)
     assert len(set(sens.parameter)) == len(sens.parameter)
     G, E, K = len(assumptions.generations), len(assumptions.launch_names), 2 * 4 + 5
-    assert len(paths) == 9 * G + 2 * E * G + 19 + K * (K - 1) // 2
+    assert len(paths) == 10 * G + 2 * E * G + 21 + K * (K - 1) // 2
     np.testing.assert_array_equal(
         sens.value, [parameter_value(assumptions.params, f, i) for _, f, i in paths]
     )
@@ -180,6 +187,12 @@ def test_every_parameter_is_present_and_finite(run, assumptions):
         row = sens.parameter.index(f"generations.{g}.depreciation")
         assert sens.d_expected_loss[row] > 0
     assert sens.d_expected_shortfall["0.99"][sens.parameter.index("model.haircut_slope")] > 0
+    # a larger financed fleet sells more into the same market; more persistent bad years
+    # widen the tail
+    for g in assumptions.generations:
+        row = sens.parameter.index(f"generations.{g}.financed_fleet_gpus")
+        assert sens.d_expected_loss[row] >= 0
+    assert sens.d_expected_shortfall["0.99"][sens.parameter.index("credit.persistence")] > 0
     cols = sens.columns()
     assert {"parameter", "value", "d_el_usd", "d_es_0.99_usd", "d_es_0.999_usd"} <= set(cols)
     largest = sens.largest(0.99, 5)

@@ -1,4 +1,4 @@
-"""Stress scenarios: the built-ins as overrides in the assumptions file's own layout (MODEL.md
+"""Stress scenarios: the built-ins as overrides in the assumptions file's own layout (docs/spec.md
 §10), user `[[stress]]` tables, and stress runs on the base run's random numbers."""
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from gpucredit.io.assumptions import (
     loads_assumptions,
     stress_case,
 )
-from gpucredit.portfolio.engine import StressCase, simulate
+from gpucredit.portfolio.engine import NumpyBackend, StressCase, run_pass1, simulate
+from gpucredit.portfolio.loans import loan_arrays
+from gpucredit.portfolio.risk import batch_count, risk_measures
 from gpucredit.portfolio.stress import BUILTIN_STRESSES, MAX_JUMP, stress_names
 
 SEED = 5
 SCENARIOS = 1024
 BOOK = random_book(7, 40)
-BUILTINS = ("next-gen-glut", "crypto-winter", "liquidity-freeze", "rate-shock")
+BUILTINS = ("next-gen-glut", "crypto-winter", "liquidity-freeze", "rate-shock", "paper-metrics")
 
 
 def _flatten(doc, prefix=""):
@@ -198,21 +200,37 @@ def test_stresses_do_not_touch_the_base_run(stressed_run, base):
     assert plain.measures == stressed_run.measures
 
 
+def _direct_measures(stressed, reference):
+    """Pass 1 of the stressed assumptions on the run's seed, with the PD references of
+    `reference` (the base run's, docs/spec.md §4), and its measures."""
+    loans = loan_arrays(BOOK, stressed, base=reference)
+    backend = NumpyBackend(stressed.params, stressed.grid(), loans, SEED)
+    pass1 = run_pass1(backend, SCENARIOS, 256, len(BOOK))
+    return risk_measures(pass1.losses_usd, None, (0.99,), batch_count(SCENARIOS))
+
+
 @pytest.mark.parametrize("name", BUILTINS)
-def test_stress_uses_the_base_random_numbers(stressed_run, cases, name):
-    """A stress measure equals a plain run of the stressed assumptions on the same seed."""
-    direct = simulate(
-        BOOK,
-        cases[name].assumptions,
-        scenarios=SCENARIOS,
-        seed=SEED,
-        backend="numpy",
-        alphas=(0.99,),
-        contributions=False,
-        sensitivities=False,
-    )
+def test_stress_uses_the_base_random_numbers_and_references(stressed_run, cases, base, name):
+    """A stress measure equals pass 1 of the stressed assumptions on the same seed, measured
+    against the base run's PD references."""
     measures = next(s.measures for s in stressed_run.stress if s.name == name)
-    assert measures == direct.measures
+    assert measures == _direct_measures(cases[name].assumptions, base)
+
+
+def test_a_stress_is_not_a_run_of_its_own_references(stressed_run, cases):
+    """A run of the stressed file on its own would anchor the PDs on the stressed central
+    path and hide most of the stress: the stress keeps the base references."""
+    glut = cases["next-gen-glut"].assumptions
+    own = _direct_measures(glut, glut)
+    stressed = next(s.measures for s in stressed_run.stress if s.name == "next-gen-glut")
+    assert stressed.el > own.el
+
+
+def test_paper_metrics_only_moves_the_anchor(base, cases):
+    s = cases["paper-metrics"].assumptions
+    assert _changed_keys(base, s) == {"model.pd_anchor"}
+    assert _changed_params(base, s) == set()
+    assert (base.pd_anchor, s.pd_anchor) == ("expected", "today")
 
 
 @pytest.mark.parametrize("name", ["liquidity-freeze", "rate-shock", "next-gen-glut"])
@@ -277,7 +295,7 @@ NEW_GENERATION = "".join(
     for key, value in dict(
         rent_usd_per_hour=6.0, rent_drift=-0.2, rent_vol=0.35, rent_mean_reversion=0.5,
         price_usd=50000, depreciation=0.25, price_vol=0.3, power_kw_per_gpu=1.4,
-        haircut_base=0.15, market_depth_gpus_per_year=50000,
+        haircut_base=0.15, market_depth_gpus_per_year=50000, financed_fleet_gpus=100000,
     ).items()
 )  # fmt: skip
 

@@ -1,7 +1,7 @@
-"""The assumptions TOML (MODEL.md §9-10): read, merge over the embedded defaults, validate,
+"""The assumptions TOML (docs/spec.md §9-10): read, merge over the embedded defaults, validate,
 assemble the correlation matrix and build an immutable `Assumptions`.
 
-Merge rules (MODEL.md §10): tables merge key by key; a `[generations.X]` table amends X or
+Merge rules (docs/spec.md §10): tables merge key by key; a `[generations.X]` table amends X or
 adds a new generation (which must then give every key); a `[[launches]]` list replaces the
 default list (`launches = []` removes it); `[[correlation.pairs]]` override single entries
 of the assembled matrix, later layers winning for the same pair; `[[stress]]` replaces the
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpucredit.kernels.params import MARKET_FACTORS, ModelParams, factor_names
+from gpucredit.kernels.params import MARKET_FACTORS, PD_ANCHORS, ModelParams, factor_names
 from gpucredit.portfolio.assumptions import (  # noqa: F401  (re-exported)
     Assumptions,
     CorrelationRepair,
@@ -61,7 +61,7 @@ def _positive(x) -> str | None:
 
 
 def _after_today(x) -> str | None:
-    # MODEL.md's time tolerance: a launch within 1e-9 years of today would fall in no period.
+    # docs/spec.md's time tolerance: a launch within 1e-9 years of today would fall in no period.
     return None if x > 1e-9 else "must be > 0 (years, beyond the 1e-9 time tolerance)"
 
 
@@ -77,6 +77,12 @@ def _fraction(x) -> str | None:
 def _yearly_rate(x) -> str | None:
     # as the book's rates: catches percentages (4 for 4%) and keeps schedules defined
     return None if -1 < x < 1 else "must be in (-1, 1) (a yearly rate as a fraction)"
+
+
+def _persistence(x) -> str | None:
+    if not 0 <= x < 1:
+        return "must be in [0, 1) (an annual autocorrelation)"
+    return None
 
 
 def _correlation(x) -> str | None:
@@ -131,12 +137,16 @@ GENERATION_KEYS: dict[str, tuple[str, Check]] = {
     "power_kw_per_gpu": ("number", _nonnegative),
     "haircut_base": ("number", _fraction),
     "market_depth_gpus_per_year": ("number", _positive),
+    "financed_fleet_gpus": ("number", _nonnegative),
 }
 COIN_KEYS: dict[str, tuple[str, Check]] = {
     "price_usd": ("number", _positive),
     "drift": ("number", None),
     "vol": ("number", _nonnegative),
 }
+# BTC also carries the hashprice trend of miners' other income (docs/spec.md §3).
+BTC_KEYS: dict[str, tuple[str, Check]] = {**COIN_KEYS, "hashprice_drift": ("number", None)}
+CREDIT_KEYS: dict[str, tuple[str, Check]] = {"persistence": ("number", _persistence)}
 POWER_KEYS: dict[str, tuple[str, Check]] = {
     "usd_per_kwh": ("number", _positive),
     "drift": ("number", None),
@@ -149,6 +159,7 @@ RATE_KEYS: dict[str, tuple[str, Check]] = {
     "vol": ("number", _nonnegative),
 }
 MODEL_KEYS: dict[str, tuple[str, Check]] = {
+    "pd_anchor": ("str", _one_of(*PD_ANCHORS)),
     "beta_liquidity": ("number", None),
     "beta_collateral": ("number", None),
     "beta_refinancing": ("number", None),
@@ -192,6 +203,7 @@ SECTIONS = (
     "generations",
     "launches",
     "crypto",
+    "credit",
     "power",
     "rate",
     "model",
@@ -201,6 +213,7 @@ TOP_LEVEL_KEYS = (*SECTIONS, "stress")
 STRESS_KEYS = ("name", "description", *SECTIONS)
 FLAT_SECTIONS = {
     "simulation": SIMULATION_KEYS,
+    "credit": CREDIT_KEYS,
     "power": POWER_KEYS,
     "rate": RATE_KEYS,
     "model": MODEL_KEYS,
@@ -373,7 +386,8 @@ def _check_sections(doc: dict, allowed, base_generations, path: str, problems: _
                     if coin not in COINS:
                         _unknown_key(key_path, coin, COINS, problems)
                     elif _is_table(table, coin_path, problems):
-                        _check_flat(table, COIN_KEYS, coin_path, problems)
+                        schema = BTC_KEYS if coin == "btc" else COIN_KEYS
+                        _check_flat(table, schema, coin_path, problems)
         elif key == "correlation":
             if _is_table(value, key_path, problems):
                 _check_correlation(value, key_path, problems)
@@ -487,7 +501,7 @@ def _check_merged(doc: dict, path: str, problems: _Problems) -> None:
 
 
 def assemble_correlation(correlation: dict, generations: tuple[str, ...]) -> np.ndarray:
-    """Σ [K, K], K = 2G + 5, in the factor order of MODEL.md §2, from the group values and
+    """Σ [K, K], K = 2G + 5, in the factor order of docs/spec.md §2, from the group values and
     the pairs of a merged `[correlation]` table. Symmetric with a unit diagonal."""
     G = len(generations)
     K = 2 * G + 5
@@ -645,11 +659,13 @@ def _build(doc: dict, repair: bool, problems: _Problems) -> Assumptions | None:
         price_vol=_generation_array(doc, "price_vol"),
         haircut_base=_generation_array(doc, "haircut_base"),
         market_depth_gpus_per_year=_generation_array(doc, "market_depth_gpus_per_year"),
+        financed_fleet_gpus=_generation_array(doc, "financed_fleet_gpus"),
         launch_price_jump=_jump_matrix(doc, "price_jump", generations),
         launch_rent_jump=_jump_matrix(doc, "rent_jump", generations),
         btc_price_usd=float(btc["price_usd"]),
         btc_drift=float(btc["drift"]),
         btc_vol=float(btc["vol"]),
+        btc_hashprice_drift=float(btc["hashprice_drift"]),
         eth_price_usd=float(eth["price_usd"]),
         eth_drift=float(eth["drift"]),
         eth_vol=float(eth["vol"]),
@@ -660,6 +676,7 @@ def _build(doc: dict, repair: bool, problems: _Problems) -> Assumptions | None:
         rate_mean_reversion=float(rate["mean_reversion"]),
         rate_mean=float(rate["mean"]),
         rate_vol=float(rate["vol"]),
+        credit_persistence=float(doc["credit"]["persistence"]),
         correlation=_frozen(sigma),
         beta_liquidity=float(model["beta_liquidity"]),
         beta_collateral=float(model["beta_collateral"]),
@@ -689,6 +706,7 @@ def _build(doc: dict, repair: bool, problems: _Problems) -> Assumptions | None:
         t_dof=sim["t_dof"],
         discount=sim["discount"],
         mode=sim["mode"],
+        pd_anchor=model["pd_anchor"],
         stresses=tuple(
             Stress(
                 name=stress["name"],
@@ -738,7 +756,7 @@ def default_assumptions_text() -> str:
 
 @functools.cache
 def default_assumptions() -> Assumptions:
-    """MODEL.md §9's defaults, parsed once from the embedded file."""
+    """docs/spec.md §9's defaults, parsed once from the embedded file."""
     doc = tomllib.loads(default_assumptions_text())
     return _apply_layer({}, doc, DEFAULT_SOURCE, repair=False)
 
@@ -746,7 +764,7 @@ def default_assumptions() -> Assumptions:
 def load_assumptions(
     path: str | Path | None = None, repair_correlation: bool = False
 ) -> Assumptions:
-    """The assumptions of a user TOML merged over the defaults (MODEL.md §10); the defaults
+    """The assumptions of a user TOML merged over the defaults (docs/spec.md §10); the defaults
     when `path` is None. Raises AssumptionsError listing every problem of the file."""
     if path is None:
         return default_assumptions()

@@ -1,4 +1,4 @@
-"""Read, validate and write loan books (DESIGN.md "Interfaces", MODEL.md §3 and §9).
+"""Read, validate and write loan books (docs/spec.md "Interfaces", docs/spec.md §3 and §9).
 
 A book is an Arrow IPC file (Feather v2), an Arrow IPC stream or a Parquet file; the format
 is told by the file's first bytes, not its suffix. Bad input is refused before any simulation
@@ -29,7 +29,7 @@ from gpucredit.portfolio.book import (
     Book,
 )
 
-# Every column the model uses, in DESIGN.md's order.
+# Every column the model uses, in docs/spec.md's order.
 BOOK_COLUMNS = REQUIRED_COLUMNS + tuple(OPTIONAL_DEFAULTS)
 STRING_COLUMNS = (
     "loan_id",
@@ -45,14 +45,14 @@ NUMERIC_COLUMNS = tuple(c for c in BOOK_COLUMNS if c not in STRING_COLUMNS + BOO
 MAX_ROWS_PER_RULE = 20  # listed rows per (column, rule); the rest are counted
 BATCH_ROWS = 65_536  # rows per record batch when reading Parquet
 
-# The longest maturity or contract a book may state, in years. MODEL.md and DESIGN.md give
+# The longest maturity or contract a book may state, in years. docs/spec.md and docs/spec.md give
 # no bound; without one a value like 1e300 overflows the schedule's whole-period count.
 MAX_YEARS = 100
 
 # Value rules of the numeric columns: (columns, test that is True for a *good* value, rule).
 _RANGE_RULES = (
     (("balance_usd", "gpu_count", "maturity_years"), lambda x: x > 0, "must be > 0"),
-    # A fixed rate or a floating spread (MODEL.md §3), as a fraction per year. Bounded to
+    # A fixed rate or a floating spread (docs/spec.md §3), as a fraction per year. Bounded to
     # catch percentages (8 for 8%) and so that a fixed-rate annuity's 1 + q stays > 0
     # (q = rate x period length; rate <= -1 made its schedule NaN).
     (
@@ -67,7 +67,13 @@ _RANGE_RULES = (
     ),
     (("pd_annual",), lambda x: (x > 0) & (x < 1), "must be in (0, 1)"),
     (
-        ("collateral_share", "contracted_share", "utilization", "liquidation_cost"),
+        (
+            "collateral_share",
+            "contracted_share",
+            "utilization",
+            "liquidation_cost",
+            "other_income_btc_share",
+        ),
         lambda x: (x >= 0) & (x <= 1),
         "must be in [0, 1]",
     ),
@@ -81,6 +87,7 @@ _RANGE_RULES = (
             "cash_usd",
             "btc_units",
             "eth_units",
+            "other_income_usd_per_year",
         ),
         lambda x: x >= 0,
         "must be >= 0",
@@ -388,7 +395,7 @@ def _build_book(file: str, columns: dict[str, np.ndarray], n_rows: int, assumpti
     for name in BOOK_COLUMNS:
         if name in columns:
             fields[name] = columns[name]
-        elif name == "power_kw_per_gpu":  # the generation's facility draw (MODEL.md §3)
+        elif name == "power_kw_per_gpu":  # the generation's facility draw (docs/spec.md §3)
             power = dict(
                 zip(assumptions.generations, assumptions.generation_power_kw_per_gpu, strict=True)
             )
@@ -404,7 +411,7 @@ def _build_book(file: str, columns: dict[str, np.ndarray], n_rows: int, assumpti
 
 
 def book_to_table(book: Book) -> pa.Table:
-    """Every column of DESIGN.md: strings as string, crypto_pledged as bool, the rest float64."""
+    """Every column of docs/spec.md: strings as string, crypto_pledged as bool, the rest float64."""
     arrays = {}
     for name in BOOK_COLUMNS:
         values = getattr(book, name)

@@ -2,8 +2,8 @@
 
 `kernels` imports nothing else of gpucredit. Modules:
   params     the parameter pytree, the static grid and the per-loan arrays
-  rng        Threefry-2x32-20 random numbers of MODEL.md §8 (NumPy and JAX)
+  rng        Threefry-2x32-20 random numbers of docs/spec.md §8 (NumPy and JAX)
   schedule   per-book constants (balance schedules, today's metrics), float64 NumPy
-  reference  the NumPy reference of MODEL.md §2-6, float64, slow by design
+  reference  the NumPy reference of docs/spec.md §2-6, float64, slow by design
   jax_engine the jit-compiled JAX forward pass and its gradients
 """

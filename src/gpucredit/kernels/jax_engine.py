@@ -1,4 +1,4 @@
-"""The JAX backend of MODEL.md §2-6: jit-compiled, float32 (default) or float64, with gradients.
+"""The JAX backend of docs/spec.md §2-6: jit-compiled, float32 (default) or float64, with gradients.
 
 It computes exactly what `kernels.reference` computes, scenario by scenario, on the same
 Threefry numbers (`kernels.rng`), but never materialises [scenarios × loans × periods]:
@@ -60,7 +60,10 @@ from gpucredit.kernels.params import (
     ModelParams,
     safe_log_ratio,
 )
-from gpucredit.kernels.reference import FactorPaths  # the same fields, JAX arrays here
+from gpucredit.kernels.reference import (  # FactorPaths: the same fields, JAX arrays here
+    FactorPaths,
+    require_pd_references,
+)
 from gpucredit.kernels.rng import (
     default_uniforms_jax,
     default_uniforms_jax_at,
@@ -122,7 +125,7 @@ class LoanBlocks(NamedTuple):
     """
 
     generation: jax.Array  # [NB, b] int32 g
-    borrower: jax.Array  # [NB, b] int32 borrower index (MODEL.md §8)
+    borrower: jax.Array  # [NB, b] int32 borrower index (docs/spec.md §8)
     gpu_count: jax.Array  # [NB, b] n_i
     pledged_gpus: jax.Array  # [NB, b] n_i a_i  (CV_i(t) = that × P_g(t))
     recovery_gpus: jax.Array  # [NB, b] n_i a_i (1 − c_i)
@@ -137,6 +140,8 @@ class LoanBlocks(NamedTuple):
     btc_units: jax.Array  # [NB, b] b_i
     eth_units: jax.Array  # [NB, b] e_i
     crypto_pledged: jax.Array  # [NB, b] 1.0 if pledged
+    other_income_usd_per_year: jax.Array  # [NB, b] OI_i
+    other_income_btc_share: jax.Array  # [NB, b] b_i of OI_i moving with BTC
     pd_annual: jax.Array  # [NB, b] p_i
     sqrt_rho: jax.Array  # [NB, b] √ρ_i
     inv_sqrt_one_minus_rho: jax.Array  # [NB, b] 1/√(1 − ρ_i)
@@ -148,6 +153,9 @@ class LoanBlocks(NamedTuple):
     balance_before_usd: jax.Array  # [NB, T, b] B_i(t − 1)
     installment_usd: jax.Array  # [NB, T, b] I_i(t)
     ln_gpus_per_balance: jax.Array  # [NB, T, b] ln(n_i a_i / B_i(t − 1)), ±LOG_BIG at the edges
+    ln_liquidity_reference: jax.Array  # [NB, T, b] ln LC^ref_i(t) (docs/spec.md §4)
+    ln_collateral_reference: jax.Array  # [NB, T, b] ln CC^ref_i(t)
+    ln_refinancing_reference: jax.Array  # [NB, b] ln RF^ref_i
     n_loans: int | None  # N real loans (None inside jit)
     n_borrowers: int | None  # B (None inside jit)
 
@@ -179,6 +187,7 @@ def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    require_pd_references(loans)
     n_loans = len(np.asarray(loans.gpu_count))
     periods = np.asarray(loans.balance_usd).shape[1] - 1
     # b: block_size, or for a book smaller than that the next power of two >= N.
@@ -220,6 +229,8 @@ def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -
         btc_units=per_loan(loans.btc_units),
         eth_units=per_loan(loans.eth_units),
         crypto_pledged=per_loan(loans.crypto_pledged),
+        other_income_usd_per_year=per_loan(loans.other_income_usd_per_year),
+        other_income_btc_share=per_loan(loans.other_income_btc_share),
         pd_annual=per_loan(loans.pd_annual, 0.01),
         sqrt_rho=per_loan(np.sqrt(rho)).astype(dt),
         inv_sqrt_one_minus_rho=per_loan(1.0 / np.sqrt(1.0 - rho), 1.0).astype(dt),
@@ -233,6 +244,9 @@ def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -
         balance_before_usd=per_period(balance_before),
         installment_usd=per_period(f64(loans.installment_usd)[:, 1:]),
         ln_gpus_per_balance=per_period(safe_log_ratio(pledged[:, None], balance_before), LOG_BIG),
+        ln_liquidity_reference=per_period(f64(loans.ln_liquidity_reference)[:, 1:]),
+        ln_collateral_reference=per_period(f64(loans.ln_collateral_reference)[:, 1:]),
+        ln_refinancing_reference=per_loan(loans.ln_refinancing_reference),
         n_loans=n_loans,
         n_borrowers=int(loans.n_borrowers),
     )
@@ -258,18 +272,27 @@ class _LoanTerms(NamedTuple):
     inv_sqrt_one_minus_rho: jax.Array
     ln_gpus_per_balloon: jax.Array
     cash_usd: jax.Array
-    fixed_income_today_usd: jax.Array  # [NB, b] n N_h (k_i(0) R^c − o)
-    rent_hours_today: jax.Array  # [NB, b] n N_h (1 − k_i(0)) u
-    fixed_income_usd: (
-        jax.Array
-    )  # [NB, T, b] n N_h (k_i(t) R^c − o): NOI = that + rent_hours R − power E
+    btc_income_usd: jax.Array  # [NB, b] OI Δ b_i: other income's BTC part = that × BTC index
+    ln_refinancing_reference: jax.Array  # [NB, b] ln RF^ref
+    # [NB, T, b] n N_h (k_i(t) R^c − o) + OI Δ (1 − b_i): NOI = that + rent_hours R − power E
+    # + btc_income BTC index
+    fixed_income_usd: jax.Array
     rent_hours: jax.Array  # [NB, T, b] n N_h (1 − k_i(t)) u
     debt_service_fixed_usd: jax.Array  # [NB, T, b] rate Δ B(t−1) + I(t): DS = that + per_rate r(t)
     debt_service_per_rate_usd: jax.Array  # [NB, T, b] 1[floating] Δ B(t−1)
     exposure_fixed_usd: jax.Array  # [NB, T, b] B(t−1)(1 + rate Δ): EAD = that + per_rate r(t)
     ln_gpus_per_balance: jax.Array  # [NB, T, b]
+    ln_liquidity_reference: jax.Array  # [NB, T, b] ln LC^ref(t)
+    ln_collateral_reference: jax.Array  # [NB, T, b] ln CC^ref(t)
     active: jax.Array  # [NB, T, b] bool t <= t_M
     at_refinancing: jax.Array  # [NB, T, b] bool t == t_M and Bal > 0
+
+
+def _book_gpus(blocks: LoanBlocks, grid: ModelGrid, dtype) -> jax.Array:
+    """N_g [G]: the book's pledged GPUs n a of each generation (padding has none)."""
+    one_hot = jax.nn.one_hot(blocks.generation, grid.n_generations, dtype=jnp.float64)
+    pledged = blocks.pledged_gpus.astype(jnp.float64)[..., None]
+    return jnp.sum(one_hot * pledged, axis=(0, 1)).astype(dtype)
 
 
 def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
@@ -287,18 +310,20 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
     util = blocks.utilization.astype(f64)
     opex = blocks.other_opex_usd_per_gpu_hour.astype(f64)
     k = share[:, None, :] * (t <= blocks.contract_periods[:, None, :])  # [NB, T, b]
-    k0 = share * blocks.contracted_today
     n_t = n[:, None, :]
+    other_income = blocks.other_income_usd_per_year.astype(f64) * dt  # OI Δ
+    btc_share = blocks.other_income_btc_share.astype(f64)
     rate = blocks.rate.astype(f64)[:, None, :]
     balance = blocks.balance_before_usd.astype(f64)
     pd_period = 1.0 - (1.0 - blocks.pd_annual.astype(f64)) ** dt
     threshold = jnp.clip(ndtri(pd_period), -THRESHOLD_LIMIT, THRESHOLD_LIMIT)
     per_rate = blocks.is_floating.astype(f64)[:, None, :] * dt * balance
     volume = jax.nn.one_hot(blocks.generation, grid.n_generations, dtype=f64)
+    volume = volume * blocks.pledged_gpus.astype(f64)[..., None]  # [NB, b, G] n a one-hot
     return _LoanTerms(
         generation=blocks.generation,
         borrower=blocks.borrower,
-        volume_weights=cast(volume * blocks.pledged_gpus[..., None]),
+        volume_weights=cast(volume),
         recovery_gpus=cast(blocks.recovery_gpus),
         power_kwh_per_period=cast(n * hours * blocks.power_kw_per_gpu),
         btc_units=cast(blocks.btc_units),
@@ -309,16 +334,20 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
         inv_sqrt_one_minus_rho=cast(blocks.inv_sqrt_one_minus_rho),
         ln_gpus_per_balloon=cast(blocks.ln_gpus_per_balloon),
         cash_usd=cast(blocks.cash_usd),
-        fixed_income_today_usd=cast(n * hours * (k0 * contract) - n * hours * opex),
-        rent_hours_today=cast(n * hours * ((1.0 - k0) * util)),
+        btc_income_usd=cast(other_income * btc_share),
+        ln_refinancing_reference=cast(blocks.ln_refinancing_reference),
         fixed_income_usd=cast(
-            n_t * hours * (k * contract[:, None, :]) - n_t * hours * opex[:, None, :]
+            n_t * hours * (k * contract[:, None, :])
+            - n_t * hours * opex[:, None, :]
+            + (other_income * (1.0 - btc_share))[:, None, :]
         ),
         rent_hours=cast(n_t * hours * ((1.0 - k) * util[:, None, :])),
         debt_service_fixed_usd=cast(rate * dt * balance + blocks.installment_usd),
         debt_service_per_rate_usd=cast(per_rate),
         exposure_fixed_usd=cast(balance * (1.0 + rate * dt)),
         ln_gpus_per_balance=cast(blocks.ln_gpus_per_balance),
+        ln_liquidity_reference=cast(blocks.ln_liquidity_reference),
+        ln_collateral_reference=cast(blocks.ln_collateral_reference),
         active=t <= blocks.maturity_period[:, None, :],
         at_refinancing=(t == blocks.maturity_period[:, None, :]) & blocks.has_balloon[:, None, :],
     )
@@ -354,7 +383,7 @@ def student_t_to_normal_jax(y: jax.Array, dof: int) -> jax.Array:
 
 
 def correlated_shocks_jax(params: ModelParams, grid: ModelGrid, normals: jax.Array) -> jax.Array:
-    """ε [S, T, K] from the stream-0 normals [S, T, K + ν] (MODEL.md §2, Shocks).
+    """ε [S, T, K] from the stream-0 normals [S, T, K + ν] (docs/spec.md §2, Shocks).
 
     L = cholesky(Σ) with jnp.linalg.cholesky, which symmetrizes its input ((Σ + Σᵀ)/2): the
     gradient w.r.t. Σ_jk (j ≠ k) is split between [j, k] and [k, j]; a move of the entry
@@ -386,7 +415,8 @@ class _Paths(NamedTuple):
     eth: jax.Array
     power: jax.Array
     rate: jax.Array
-    credit: jax.Array
+    credit: jax.Array  # Z(t)
+    btc_income_index: jax.Array  # [T, S] X_btc(t)/X_btc(0) e^{η tΔ} (other income's BTC part)
 
 
 def _paths(p: ModelParams, grid: ModelGrid, shocks: jax.Array) -> _Paths:
@@ -444,15 +474,31 @@ def _paths(p: ModelParams, grid: ModelGrid, shocks: jax.Array) -> _Paths:
         log_steps = (drift - 0.5 * vol**2) * dt + vol * sqrt_dt * e  # [T, S]
         return jnp.exp(jnp.log(level) + jnp.cumsum(log_steps, axis=0))
 
+    # Credit cycle: Z(1) = ε(1), Z(t) = φ Z(t−1) + √(1 − φ²) ε(t), φ = ϕ^Δ (ϕ = 0: φ = 0).
+    persistent = p.credit_persistence > 0
+    phi = jnp.where(
+        persistent, jnp.exp(dt * jnp.log(jnp.where(persistent, p.credit_persistence, 1))), 0
+    )
+    innovation_scale = jnp.sqrt(1 - phi * phi)
+
+    def credit_step(z, e):
+        z = phi * z + innovation_scale * e
+        return z, z
+
+    credit_first = eps_market[0, :, CREDIT]
+    _, credit_rest = lax.scan(credit_step, credit_first, eps_market[1:, :, CREDIT])
+    btc = geometric(p.btc_price_usd, p.btc_drift, p.btc_vol, eps_market[..., BTC])
+    hashprice = jnp.exp(p.btc_hashprice_drift * jnp.asarray(steps, dtype) * dt)  # [T]
     return _Paths(
         rent=rent,
         price=jnp.exp(ln_price),
         ln_price=ln_price,
-        btc=geometric(p.btc_price_usd, p.btc_drift, p.btc_vol, eps_market[..., BTC]),
+        btc=btc,
         eth=geometric(p.eth_price_usd, p.eth_drift, p.eth_vol, eps_market[..., ETH]),
         power=geometric(p.power_usd_per_kwh, p.power_drift, p.power_vol, eps_market[..., POWER]),
         rate=rate,
-        credit=eps_market[..., CREDIT],
+        credit=jnp.concatenate([credit_first[None], credit_rest], axis=0),
+        btc_income_index=btc / p.btc_price_usd * hashprice[:, None],
     )
 
 
@@ -547,9 +593,20 @@ def _erfc_jvp(primals, tangents):
     return _erfc(x), jnp.asarray(-2 / np.sqrt(np.pi), x.dtype) * jnp.exp(-x * x) * dx
 
 
-def _haircut(p: ModelParams, grid: ModelGrid, volume: jax.Array) -> jax.Array:
-    """H_g(t) = min(H_max, H0_g + H1 (Q_g(t)/D_g)^γ) for Q [T, S, G]; NaN-free at Q = 0."""
-    ratio = volume / (p.market_depth_gpus_per_year * grid.dt_years)
+def _liquidation_supply(p: ModelParams, volume, expected_volume, book_gpus) -> jax.Array:
+    """Q_g(t) + max(F_g − N_g, 0) q̄_g(t) [T, S, G] (docs/spec.md §5): the book's own dumped
+    GPUs Q [T, S, G], and the rest of the financed fleet liquidating at the book's expected
+    rate q̄ = expected_volume / N_g (expected_volume = Σ n a S(t−1) h(t); in conditional mode
+    it is Q itself). N_g = book_gpus [G]; N_g = 0 gives Q = q̄ = 0."""
+    owned = book_gpus > 0
+    rest = jnp.where(owned, jnp.maximum(p.financed_fleet_gpus - book_gpus, 0), 0)
+    return volume + rest * (expected_volume / jnp.where(owned, book_gpus, 1))
+
+
+def _haircut(p: ModelParams, grid: ModelGrid, supply: jax.Array) -> jax.Array:
+    """H_g(t) = min(H_max, H0_g + H1 (supply_g(t)/D_g)^γ) for the liquidation supply [T, S, G]
+    of `_liquidation_supply`; NaN-free at 0."""
+    ratio = supply / (p.market_depth_gpus_per_year * grid.dt_years)
     positive = ratio > 0
     safe = jnp.where(positive, ratio, jnp.ones_like(ratio))
     zero_power = jnp.where(p.haircut_power == 0, 1.0, 0.0).astype(ratio.dtype)  # 0**γ
@@ -572,7 +629,9 @@ def _revalue_block(
 
     terms: one block ([b] and [T, b] leaves). paths: time-major [T, S, ...]. uniforms [S, B]
     (sampled mode) or None. haircut [T, S, G] or None: None is pass 1 and returns the
-    liquidation volume Q [T, S, G]; otherwise pass 2, returning a `_BlockOutcome` of [S, b]
+    liquidation volumes (Q, expected) [T, S, G] each: the GPUs the block dumps, Σ n a d(t),
+    and the expected ones, Σ n a S(t−1) h(t) (the same array in conditional mode); otherwise
+    pass 2, returning a `_BlockOutcome` of [S, b]
     arrays (what is not used is removed by XLA's dead-code elimination), or with `extras`
     (pass 2 only) the pair (outcome, {name: [T, S, G]}) for each name in extras:
       "volume": this block's Q, as pass 1 gives it (the hazards are the same);
@@ -590,26 +649,17 @@ def _revalue_block(
     positive_ltv = p.refi_ltv > 0
     ln_ltv = jnp.where(positive_ltv, jnp.log(jnp.where(positive_ltv, p.refi_ltv, 1)), -LOG_BIG)
 
-    # Today's metrics (MODEL.md §3, "Today's values"): every factor at its t = 0 level.
-    ln_price0 = jnp.log(p.price_usd)[gen]
-    noi0 = (
-        terms.fixed_income_today_usd
-        + terms.rent_hours_today * p.rent_usd_per_hour[gen]
-        - terms.power_kwh_per_period * p.power_usd_per_kwh
-    )
-    ds0 = terms.debt_service_fixed_usd[0] + terms.debt_service_per_rate_usd[0] * p.rate_level
-    crypto0 = terms.btc_units * p.btc_price_usd + terms.eth_units * p.eth_price_usd
-    ln_lc0 = _ln_coverage(terms.cash_usd + crypto0 + noi0, ds0, floor, cap)
-    ln_collateral0 = ln_price0 + terms.ln_gpus_per_balance[0]
-    ln_cc0 = jnp.clip(ln_collateral0, ln_floor, ln_cap)
-    ln_rf0 = jnp.clip(jnp.minimum(ln_ltv + ln_collateral0, 0), ln_floor, ln_cap)
-
     sampled = grid.mode == "sampled"
     u = jnp.take(uniforms, terms.borrower, axis=1) if sampled else None  # [S, b]
-    # Per-loan constants of the hazard, hoisted out of the period loop [b]: with
+    # Per-loan-period constants of the hazard, hoisted out of the scenario loop [T, b]: with
     # x = (β_L ln LC + β_C ln CC + refi + √ρ Z − base) · scale, h = Φ(z) = ½ erfc(x), where
-    # base = Φ⁻¹(p^Δ) + β_L ln LC(0) + β_C ln CC(0) and scale = 1/(√2 √(1 − ρ)).
-    base = terms.threshold + p.beta_liquidity * ln_lc0 + p.beta_collateral * ln_cc0
+    # base(t) = Φ⁻¹(p^Δ) + β_L ln LC^ref(t) + β_C ln CC^ref(t) (the PD anchor's references,
+    # constants of the run) and scale = 1/(√2 √(1 − ρ)).
+    hazard_base = (
+        terms.threshold
+        + p.beta_liquidity * terms.ln_liquidity_reference
+        + p.beta_collateral * terms.ln_collateral_reference
+    )  # [T, b]
     scale = terms.inv_sqrt_one_minus_rho * np.sqrt(0.5).astype(dtype)
     if "recovery_weights" in extras:
         n_gen = terms.volume_weights.shape[-1]
@@ -617,13 +667,14 @@ def _revalue_block(
 
     def step(carry, xs):
         cash, survival, defaulted, loss, defaulted_exposure = carry
-        f, period = xs
+        f, period, base = xs
         rent_g = _take(f.rent, gen)
         ln_price_g = _take(f.ln_price, gen)
         noi = (
             period.fixed_income_usd
             + period.rent_hours * rent_g
             - terms.power_kwh_per_period * f.power[:, None]
+            + terms.btc_income_usd * f.btc_income_index[:, None]
         )
         debt_service = (
             period.debt_service_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
@@ -634,7 +685,9 @@ def _revalue_block(
         ln_rf = jnp.clip(
             jnp.minimum(ln_ltv + ln_price_g + terms.ln_gpus_per_balloon, 0), ln_floor, ln_cap
         )
-        refinancing = jnp.where(period.at_refinancing, p.beta_refinancing * (ln_rf - ln_rf0), 0)
+        refinancing = jnp.where(
+            period.at_refinancing, p.beta_refinancing * (ln_rf - terms.ln_refinancing_reference), 0
+        )
         x = (
             p.beta_liquidity * ln_lc
             + p.beta_collateral * ln_cc
@@ -659,7 +712,15 @@ def _revalue_block(
                 default, terms.volume_weights, precision=lax.Precision.HIGHEST
             )  # [S, G]
         if haircut is None:
-            return (cash, new_survival, defaulted, loss, defaulted_exposure), ys["volume"]
+            expected = ys["volume"]
+            if sampled:  # the expected volume Σ n a S(t−1) h(t) sets the market's rate
+                expected = jnp.matmul(
+                    survival * hazard, terms.volume_weights, precision=lax.Precision.HIGHEST
+                )
+            return (cash, new_survival, defaulted, loss, defaulted_exposure), (
+                ys["volume"],
+                expected,
+            )
         recovery = terms.recovery_gpus * _take(f.salvage_price, gen) + (
             terms.crypto_pledged * crypto
         )
@@ -696,6 +757,7 @@ def _revalue_block(
         power=paths.power,
         rate=paths.rate,
         credit=paths.credit,
+        btc_income_index=paths.btc_income_index,
         salvage_price=(
             paths.price * (1 - haircut)
             if haircut is not None
@@ -705,17 +767,17 @@ def _revalue_block(
     )
     period_terms = _PeriodTerms(*(getattr(terms, name) for name in _PeriodTerms._fields))
     (_, survival, defaulted, loss, defaulted_exposure), ys = lax.scan(
-        jax.checkpoint(step) if remat_steps else step, carry, (factors, period_terms)
+        jax.checkpoint(step) if remat_steps else step, carry, (factors, period_terms, hazard_base)
     )
     if haircut is None:
-        return ys  # Q [T, S, G]
+        return ys  # (Q, expected) [T, S, G] each
     default_probability = defaulted.astype(dtype) if sampled else 1 - survival
     outcome = _BlockOutcome(loss, default_probability, defaulted_exposure)
     return (outcome, ys) if extras else outcome
 
 
 class _BlockOutcome(NamedTuple):
-    """Pass 2 of one block, [S, b] each (MODEL.md §6 and the contributions table)."""
+    """Pass 2 of one block, [S, b] each (docs/spec.md §6 and the contributions table)."""
 
     loss: jax.Array  # Σ_t DF d ℓ
     default_probability: jax.Array  # 1 − S_i(T), or 1 if the loan defaulted (sampled)
@@ -730,6 +792,7 @@ class _StepFactors(NamedTuple):
     power: jax.Array
     rate: jax.Array
     credit: jax.Array
+    btc_income_index: jax.Array  # [T, S]
     salvage_price: jax.Array  # [T, S, G] P_g(t) (1 − H_g(t)) (pass 2) or [T, 0, 0]
     discount: jax.Array  # [T, S] or [T, 0]
 
@@ -782,14 +845,16 @@ def _simulate(
         discount = jnp.exp(-jnp.cumsum(paths.rate * grid.dt_years, axis=0))  # [T, S] DF(t)
     n_scen = normals.shape[0]
 
-    # Pass 1: the liquidation volume Q [T, S, G], summed over the blocks.
+    # Pass 1: the liquidation volumes (Q, expected) [T, S, G], summed over the blocks.
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def volume_block(volume, block_terms):
-        return volume + _revalue_block(p, grid, block_terms, paths, uniforms, None, None), None
+    def volume_block(volumes, block_terms):
+        block = _revalue_block(p, grid, block_terms, paths, uniforms, None, None)
+        return jax.tree.map(jnp.add, volumes, block), None
 
     volume0 = jnp.zeros((grid.periods, n_scen, grid.n_generations), dtype)
-    volume, _ = lax.scan(volume_block, volume0, terms)
-    haircut = _haircut(p, grid, volume)
+    (volume, expected_volume), _ = lax.scan(volume_block, (volume0, volume0), terms)
+    book_gpus = _book_gpus(blocks, grid, dtype)
+    haircut = _haircut(p, grid, _liquidation_supply(p, volume, expected_volume, book_gpus))
 
     # Pass 2: recompute the hazards and apply the haircut.
     @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -917,7 +982,7 @@ def schedule_tangent(
     loans: LoanArrays, rate_level: float, steps_per_year: int, block_size: int = 512
 ) -> tuple[jax.Array, ...]:
     """d/dr(0) of the schedule-dependent LoanBlocks leaves (SCHEDULE_LEAVES order, float64):
-    the schedules are per-book constants built from r(0) outside the AD graph (MODEL.md §3),
+    the schedules are per-book constants built from r(0) outside the AD graph (docs/spec.md §3),
     so `weighted_loss_gradient` adds ⟨∂L/∂leaf, d leaf/dr(0)⟩ to ∂/∂rate_level."""
     from gpucredit.kernels.schedule import balance_schedule
 
@@ -989,13 +1054,17 @@ def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True
     terms = _loan_terms(blocks, grid, dtype)
     n_scen = normals.shape[0]
 
-    # 1. pass 1 forward, the haircut
+    # 1. pass 1 forward, the haircut (conditional mode: the expected volume is Q itself)
     def volume_block(volume, block_terms):
-        return volume + _revalue_block(p, grid, block_terms, paths, None, None, None), None
+        block, _ = _revalue_block(p, grid, block_terms, paths, None, None, None)
+        return volume + block, None
 
     volume0 = jnp.zeros((grid.periods, n_scen, grid.n_generations), dtype)
     volume, _ = lax.scan(volume_block, volume0, terms)
-    haircut, haircut_vjp = jax.vjp(lambda p, q: _haircut(p, grid, q), p, volume)
+    book_gpus = _book_gpus(blocks, grid, dtype)
+    haircut, haircut_vjp = jax.vjp(
+        lambda p, q: _haircut(p, grid, _liquidation_supply(p, q, q, book_gpus)), p, volume
+    )
 
     # 2. pass 2 forward: the losses and the haircut's cotangent
     def loss_block(carry, block_terms):
@@ -1078,7 +1147,7 @@ def chunk_losses(
     count: int,
     normal_shift=None,
 ) -> jax.Array:
-    """Portfolio loss L(ω) (MODEL.md §6) for scenarios first_scenario .. first_scenario+count−1.
+    """Portfolio loss L(ω) (docs/spec.md §6) for scenarios first_scenario .. first_scenario+count−1.
 
     Args:
       params: ModelParams (float64 NumPy or JAX leaves; cast to blocks.dtype inside).
@@ -1214,7 +1283,7 @@ def weighted_loss_gradient(
       (value float64 scalar, grads: ModelParams of float64 arrays shaped like the leaves).
       Correlation: grads.correlation[j, k] is the derivative w.r.t. the entry [j, k] of the
       matrix as passed; jnp.linalg.cholesky symmetrizes its input, so for a symmetric move
-      of Σ_jk = Σ_kj (MODEL.md §7) the derivative is grads[j, k] + grads[k, j].
+      of Σ_jk = Σ_kj (docs/spec.md §7) the derivative is grads[j, k] + grads[k, j].
       schedule_rate_tangent: `schedule_tangent(...)` to include r(0)'s effect on the balance
       schedules in grads.rate_level (without it, the schedules are held fixed).
       remat_steps: recompute each period's intermediates in the backward sweep (True, less

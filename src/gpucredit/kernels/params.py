@@ -1,6 +1,6 @@
 """The three inputs every kernel takes.
 
-- `ModelParams`: every continuous assumption of MODEL.md §9-10, as one immutable pytree.
+- `ModelParams`: every continuous assumption of docs/spec.md §9-10, as one immutable pytree.
   It is exactly what `jax.grad` differentiates, so each leaf has a sensitivity.
 - `ModelGrid`: the static, hashable part (time grid, copula, mode, launch periods); a jit
   static argument.
@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-# Slot of each non-generation factor after the 2G generation factors (MODEL.md §2).
+# Slot of each non-generation factor after the 2G generation factors (docs/spec.md §2).
 BTC, ETH, POWER, RATE, CREDIT = range(5)
 MARKET_FACTORS = ("btc", "eth", "power", "rate", "credit")
 
-TIME_TOL_YEARS = 1e-9  # MODEL.md: a <= b means a <= b + 1e-9 (years)
+TIME_TOL_YEARS = 1e-9  # docs/spec.md: a <= b means a <= b + 1e-9 (years)
 HOURS_PER_YEAR = 8760.0
 
 # The fast kernels' per-loan preparation (jax_engine, cupy_engine) shares these:
@@ -60,11 +60,13 @@ class ModelParams(NamedTuple):
     price_vol: np.ndarray  # [G] sigma^P_g
     haircut_base: np.ndarray  # [G] H0_g
     market_depth_gpus_per_year: np.ndarray  # [G] D_g / Delta
+    financed_fleet_gpus: np.ndarray  # [G] F_g, the whole debt-financed fleet (fire sale)
     launch_price_jump: np.ndarray  # [E, G] J^P
     launch_rent_jump: np.ndarray  # [E, G] J^R
     btc_price_usd: float
     btc_drift: float
     btc_vol: float
+    btc_hashprice_drift: float  # eta, per year: other income's BTC share earns e^{eta t}
     eth_price_usd: float
     eth_drift: float
     eth_vol: float
@@ -75,6 +77,7 @@ class ModelParams(NamedTuple):
     rate_mean_reversion: float
     rate_mean: float
     rate_vol: float
+    credit_persistence: float  # annual autocorrelation of the credit cycle Z, in [0, 1)
     correlation: np.ndarray  # [K, K] Sigma, symmetric positive definite
     beta_liquidity: float
     beta_collateral: float
@@ -85,6 +88,9 @@ class ModelParams(NamedTuple):
     refi_ltv: float  # lambda
     coverage_floor: float
     coverage_cap: float
+
+
+PD_ANCHORS = ("expected", "today")
 
 
 class ModelGrid(NamedTuple):
@@ -114,12 +120,12 @@ class ModelGrid(NamedTuple):
 
     @property
     def slots_per_period(self) -> int:
-        """K + nu: the stream-0 counters b used by one period (MODEL.md §8)."""
+        """K + nu: the stream-0 counters b used by one period (docs/spec.md §8)."""
         return self.n_factors + self.chi2_slots
 
 
 def launch_period(years_from_now: float, steps_per_year: int) -> int:
-    """The period t with (t-1)Δ < τ <= tΔ, with MODEL.md's 1e-9-year tolerance."""
+    """The period t with (t-1)Δ < τ <= tΔ, with docs/spec.md's 1e-9-year tolerance."""
     return int(np.ceil((years_from_now - TIME_TOL_YEARS) * steps_per_year))
 
 
@@ -146,6 +152,8 @@ class LoanArrays(NamedTuple):
     crypto_pledged: np.ndarray  # [N] 1.0 if pledged else 0.0
     liquidation_cost: np.ndarray  # [N] c_i
     asset_correlation: np.ndarray  # [N] rho_i
+    other_income_usd_per_year: np.ndarray  # [N] OI_i, net of its own costs
+    other_income_btc_share: np.ndarray  # [N] b_i of OI_i that moves with BTC, in [0, 1]
     pd_annual: np.ndarray  # [N] p_i
     rate: np.ndarray  # [N] fixed rate or floating spread
     is_floating: np.ndarray  # [N] 1.0 floating, 0.0 fixed
@@ -156,3 +164,9 @@ class LoanArrays(NamedTuple):
     installment_usd: np.ndarray  # [N, T + 1] I_i(t) (index 0 unused, 0)
     balloon_usd: np.ndarray  # [N] Bal_i (0 when none or when t_M > T)
     n_borrowers: int
+    # The PD anchor's reference coverage (docs/spec.md §4), computed once per run from the
+    # base assumptions (`kernels.anchor.pd_references`) and held fixed: stresses, importance
+    # sampling and sensitivities move the scenario paths, not these.
+    ln_liquidity_reference: np.ndarray | None = None  # [N, T + 1] ln LC^ref_i(t) (t = 0 unused)
+    ln_collateral_reference: np.ndarray | None = None  # [N, T + 1] ln CC^ref_i(t)
+    ln_refinancing_reference: np.ndarray | None = None  # [N] ln RF^ref_i

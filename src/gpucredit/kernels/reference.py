@@ -1,4 +1,4 @@
-"""The NumPy reference of MODEL.md §2-6: float64, written to read like the model, slow by design.
+"""The NumPy reference of docs/spec.md §2-6: float64, written to read like the model, slow.
 
 Every other backend is tested against this module on the same random numbers. It
 materialises [scenarios, loans] per period, so it is meant for small books and chunks.
@@ -16,6 +16,7 @@ from gpucredit.kernels.params import (
     CREDIT,
     ETH,
     HOURS_PER_YEAR,
+    PD_ANCHORS,
     POWER,
     RATE,
     LoanArrays,
@@ -26,7 +27,7 @@ from gpucredit.kernels.rng import default_uniforms_np, shock_normals_np
 
 
 class FactorPaths(NamedTuple):
-    """Systematic factor paths of MODEL.md §2, index 0 = today, 1..T the periods."""
+    """Systematic factor paths of docs/spec.md §2, index 0 = today, 1..T the periods."""
 
     rent_usd_per_hour: np.ndarray  # [S, T+1, G] R_g(t)
     price_usd: np.ndarray  # [S, T+1, G] P_g(t)
@@ -44,7 +45,7 @@ def student_t_to_normal(y: np.ndarray, dof: int) -> np.ndarray:
 
 
 def correlated_shocks(params: ModelParams, grid: ModelGrid, normals: np.ndarray) -> np.ndarray:
-    """ε [S, T, K] from the stream-0 normals [S, T, K + ν] (MODEL.md §2, Shocks)."""
+    """ε [S, T, K] from the stream-0 normals [S, T, K + ν] (docs/spec.md §2, Shocks)."""
     n_factors = grid.n_factors
     cholesky = np.linalg.cholesky(np.asarray(params.correlation, dtype=np.float64))
     x = normals[..., :n_factors] @ cholesky.T  # x_k = Σ_j L_kj z_j
@@ -105,7 +106,12 @@ def factor_paths(params: ModelParams, grid: ModelGrid, shocks: np.ndarray) -> Fa
             + params.rate_mean_reversion * (params.rate_mean - r_prev) * dt
             + params.rate_vol * sqrt_dt * eps_market[:, t - 1, RATE]
         )
-    credit = np.concatenate([np.zeros((n_scen, 1)), eps_market[..., CREDIT]], axis=1)
+    credit = np.zeros((n_scen, periods + 1))  # Z(t), a stationary AR(1) (index 0 unused)
+    phi = credit_coefficient(params.credit_persistence, dt)
+    innovation_scale = np.sqrt(1.0 - phi * phi)
+    for t in range(1, periods + 1):
+        eps = eps_market[:, t - 1, CREDIT]
+        credit[:, t] = eps if t == 1 else phi * credit[:, t - 1] + innovation_scale * eps
     return FactorPaths(
         rent_usd_per_hour=rent,
         price_usd=np.exp(log_price),
@@ -123,15 +129,26 @@ def factor_paths(params: ModelParams, grid: ModelGrid, shocks: np.ndarray) -> Fa
     )
 
 
+def credit_coefficient(persistence: float, dt_years: float) -> float:
+    """φ = ϕ^Δ, the per-period AR(1) coefficient of the credit cycle (ϕ = 0 gives 0)."""
+    return float(persistence) ** dt_years if persistence > 0 else 0.0
+
+
+def central_path(params: ModelParams, grid: ModelGrid) -> FactorPaths:
+    """The scenario in which every shock ε is 0 (one scenario, [1, T+1, ...]): factors on their
+    median trends, launches included (docs/spec.md §4, the "expected" PD anchor)."""
+    return factor_paths(params, grid, np.zeros((1, grid.periods, grid.n_factors)))
+
+
 def clipped_ratio(numerator, denominator, params: ModelParams):
-    """x⁺ = min(max(num/den, floor), cap); a denominator <= 0 gives the cap (MODEL.md §3)."""
+    """x⁺ = min(max(num/den, floor), cap); a denominator <= 0 gives the cap (docs/spec.md §3)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.clip(numerator / denominator, params.coverage_floor, params.coverage_cap)
     return np.where(denominator > 0, ratio, params.coverage_cap)
 
 
 class TodayMetrics(NamedTuple):
-    """Today's values of MODEL.md §3, [N] each."""
+    """Today's values of docs/spec.md §3, [N] each."""
 
     noi_usd: np.ndarray  # NOI_i(0), one period's worth
     debt_service_usd: np.ndarray  # DS_i(1) with r(0)
@@ -158,7 +175,7 @@ def today_metrics(params: ModelParams, grid: ModelGrid, loans: LoanArrays) -> To
         * hours
         * (loans.power_kw_per_gpu * params.power_usd_per_kwh + loans.other_opex_usd_per_gpu_hour)
     )
-    noi = revenue - opex
+    noi = revenue - opex + loans.other_income_usd_per_year * grid.dt_years  # Inc_i(0) = OI Δ
     rate0 = loans.rate + loans.is_floating * params.rate_level
     balance0 = loans.balance_usd[:, 0]
     debt_service = rate0 * grid.dt_years * balance0 + loans.installment_usd[:, 1]
@@ -172,6 +189,158 @@ def today_metrics(params: ModelParams, grid: ModelGrid, loans: LoanArrays) -> To
         collateral_coverage=clipped_ratio(collateral, balance0, params),
         refinancing_coverage=clipped_ratio(refinancing, 1.0, params),
     )
+
+
+class PeriodMetrics(NamedTuple):
+    """One period t of docs/spec.md §3 for every scenario and loan, [S, N] each."""
+
+    noi_usd: np.ndarray  # NOI_i(t)
+    debt_service_usd: np.ndarray  # DS_i(t)
+    loan_rate: np.ndarray  # r_i(t)
+    crypto_usd: np.ndarray  # V_i(t)
+    collateral_usd: np.ndarray  # CV_i(t)
+    liquidity_coverage: np.ndarray  # LC⁺_i(t), with Cash_i(t − 1) given
+    collateral_coverage: np.ndarray  # CC⁺_i(t)
+    refinancing_coverage: np.ndarray  # RF⁺_i, meaningful where t = t_M and Bal_i > 0
+
+
+def period_metrics(
+    params: ModelParams,
+    grid: ModelGrid,
+    loans: LoanArrays,
+    paths: FactorPaths,
+    t: int,
+    cash_before: np.ndarray,
+) -> PeriodMetrics:
+    """Cash flows and clipped coverage ratios of period t (docs/spec.md §3) given Cash(t − 1)."""
+    dt = grid.dt_years
+    hours = HOURS_PER_YEAR * dt
+    g = loans.generation
+    n = loans.gpu_count
+    k = loans.contracted_share * (t <= loans.contract_periods)
+    revenue = (
+        n
+        * hours
+        * (
+            k * loans.contract_rate_usd_per_hour
+            + (1.0 - k) * loans.utilization * paths.rent_usd_per_hour[:, t, g]
+        )
+    )
+    opex = (
+        n
+        * hours
+        * (
+            loans.power_kw_per_gpu * paths.power_usd_per_kwh[:, t, None]
+            + loans.other_opex_usd_per_gpu_hour
+        )
+    )
+    btc_index = (
+        paths.btc_usd[:, t, None]
+        / params.btc_price_usd
+        * np.exp(params.btc_hashprice_drift * t * dt)
+    )  # X_btc(t)/X_btc(0) e^{η tΔ}
+    share = loans.other_income_btc_share
+    other_income = loans.other_income_usd_per_year * dt * ((1.0 - share) + share * btc_index)
+    noi = revenue - opex + other_income
+    loan_rate = loans.rate + loans.is_floating * paths.base_rate[:, t, None]
+    balance_before = loans.balance_usd[:, t - 1]
+    debt_service = loan_rate * dt * balance_before + loans.installment_usd[:, t]
+    crypto = (
+        loans.btc_units * paths.btc_usd[:, t, None] + loans.eth_units * paths.eth_usd[:, t, None]
+    )
+    collateral = n * paths.price_usd[:, t, g] * loans.collateral_share
+    has_balloon = loans.balloon_usd > 0
+    with np.errstate(divide="ignore"):
+        refinancing = np.minimum(
+            params.refi_ltv * collateral / np.where(has_balloon, loans.balloon_usd, 1.0), 1.0
+        )
+    return PeriodMetrics(
+        noi_usd=noi,
+        debt_service_usd=debt_service,
+        loan_rate=loan_rate,
+        crypto_usd=crypto,
+        collateral_usd=collateral,
+        liquidity_coverage=clipped_ratio(cash_before + crypto + noi, debt_service, params),
+        collateral_coverage=clipped_ratio(collateral, balance_before, params),
+        refinancing_coverage=clipped_ratio(refinancing, 1.0, params),
+    )
+
+
+class PDReferences(NamedTuple):
+    """The PD anchor's reference coverage of every loan (docs/spec.md §4), plus what the
+    central path says about the loan (the "paper vs path" diagnostics)."""
+
+    ln_liquidity: np.ndarray  # [N, T + 1] ln LC^ref_i(t) (t = 0 unused, 0)
+    ln_collateral: np.ndarray  # [N, T + 1] ln CC^ref_i(t)
+    ln_refinancing: np.ndarray  # [N] ln RF^ref_i
+    central_min_liquidity_coverage: np.ndarray  # [N] min over t <= min(t_M, T) of LC*_i(t)
+    central_refinancing_coverage: np.ndarray  # [N] RF*_i (1 without a balloon in the horizon)
+
+
+def pd_references(
+    params: ModelParams, grid: ModelGrid, loans: LoanArrays, anchor: str = "expected"
+) -> PDReferences:
+    """LC^ref, CC^ref, RF^ref of docs/spec.md §4 for `anchor` ("expected" | "today"), float64.
+
+    "expected": §3's clipped ratios on the central path (every shock 0, its own cash carried
+    over), with LC^ref = max(LC*, 1), CC^ref = CC*, RF^ref = 1: where the central path covers
+    its debt service and refinances its balloon the shift is 0 on it. "today": today's
+    metrics LC⁺(0), CC⁺(0), RF⁺(0) in every period. Computed once per run from the base
+    assumptions; the kernels take them as constants.
+    """
+    n_loans = len(loans.gpu_count)
+    periods = grid.periods
+    paths = central_path(params, grid)
+    cash = loans.cash_usd[None, :].astype(np.float64)
+    ln_lc = np.zeros((n_loans, periods + 1))
+    ln_cc = np.zeros((n_loans, periods + 1))
+    min_lc = np.full(n_loans, np.inf)
+    refi = np.ones(n_loans)
+    for t in range(1, periods + 1):
+        m = period_metrics(params, grid, loans, paths, t, cash)
+        ln_lc[:, t] = np.log(m.liquidity_coverage[0])
+        ln_cc[:, t] = np.log(m.collateral_coverage[0])
+        active = t <= loans.maturity_period
+        min_lc = np.where(active, np.minimum(min_lc, m.liquidity_coverage[0]), min_lc)
+        at_refinancing = (t == loans.maturity_period) & (loans.balloon_usd > 0)
+        refi = np.where(at_refinancing, m.refinancing_coverage[0], refi)
+        cash = np.maximum(cash + m.noi_usd - m.debt_service_usd, 0.0)
+    min_lc = np.where(np.isfinite(min_lc), min_lc, params.coverage_cap)
+    if anchor == "expected":
+        ln_liquidity = np.maximum(ln_lc, 0.0)  # LC^ref = max(LC*, 1)
+        ln_collateral = ln_cc
+        ln_refinancing = np.zeros(n_loans)  # RF^ref = 1
+    elif anchor == "today":
+        today = today_metrics(params, grid, loans)
+        ln_liquidity = np.repeat(np.log(today.liquidity_coverage)[:, None], periods + 1, axis=1)
+        ln_collateral = np.repeat(np.log(today.collateral_coverage)[:, None], periods + 1, axis=1)
+        ln_refinancing = np.log(today.refinancing_coverage)
+    else:
+        raise ValueError(f"pd anchor must be one of {PD_ANCHORS}, got {anchor!r}")
+    ln_liquidity[:, 0] = 0.0
+    ln_collateral[:, 0] = 0.0
+    return PDReferences(ln_liquidity, ln_collateral, ln_refinancing, min_lc, refi)
+
+
+def with_pd_references(
+    params: ModelParams, grid: ModelGrid, loans: LoanArrays, anchor: str = "expected"
+) -> LoanArrays:
+    """`loans` carrying the references `pd_references` computes (held fixed from then on)."""
+    refs = pd_references(params, grid, loans, anchor)
+    return loans._replace(
+        ln_liquidity_reference=refs.ln_liquidity,
+        ln_collateral_reference=refs.ln_collateral,
+        ln_refinancing_reference=refs.ln_refinancing,
+    )
+
+
+def require_pd_references(loans: LoanArrays) -> None:
+    """The kernels' guard: references are an input, computed once per run."""
+    if loans.ln_liquidity_reference is None or loans.ln_refinancing_reference is None:
+        raise ValueError(
+            "LoanArrays carry no PD references: build them with portfolio.loans.loan_arrays "
+            "or kernels.reference.with_pd_references"
+        )
 
 
 class LoanOutcomes(NamedTuple):
@@ -190,8 +359,31 @@ def revalue(
     paths: FactorPaths,
     default_uniforms: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Loss per scenario and loan [S, N] (MODEL.md §3-6)."""
+    """Loss per scenario and loan [S, N] (docs/spec.md §3-6)."""
     return loan_outcomes(params, grid, loans, paths, default_uniforms).loss_usd
+
+
+def liquidation_supply(
+    params: ModelParams,
+    grid: ModelGrid,
+    loans: LoanArrays,
+    dumped_gpus: np.ndarray,
+    expected_dumped_gpus: np.ndarray,
+) -> np.ndarray:
+    """Q_g(t) + max(F_g − N_g, 0) q̄_g(t) [S, G] (docs/spec.md §5) from the book's own dumped
+    GPUs n a d_i(t) and expected ones n a S_i(t−1) h_i(t), both [S, N]."""
+    n_scen = dumped_gpus.shape[0]
+    g = loans.generation
+    pledged = loans.gpu_count * loans.collateral_share
+    supply = np.zeros((n_scen, grid.n_generations))
+    for gen in range(grid.n_generations):
+        mine = g == gen
+        book_gpus = pledged[mine].sum()  # N_g
+        own = dumped_gpus[:, mine].sum(axis=1)  # Q_g(t)
+        rest = max(float(params.financed_fleet_gpus[gen]) - book_gpus, 0.0)
+        rate = expected_dumped_gpus[:, mine].sum(axis=1) / book_gpus if book_gpus > 0 else 0.0
+        supply[:, gen] = own + rest * rate
+    return supply
 
 
 def loan_outcomes(
@@ -201,19 +393,13 @@ def loan_outcomes(
     paths: FactorPaths,
     default_uniforms: np.ndarray | None = None,
 ) -> LoanOutcomes:
-    """Loss, default probability and defaulted exposure per scenario and loan (MODEL.md §3-6).
-
-    `default_uniforms` [S, B] (one per borrower) are needed in sampled mode only.
-    """
+    """Loss, default probability and defaulted exposure per scenario and loan (docs/spec.md
+    §3-6). `default_uniforms` [S, B] (one per borrower) are needed in sampled mode only; the
+    PD references come with `loans` (`with_pd_references`)."""
+    require_pd_references(loans)
     n_scen = paths.credit.shape[0]
     dt = grid.dt_years
-    hours = HOURS_PER_YEAR * dt
-    g = loans.generation
     n = loans.gpu_count
-    today = today_metrics(params, grid, loans)
-    ln_lc0 = np.log(today.liquidity_coverage)
-    ln_cc0 = np.log(today.collateral_coverage)
-    ln_rf0 = np.log(today.refinancing_coverage)
     pd_period = 1.0 - (1.0 - loans.pd_annual) ** dt
     threshold = ndtri(pd_period)  # Φ⁻¹(p^Δ)
     rho = loans.asset_correlation
@@ -228,59 +414,33 @@ def loan_outcomes(
     collateral = np.zeros_like(hazard)
     crypto = np.zeros_like(hazard)
     for t in range(1, grid.periods + 1):
-        k = loans.contracted_share * (t <= loans.contract_periods)
-        revenue = (
-            n
-            * hours
-            * (
-                k * loans.contract_rate_usd_per_hour
-                + (1.0 - k) * loans.utilization * paths.rent_usd_per_hour[:, t, g]
-            )
-        )
-        opex = (
-            n
-            * hours
-            * (
-                loans.power_kw_per_gpu * paths.power_usd_per_kwh[:, t, None]
-                + loans.other_opex_usd_per_gpu_hour
-            )
-        )
-        noi = revenue - opex
-        loan_rate = loans.rate + loans.is_floating * paths.base_rate[:, t, None]
-        balance_before = loans.balance_usd[:, t - 1]
-        debt_service = loan_rate * dt * balance_before + loans.installment_usd[:, t]
-        crypto[t] = (
-            loans.btc_units * paths.btc_usd[:, t, None]
-            + loans.eth_units * paths.eth_usd[:, t, None]
-        )
-        collateral[t] = n * paths.price_usd[:, t, g] * loans.collateral_share
-        liquidity = clipped_ratio(cash + crypto[t] + noi, debt_service, params)
-        collateral_cov = clipped_ratio(collateral[t], balance_before, params)
-        shift = params.beta_liquidity * (np.log(liquidity) - ln_lc0) + params.beta_collateral * (
-            np.log(collateral_cov) - ln_cc0
+        m = period_metrics(params, grid, loans, paths, t, cash)
+        crypto[t] = m.crypto_usd
+        collateral[t] = m.collateral_usd
+        shift = params.beta_liquidity * (
+            np.log(m.liquidity_coverage) - loans.ln_liquidity_reference[:, t]
+        ) + params.beta_collateral * (
+            np.log(m.collateral_coverage) - loans.ln_collateral_reference[:, t]
         )
         at_refinancing = (t == loans.maturity_period) & has_balloon
-        if np.any(at_refinancing):
-            with np.errstate(divide="ignore"):
-                refinancing = np.minimum(
-                    params.refi_ltv * collateral[t] / np.where(has_balloon, loans.balloon_usd, 1.0),
-                    1.0,
-                )
-            refi_cov = clipped_ratio(refinancing, 1.0, params)
-            shift = shift + np.where(
-                at_refinancing, params.beta_refinancing * (np.log(refi_cov) - ln_rf0), 0.0
-            )
+        shift = shift + np.where(
+            at_refinancing,
+            params.beta_refinancing
+            * (np.log(m.refinancing_coverage) - loans.ln_refinancing_reference),
+            0.0,
+        )
         active = t <= loans.maturity_period
         h = ndtr((threshold - shift - np.sqrt(rho) * paths.credit[:, t, None]) / np.sqrt(1.0 - rho))
         hazard[t] = np.where(active, h, 0.0)
         survival_before[t] = survival
         survival = survival * (1.0 - hazard[t])
-        cash = np.maximum(cash + noi - debt_service, 0.0)
-        exposure[t] = balance_before * (1.0 + loan_rate * dt)
+        cash = np.maximum(cash + m.noi_usd - m.debt_service_usd, 0.0)
+        exposure[t] = loans.balance_usd[:, t - 1] * (1.0 + m.loan_rate * dt)
 
     # Default indicators d_i(t) [T+1, S, N]: expected (conditional) or sampled.
+    expected_defaults = survival_before * hazard
     if grid.mode == "conditional":
-        defaults = survival_before * hazard
+        defaults = expected_defaults
     else:
         uniforms = default_uniforms[:, loans.borrower]  # [S, N], shared by a borrower's loans
         cumulative_pd = 1.0 - survival_before * (1.0 - hazard)  # 1 − S_i(t)
@@ -291,25 +451,26 @@ def loan_outcomes(
         s_idx, n_idx = np.nonzero(first > 0)
         defaults[first[s_idx, n_idx], s_idx, n_idx] = 1.0
 
-    # Fire sale: the book's own liquidation volume per generation and period sets the haircut.
+    # Fire sale: the book's own liquidation volume plus the rest of the financed fleet's,
+    # liquidating at the book's expected rate, set the haircut per generation and period.
     depth = params.market_depth_gpus_per_year * dt  # D_g, GPUs per period
+    pledged = n * loans.collateral_share
     loss = np.zeros((n_scen, len(n)))
     defaulted_exposure = np.zeros((n_scen, len(n)))
     discount = np.ones(n_scen)
     for t in range(1, grid.periods + 1):
         if grid.discount:
             discount = discount * np.exp(-paths.base_rate[:, t] * dt)
-        dumped = defaults[t] * (n * loans.collateral_share)  # [S, N]
-        volume = np.zeros((n_scen, grid.n_generations))
-        for gen in range(grid.n_generations):
-            volume[:, gen] = dumped[:, g == gen].sum(axis=1)
+        supply = liquidation_supply(
+            params, grid, loans, defaults[t] * pledged, expected_defaults[t] * pledged
+        )
         haircut = np.minimum(
             params.haircut_max,
-            params.haircut_base + params.haircut_slope * (volume / depth) ** params.haircut_power,
+            params.haircut_base + params.haircut_slope * (supply / depth) ** params.haircut_power,
         )  # [S, G]
-        recovery = collateral[t] * (1.0 - haircut[:, g]) * (1.0 - loans.liquidation_cost) + (
-            loans.crypto_pledged * crypto[t]
-        )
+        recovery = collateral[t] * (1.0 - haircut[:, loans.generation]) * (
+            1.0 - loans.liquidation_cost
+        ) + (loans.crypto_pledged * crypto[t])
         lgd_usd = np.maximum(exposure[t] - recovery, 0.0)
         loss += discount[:, None] * defaults[t] * lgd_usd
         defaulted_exposure += discount[:, None] * defaults[t] * exposure[t]
@@ -358,7 +519,7 @@ def simulate_outcomes(
     normal_shift: np.ndarray | None = None,
 ) -> LoanOutcomes:
     """LoanOutcomes [S, N] for the scenario indices `scenarios` [S]; with `normal_shift`
-    [T, K] the systematic normals are shifted (importance sampling, MODEL.md §8 numbers
+    [T, K] the systematic normals are shifted (importance sampling, docs/spec.md §8 numbers
     unchanged) and `log_likelihood_ratio` holds each scenario's ln w."""
     scenarios = np.asarray(scenarios, dtype=np.uint32)
     normals = shock_normals_np(seed, scenarios, grid.periods, grid.slots_per_period)

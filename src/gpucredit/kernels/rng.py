@@ -1,4 +1,4 @@
-"""Counter-based random numbers of MODEL.md §8, bit-identical in NumPy and JAX.
+"""Counter-based random numbers of docs/spec.md §8, bit-identical in NumPy and JAX.
 
 One generator: Threefry-2x32 with 20 rounds (Random123). Key (k0, k1) = (seed, stream),
 counter (c0, c1) = (a, b), all uint32; only the first output word x0 is used.

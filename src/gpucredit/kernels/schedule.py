@@ -1,4 +1,4 @@
-"""Per-book constants of MODEL.md §3: the scheduled balance, installments and balloon.
+"""Per-book constants of docs/spec.md §3: the scheduled balance, installments and balloon.
 
 Schedules are the same in every scenario, so they are computed once per book, in float64,
 before any simulation. Amortization codes: 0 bullet, 1 linear, 2 annuity.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 BULLET, LINEAR, ANNUITY = 0, 1, 2
-BALLOON_TOLERANCE = 1e-6  # a balloon of at most 1e-6 B(0) counts as 0 (MODEL.md §3)
+BALLOON_TOLERANCE = 1e-6  # a balloon of at most 1e-6 B(0) counts as 0 (docs/spec.md §3)
 
 
 def maturity_period(maturity_years: np.ndarray, steps_per_year: int) -> np.ndarray:
@@ -33,7 +33,7 @@ def balance_schedule(
     steps_per_year: int,
     periods: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Scheduled balances of MODEL.md §3.
+    """Scheduled balances of docs/spec.md §3.
 
     Args:
       balance_usd: [N] B_i(0).

@@ -1,6 +1,6 @@
 """The assumptions of a run: the differentiable `ModelParams` pytree plus the static settings.
 
-Built by `gpucredit.io.assumptions.load_assumptions` (TOML, MODEL.md §10) and never mutated:
+Built by `gpucredit.io.assumptions.load_assumptions` (TOML, docs/spec.md §10) and never mutated:
 a stress scenario or a finite-difference bump makes a new one.
 """
 
@@ -25,7 +25,7 @@ class CorrelationRepair:
 
 @dataclass(frozen=True)
 class Stress:
-    """A named stress scenario: overrides in the assumptions file's own layout (MODEL.md §10)."""
+    """A named stress scenario: overrides in the assumptions file's layout (docs/spec.md §10)."""
 
     name: str
     overrides: dict
@@ -35,7 +35,7 @@ class Stress:
 @dataclass(frozen=True)
 class Assumptions:
     params: ModelParams  # float64 NumPy leaves
-    generations: tuple[str, ...]  # file order (MODEL.md §2)
+    generations: tuple[str, ...]  # file order (docs/spec.md §2)
     generation_power_kw_per_gpu: tuple[float, ...]  # [G] fills the book's optional column
     launch_names: tuple[str, ...]  # [E]
     launch_years: tuple[float, ...]  # [E] tau_e
@@ -47,6 +47,7 @@ class Assumptions:
     t_dof: int = 5
     discount: bool = False
     mode: str = "conditional"
+    pd_anchor: str = "expected"  # "expected" | "today": the PD references (docs/spec.md §4)
     stresses: tuple[Stress, ...] = ()
     document: dict = dataclasses.field(
         default_factory=dict, compare=False
@@ -89,12 +90,14 @@ GENERATION_PARAMETERS = (
     "price_vol",
     "haircut_base",
     "market_depth_gpus_per_year",
+    "financed_fleet_gpus",
 )
 # Scalar sensitivity parameters: dotted TOML path -> ModelParams field.
 SCALAR_PARAMETERS = {
     "crypto.btc.price_usd": "btc_price_usd",
     "crypto.btc.drift": "btc_drift",
     "crypto.btc.vol": "btc_vol",
+    "crypto.btc.hashprice_drift": "btc_hashprice_drift",
     "crypto.eth.price_usd": "eth_price_usd",
     "crypto.eth.drift": "eth_drift",
     "crypto.eth.vol": "eth_vol",
@@ -105,6 +108,7 @@ SCALAR_PARAMETERS = {
     "rate.mean_reversion": "rate_mean_reversion",
     "rate.mean": "rate_mean",
     "rate.vol": "rate_vol",
+    "credit.persistence": "credit_persistence",
     "model.beta_liquidity": "beta_liquidity",
     "model.beta_collateral": "beta_collateral",
     "model.beta_refinancing": "beta_refinancing",
@@ -115,7 +119,7 @@ SCALAR_PARAMETERS = {
 
 
 def parameter_paths(assumptions: Assumptions) -> list[tuple[str, str, tuple]]:
-    """Every sensitivity parameter of MODEL.md §7 as (dotted path, ModelParams field, index
+    """Every sensitivity parameter of docs/spec.md §7 as (dotted path, ModelParams field, index
     into that leaf): () for scalars, (g,) per generation, (e, g) per launch jump, (j, k) with
     j < k per correlation entry (a move of Σ_jk moves Σ_kj with it)."""
     paths: list[tuple[str, str, tuple]] = []
@@ -142,7 +146,7 @@ def parameter_value(params: ModelParams, field: str, index: tuple) -> float:
 
 def bumped_parameter(params: ModelParams, field: str, index: tuple, step: float) -> ModelParams:
     """`params` with the parameter (field, index) of `parameter_paths` moved by `step`; a move
-    of the correlation entry Σ_jk moves Σ_kj with it (MODEL.md §7). For finite differences."""
+    of the correlation entry Σ_jk moves Σ_kj with it (docs/spec.md §7). For finite differences."""
     leaf = np.array(getattr(params, field), dtype=np.float64)  # a writable copy
     if leaf.ndim == 0:
         return params._replace(**{field: float(leaf) + step})

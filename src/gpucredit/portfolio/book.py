@@ -19,7 +19,7 @@ REQUIRED_COLUMNS = (
     "gpu_count",
     "pd_annual",
 )
-# Optional numeric columns and their MODEL.md §9 defaults (power_kw_per_gpu: the generation's).
+# Optional numeric columns and their docs/spec.md §9 defaults (power_kw_per_gpu: the generation's).
 OPTIONAL_DEFAULTS: dict[str, float | bool | None] = {
     "collateral_share": 1.0,
     "contracted_share": 0.0,
@@ -34,6 +34,8 @@ OPTIONAL_DEFAULTS: dict[str, float | bool | None] = {
     "crypto_pledged": False,
     "liquidation_cost": 0.05,
     "asset_correlation": 0.15,
+    "other_income_usd_per_year": 0.0,
+    "other_income_btc_share": 0.0,
 }
 BORROWER_TYPES = ("neocloud", "miner", "enterprise", "other")
 RATE_TYPES = ("fixed", "floating")
@@ -73,6 +75,8 @@ class Book:
     crypto_pledged: np.ndarray  # bool
     liquidation_cost: np.ndarray
     asset_correlation: np.ndarray
+    other_income_usd_per_year: np.ndarray  # OI_i, net of its own costs, committed to the loan
+    other_income_btc_share: np.ndarray  # share of OI_i moving with BTC and the hashprice trend
 
     def __len__(self) -> int:
         return len(self.loan_id)
@@ -83,7 +87,7 @@ class Book:
         return np.array([lookup[g] for g in self.gpu_generation], dtype=np.int64)
 
     def borrower_index(self) -> tuple[np.ndarray, int]:
-        """([N] int, count): 0-based order of first appearance of borrower_id (MODEL.md §8)."""
+        """([N] int, count): 0-based order of first appearance of borrower_id (docs/spec.md §8)."""
         _, first, inverse = np.unique(self.borrower_id, return_index=True, return_inverse=True)
         order = np.argsort(np.argsort(first))  # rank of each unique id by first appearance
         return order[inverse].astype(np.int64), len(first)
@@ -95,7 +99,7 @@ class Book:
 
 
 # Column values of `uniform_book` where the caller gives none: one H100 loan of $1M, 100 GPUs,
-# the optional columns at their MODEL.md §9 defaults (power: the H100's).
+# the optional columns at their docs/spec.md §9 defaults (power: the H100's).
 UNIFORM_LOAN = dict(
     borrower_type="neocloud",
     balance_usd=1_000_000.0,
@@ -136,10 +140,11 @@ def feature_book(
     borrowers: int | None = None,
     source: str = "<feature book>",
 ) -> Book:
-    """A small random book that exercises every mechanism of MODEL.md §3-6: every generation,
+    """A small random book that exercises every mechanism of docs/spec.md §3-6: every generation,
     amortization and rate type, maturities before, on and after a 3-year horizon (on and off
     the quarterly grid), expiring and running contracts, miners with pledged and unpledged
-    BTC/ETH, shared borrowers (cross-default; `borrowers` ids, default half the loans)."""
+    BTC/ETH and BTC-linked other income, flat other income, shared borrowers (cross-default;
+    `borrowers` ids, default half the loans)."""
     rng = np.random.default_rng(seed)
     prices = {"A100": 9000.0, "H100": 22000.0, "H200": 29000.0, "B200": 40000.0}
     rents = {"A100": 1.2, "H100": 2.2, "H200": 3.0, "B200": 4.5}
@@ -179,4 +184,9 @@ def feature_book(
         crypto_pledged=miner & (rng.random(n_loans) < 0.5),
         liquidation_cost=rng.uniform(0.02, 0.15, n_loans),
         asset_correlation=rng.uniform(0.05, 0.4, n_loans),
+        # other income: miners' mining revenue (mostly BTC-linked), some neoclouds' flat cash
+        other_income_usd_per_year=np.where(
+            miner | (rng.random(n_loans) < 0.3), rng.uniform(0.0, 0.4, n_loans) * balance, 0.0
+        ),
+        other_income_btc_share=np.where(miner, rng.uniform(0.5, 1.0, n_loans), 0.0),
     )

@@ -1,4 +1,4 @@
-"""Euler contributions (MODEL.md §7) by a second pass over the tail scenarios only.
+"""Euler contributions (docs/spec.md §7) by a second pass over the tail scenarios only.
 
 ES_{α,i} = Σ_j c_j L_i(ω_j) with the tail coefficients c_j of `risk.tail_coefficients`, so
 Σ_i ES_{α,i} = ES_α to rounding. The tail is regenerated from the scenario indices, in

@@ -1,4 +1,4 @@
-"""Scale-out on Dask (DESIGN.md, Scale-out): the same numbers on one process or many workers.
+"""Scale-out on Dask (docs/spec.md, Scale-out): the same numbers on one process or many workers.
 
 A run on a cluster is the single-process run cut into tasks, with every floating-point
 reduction kept in the single-process order, so the results are *bit-identical* for any number

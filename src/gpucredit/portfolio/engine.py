@@ -1,4 +1,4 @@
-"""The chunked two-pass run (DESIGN.md, Data flow).
+"""The chunked two-pass run (docs/spec.md, Data flow).
 
 Pass 1 streams scenario chunks through a backend and keeps per-loan sums (EL_i, horizon PD,
 defaulted exposure) and either every portfolio loss (one float per scenario: `run_pass1`) or,
@@ -12,6 +12,7 @@ the Euler ES contributions and reverse-mode AD on the same scenarios gives the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import os
@@ -26,6 +27,12 @@ from gpucredit.kernels import reference
 from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import Book
+from gpucredit.portfolio.calibration import (
+    YEAR_ONE_MAX_SCENARIOS,
+    calibration_table,
+    paper_vs_path,
+    year_one_assumptions,
+)
 from gpucredit.portfolio.contributions import Contributions, make_contributions, tail_contributions
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import (
@@ -206,7 +213,7 @@ class JaxBackend:
 
     def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
         """Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams (conditional mode); ∂/∂rate.level
-        includes r(0)'s effect on the floating annuities' schedules (MODEL.md §3)."""
+        includes r(0)'s effect on the floating annuities' schedules (docs/spec.md §3)."""
         _, grads = self._engine.weighted_loss_gradient(
             self.params,
             self.grid,
@@ -830,6 +837,7 @@ class RunResult:
     metadata: dict
     tail: LossTail  # the largest losses (top `tail_size(S, alphas)`, ties kept) by scenario
     histogram: LossHistogram  # of every loss (risk.LossHistogram: power-of-two bins from 0)
+    calibration: dict | None = None  # portfolio.calibration.calibration_table (None: not run)
 
     def var(self, alpha: float) -> float:
         return self.measures.var(alpha)
@@ -851,6 +859,7 @@ class RunResult:
                 }
                 for s in self.stress
             },
+            "calibration": self.calibration,
         }
 
 
@@ -874,8 +883,9 @@ def simulate(
     scheduler: str | None = None,
     normal_shift: np.ndarray | None = None,
     keep_losses: bool | None = None,
+    calibration: bool = True,
 ) -> RunResult:
-    """Run the book against the assumptions (MODEL.md) and measure the loss distribution.
+    """Run the book against the assumptions (docs/spec.md) and measure the loss distribution.
 
     Pass 1 keeps every per-scenario loss (`keep_losses` True) or, tails-only (False), per
     batch only its largest losses, statistics and histogram, with the same measures, tail sets,
@@ -891,6 +901,8 @@ def simulate(
     `normal_shift` [T, K] (importance sampling) moves the mean of the systematic normals,
     e.g. to a reverse-stress design point; every scenario then carries its likelihood ratio
     and all measures, contributions and sensitivities are weighted.
+    `calibration` adds the calibration table (portfolio/calibration.py): a year-1 pass over
+    the run's first `YEAR_ONE_MAX_SCENARIOS` scenarios gives each loan's year-1 default rate.
     """
     started = time.perf_counter()
     scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
@@ -899,7 +911,10 @@ def simulate(
     chunk_size = check_chunk_size(chunk_size)
     loans = loan_arrays(book, assumptions)
     # Every stress case's schedules before any scenario runs (an undefined one fails now).
-    stress_loans = {id(case.assumptions): loan_arrays(book, case.assumptions) for case in stress}
+    stress_loans = {
+        id(case.assumptions): loan_arrays(book, case.assumptions, base=assumptions)
+        for case in stress
+    }
     grid = assumptions.grid(mode)
     if normal_shift is not None:
         normal_shift = np.asarray(normal_shift, dtype=np.float64)
@@ -958,9 +973,16 @@ def simulate(
                 pass1.loan_mean_lgd,
             )
 
+        calibration_table_ = None
+        if calibration:
+            calibration_table_ = _calibration(
+                book, loans, assumptions, scenarios, pass1, contrib, runner, chunk, spec_for,
+                normal_shift,
+            )  # fmt: skip
+
         sens = None
         sensitivities_seconds = 0.0
-        # Sensitivities are derivatives of the conditional-mode loss (MODEL.md §7); a sampled
+        # Sensitivities are derivatives of the conditional-mode loss (docs/spec.md §7); a sampled
         # run's tail set is driven by the default draws, so they are not computed there.
         if sensitivities and mode == "conditional":
             t0 = time.perf_counter()
@@ -1022,7 +1044,7 @@ def simulate(
         if normal_shift is None
         else "importance sampling: systematic normals shifted to the design point",
         "effective_sample_size": measures.effective_sample_size,
-        "sensitivities_of": "the conditional-mode loss (MODEL.md §7), on this run's tail set"
+        "sensitivities_of": "the conditional-mode loss (docs/spec.md §7), on this run's tail set"
         if mode == "conditional"
         else "not computed in sampled mode: run --mode conditional for sensitivities",
     }
@@ -1038,7 +1060,40 @@ def simulate(
         metadata=metadata,
         tail=largest,
         histogram=histogram,
+        calibration=calibration_table_,
     )
+
+
+def _calibration(
+    book, loans, assumptions, run_scenarios, pass1, contrib, runner, chunk, spec_for, shift
+):
+    """The calibration table of a run: the year-1 pass (the run's first scenarios, the same
+    random numbers, on the first year of its grid), then `calibration_table`."""
+    year_one = year_one_assumptions(assumptions)
+    base = spec_for(assumptions)
+    periods = year_one.periods
+    spec = dataclasses.replace(
+        base,
+        params=year_one.params,
+        grid=year_one.grid(base.grid.mode),
+        loans=loan_arrays(book, year_one),
+        normal_shift=None if shift is None else shift[:periods],
+    )
+    scenarios = min(YEAR_ONE_MAX_SCENARIOS, run_scenarios)
+    first_year = runner.run_pass1(spec, scenarios, chunk, len(book))
+    table = calibration_table(
+        book,
+        loans,
+        assumptions,
+        horizon_pd=pass1.loan_horizon_pd,
+        year_one_pd=first_year.loan_horizon_pd,
+        expected_loss_usd=pass1.loan_expected_loss_usd,
+        mean_lgd=pass1.loan_mean_lgd,
+        expected_shortfall_usd=None if contrib is None else contrib.expected_shortfall_usd,
+    )
+    table["year_one_scenarios"] = scenarios
+    table["paper_vs_path"] = paper_vs_path(book, loans, assumptions)
+    return table
 
 
 def _measures_and_tail(pass1: Pass1, alphas: Sequence[float]) -> tuple[RiskMeasures, LossTail]:

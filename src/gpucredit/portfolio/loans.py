@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gpucredit.kernels.params import LoanArrays
+from gpucredit.kernels.reference import pd_references
 from gpucredit.kernels.schedule import balance_schedule, contract_periods
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import AMORTIZATIONS, Book
@@ -35,9 +36,34 @@ def check_schedules(book: Book, assumptions: Assumptions) -> None:
         )
 
 
-def loan_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
+def loan_arrays(
+    book: Book, assumptions: Assumptions, base: Assumptions | None = None
+) -> LoanArrays:
     """The book as float64 arrays plus the balance schedules on the assumptions' grid
-    (`check_schedules` first)."""
+    (`check_schedules` first) and the PD references of `assumptions.pd_anchor`.
+
+    The references are a property of the book under the run's base assumptions (docs/spec.md
+    §4): a stress case passes the run's assumptions as `base`, so that its stressed paths are
+    measured against the base references, not against references of its own.
+    """
+    loans = _book_arrays(book, assumptions)
+    reference_assumptions = assumptions if base is None else base
+    reference_loans = loans if base is None else _book_arrays(book, base)
+    refs = pd_references(
+        reference_assumptions.params,
+        reference_assumptions.grid(),
+        reference_loans,
+        assumptions.pd_anchor,
+    )
+    return loans._replace(
+        ln_liquidity_reference=refs.ln_liquidity,
+        ln_collateral_reference=refs.ln_collateral,
+        ln_refinancing_reference=refs.ln_refinancing,
+    )
+
+
+def _book_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
+    """LoanArrays without the PD references."""
     check_schedules(book, assumptions)
     is_floating = (book.rate_type == "floating").astype(np.float64)
     rate_at_origination = book.rate + is_floating * float(assumptions.params.rate_level)
@@ -74,6 +100,8 @@ def loan_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
         crypto_pledged=f64(book.crypto_pledged),
         liquidation_cost=f64(book.liquidation_cost),
         asset_correlation=f64(book.asset_correlation),
+        other_income_usd_per_year=f64(book.other_income_usd_per_year),
+        other_income_btc_share=f64(book.other_income_btc_share),
         pd_annual=f64(book.pd_annual),
         rate=f64(book.rate),
         is_floating=is_floating,

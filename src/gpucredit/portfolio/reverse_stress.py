@@ -29,12 +29,12 @@ class ReverseStressError(ValueError):
 
 @dataclass(frozen=True)
 class DesignPoint:
-    """The most likely scenario with loss >= target (MODEL.md §2 factors, one scenario)."""
+    """The most likely scenario with loss >= target (docs/spec.md §2 factors, one scenario)."""
 
     target_loss_usd: float
     loss_usd: float  # L̄(z*)
     central_loss_usd: float  # L̄(0): every shock at its median
-    z: np.ndarray  # [T, K] z*, standard-normal units (factor order of MODEL.md §2)
+    z: np.ndarray  # [T, K] z*, standard-normal units (factor order of docs/spec.md §2)
     factor_names: tuple[str, ...]  # [K]
     iterations: int
     converged: bool

@@ -1,4 +1,4 @@
-"""Risk measures over Monte Carlo scenarios (MODEL.md §7): EL, standard deviation, VaR and
+"""Risk measures over Monte Carlo scenarios (docs/spec.md §7): EL, standard deviation, VaR and
 Expected Shortfall with batch-means standard errors and 95% intervals, and the tail
 coefficients that Euler contributions and Hong-Liu sensitivities are built from.
 
@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 MIN_BATCHES = 32
-"""The fewest batches `risk_measures` accepts for batch-means standard errors (MODEL.md §7)."""
+"""The fewest batches `risk_measures` accepts for batch-means standard errors (docs/spec.md §7)."""
 
 MAX_BATCH_SCENARIOS = 2**22
 """The largest batch `batch_count` plans: a run beyond 32 × 2^22 (134 million) scenarios gets
@@ -246,7 +246,7 @@ def tail_coefficients(
 
     Euler contributions are ``ES_i = sum_j c_j L_{i, indices[j]}`` (so ``sum_i ES_i = ES``) and
     Hong-Liu sensitivities ``dES/dtheta = sum_j c_j dL_{indices[j]}/dtheta``, the tail set
-    fixed by this forward pass (MODEL.md §7). ``n_scenarios``: as in `var_es` (the indices
+    fixed by this forward pass (docs/spec.md §7). ``n_scenarios``: as in `var_es` (the indices
     are then positions in ``losses``).
     """
     L, w = _prepare(losses, weights)
@@ -316,7 +316,7 @@ class TailMeasures:
 
 @dataclass(frozen=True)
 class RiskMeasures:
-    """The risk measures of one run (MODEL.md §7), made by `risk_measures`.
+    """The risk measures of one run (docs/spec.md §7), made by `risk_measures`.
 
     ``el``: expected loss; ``el_se``: its batch-means standard error; ``el_se_iid``: the plain
     (delta-method) standard error of the self-normalised weighted mean,

@@ -1,4 +1,4 @@
-"""Pathwise sensitivities of EL and ES_α to every assumption (MODEL.md §7).
+"""Pathwise sensitivities of EL and ES_α to every assumption (docs/spec.md §7).
 
 ∂EL/∂θ = E[∂L/∂θ] and ∂ES_α/∂θ = E[∂L/∂θ | L >= VaR_α] (Hong & Liu 2009): reverse-mode AD of
 the conditional-mode loss on common random numbers, the tail set and its coefficients fixed by
@@ -19,7 +19,7 @@ from gpucredit.portfolio.risk import LossTail, alpha_key, tail_sets
 
 @dataclass(frozen=True)
 class Sensitivities:
-    """One row per parameter (dotted path of MODEL.md §10), in `parameter_paths` order."""
+    """One row per parameter (dotted path of docs/spec.md §10), in `parameter_paths` order."""
 
     parameter: tuple[str, ...]
     value: np.ndarray  # [P] the parameter's value in the run

@@ -1,7 +1,7 @@
 """Stress scenarios: named overrides of the assumptions, run on the base run's random numbers.
 
 Built-ins are functions of the base assumptions that return overrides in the assumptions
-file's own layout (MODEL.md §10), so a stress is exactly what a user could write as a
+file's own layout (docs/spec.md §10), so a stress is exactly what a user could write as a
 `[[stress]]` table. `gpucredit.io.assumptions.with_overrides` applies them.
 """
 
@@ -43,7 +43,7 @@ def _next_gen_glut(a: Assumptions) -> dict:
 def _crypto_winter(a: Assumptions) -> dict:
     """Median BTC −70% and ETH −80% over the first year, crypto vols ×1.3.
 
-    The model's drifts are constant over the horizon (MODEL.md §2), so the first year's
+    The model's drifts are constant over the horizon (docs/spec.md §2), so the first year's
     median decline sets the drift: μ − σ²/2 = ln(1 − drop). It keeps that rate after the
     first year: a deliberately severe reading.
     """
@@ -75,11 +75,22 @@ def _rate_shock(a: Assumptions) -> dict:
     return {"rate": {"level": a.params.rate_level + 0.03, "mean": a.params.rate_mean + 0.03}}
 
 
+def _paper_metrics(a: Assumptions) -> dict:
+    """The infrastructure view: the input PDs assume today's metrics persist (PD anchor today).
+
+    Same book, same random numbers; only the references move (docs/spec.md §4): the expected
+    fall in rents and prices now counts as deterioration on top of PDs that already price it,
+    which shows how much of a book's risk an "infrastructure" reading of its PDs adds.
+    """
+    return {"model": {"pd_anchor": "today"}}
+
+
 BUILTIN_STRESSES: dict[str, Callable[[Assumptions], dict]] = {
     "next-gen-glut": _next_gen_glut,
     "crypto-winter": _crypto_winter,
     "liquidity-freeze": _liquidity_freeze,
     "rate-shock": _rate_shock,
+    "paper-metrics": _paper_metrics,
 }
 
 

@@ -11,7 +11,7 @@ from gpucredit.portfolio.loans import loan_arrays
 
 
 def book_summary(book: Book, assumptions: Assumptions) -> dict:
-    """JSON-ready summary of today's book (MODEL.md §3 "today's values").
+    """JSON-ready summary of today's book (docs/spec.md §3 "today's values").
 
     LTV_i = B_i(0) / (n_i P_g(0) a_i); debt-service coverage DSCR_i = NOI_i(0) / DS_i(1);
     both are reported exposure-weighted per generation and for the whole book.

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 FAMILY_FALSE_ALARM = 0.01  # probability that a correct model fails a statistical family
-N_BATCHES = MIN_BATCHES  # batch means, as in every run (MODEL.md §7)
+N_BATCHES = MIN_BATCHES  # batch means, as in every run (docs/spec.md §7)
 
 
 # --------------------------------------------------------------------------- records
@@ -378,7 +378,7 @@ def relative_agreement_check(
 
 
 def validation_book(n_loans: int, seed: int = 2026) -> Book:
-    """A book that exercises every mechanism of MODEL.md §3-6 (`feature_book`) with LTVs from
+    """A book that exercises every mechanism of docs/spec.md §3-6 (`feature_book`) with LTVs from
     40% to 110% and about three loans for every two borrowers."""
     return feature_book(
         n_loans, seed, ltv=(0.4, 1.1), rate=(0.02, 0.13), borrowers=(2 * n_loans) // 3,
@@ -396,7 +396,7 @@ VASICEK_RATE = 0.08
 
 
 def vasicek_assumptions(base: Assumptions, copula: str = "gaussian", t_dof: int = 4) -> Assumptions:
-    """MODEL.md §4's Vasicek setting: one period of one year (p^Δ = p, Basel's horizon), no
+    """docs/spec.md §4's Vasicek setting: one period of one year (p^Δ = p, Basel's horizon), no
     launches, no rent or price volatility, β's = 0 and a haircut that ignores volume, so that
     the conditional loss is N ℓ Φ((Φ⁻¹(p) − √ρ Z)/√(1 − ρ)) with a deterministic ℓ."""
     g = len(base.generations)
@@ -795,7 +795,7 @@ def invariance_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
                 why_tolerance=(
                     "Exact: the same compiled program on the same scenario indices must give "
                     "the same bits; the random numbers are a pure function of (seed, scenario, "
-                    "slot) (MODEL.md §8), so a chunk starting anywhere reproduces the run."
+                    "slot) (docs/spec.md §8), so a chunk starting anywhere reproduces the run."
                 ),
                 details=f"scenarios {offset}..{offset + s.chunk - 1} as one chunk, against "
                 f"the same scenarios inside chunks starting at 0 and {s.chunk}",
@@ -870,10 +870,11 @@ def gradient_checks(
     grid = base.grid("conditional")
 
     def measures(params: ModelParams) -> tuple[float, float]:
-        # A run at another r(0) also rebuilds the floating annuities' schedules (MODEL.md §3).
+        # A run at another r(0) also rebuilds the floating annuities' schedules (docs/spec.md §3);
+        # the PD references stay the base run's (§4: sensitivities hold them fixed).
         moved = loans
         if params.rate_level != base.params.rate_level:
-            moved = loan_arrays(book, dataclasses.replace(base, params=params))
+            moved = loan_arrays(book, dataclasses.replace(base, params=params), base=base)
         bumped = _jax_backend(base, moved, s.seed, "float64", params=params, grid=grid)
         L = _pass1(bumped, n, n, len(book)).losses_usd
         return float(L.mean()), var_es(L, None, alpha)[1]
@@ -1200,7 +1201,7 @@ def t_copula_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
                     f"{eps[..., 0].size:,} shocks per factor (all periods pooled; periods are "
                     f"independent). {FAMILY_FALSE_ALARM:g}/{n_ks} is the Bonferroni level for "
                     f"{n_ks} tests at a 1% family-wise false-alarm rate. The t copula must "
-                    f"keep margins standard normal (MODEL.md §2) so vols stay vols and input "
+                    f"keep margins standard normal (docs/spec.md §2) so vols stay vols and input "
                     f"PDs stay honoured."
                 ),
                 details=f"{s.margin_scenarios:,} scenarios × {grid.periods} periods, seed "
