@@ -31,6 +31,7 @@ from gpucredit.portfolio.engine import (
     EngineError,
 )
 from gpucredit.portfolio.loans import ScheduleError, check_schedules
+from gpucredit.portfolio.stress import BUILTIN_STRESSES
 
 EXIT_BAD_INPUT = 2
 
@@ -159,7 +160,20 @@ class Progress:
 @click.option("--chunk-size", type=click.IntRange(min=1), help="Scenarios per chunk.")
 @click.option("--no-sensitivities", is_flag=True)
 @click.option("--no-contributions", is_flag=True)
-@click.option("--stress", "stresses", multiple=True, help="Stress scenario name (repeatable).")
+@click.option(
+    "--stress",
+    "stresses",
+    multiple=True,
+    help="Stress scenario name (repeatable): a built-in "
+    f"({', '.join(BUILTIN_STRESSES)}) or a [[stress]] table of --assumptions. "
+    'paper-metrics reruns the book with the PD anchor "today" (the infrastructure view).',
+)
+@click.option(
+    "--no-calibration",
+    is_flag=True,
+    help="Skip the calibration table (model vs input PDs by borrower type and generation, "
+    "and the paper-vs-path loans) and its year-1 pass.",
+)
 @click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
 @click.option(
     "--importance-sampling",
@@ -197,6 +211,7 @@ def run(
     no_sensitivities,
     no_contributions,
     stresses,
+    no_calibration,
     out,
     importance_sampling,
     resume,
@@ -282,6 +297,7 @@ def run(
             workers=workers,
             scheduler=scheduler,
             keep_losses=keep_losses,
+            calibration=not no_calibration,
         )
     if result.sensitivities is None and not no_sensitivities and not quiet:
         click.echo(f"sensitivities: {result.metadata['sensitivities_of']}", err=True)
@@ -302,16 +318,21 @@ def run(
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def validate(book, assumptions_path, repair_correlation, as_json):
-    """Validate BOOK and print today's summary (exposure, LTV, coverage)."""
-    from gpucredit.io.summary_text import print_book_summary
+    """Validate BOOK and print today's summary (exposure, LTV, coverage) and the loans whose
+    central path cannot pay their debt service or refinance their balloon (paper vs path)."""
+    from gpucredit.io.summary_text import print_book_summary, print_paper_vs_path
+    from gpucredit.portfolio.calibration import paper_vs_path
+    from gpucredit.portfolio.loans import loan_arrays
     from gpucredit.portfolio.summary import book_summary
 
     loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
     summary = book_summary(loans, assumptions)
+    flagged = paper_vs_path(loans, loan_arrays(loans, assumptions), assumptions)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(summary | {"paper_vs_path": flagged}, indent=2))
     else:
         print_book_summary(summary)
+        print_paper_vs_path(flagged, total_loans=len(loans))
 
 
 @main.command()
@@ -399,6 +420,7 @@ def reverse_stress(
             alphas=(alpha,),
             contributions=False,
             sensitivities=False,
+            calibration=False,
         )
         loss_usd = plain.var(alpha)
         click.echo(f"target: VaR {alpha:.4g} of a {scenarios:,}-scenario run = {loss_usd:,.0f} USD")

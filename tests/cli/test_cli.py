@@ -45,6 +45,72 @@ def test_validate_prints_the_summary(small_book):
     assert "40 loans" in result.output and "LTV" in result.output
 
 
+def _paper_vs_path(path: Path) -> dict:
+    from gpucredit.io.assumptions import default_assumptions
+    from gpucredit.io.book import read_book
+    from gpucredit.portfolio.calibration import paper_vs_path
+    from gpucredit.portfolio.loans import loan_arrays
+
+    assumptions = default_assumptions()
+    book = read_book(path, assumptions)
+    return paper_vs_path(book, loan_arrays(book, assumptions), assumptions)
+
+
+def _starved_book(tmp_path: Path) -> Path:
+    """40 loans, every other one with no contract, cash, crypto or other income and 5%
+    utilization: those cannot pay their debt service on their central path."""
+    table = make_book(40, seed=3)
+    starved = np.arange(table.num_rows) % 2 == 0
+    for name, value in (
+        ("utilization", 0.05),
+        ("contracted_share", 0.0),
+        ("cash_usd", 0.0),
+        ("btc_units", 0.0),
+        ("eth_units", 0.0),
+        ("other_income_usd_per_year", 0.0),
+    ):
+        column = table.column(name).to_numpy(zero_copy_only=False).copy()
+        column[starved] = value
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, pa.array(column, type=table.schema.field(name).type))
+    path = tmp_path / "starved.parquet"
+    write_book(table, path)
+    return path
+
+
+def test_validate_prints_the_paper_vs_path_loans(tmp_path):
+    """The loans whose central path cannot pay: the count, the share of exposure and the
+    largest few; --json carries every one."""
+    book = _starved_book(tmp_path)
+    expected = _paper_vs_path(book)
+    assert expected["loans"] >= 20, "every starved loan falls short"
+    result = invoke("validate", str(book))
+    assert result.exit_code == 0, result.output
+    share = f"{100 * expected['exposure_share']:.1f}%"
+    assert (
+        f"paper vs path: {expected['loans']} of 40 loans, {share} of exposure, cannot pay on "
+        "their central path" in " ".join(result.output.split())
+    )
+    largest = sorted(expected["rows"], key=lambda r: -r["balance_usd"])
+    shown = [r["loan_id"] for r in largest[:5]]
+    assert all(loan_id in result.output for loan_id in shown)
+    assert all(r["loan_id"] not in result.output for r in largest[5:])
+    assert f"and {expected['loans'] - 5} more" in result.output
+    assert "debt service" in result.output
+    summary = json.loads(invoke("validate", str(book), "--json").output)
+    assert summary["paper_vs_path"] == expected
+    assert summary["loans"] == 40  # the book summary is unchanged
+
+
+def test_validate_says_when_no_central_path_falls_short(tmp_path):
+    """Ample cash and fully amortizing loans: every central path pays."""
+    path = _book_with(tmp_path, cash_usd=1e12, amortization="linear", maturity_years=2.0)
+    assert _paper_vs_path(path)["loans"] == 0
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "paper vs path: none" in result.output and "Largest paper-vs-path" not in result.output
+
+
 def test_validate_refuses_a_bad_book_with_status_2(tmp_path):
     table = make_book(10, seed=1)
     pd = table.column("pd_annual").to_numpy().copy()
@@ -93,6 +159,26 @@ def test_run_writes_every_result_file(small_book, tmp_path):
     assert len(summary["metadata"]["book_file_sha256"]) == 64
     losses = pq.read_table(out / "losses.parquet").column("loss_usd").to_numpy()
     assert summary["measures"]["el"] == pytest.approx(losses.mean(), rel=1e-12)
+    # The calibration table, in summary.json, the terminal and the report.
+    calibration = summary["calibration"]
+    assert calibration["book"]["loans"] == 40
+    assert calibration["paper_vs_path"] == _paper_vs_path(small_book)
+    assert "calibration (whole book): year-1 default rate" in result.output
+    assert f"paper vs path: {calibration['paper_vs_path']['loans']} of 40 loans" in result.output
+    assert '<section id="calibration">' in (out / "report.html").read_text()
+
+
+def test_run_without_calibration_and_the_stress_help(small_book, tmp_path):
+    out = tmp_path / "results"
+    args = ["run", str(small_book), *RUN_ARGS, "--no-calibration", "--no-contributions"]
+    result = invoke(*args, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["calibration"] is None
+    assert "calibration (whole book)" not in result.output
+    assert "Calibration: not computed" in (out / "report.html").read_text()
+    help_text = " ".join(invoke("run", "--help").output.split())
+    assert "--no-calibration" in help_text
+    assert "paper-metrics" in help_text.replace("paper- metrics", "paper-metrics")
 
 
 def test_run_tails_only_writes_the_tail_and_the_same_numbers(small_book, tmp_path):

@@ -25,6 +25,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTION_HEADINGS = (
     "Headline risk measures",
     "Loss distribution",
+    "Calibration",
     "Risk contributions",
     "Sensitivities",
     "Stress scenarios",
@@ -67,11 +68,75 @@ def _measures(losses: np.ndarray, scale: float = 1.0) -> dict:
     }
 
 
+def _calibration_row(loans: int, exposure: float, pd: float, ratio: float) -> dict:
+    """A calibration row (portfolio/calibration.py) with plausible numbers."""
+    model_year_one = pd * ratio
+    return {
+        "loans": loans,
+        "exposure_usd": exposure,
+        "input_pd_annual": pd,
+        "input_pd_year_one": pd,
+        "input_pd_horizon": 1 - (1 - pd) ** 3,
+        "model_default_rate_year_one": model_year_one,
+        "model_pd_horizon": 1 - (1 - model_year_one) ** 3,
+        "year_one_ratio": ratio,
+        "mean_lgd": 0.4,
+        "el_share": 0.4 * model_year_one * 2,
+        "es_0.99_share": 0.31,
+        "es_0.999_share": 0.42,
+    }
+
+
+def calibration_summary(flagged: int = 3, loan_id: str = "L0001") -> dict:
+    """summary.json's "calibration": two borrower types, four generations, the whole book,
+    and `flagged` paper-vs-path loans (the first one named `loan_id`)."""
+    types = {"neocloud": (20, 6e8, 0.04, 1.21), "miner": (12, 4e8, 0.07, 1.48)}
+    generations = {g: (8, 2.5e8, 0.05, 1.1 + 0.1 * i) for i, g in enumerate(GENERATIONS)}
+    rows = [
+        {
+            "loan_id": loan_id if i == 0 else f"L{i:04d}",
+            "borrower_id": f"B{i:03d}",
+            "borrower_type": "neocloud" if i % 2 else "miner",
+            "gpu_generation": GENERATIONS[i % 4],
+            "balance_usd": 1e5 * (i + 1),
+            "central_min_liquidity_coverage": 0.5 if i % 3 else 5.0,
+            "central_refinancing_coverage": 1.0 if i % 3 else 0.34,
+            "cannot_pay": "debt service" if i % 3 else "balloon refinancing",
+        }
+        for i in range(flagged)
+    ]
+    exposure = sum(r["balance_usd"] for r in rows)
+    return {
+        "book": _calibration_row(32, 1e9, 0.0513, 1.31),
+        "by_borrower_type": {k: _calibration_row(*v) for k, v in types.items()},
+        "by_generation": {k: _calibration_row(*v) for k, v in generations.items()},
+        "year_one_periods": 4,
+        "year_one_scenarios": 20_000,
+        "paper_vs_path": {
+            "loans": flagged,
+            "debt_service": sum(1 for r in rows if r["cannot_pay"] == "debt service"),
+            "refinancing": sum(1 for r in rows if r["cannot_pay"] != "debt service"),
+            "exposure_usd": exposure,
+            "exposure_share": exposure / 1e9,
+            "rows": rows,
+        },
+    }
+
+
+GENERATIONS = ("A100", "H100", "H200", "B200")
+
+
 def write_results_dir(
-    directory: Path, *, contributions: bool = True, sensitivities: bool = True, seed: int = 7
+    directory: Path,
+    *,
+    contributions: bool = True,
+    sensitivities: bool = True,
+    seed: int = 7,
+    calibration: bool = True,
 ) -> Path:
     """A plausible results directory: summary.json, losses.parquet from a lognormal sample,
-    and (optionally) contributions and sensitivities tables of a few dozen rows."""
+    and (optionally) contributions and sensitivities tables of a few dozen rows and the
+    calibration table."""
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True, exist_ok=True)
     n_scenarios = 20_000
@@ -140,6 +205,8 @@ def write_results_dir(
             },
         },
     }
+    if calibration:
+        summary["calibration"] = calibration_summary(flagged=5, loan_id='L<0>&"x"')
     (directory / "summary.json").write_text(json.dumps(summary, indent=2))
     pq.write_table(
         pa.table(
@@ -218,6 +285,7 @@ def test_report_is_self_contained_with_every_section(full_report: Path):
     assert "demo_book.parquet" in text and "20,000" in text and "17.9 s" in text
     assert "B000&lt;&amp;&gt;" in text and "B000<&>" not in text
     assert "&lt;immediately&gt; &amp; rents follow" in text
+    assert "L&lt;0&gt;&amp;&quot;x&quot;" in text and 'L<0>&"x"' not in text
     assert "99.9%" in text and "ES 99.9%" in text
     assert re.search(r"\$\d{1,3}(,\d{3})*\.\d\dM", text)
     assert "not computed" not in text
@@ -271,6 +339,125 @@ def test_all_null_summary_still_renders():
     }
     text = render_report(summary, np.array([0.0, 1.0, 2.0, np.nan]), None, None)
     assert "Headline risk measures" in text and "—" in text
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _section_of(text: str, anchor: str) -> str:
+    start = text.index(f'<section id="{anchor}">')
+    return text[start : text.index("</section>", start)]
+
+
+def _summary_for_calibration(tmp_path: Path) -> tuple[dict, np.ndarray]:
+    directory = write_results_dir(
+        tmp_path / "r", contributions=False, sensitivities=False, calibration=False
+    )
+    summary = json.loads((directory / "summary.json").read_text())
+    losses = pq.read_table(directory / "losses.parquet").column("loss_usd").to_numpy()
+    return summary, losses
+
+
+def test_calibration_section_renders_both_tables_the_note_and_paper_vs_path(tmp_path: Path):
+    summary, losses = _summary_for_calibration(tmp_path)
+    summary["calibration"] = calibration_summary(flagged=62, loan_id="<b>L&0</b>")
+    text = render_report(summary, losses, None, None)
+    nav = text[text.index("<nav>") : text.index("</nav>")]
+    assert '<a href="#calibration">Calibration</a>' in nav
+    assert text.index(">Loss distribution</h2>") < text.index(">Calibration</h2>")
+    assert text.index(">Calibration</h2>") < text.index(">Risk contributions</h2>")
+    section = _section_of(text, "calibration")
+    # Two tables, each with its groups and the whole book as the total row.
+    assert section.count('<table class="totals calib">') == 2
+    assert "<th>Borrower type</th>" in section and "<th>Generation</th>" in section
+    for name in ("neocloud", "miner", *GENERATIONS):
+        assert f"<td>{name}</td>" in section
+    assert section.count("<td>Whole book</td>") == 2
+    for header in (
+        "Input PD, annual",
+        "Input PD, year 1",
+        "Input PD, horizon",
+        "Model default rate, year 1",
+        "Model PD, horizon",
+        "Model ÷ input, year 1",
+        "Mean LGD",
+        "EL, % of exposure",
+        "ES 99%, % of exposure",
+        "ES 99.9%, % of exposure",
+    ):
+        assert section.count(f">{header}</th>") == 2, header
+    assert ">1.31×</td>" in section and ">1.48×</td>" in section  # book, miner ratios
+    assert ">5.13%</td>" in section and ">42.00%</td>" in section and ">40.0%</td>" in section
+    # The anchor in plain language.
+    assert "pd_anchor &ldquo;expected&rdquo;" in section and "docs/spec.md" in section
+    assert "every shock is 0" in section and "Jensen" in section and "1.0–2.0×" in section
+    assert "first 20,000 scenarios" in section
+    assert "Infrastructure view" not in section  # no paper-metrics stress in this run
+    # Paper vs path: count, share, the 50 largest loans and how many more.
+    paper = section[section.index("<h3>Paper vs path</h3>") :]
+    assert "62 loan(s), 19.5% of exposure ($195.30M)" in paper
+    assert paper.count("<tr>") == 1 + 50  # header + 50 rows
+    assert "12 more flagged loan(s) not shown ($7.80M)" in paper
+    body = paper[paper.index("<tbody>") :]
+    assert body.index("L0061") < body.index("L0060") < body.index("L0012")  # largest first
+    assert "L0011" not in body  # the 12 smallest are left out
+    assert ">balloon refinancing</td>" in body and ">0.34×</td>" in body
+    # Loan ids are escaped (the first loan is the smallest: give it the largest balance).
+    summary["calibration"]["paper_vs_path"]["rows"][0]["balance_usd"] = 1e9
+    text = render_report(summary, losses, None, None)
+    assert "&lt;b&gt;L&amp;0&lt;/b&gt;" in text and "<b>L&0</b>" not in text
+
+
+def test_report_renders_without_calibration(tmp_path: Path):
+    """Older summaries have no "calibration"; --no-calibration writes null; a damaged one
+    (nulls everywhere, no paper-vs-path rows) still renders."""
+    summary, losses = _summary_for_calibration(tmp_path)
+    for value in ("absent", None, "junk"):
+        if value == "absent":
+            summary.pop("calibration", None)
+        else:
+            summary["calibration"] = value
+        text = render_report(summary, losses, None, None)
+        section = _section_of(text, "calibration")
+        assert ">Calibration</h2>" in section
+        assert "Calibration: not computed in this run." in section
+        assert "<table" not in section
+    nulls = calibration_summary(flagged=0)
+    nulls["book"] = {key: None for key in nulls["book"]}
+    nulls["by_generation"] = None
+    nulls["year_one_scenarios"] = None
+    summary["calibration"] = nulls
+    section = _section_of(render_report(summary, losses, None, None), "calibration")
+    assert section.count("<td>Whole book</td>") == 2 and "—" in section
+    assert "the input PDs and the central paths agree" in section
+    summary["calibration"]["paper_vs_path"] = None
+    section = _section_of(render_report(summary, losses, None, None), "calibration")
+    assert "Paper vs path" not in section
+
+
+def test_calibration_compares_the_paper_metrics_stress_with_the_base_run(tmp_path: Path):
+    summary, losses = _summary_for_calibration(tmp_path)
+    base = summary["measures"]
+    stressed = json.loads(json.dumps(base))
+    stressed["el"] = base["el"] * 1.25
+    stressed["tail"]["0.999"]["es"] = base["tail"]["0.999"]["es"] * 1.1
+    summary["stress"]["paper-metrics"] = {
+        "description": "The infrastructure view",
+        "measures": stressed,
+        "change": {"el": stressed["el"] - base["el"]},
+    }
+    for calibration in (calibration_summary(), None):
+        summary["calibration"] = calibration
+        section = _section_of(render_report(summary, losses, None, None), "calibration")
+        line = section[section.index("Infrastructure view") :]
+        line = line[: line.index("</p>")]
+        assert "paper-metrics" in line and "anchor &ldquo;today&rdquo;" in line
+        el_base = f"${base['el'] / 1e6:,.2f}M"
+        assert f"EL {el_base} → ${stressed['el'] / 1e6:,.2f}M (+25.0%)" in line
+        es_base = f"${base['tail']['0.999']['es'] / 1e6:,.2f}M"
+        assert f"ES 99.9% {es_base} → " in line and "(+10.0%)" in line
+    # The stress also keeps its row in the stress table.
+    assert ">paper-metrics</td>" in render_report(summary, losses, None, None)
 
 
 def _make_tails_only(directory: Path) -> np.ndarray:
@@ -350,10 +537,15 @@ window.addEventListener("load", function () {
     return {width: r.width, height: r.height};
   });
   var resources = performance.getEntriesByType("resource").map(function (e) { return e.name; });
+  var overflow = Array.prototype.filter.call(document.querySelectorAll("div.scroll"),
+    function (d) { return d.scrollWidth > d.clientWidth + 1; }).map(function (d) {
+      var s = d.closest("section");
+      return (s ? s.id : "?") + ": " + d.scrollWidth + " > " + d.clientWidth + " px";
+    });
   var out = document.createElement("pre");
   out.id = "report-probe";
   out.textContent = JSON.stringify({problems: __problems, images: images, svgs: svgs,
-                                    resources: resources});
+                                    resources: resources, overflow: overflow});
   document.body.appendChild(out);
 });
 </script>"""
@@ -414,7 +606,9 @@ def _probe(binary: str, tmp: Path, report_text: str, name: str, extra_body: str 
     page = page.replace("</main>", extra_body + "</main>", 1)
     path = tmp / f"{name}.html"
     path.write_text(page, encoding="utf-8")
-    done = _chromium(binary, tmp / f"profile-{name}", path.as_uri(), "--dump-dom")
+    done = _chromium(
+        binary, tmp / f"profile-{name}", path.as_uri(), "--window-size=1280,4000", "--dump-dom"
+    )
     match = re.search(r'<pre id="report-probe">(.*?)</pre>', done.stdout, re.DOTALL)
     assert match, f"probe produced no verdict (rc {done.returncode}): {done.stderr[-2000:]}"
     return json.loads(html.unescape(match.group(1))), _console_lines(done.stderr)
@@ -466,6 +660,7 @@ def test_report_renders_in_headless_chromium(chromium, full_report, tmp_path):
     assert _bad_images(verdict) == []
     assert all(s["width"] > 0 and s["height"] > 0 for s in verdict["svgs"])
     assert [r for r in verdict["resources"] if not r.startswith("data:")] == []
+    assert verdict["overflow"] == []  # every table fits a 1,280 px window: nothing clipped
 
     # The report as shipped (no probe): loads without console messages; keep a screenshot.
     screenshot = tmp_path / "report.png"

@@ -24,6 +24,7 @@ GROUPS = {
     "euler",
     "convergence",
     "t_copula",
+    "calibration",
 }
 
 
@@ -163,3 +164,20 @@ def test_cli_exits_1_when_a_check_fails(tmp_path, monkeypatch):
     document = json.loads((tmp_path / "validation.json").read_text())
     assert document["passed"] is False and document["n_failed"] == 1
     assert "FAIL: 1 of 1" in (tmp_path / "validation.html").read_text()
+
+
+def test_calibration_check_catches_a_credit_cycle_without_persistence(monkeypatch):
+    """The AR(1) lag check fails when the engine's credit cycle has the wrong persistence."""
+    from gpucredit.kernels import jax_engine
+
+    base = default_assumptions()
+    real = jax_engine.factor_paths_jax
+
+    def wrong(params, grid, normals):
+        return real(params._replace(credit_persistence=0.3), grid, normals)
+
+    monkeypatch.setattr(jax_engine, "factor_paths_jax", wrong)
+    checks = v.credit_cycle_checks(base, v.validation_settings(quick=True))
+    assert checks and not any(c.passed for c in checks)
+    monkeypatch.setattr(jax_engine, "factor_paths_jax", real)
+    assert all(c.passed for c in v.credit_cycle_checks(base, v.validation_settings(quick=True)))

@@ -1,13 +1,15 @@
-"""report.html: one self-contained page a credit risk team reads at 7 am (DESIGN.md "Results").
+"""report.html: one self-contained page a credit risk team reads at 7 am (docs/spec.md "Results").
 
 Everything is inline: the styles, and every chart as a base64 PNG drawn with matplotlib's Agg
 canvas (no pyplot state, no display). The page has no script, no external stylesheet, font
 or image, so it opens offline, in a mail attachment or behind a proxy, exactly as written.
 
 Sections, in order: header, headline measures, loss distribution (histogram and tail),
-contributions, sensitivities, stress, today's book, run metadata. Any value of summary.json
-may be null; it is shown as an em dash. Missing contributions or sensitivities tables make
-their sections say "not computed".
+calibration (model vs input PDs, paper vs path), contributions, sensitivities, stress,
+today's book, reverse stress, run metadata. Any value of summary.json may be null; it is
+shown as an em dash. Missing contributions or sensitivities tables, or a summary without
+"calibration" (older runs, or run with --no-calibration), make their sections say "not
+computed".
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ REVERSE_STRESS_FILE = "reverse_stress.json"
 
 TOP_BORROWERS = 20
 TOP_SENSITIVITIES = 15
+PAPER_VS_PATH_ROWS = 50  # flagged loans listed (the largest balances first)
+PAPER_METRICS_STRESS = "paper-metrics"  # built-in stress: the PD anchor "today"
 DASH = "\u2014"
 
 CONTRIBUTION_COLUMNS = (
@@ -497,6 +501,230 @@ def _loss_distribution(summary: dict, view: _Losses | None) -> str:
     return _section("losses", "Loss distribution", hist + tail_html + stats)
 
 
+def _es_share_keys(rows: Iterable[object]) -> list[tuple[str, float | None]]:
+    """(row key "es_<alpha>_share", alpha) of every ES share in the calibration rows, in
+    increasing alpha."""
+    found: dict[str, float | None] = {}
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        for key in row:
+            if isinstance(key, str) and key.startswith("es_") and key.endswith("_share"):
+                found.setdefault(key, _num(key[len("es_") : -len("_share")]))
+    return sorted(found.items(), key=lambda p: (p[1] is None, p[1] or 0.0, p[0]))
+
+
+def _ratio(value: object) -> str:
+    x = _num(value)
+    return DASH if x is None else f"{x:,.2f}\u00d7"
+
+
+def _calibration_table(
+    heading: str, groups: object, book_row: object, es_keys: list[tuple[str, float | None]]
+) -> str:
+    header = [
+        heading,
+        "Loans",
+        "Exposure",
+        "Input PD, annual",
+        "Input PD, year 1",
+        "Input PD, horizon",
+        "Model default rate, year 1",
+        "Model PD, horizon",
+        "Model \u00f7 input, year 1",
+        "Mean LGD",
+        "EL, % of exposure",
+    ]
+    header += [
+        f"ES {alpha_label(alpha if alpha is not None else key)}, % of exposure"
+        for key, alpha in es_keys
+    ]
+
+    def cells(name: str, row: object) -> list[str]:
+        out = [
+            name,
+            fmt_int(_get(row, "loans")),
+            fmt_usd(_get(row, "exposure_usd")),
+            fmt_pct(_get(row, "input_pd_annual"), 2),
+            fmt_pct(_get(row, "input_pd_year_one"), 2),
+            fmt_pct(_get(row, "input_pd_horizon"), 2),
+            fmt_pct(_get(row, "model_default_rate_year_one"), 2),
+            fmt_pct(_get(row, "model_pd_horizon"), 2),
+            _ratio(_get(row, "year_one_ratio")),
+            fmt_pct(_get(row, "mean_lgd")),
+            fmt_pct(_get(row, "el_share"), 2),
+        ]
+        return out + [fmt_pct(_get(row, key), 2) for key, _ in es_keys]
+
+    rows = [cells(str(name), row) for name, row in (groups or {}).items()]
+    rows.append(cells("Whole book", book_row))
+    return _table(header, rows, css_class="totals calib")
+
+
+def _paper_metrics_line(summary: dict) -> str:
+    """EL and the highest ES of the base run against the paper-metrics stress, or ""."""
+    stress = summary.get("stress")
+    item = stress.get(PAPER_METRICS_STRESS) if isinstance(stress, dict) else None
+    if not isinstance(item, dict):
+        return ""
+    base = summary.get("measures")
+    stressed = item.get("measures")
+    alphas = _alphas(summary)
+    # ES 99.9% when the run has it, else its highest level.
+    key, alpha = next(
+        ((k, a) for k, a in alphas if a is not None and abs(a - 0.999) < 1e-12),
+        alphas[-1] if alphas else (None, None),
+    )
+
+    def move(before: object, after: object) -> str:
+        b, a = _num(before), _num(after)
+        text = f"{fmt_usd(b)} \u2192 {fmt_usd(a)}"
+        if b is not None and a is not None and b != 0:
+            text += f" ({fmt_pct(a / b - 1.0, signed=True)})"
+        return text
+
+    parts = [f"EL {move(_get(base, 'el'), _get(stressed, 'el'))}"]
+    if key is not None:
+        label = alpha_label(alpha if alpha is not None else key)
+        es_move = move(_get(base, "tail", key, "es"), _get(stressed, "tail", key, "es"))
+        parts.append(f"ES {label} {es_move}")
+    return (
+        '<p class="note"><strong>Infrastructure view</strong> (stress '
+        f"&ldquo;{_esc(PAPER_METRICS_STRESS)}&rdquo;: the same book on the same random numbers, "
+        "with the input PDs assumed to price today&rsquo;s metrics persisting, PD anchor "
+        "&ldquo;today&rdquo;, so the expected fall in rents and prices counts as deterioration): "
+        f"{_esc('; '.join(parts))}. The difference is how much of the book&rsquo;s risk an "
+        "infrastructure reading of its PDs adds.</p>"
+    )
+
+
+def _paper_vs_path(pvp: object) -> str:
+    if not isinstance(pvp, dict):
+        return ""
+    count = _num(pvp.get("loans"))
+    parts = ["<h3>Paper vs path</h3>"]
+    if count == 0:
+        parts.append(
+            '<p class="note">Every loan&rsquo;s central path pays its debt service and '
+            "refinances its balloon: the input PDs and the central paths agree.</p>"
+        )
+        return "".join(parts)
+    parts.append(
+        f'<p class="note">{_esc(fmt_int(count))} loan(s), '
+        f"{_esc(fmt_pct(pvp.get('exposure_share')))} of exposure "
+        f"({_esc(fmt_usd(pvp.get('exposure_usd')))}), cannot pay on their central path "
+        "(every shock 0): "
+        f"{_esc(fmt_int(pvp.get('debt_service')))} fall short of their debt service in some "
+        "period before maturity (central liquidity coverage LC* below 1.0\u00d7) and "
+        f"{_esc(fmt_int(pvp.get('refinancing')))} cannot refinance their balloon (central "
+        "refinancing coverage RF* below 1). Their input PD assumed something their own "
+        "expected path does not deliver; the model holds their references at full coverage, "
+        "so their hazard sits above the input PD even on the central path, and they push "
+        "the year-1 ratio of their group up.</p>"
+    )
+    rows = [r for r in pvp.get("rows") or [] if isinstance(r, dict)]
+    rows.sort(key=lambda r: -(_num(r.get("balance_usd")) or 0.0))
+    shown = rows[:PAPER_VS_PATH_ROWS]
+    if shown:
+        table_rows = [
+            [
+                fmt_general(r.get("loan_id")),
+                fmt_general(r.get("borrower_id")),
+                fmt_general(r.get("borrower_type")),
+                fmt_general(r.get("gpu_generation")),
+                fmt_general(r.get("cannot_pay")),
+                fmt_usd(r.get("balance_usd")),
+                _ratio(r.get("central_min_liquidity_coverage")),
+                _ratio(r.get("central_refinancing_coverage")),
+            ]
+            for r in shown
+        ]
+        caption = (
+            f"The {len(shown):,} largest by balance"
+            if len(rows) > len(shown)
+            else "Every flagged loan, largest balance first"
+        )
+        parts.append(
+            _table(
+                [
+                    "Loan",
+                    "Borrower",
+                    "Type",
+                    "Generation",
+                    "Cannot pay",
+                    "Balance",
+                    "Lowest LC* (central path)",
+                    "RF* (central path)",
+                ],
+                table_rows,
+                numeric_from=5,
+                caption=caption,
+                css_class="calib",
+            )
+        )
+        if len(rows) > len(shown):
+            rest = rows[len(shown) :]
+            rest_usd = sum(_num(r.get("balance_usd")) or 0.0 for r in rest)
+            parts.append(
+                f'<p class="note">{len(rest):,} more flagged loan(s) not shown '
+                f"({_esc(fmt_usd(rest_usd))}); summary.json lists every one.</p>"
+            )
+    return "".join(parts)
+
+
+def _calibration(summary: dict) -> str:
+    """Model vs input PDs by borrower type and generation, the anchor explained, the
+    paper-metrics comparison when that stress ran, and the paper-vs-path loans."""
+    title = "Calibration"
+    calibration = summary.get("calibration")
+    paper_metrics = _paper_metrics_line(summary)
+    if not isinstance(calibration, dict):
+        return _section(title.lower(), title, _not_computed("Calibration") + paper_metrics)
+    book_row = calibration.get("book")
+    by_type = calibration.get("by_borrower_type")
+    by_generation = calibration.get("by_generation")
+    by_type = by_type if isinstance(by_type, dict) else {}
+    by_generation = by_generation if isinstance(by_generation, dict) else {}
+    es_keys = _es_share_keys([book_row, *by_type.values(), *by_generation.values()])
+    periods = _num(calibration.get("year_one_periods"))
+    scenarios = _num(calibration.get("year_one_scenarios"))
+    year_one = "the first year"
+    if periods is not None:
+        year_one += f" ({fmt_int(periods)} period{'s' if periods != 1 else ''})"
+    if scenarios is not None:
+        year_one += f" of the run&rsquo;s first {_esc(fmt_int(scenarios))} scenarios"
+
+    def pd(key: str) -> str:
+        return _esc(fmt_pct(_get(book_row, key), 2))
+
+    parts = [
+        '<p class="note">Does the model default as often as the input PDs say? Whole book: '
+        f"the model&rsquo;s year-1 default rate is {pd('model_default_rate_year_one')} against "
+        f"an input PD of {pd('input_pd_year_one')} compounded over the year "
+        f"({_esc(_ratio(_get(book_row, 'year_one_ratio')))}); over the horizon the "
+        f"model&rsquo;s PD is {pd('model_pd_horizon')} against {pd('input_pd_horizon')}.</p>",
+        _calibration_table("Borrower type", by_type, book_row, es_keys),
+        _calibration_table("Generation", by_generation, book_row, es_keys),
+        '<p class="note">How to read it. The input PD is anchored on the central path '
+        "(model.pd_anchor &ldquo;expected&rdquo;, docs/spec.md &sect;4): on the path where "
+        "every shock is 0 (rents, prices and crypto on their median trends) a loan&rsquo;s "
+        "hazard is exactly its input PD&rsquo;s, because the lender&rsquo;s PD already prices "
+        "the expected fall in rents and prices. Around that path the coverage ratios move with "
+        "the factors, which adds systematic variance, and a default probability is convex in "
+        "it (Jensen): the model&rsquo;s unconditional default rate sits somewhat above the "
+        "input PD, and a model \u00f7 input ratio of roughly 1.0\u20132.0\u00d7 is expected. "
+        "A ratio well above that points at loans whose central path cannot pay (paper vs "
+        "path, below). Input PDs are compounded over the periods each loan is alive for; "
+        f"the year-1 default rate is measured on {year_one}. Default rates and PDs are "
+        "loan-count averages; mean LGD is EL \u00f7 expected defaulted exposure; EL and ES "
+        "are each group&rsquo;s Euler contributions as a share of its exposure.</p>",
+    ]
+    if paper_metrics:
+        parts.append(paper_metrics)
+    parts.append(_paper_vs_path(calibration.get("paper_vs_path")))
+    return _section(title.lower(), title, "".join(parts))
+
+
 def _alpha_columns(table: pa.Table, prefix: str) -> list[tuple[str, float]]:
     """Columns named prefix<alpha>_usd, as (column, alpha), in increasing alpha."""
     out = []
@@ -933,7 +1161,11 @@ td.num, th.num { text-align:right; }
 tbody tr:nth-child(even) { background:#fafbfc; }
 table.totals tbody tr:last-child { font-weight:600; border-top:2px solid var(--ink); }
 table.headline td:nth-child(2) { font-weight:600; }
-table.wide { font-size:12.5px; }
+table.wide, table.calib { font-size:12.5px; }
+table.wide th, table.wide td, table.calib th, table.calib td { padding:5px 7px; }
+table.wide th, table.calib th { white-space:normal; vertical-align:bottom; }
+table.wide td { white-space:normal; }
+table.wide td:first-child { white-space:nowrap; }
 .scroll { overflow-x:auto; }
 figure { margin:10px 0 16px; }
 figure img { display:block; max-width:100%; height:auto; }
@@ -953,6 +1185,7 @@ footer { margin-top:40px; font-size:11px; color:var(--muted); }
 _SECTIONS = (
     ("headline", "Headline"),
     ("losses", "Loss distribution"),
+    ("calibration", "Calibration"),
     ("contributions", "Contributions"),
     ("sensitivities", "Sensitivities"),
     ("stress", "Stress"),
@@ -1004,6 +1237,7 @@ def render_report(
         f"<nav>{nav}</nav>",
         _headline(summary),
         _loss_distribution(summary, losses),
+        _calibration(summary),
         _contributions(contributions),
         _sensitivities(sensitivities),
         _stress(summary),

@@ -1,5 +1,6 @@
-"""What the terminal shows: the run's measures, top contributors and sensitivities, and
-today's book summary, as rich tables on stdout."""
+"""What the terminal shows: the run's measures, top contributors, sensitivities and
+calibration, and today's book summary with its paper-vs-path loans, as rich tables on
+stdout."""
 
 from __future__ import annotations
 
@@ -105,6 +106,7 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
                 usd_millions(s.measures.es(alpha) - m.es(alpha)),
             )
         console.print(table)
+    print_calibration(getattr(result, "calibration", None), console)
     console.print(
         f"{meta['scenarios']:,} scenarios in {meta['pass1_seconds']:.1f} s "
         f"({meta['scenarios_per_second']:,.0f}/s, {meta['loan_periods_per_second']:.3g} "
@@ -116,6 +118,120 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
             f"per-scenario losses were not kept (the {len(result.tail.indices):,} largest are in "
             "tail_losses.parquet; --keep-losses keeps them all)"
         )
+
+
+def _pct(value: object, digits: int = 2) -> str:
+    """A share as a percentage; "n/a" for None or a non-finite value."""
+    if value is None or isinstance(value, bool):
+        return "n/a"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{100 * x:.{digits}f}%" if np.isfinite(x) else "n/a"
+
+
+def _times(value: object) -> str:
+    """A ratio as "1.31x"; "n/a" for None or a non-finite value."""
+    if value is None or isinstance(value, bool):
+        return "n/a"
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{x:.2f}x" if np.isfinite(x) else "n/a"
+
+
+def _es_shares(row: dict) -> list[tuple[str, object]]:
+    """("ES 99.9%", share) of every es_<alpha>_share key of a calibration row, by alpha."""
+    out = []
+    for key, value in row.items():
+        if key.startswith("es_") and key.endswith("_share"):
+            try:
+                alpha = float(key[len("es_") : -len("_share")])
+            except ValueError:
+                continue
+            out.append((alpha, f"ES {percent(alpha)}", value))
+    return [(label, value) for _, label, value in sorted(out)]
+
+
+def print_calibration(calibration: dict | None, console: Console | None = None) -> None:
+    """The whole book's calibration (portfolio/calibration.py) in three lines; nothing when
+    the run has none (--no-calibration)."""
+    if not isinstance(calibration, dict) or not isinstance(calibration.get("book"), dict):
+        return
+    console = console or _console()
+    book = calibration["book"]
+    model_h, input_h = book.get("model_pd_horizon"), book.get("input_pd_horizon")
+    try:
+        horizon_ratio = float(model_h) / float(input_h)
+    except (TypeError, ValueError, ZeroDivisionError):
+        horizon_ratio = None
+    console.print(
+        "calibration (whole book): year-1 default rate "
+        f"{_pct(book.get('model_default_rate_year_one'))} vs input PD "
+        f"{_pct(book.get('input_pd_year_one'))} ({_times(book.get('year_one_ratio'))}; "
+        "~1.0-2.0x expected)"
+    )
+    losses = [f"EL {_pct(book.get('el_share'))}"]
+    losses += [f"{label} {_pct(value)}" for label, value in _es_shares(book)]
+    console.print(
+        f"  horizon PD {_pct(model_h)} vs {_pct(input_h)} ({_times(horizon_ratio)}); "
+        f"{', '.join(losses)} of exposure; mean LGD {_pct(book.get('mean_lgd'), 1)}"
+    )
+    pvp = calibration.get("paper_vs_path")
+    if isinstance(pvp, dict):
+        console.print("  " + _paper_vs_path_line(pvp, book.get("loans")))
+
+
+def _paper_vs_path_line(pvp: dict, total_loans: object = None) -> str:
+    """One line: how many loans cannot pay on their central path, and why."""
+    count = pvp.get("loans") or 0
+    if count == 0:
+        return "paper vs path: none (every central path pays its debt service and balloon)"
+    of = f" of {total_loans:,}" if isinstance(total_loans, int) else ""
+    return (
+        f"paper vs path: {count:,}{of} loans, {_pct(pvp.get('exposure_share'), 1)} of "
+        f"exposure, cannot pay on their central path ({pvp.get('debt_service', 0):,} debt "
+        f"service, {pvp.get('refinancing', 0):,} refinancing)"
+    )
+
+
+def print_paper_vs_path(pvp: dict, total_loans: int | None = None, top: int = 5) -> None:
+    """The loans whose central path cannot pay (calibration.paper_vs_path): the count, and
+    the `top` largest by balance."""
+    console = _console()
+    console.print(escape(_paper_vs_path_line(pvp, total_loans)))
+    if pvp.get("loans"):
+        console.print(
+            "  their input PD assumed more than their expected path (every shock 0) delivers: "
+            "the model's hazard sits above it there (docs/spec.md §4)"
+        )
+    rows = sorted(pvp.get("rows") or [], key=lambda r: -(r.get("balance_usd") or 0.0))
+    if not rows:
+        return
+    shown = rows[:top]
+    table = Table(
+        title=f"Largest paper-vs-path loans ({len(shown)} of {len(rows):,}), central path"
+    )
+    for column in ("loan", "borrower", "type", "gen", "balance $m", "lowest LC*", "RF*"):
+        numeric = column in ("balance $m", "lowest LC*", "RF*")
+        table.add_column(column, justify="right" if numeric else "left")
+    table.add_column("cannot pay")
+    for r in shown:
+        table.add_row(
+            escape(str(r.get("loan_id"))),
+            escape(str(r.get("borrower_id"))),
+            escape(str(r.get("borrower_type"))),
+            escape(str(r.get("gpu_generation"))),
+            usd_millions(r.get("balance_usd")),
+            _times(r.get("central_min_liquidity_coverage")),
+            _times(r.get("central_refinancing_coverage")),
+            escape(str(r.get("cannot_pay"))),
+        )
+    console.print(table)
+    if len(rows) > len(shown):
+        console.print(f"... and {len(rows) - len(shown):,} more (--json lists every one)")
 
 
 def _ltv(value: float | None) -> str:

@@ -138,6 +138,8 @@ class ValidationSettings:
     convergence_t_alphas: tuple[float, ...]
     t_dof: int
     margin_scenarios: int
+    calibration_path_scenarios: int  # factor paths for the AR(1) lag correlations
+    calibration_scenarios: int  # the example book's year-1 and horizon default rates
 
 
 _GRADIENT_PARAMETERS_QUICK = (
@@ -203,6 +205,8 @@ def validation_settings(quick: bool, seed: int = 0) -> ValidationSettings:
             convergence_t_alphas=(),
             t_dof=3,
             margin_scenarios=2048,
+            calibration_path_scenarios=65_536,
+            calibration_scenarios=16_384,
         )
     return ValidationSettings(
         quick=False,
@@ -243,6 +247,8 @@ def validation_settings(quick: bool, seed: int = 0) -> ValidationSettings:
         convergence_t_alphas=(0.99,),  # 0.999 needs > 10^6 t-copula scenarios for the fit
         t_dof=3,
         margin_scenarios=16_384,
+        calibration_path_scenarios=262_144,
+        calibration_scenarios=100_000,
     )
 
 
@@ -1279,6 +1285,114 @@ def t_copula_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
 # --------------------------------------------------------------------------- run
 
 
+# --------------------------------------------------------------------------- calibration
+
+YEAR_ONE_BAND = (1.0, 2.0)  # model year-1 default rate / input PD, per borrower type
+YEAR_ONE_WHY = (
+    "On the central path the hazard is exactly the input PD's Vasicek hazard (the 'expected' "
+    "anchor). Around it the coverage ratios move with rents, prices, BTC and power, and with "
+    "β's > 0 that volatility adds to the systematic variance of the hazard's argument: the "
+    "unconditional default rate E[Φ(·)] then sits above the input PD (Jensen), by more for "
+    "borrowers whose coverage is more volatile (miners). Below 1.0 would mean the anchor "
+    "does not hold the input PD on the central path; above 2.0 that the coverage shifts, not "
+    "the PDs, drive the book's default rates, which a lender's PD would not accept. Loans whose "
+    "central path cannot pay are included (their hazard is higher by construction)."
+)
+
+
+def calibration_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
+    """The credit cycle's AR(1) lag correlation against ϕ, and the example book's year-1
+    default rate against its input PDs by borrower type (a band, with its reason)."""
+    return credit_cycle_checks(base, s) + year_one_checks(base, s)
+
+
+def credit_cycle_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
+    """corr(Z(t), Z(t + m)) = ϕ for every t with a year after it (Fisher z, SE 1/√(n − 3))."""
+    import jax.numpy as jnp
+
+    from gpucredit.kernels import jax_engine
+    from gpucredit.kernels.rng import shock_normals_np
+
+    checks = []
+    grid = base.grid("conditional")
+    m = base.steps_per_year
+    n = s.calibration_path_scenarios
+    normals = shock_normals_np(s.seed, np.arange(n, dtype=np.uint32), grid.periods,
+                               grid.slots_per_period)  # fmt: skip
+    credit = np.asarray(
+        jax_engine.factor_paths_jax(base.params, grid, jnp.asarray(normals, jnp.float64)).credit
+    )[:, 1:]
+    phi = float(base.params.credit_persistence)
+    lags = [(t, t + m) for t in range(grid.periods - m)]
+    k = normal_multiplier(len(lags))
+    for t, u in lags:
+        r = float(np.corrcoef(credit[:, t], credit[:, u])[0, 1])
+        z = (math.atanh(r) - math.atanh(phi)) * math.sqrt(n - 3)
+        checks.append(
+            Check(
+                name=f"credit cycle corr(Z({t + 1}), Z({u + 1})) = persistence",
+                group="calibration",
+                passed=bool(abs(z) <= k),
+                values={"correlation": r, "persistence": phi, "z": z, "scenarios": n},
+                tolerance=f"|Fisher z| ≤ {k:.2f}",
+                why_tolerance=(
+                    f"atanh of a sample correlation of n = {n} pairs is normal with SD "
+                    f"1/√(n − 3); {k:.2f} is the two-sided Bonferroni bound for {len(lags)} "
+                    f"lags at a {FAMILY_FALSE_ALARM:.0%} family-wise false-alarm rate."
+                ),
+            )
+        )
+    return checks
+
+
+def year_one_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
+    """The example book's year-1 default rate over its input PD, by borrower type."""
+    from gpucredit.io.book import example_book_path, read_book
+    from gpucredit.portfolio.calibration import calibration_table, year_one_assumptions
+    from gpucredit.portfolio.engine import JaxBackend, run_pass1
+
+    book = read_book(example_book_path(), base)
+    loans = loan_arrays(book, base)
+    first_year = year_one_assumptions(base)
+    backend = JaxBackend(
+        first_year.params, first_year.grid("conditional"), loan_arrays(book, first_year),
+        s.seed, "float32",
+    )  # fmt: skip
+    year_one = run_pass1(backend, s.calibration_scenarios, s.chunk, len(book))
+    whole = run_pass1(
+        JaxBackend(base.params, base.grid("conditional"), loans, s.seed, "float32"),
+        s.calibration_scenarios, s.chunk, len(book),
+    )  # fmt: skip
+    table = calibration_table(
+        book, loans, base, whole.loan_horizon_pd, year_one.loan_horizon_pd,
+        whole.loan_expected_loss_usd, whole.loan_mean_lgd,
+    )  # fmt: skip
+    low, high = YEAR_ONE_BAND
+    checks = []
+    for kind, row in table["by_borrower_type"].items():
+        ratio = row["year_one_ratio"]
+        horizon_ratio = row["model_pd_horizon"] / row["input_pd_horizon"]
+        checks.append(
+            Check(
+                name=f"year-1 default rate / input PD, {kind}s of the example book",
+                group="calibration",
+                passed=bool(ratio is not None and low <= ratio <= high),
+                values={
+                    "ratio": ratio,
+                    "model_default_rate_year_one": row["model_default_rate_year_one"],
+                    "input_pd_year_one": row["input_pd_year_one"],
+                    "horizon_ratio": horizon_ratio,
+                    "el_share": row["el_share"],
+                    "loans": row["loans"],
+                    "scenarios": s.calibration_scenarios,
+                },
+                tolerance=f"{low:.1f} ≤ ratio ≤ {high:.1f}",
+                why_tolerance=YEAR_ONE_WHY,
+            )
+        )
+    return checks
+
+
 GROUPS: tuple[tuple[str, Callable[[Assumptions, ValidationSettings], list[Check]]], ...] = (
     ("vasicek", vasicek_checks),
     ("reference", reference_checks),
@@ -1288,6 +1402,7 @@ GROUPS: tuple[tuple[str, Callable[[Assumptions, ValidationSettings], list[Check]
     ("euler", euler_checks),
     ("convergence", convergence_checks),
     ("t_copula", t_copula_checks),
+    ("calibration", calibration_checks),
 )
 
 
