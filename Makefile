@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/gpucredit run --out results
+	$(BIN)/gpucredit run --out results --stress paper-metrics
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
