@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.special import ndtri
 from tests.conftest import random_book
 
 from gpucredit.io.assumptions import default_assumptions
@@ -304,6 +305,35 @@ def assumptions():
     return default_assumptions()
 
 
+def _check_against_reference(
+    emulator, params, grid, loans, dtype, threads, per_block, first=1000, count=23
+):
+    """The emulated kernel's losses and per-loan sums against reference.simulate_outcomes,
+    scenario by scenario (float64 1e-9 relative, float32 1e-3 per scenario, 1e-4 in total)."""
+    prepared = cupy_engine.prepare_loans_cupy(loans, dtype, threads=threads)
+    assert prepared.n_pad % prepared.threads == 0
+    losses, sums = _emulated_chunk(emulator, params, grid, prepared, first, count, per_block)
+    scenarios = np.arange(first, first + count)
+    expected = reference.simulate_outcomes(params, grid, loans, SEED, scenarios)
+    want = expected.loss_usd.sum(axis=1)
+    assert want.max() > 0
+    rtol = 1e-9 if dtype == np.float64 else 1e-4
+    floor = rtol * max(float(np.mean(np.abs(want))), 1.0)
+    np.testing.assert_allclose(losses, want, rtol=rtol if dtype == np.float64 else 1e-3, atol=floor)
+    if dtype == np.float32:
+        assert abs(losses.sum() / want.sum() - 1) < 1e-4
+    if grid.mode == "sampled":
+        np.testing.assert_array_equal(losses == 0, want == 0)
+        np.testing.assert_array_equal(sums[1], expected.default_probability.sum(axis=0))
+    for got, ref_sum in zip(
+        sums,
+        (expected.loss_usd, expected.default_probability, expected.defaulted_exposure_usd),
+        strict=True,
+    ):
+        want_sum = ref_sum.sum(axis=0)
+        np.testing.assert_allclose(got, want_sum, rtol=rtol * 10, atol=rtol * 10 * want_sum.max())
+
+
 @pytest.mark.parametrize(
     ("mode", "copula", "discount", "dtype", "threads", "per_block"),
     [
@@ -317,30 +347,51 @@ def test_emulated_kernel_matches_reference(
 ):
     grid = assumptions.grid(mode)._replace(copula=copula, discount=discount)
     loans = loan_arrays(random_book(5, 45), assumptions)
-    prepared = cupy_engine.prepare_loans_cupy(loans, dtype, threads=threads)
-    assert prepared.n_pad % prepared.threads == 0
-    first, count = 1000, 23
-    losses, sums = _emulated_chunk(
-        emulator, assumptions.params, grid, prepared, first, count, per_block
-    )
-    scenarios = np.arange(first, first + count)
-    expected = reference.simulate_outcomes(assumptions.params, grid, loans, SEED, scenarios)
-    want = expected.loss_usd.sum(axis=1)
-    rtol = 1e-9 if dtype == np.float64 else 1e-4
-    floor = rtol * max(float(np.mean(np.abs(want))), 1.0)
-    np.testing.assert_allclose(losses, want, rtol=rtol if dtype == np.float64 else 1e-3, atol=floor)
-    if dtype == np.float32:
-        assert abs(losses.sum() / want.sum() - 1) < 1e-4
-    if mode == "sampled":
-        np.testing.assert_array_equal(losses == 0, want == 0)
-        np.testing.assert_array_equal(sums[1], expected.default_probability.sum(axis=0))
-    for got, ref_sum in zip(
-        sums,
-        (expected.loss_usd, expected.default_probability, expected.defaulted_exposure_usd),
-        strict=True,
-    ):
-        want_sum = ref_sum.sum(axis=0)
-        np.testing.assert_allclose(got, want_sum, rtol=rtol * 10, atol=rtol * 10 * want_sum.max())
+    _check_against_reference(emulator, assumptions.params, grid, loans, dtype, threads, per_block)
+
+
+def _v2_case(assumptions, case: str):
+    """(params, loans) exercising one model-v2 mechanism beyond the defaults."""
+    params = assumptions.params
+    grid = assumptions.grid()
+    loans = loan_arrays(random_book(5, 45), assumptions)
+    if case == "today-anchor":  # LC^ref, CC^ref, RF^ref = today's (RF^ref != 1 at a balloon)
+        loans = reference.with_pd_references(params, grid, loans, "today")
+        assert np.any(loans.ln_refinancing_reference[loans.balloon_usd > 0] < 0)
+    elif case == "fleet-edges":
+        # F_g below N_g (the book sells alone), 0, N_g = 0 (nothing pledged in generation 2:
+        # no volume, H = min(H_max, H0)) and a fleet far above the book.
+        pledged = np.where(loans.generation == 2, 0.0, loans.collateral_share)
+        loans = loans._replace(collateral_share=pledged)
+        params = params._replace(financed_fleet_gpus=np.array([5000.0, 0.0, 4.0e5, 3.0e6]))
+        loans = reference.with_pd_references(params, grid, loans)
+    elif case == "income-and-cycle":  # another hashprice trend, independent credit shocks,
+        params = params._replace(btc_hashprice_drift=0.15, credit_persistence=0.0)
+        share = np.where(loans.other_income_usd_per_year > 0, 1.0, loans.other_income_btc_share)
+        loans = loans._replace(other_income_btc_share=share)  # all-BTC other income
+        loans = reference.with_pd_references(params, grid, loans)
+    elif case == "strong-cycle":
+        params = params._replace(credit_persistence=0.95)
+    else:
+        raise AssertionError(case)
+    return params, loans
+
+
+@pytest.mark.parametrize(
+    ("case", "mode", "dtype"),
+    [
+        ("today-anchor", "conditional", np.float64),
+        ("today-anchor", "sampled", np.float64),
+        ("fleet-edges", "conditional", np.float64),
+        ("fleet-edges", "sampled", np.float64),
+        ("income-and-cycle", "conditional", np.float32),
+        ("strong-cycle", "sampled", np.float64),
+    ],
+)
+def test_emulated_kernel_matches_reference_model_v2(emulator, assumptions, case, mode, dtype):
+    params, loans = _v2_case(assumptions, case)
+    grid = assumptions.grid(mode)._replace(discount=mode == "sampled")
+    _check_against_reference(emulator, params, grid, loans, dtype, 64, 4, first=300, count=17)
 
 
 def test_emulated_losses_do_not_depend_on_the_chunk(emulator, assumptions):
@@ -364,3 +415,86 @@ def test_layout_keeps_warps_single_generation(assumptions):
     )
     np.testing.assert_array_equal(prepared.order[prepared.position], np.arange(300))
     assert prepared.n_pad % prepared.threads == 0 and prepared.threads == 256
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def test_haircut_from_volume_matches_reference_liquidation_supply(assumptions):
+    """The host-side haircut from fixed-point volumes against reference.liquidation_supply,
+    with F_g below, at 0 and above N_g and a generation with nothing pledged (N_g = 0)."""
+    loans = loan_arrays(random_book(5, 45), assumptions)
+    loans = loans._replace(
+        collateral_share=np.where(loans.generation == 3, 0.0, loans.collateral_share)
+    )
+    params = assumptions.params._replace(
+        financed_fleet_gpus=np.array([5000.0, 0.0, 4.0e5, 1.0e6]), haircut_power=0.8
+    )
+    prepared = cupy_engine.prepare_loans_cupy(loans, np.float64)
+    for grid in (assumptions.grid("conditional"), assumptions.grid("sampled")):
+        tables = cupy_engine.loan_tables(params, grid, prepared)
+        rng = np.random.default_rng(3)
+        n_scen, periods, g_count = 5, grid.periods, grid.n_generations
+        pledged = loans.gpu_count * loans.collateral_share
+        expected = rng.uniform(0, 0.05, (n_scen, periods, len(pledged))) * pledged
+        if grid.mode == "sampled":
+            dumped = (rng.uniform(size=expected.shape) < 0.05) * pledged
+        else:
+            dumped = expected
+        volumes = [dumped, expected][: cupy_engine.volume_count(grid)]
+        assert len(volumes) == (2 if grid.mode == "sampled" else 1)
+        fixed = np.zeros((len(volumes), n_scen, periods, g_count), np.uint64)
+        for v, per_loan in enumerate(volumes):
+            for g in range(g_count):
+                total = per_loan[..., loans.generation == g].sum(axis=-1)
+                fixed[v, ..., g] = np.rint(total * tables.qscale[g]).astype(np.uint64)
+        got = cupy_engine.haircut_from_volume(params, tables, fixed)
+        assert got.shape == (n_scen, periods, g_count)
+        for t in range(periods):
+            supply = reference.liquidation_supply(params, grid, loans, dumped[:, t], expected[:, t])
+            depth = params.market_depth_gpus_per_year * grid.dt_years
+            want = np.minimum(
+                params.haircut_max,
+                params.haircut_base
+                + params.haircut_slope * (supply / depth) ** params.haircut_power,
+            )
+            np.testing.assert_allclose(got[:, t], want, rtol=1e-12)
+        np.testing.assert_array_equal(got[..., 3], params.haircut_base[3])  # N_g = 0
+
+
+def test_loan_tables_fold_the_pd_references_into_the_hazard_base(assumptions):
+    loans = loan_arrays(random_book(5, 45), assumptions)
+    params, grid = assumptions.params, assumptions.grid()
+    loans = reference.with_pd_references(params, grid, loans, "today")
+    prepared = cupy_engine.prepare_loans_cupy(loans, np.float64)
+    tables = cupy_engine.loan_tables(params, grid, prepared)
+    assert tables.loan_real.shape[0] == 18 and tables.loan_period.shape[:2] == (4, grid.periods)
+    base = tables.loan_period[3][:, prepared.position].T  # [N, T]
+    dt = grid.dt_years
+    threshold = ndtri(1.0 - (1.0 - loans.pd_annual) ** dt)
+    want = (
+        threshold[:, None]
+        + params.beta_liquidity * loans.ln_liquidity_reference[:, 1:]
+        + params.beta_collateral * loans.ln_collateral_reference[:, 1:]
+    )
+    t = np.arange(1, grid.periods + 1)
+    at_refinancing = (t[None] == loans.maturity_period[:, None]) & (loans.balloon_usd[:, None] > 0)
+    assert at_refinancing.any()
+    want += np.where(
+        at_refinancing, params.beta_refinancing * loans.ln_refinancing_reference[:, None], 0.0
+    )
+    np.testing.assert_allclose(base, want, rtol=1e-14, atol=1e-14)
+    # other income: OI Δ (1 − b) in both income constants, OI Δ b on the BTC index
+    income = loans.other_income_usd_per_year * dt
+    share = loans.other_income_btc_share
+    np.testing.assert_allclose(tables.loan_real[17][prepared.position], income * share)
+    padding = prepared.order < 0
+    assert np.all(tables.loan_period[3][:, padding] == 0) and np.all(
+        tables.loan_int[2][padding] == 0
+    )
+    with pytest.raises(ValueError, match="PD references"):
+        cupy_engine.loan_tables(
+            params,
+            grid,
+            cupy_engine.prepare_loans_cupy(loans._replace(ln_liquidity_reference=None)),
+        )

@@ -108,6 +108,48 @@ def test_float32_close_to_reference(assumptions, loans, copula):
     assert abs(got.sum() / want.sum() - 1) < 2e-5
 
 
+def _v2_case(assumptions, loans, case: str):
+    """(params, loans) exercising one model-v2 mechanism beyond the defaults (the same cases
+    as test_cuda_compile's emulated kernel)."""
+    params, grid = assumptions.params, assumptions.grid()
+    if case == "today-anchor":  # RF^ref != 1 at a balloon
+        return params, reference.with_pd_references(params, grid, loans, "today")
+    if case == "fleet-edges":  # F_g < N_g, F_g = 0, N_g = 0 (generation 2), F_g >> N_g
+        loans = loans._replace(
+            collateral_share=np.where(loans.generation == 2, 0.0, loans.collateral_share)
+        )
+        params = params._replace(financed_fleet_gpus=np.array([5000.0, 0.0, 4.0e5, 3.0e6]))
+        return params, reference.with_pd_references(params, grid, loans)
+    if case == "income-and-cycle":  # all-BTC other income, another trend, φ = 0
+        params = params._replace(btc_hashprice_drift=0.15, credit_persistence=0.0)
+        share = np.where(loans.other_income_usd_per_year > 0, 1.0, loans.other_income_btc_share)
+        loans = loans._replace(other_income_btc_share=share)
+        return params, reference.with_pd_references(params, grid, loans)
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize(
+    ("case", "mode", "dtype"),
+    [
+        ("today-anchor", "conditional", np.float64),
+        ("today-anchor", "sampled", np.float64),
+        ("fleet-edges", "conditional", np.float64),
+        ("fleet-edges", "sampled", np.float64),
+        ("income-and-cycle", "conditional", np.float64),
+        ("income-and-cycle", "conditional", np.float32),
+    ],
+)
+def test_model_v2_cases_match_reference(assumptions, loans, case, mode, dtype):
+    params, loans = _v2_case(assumptions, loans, case)
+    grid = assumptions.grid(mode)._replace(discount=mode == "sampled")
+    scenarios = np.arange(COUNT)
+    want = reference.simulate_chunk(params, grid, loans, SEED, scenarios).sum(axis=1)
+    got = _losses(params, grid, loans, dtype)
+    _assert_close(got, want, 1e-9 if dtype == np.float64 else 1e-4)
+    if mode == "sampled":
+        np.testing.assert_array_equal(got == 0, want == 0)
+
+
 @pytest.mark.parametrize(
     ("book_seed", "n_loans", "mode", "first", "threads"),
     [

@@ -1,23 +1,31 @@
-"""The CuPy backend of MODEL.md §2-6: one fused CUDA kernel (kernels/cuda/forward.cu), two passes.
+"""The CuPy backend of docs/spec.md §2-6 (model v2): one fused CUDA kernel
+(kernels/cuda/forward.cu), two passes.
 
 It computes exactly what `kernels.reference` computes, scenario by scenario, on the same
 Threefry numbers (`kernels.rng`), in float32 or float64:
 
 - The random inputs of a chunk are made on the device by JAX (`rng.shock_normals_jax`,
   `jax_engine.factor_paths_jax`, `rng.default_uniforms_jax`): one jitted call returns the
-  factor table [S, T, W] (W = 3G + 6: R_g, P_g, ln P_g, BTC, ETH, power, r, Z, DF) and, in
+  factor table [S, T, W] (W = 3G + 7: R_g, P_g, ln P_g, BTC, ETH, power, r, Z, DF and other
+  income's BTC index X_btc(t)/X_btc(0) e^{η tΔ}; Z is the AR(1) credit cycle) and, in
   sampled mode, the default uniforms [S, B]. They reach CuPy through DLPack
   (`cupy.from_dlpack`, no host round trip). They are small next to the loan work.
+- The PD anchor's references (LC^ref(t), CC^ref(t), RF^ref, docs/spec.md §4) come with the
+  book (LoanArrays, computed once per run and held fixed); `loan_tables` folds them with
+  Φ⁻¹(p^Δ) and the β's into one hazard base per loan and period.
 - The [scenarios × loans × periods] work is the kernel's. Pass 1 runs the period loop per
-  (scenario, loan) and adds each loan's liquidation volume into Q[s, t, g]; the haircut
-  H_g(t) is then computed from Q ([S, T, G], CuPy elementwise); pass 2 reruns the loop
+  (scenario, loan) and adds each loan's liquidation volume n a d(t) into Q[s, t, g] and, in
+  sampled mode, its expected volume n a S(t−1) h(t) into a second array (in conditional
+  mode the two are the same); the market-wide fire-sale haircut
+  H_g(t) = min(H_max, H0_g + H1 ((Q_g + max(F_g − N_g, 0) q̄_g) / D_g)^γ) is then computed
+  from them ([S, T, G], CuPy elementwise, `haircut_from_volume`); pass 2 reruns the loop
   (cheaper than storing it), applies the haircut and reduces the loss per scenario and, when
   asked, the per-loan sums the engine's ChunkOutput needs.
 - Launch: blockIdx.y = a tile of `threads` loans (one loan per thread, its constants in
   registers), blockIdx.x = a group of consecutive scenarios looped over in the block. Loans
   are sorted by generation and padded so that a warp never mixes generations. Reductions are
-  deterministic (fixed-order warp and block sums, 64-bit fixed-point integer atomics for Q),
-  so a scenario's loss does not depend on the chunk it is computed in.
+  deterministic (fixed-order warp and block sums, 64-bit fixed-point integer atomics for the
+  volumes), so a scenario's loss does not depend on the chunk it is computed in.
 
 The host side (layout, per-loan constants, launch shape, haircut) is plain NumPy and is
 tested on a machine without a GPU; cupy is imported lazily, so this module imports anywhere.
@@ -65,6 +73,7 @@ __all__ = [
     "chunk_losses_cupy",
     "chunk_outcomes_cupy",
     "device_tables",
+    "factor_columns",
     "haircut_from_volume",
     "kernel_name",
     "launch_shape",
@@ -73,22 +82,25 @@ __all__ = [
     "random_inputs",
     "run_passes",
     "shared_memory_bytes",
+    "volume_count",
 ]
 
 WARP = 32
 MAX_THREADS = 256  # GPUCREDIT_MAX_THREADS in forward.cu (__launch_bounds__)
 KERNEL_SOURCE = "cuda/forward.cu"
-_FIXED_POINT_BITS = 62  # Q in fixed point: the generation's total pledged GPUs is < 2^62
+_FIXED_POINT_BITS = 62  # volumes in fixed point: the generation's pledged GPUs N_g < 2^62
 _MAX_SCENARIOS_PER_BLOCK = 64
 _TARGET_BLOCKS = 4096  # enough blocks for every SM of an H100 several times over
 _MAX_LOAN_PARTIALS = 1 << 27  # elements of the [groups, 3, n_pad] per-loan partial sums
 _DEFAULT_SHARED_LIMIT = 48 * 1024
 
-# Slot counts of forward.cu's SoA arrays (M_COUNT, L_COUNT, LI_COUNT, P_COUNT).
+# Slot counts of forward.cu's SoA arrays (M_COUNT, L_COUNT, LI_COUNT, P_COUNT) and the
+# factor table's columns after the 3G generation columns (F_COUNT).
 _MODEL_SLOTS = 8
-_LOAN_REAL_SLOTS = 21
+_LOAN_REAL_SLOTS = 18
 _LOAN_INT_SLOTS = 4
-_PERIOD_SLOTS = 3
+_PERIOD_SLOTS = 4
+_MARKET_COLUMNS = 7
 
 
 def kernel_name(dtype, loss_pass: bool) -> str:
@@ -199,16 +211,25 @@ class LoanTables(NamedTuple):
     """forward.cu's per-run inputs, float64 / int32 NumPy in the padded loan order."""
 
     model: np.ndarray  # [8]
-    loan_real: np.ndarray  # [21, n_pad]
+    loan_real: np.ndarray  # [18, n_pad]
     loan_int: np.ndarray  # [4, n_pad] int32
-    loan_period: np.ndarray  # [3, T, n_pad]
-    qscale: np.ndarray  # [G] 2^e_g: Q_g in fixed point = round(Q_g 2^e_g)
+    loan_period: np.ndarray  # [4, T, n_pad]
+    qscale: np.ndarray  # [G] 2^e_g: a volume of g in fixed point = round(volume 2^e_g)
     depth_gpus: np.ndarray  # [G] D_g (GPUs per period)
+    book_gpus: np.ndarray  # [G] N_g = Σ_{i of g} n_i a_i, the book's pledged GPUs
+    rest_of_fleet_gpus: np.ndarray  # [G] max(F_g − N_g, 0) where N_g > 0, else 0
 
 
 def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> LoanTables:
-    """Every per-loan and per-(loan, period) constant of the period loop, in float64."""
+    """Every per-loan and per-(loan, period) constant of the period loop, in float64.
+
+    The PD anchor's references come with the book (LoanArrays.ln_*_reference, constants of
+    the run, docs/spec.md §4) and are folded with Φ⁻¹(p^Δ) into the hazard base of each
+    loan and period: base(t) = Φ⁻¹(p^Δ) + β_L ln LC^ref(t) + β_C ln CC^ref(t), plus
+    β_R ln RF^ref in period t_M when the loan has a balloon.
+    """
     loans = prepared.loans
+    reference.require_pd_references(loans)
     periods = grid.periods
     if np.asarray(loans.balance_usd).shape[1] != periods + 1:
         raise ValueError(
@@ -227,8 +248,11 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
     rho = f64(loans.asset_correlation)
     balloon = f64(loans.balloon_usd)
     has_balloon = balloon > 0
+    maturity = np.asarray(loans.maturity_period, np.int64)
+    other_income = f64(loans.other_income_usd_per_year) * dt  # OI Δ
+    btc_share = f64(loans.other_income_btc_share)
+    flat_income = other_income * (1.0 - btc_share)  # OI Δ (1 − b)
 
-    today = reference.today_metrics(params, grid, loans)
     pd_period = 1.0 - (1.0 - f64(loans.pd_annual)) ** dt
     threshold = np.clip(ndtri(pd_period), -THRESHOLD_LIMIT, THRESHOLD_LIMIT)
     refi_ltv = float(params.refi_ltv)
@@ -238,46 +262,58 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
     )
 
     per_loan = np.zeros((_LOAN_REAL_SLOTS, prepared.n_loans))
-    per_loan[0] = pledged
-    per_loan[1] = pledged * (1.0 - f64(loans.liquidation_cost))
-    per_loan[2] = n * hours * f64(loans.power_kw_per_gpu)
-    per_loan[3] = f64(loans.btc_units)
-    per_loan[4] = f64(loans.eth_units)
-    per_loan[5] = f64(loans.crypto_pledged)
-    per_loan[6] = threshold
-    per_loan[7] = np.sqrt(rho)
-    per_loan[8] = 1.0 / np.sqrt(1.0 - rho)
-    per_loan[9] = f64(loans.cash_usd)
-    per_loan[10] = np.log(today.liquidity_coverage)
-    per_loan[11] = np.log(today.collateral_coverage)
-    per_loan[12] = np.log(today.refinancing_coverage)
-    per_loan[13] = ln_refi
-    per_loan[14] = has_balloon
-    per_loan[15] = f64(loans.rate)
-    per_loan[16] = f64(loans.is_floating)
-    per_loan[17] = n * hours * (share * contract_rate) - n * hours * opex
-    per_loan[18] = n * hours * ((1.0 - share) * util)
-    per_loan[19] = -(n * hours * opex)
-    per_loan[20] = n * hours * util
+    per_loan[0] = pledged  # L_PLEDGED_GPUS
+    per_loan[1] = pledged * (1.0 - f64(loans.liquidation_cost))  # L_RECOVERY_GPUS
+    per_loan[2] = n * hours * f64(loans.power_kw_per_gpu)  # L_POWER_KWH
+    per_loan[3] = f64(loans.btc_units)  # L_BTC
+    per_loan[4] = f64(loans.eth_units)  # L_ETH
+    per_loan[5] = f64(loans.crypto_pledged)  # L_CRYPTO_PLEDGED
+    per_loan[6] = np.sqrt(rho)  # L_SQRT_RHO
+    per_loan[7] = 1.0 / np.sqrt(1.0 - rho)  # L_INV_SQRT_1M_RHO
+    per_loan[8] = f64(loans.cash_usd)  # L_CASH
+    per_loan[9] = ln_refi  # L_LN_REFI
+    per_loan[10] = has_balloon  # L_HAS_BALLOON
+    per_loan[11] = f64(loans.rate)  # L_RATE
+    per_loan[12] = f64(loans.is_floating)  # L_FLOATING
+    per_loan[13] = n * hours * (share * contract_rate) - n * hours * opex + flat_income
+    per_loan[14] = n * hours * ((1.0 - share) * util)  # L_RENT_HOURS_CONTRACTED
+    per_loan[15] = -(n * hours * opex) + flat_income  # L_INCOME_FREE
+    per_loan[16] = n * hours * util  # L_RENT_HOURS_FREE
+    per_loan[17] = other_income * btc_share  # L_BTC_INCOME
 
     ints = np.zeros((_LOAN_INT_SLOTS, prepared.n_loans), np.int64)
     ints[1] = np.asarray(loans.borrower)
-    ints[2] = np.asarray(loans.maturity_period)
+    ints[2] = maturity
     ints[3] = np.asarray(loans.contract_periods)
 
+    # base(t) = Φ⁻¹(p^Δ) + β_L ln LC^ref(t) + β_C ln CC^ref(t) (+ β_R ln RF^ref at t_M).
+    hazard_base = (
+        threshold[:, None]
+        + float(params.beta_liquidity) * f64(loans.ln_liquidity_reference)[:, 1 : periods + 1]
+        + float(params.beta_collateral) * f64(loans.ln_collateral_reference)[:, 1 : periods + 1]
+    )  # [N, T]
+    at_refinancing = has_balloon[:, None] & (
+        np.arange(1, periods + 1)[None, :] == maturity[:, None]
+    )
+    hazard_base = hazard_base + np.where(
+        at_refinancing,
+        float(params.beta_refinancing) * f64(loans.ln_refinancing_reference)[:, None],
+        0.0,
+    )
     balance_before = f64(loans.balance_usd)[:, :periods]  # [N, T] B(t − 1)
     per_period = np.stack(
         [
-            balance_before,
-            f64(loans.installment_usd)[:, 1 : periods + 1],  # I(t)
-            safe_log_ratio(pledged[:, None], balance_before),
+            balance_before,  # P_BALANCE
+            f64(loans.installment_usd)[:, 1 : periods + 1],  # P_INSTALLMENT: I(t)
+            safe_log_ratio(pledged[:, None], balance_before),  # P_LN_GPUS_PER_BALANCE
+            hazard_base,  # P_HAZARD_BASE
         ]
-    ).transpose(0, 2, 1)  # [3, T, N]
+    ).transpose(0, 2, 1)  # [4, T, N]
 
     real = prepared.order >= 0
     src = prepared.order[real]
     loan_real = np.zeros((_LOAN_REAL_SLOTS, prepared.n_pad))
-    loan_real[8] = 1.0  # inert padding: 1/√(1 − 0)
+    loan_real[7] = 1.0  # inert padding: 1/√(1 − 0)
     loan_real[:, real] = per_loan[:, src]
     loan_int = np.zeros((_LOAN_INT_SLOTS, prepared.n_pad), np.int64)
     loan_int[:, real] = ints[:, src]
@@ -287,13 +323,15 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
     loan_period[:, :, real] = per_period[:, :, src]
 
     g_count = grid.n_generations
-    total_pledged = np.bincount(
+    book_gpus = np.bincount(
         np.asarray(loans.generation, np.int64), weights=pledged, minlength=g_count
-    )[:g_count]
-    _, exponent = np.frexp(total_pledged)  # total < 2^exponent
+    )[:g_count]  # N_g
+    _, exponent = np.frexp(book_gpus)  # N_g < 2^exponent
     qscale = np.where(
-        total_pledged > 0, np.ldexp(1.0, np.clip(_FIXED_POINT_BITS - exponent, -1000, 1000)), 1.0
+        book_gpus > 0, np.ldexp(1.0, np.clip(_FIXED_POINT_BITS - exponent, -1000, 1000)), 1.0
     )
+    fleet = np.broadcast_to(f64(params.financed_fleet_gpus), (g_count,))
+    rest = np.where(book_gpus > 0, np.maximum(fleet - book_gpus, 0.0), 0.0)
     model = np.array(
         [
             dt,
@@ -314,14 +352,31 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
         loan_period=loan_period,
         qscale=qscale,
         depth_gpus=f64(params.market_depth_gpus_per_year) * dt,
+        book_gpus=book_gpus,
+        rest_of_fleet_gpus=rest,
     )
 
 
+def volume_count(grid: ModelGrid) -> int:
+    """V, the volumes pass 1 accumulates: 2 in sampled mode (the realised Σ n a d(t) and the
+    expected Σ n a S(t−1) h(t)), 1 in conditional mode (where they are the same)."""
+    return 2 if grid.mode == "sampled" else 1
+
+
 def haircut_from_volume(params: ModelParams, tables: LoanTables, volume_fixed, xp=np):
-    """H_g(t) = min(H_max, H0_g + H1 (Q_g(t)/D_g)^γ) [S, T, G] float64 from the fixed-point
-    volume [S, T, G] uint64 (NumPy or CuPy, as `xp`)."""
-    volume = volume_fixed.astype(xp.float64) / xp.asarray(tables.qscale)
-    ratio = volume / xp.asarray(tables.depth_gpus)
+    """The fire-sale haircut H_g(t) [S, T, G] float64 (docs/spec.md §5) from pass 1's
+    fixed-point volumes [V, S, T, G] uint64 (NumPy or CuPy, as `xp`; the last volume is the
+    expected one):
+      H_g(t) = min(H_max, H0_g + H1 ((Q_g(t) + max(F_g − N_g, 0) q̄_g(t)) / D_g)^γ),
+    Q_g the book's own dumped GPUs, q̄_g = (expected dumped GPUs) / N_g the book's expected
+    liquidation rate, at which the rest of the financed fleet sells too; N_g = 0 gives 0."""
+    scale = xp.asarray(tables.qscale)
+    own = volume_fixed[0].astype(xp.float64) / scale
+    expected = volume_fixed[-1].astype(xp.float64) / scale
+    book = np.asarray(tables.book_gpus, np.float64)
+    rate = expected / xp.asarray(np.where(book > 0, book, 1.0))  # q̄_g(t); 0 where N_g = 0
+    supply = own + xp.asarray(tables.rest_of_fleet_gpus) * rate
+    ratio = supply / xp.asarray(tables.depth_gpus)
     base = xp.asarray(np.asarray(params.haircut_base, np.float64))
     powered = ratio ** float(params.haircut_power)
     return xp.minimum(float(params.haircut_max), base + float(params.haircut_slope) * powered)
@@ -337,11 +392,22 @@ def launch_shape(count: int, tiles: int, n_pad: int) -> tuple[int, int]:
     return per_block, -(-count // per_block)
 
 
+def factor_columns(n_generations: int) -> int:
+    """W = 3G + 7, the factor table's columns: R_g, P_g, ln P_g (G each), then BTC, ETH,
+    power, r, Z, DF and the BTC income index X_btc(t)/X_btc(0) e^{η tΔ}."""
+    return 3 * n_generations + _MARKET_COLUMNS
+
+
 def shared_memory_bytes(periods: int, n_generations: int, threads: int, itemsize: int) -> int:
-    """Dynamic shared memory of forward_kernel: factor row [T, 3G + 6], haircut row [T, G],
-    per-warp volume [warps, T], per-warp loss [warps] (reals), warp generations (ints)."""
+    """Dynamic shared memory of forward_kernel: factor row [T, W], haircut row [T, G],
+    per-warp volumes [2, warps, T], per-warp loss [warps] (reals), warp generations (ints)."""
     warps = threads // WARP
-    reals = periods * (3 * n_generations + 6) + periods * n_generations + warps * periods + warps
+    reals = (
+        periods * factor_columns(n_generations)
+        + periods * n_generations
+        + 2 * warps * periods
+        + warps
+    )
     return reals * itemsize + 4 * warps
 
 
@@ -372,24 +438,30 @@ def _random_inputs_jit():
         paths = jax_engine.factor_paths_jax(params, grid, normals)
         price = paths.price_usd[:, 1:]
         rate = paths.base_rate[:, 1:]  # [S, T]
+        btc = paths.btc_usd[:, 1:]
         if grid.discount:
             discount = jnp.exp(-jnp.cumsum(rate * grid.dt_years, axis=1))
         else:
             discount = jnp.ones_like(rate)
+        # Other income's BTC index X_btc(t)/X_btc(0) e^{η tΔ} (docs/spec.md §3), [T] trend.
+        steps = jnp.arange(1, grid.periods + 1, dtype=dtype)
+        hashprice = jnp.exp(jnp.asarray(params.btc_hashprice_drift, dtype) * steps * grid.dt_years)
+        btc_index = btc / jnp.asarray(params.btc_price_usd, dtype) * hashprice
         table = jnp.concatenate(
             [
                 paths.rent_usd_per_hour[:, 1:],
                 price,
                 jnp.log(price),
-                paths.btc_usd[:, 1:, None],
+                btc[..., None],
                 paths.eth_usd[:, 1:, None],
                 paths.power_usd_per_kwh[:, 1:, None],
                 rate[..., None],
                 paths.credit[:, 1:, None],
                 discount[..., None],
+                btc_index[..., None],
             ],
             axis=-1,
-        )  # [S, T, 3G + 6]
+        )  # [S, T, 3G + 7], forward.cu's factor row
         if n_uniforms:
             uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
         else:
@@ -420,7 +492,7 @@ def _params_f64(params: ModelParams) -> ModelParams:
 def random_inputs(
     params, grid: ModelGrid, seed: int, first_scenario: int, count: int, n_borrowers, dtype
 ):
-    """(factor table [count, T, 3G + 6], uniforms [count, B'] or [1, 1]) as JAX arrays."""
+    """(factor table [count, T, 3G + 7], uniforms [count, B'] or [1, 1]) as JAX arrays."""
     import jax.numpy as jnp
 
     return _random_inputs_jit()(
@@ -510,7 +582,7 @@ def run_passes(
     launch,
     per_block: int | None = None,
 ):
-    """Both kernel passes on one chunk's random inputs (table [S, T, 3G + 6], uniforms
+    """Both kernel passes on one chunk's random inputs (table [S, T, 3G + 7], uniforms
     [S, B'] or [1, 1], `xp` arrays of the kernel dtype).
 
     `launch(loss_pass, dtype, grid_dims, threads, shared_bytes, args)` runs forward_kernel
@@ -520,7 +592,7 @@ def run_passes(
     dt = prepared.dtype
     count = int(table.shape[0])
     periods, g_count = grid.periods, grid.n_generations
-    if table.shape[1:] != (periods, 3 * g_count + 6):
+    if table.shape[1:] != (periods, factor_columns(g_count)):
         raise ValueError(f"factor table of shape {table.shape} does not fit the grid")
     threads, tiles, n_pad = prepared.threads, prepared.tiles, prepared.n_pad
     if tiles > 65535:
@@ -531,7 +603,7 @@ def run_passes(
         groups = -(-count // per_block)
     shared = shared_memory_bytes(periods, g_count, threads, dt.itemsize)
 
-    volume = xp.zeros((count, periods, g_count), dtype=xp.uint64)
+    volume = xp.zeros((volume_count(grid), count, periods, g_count), dtype=xp.uint64)
     scenario_loss = xp.zeros((tiles, count), dtype=dt)
     partials = xp.zeros((groups, 3, n_pad) if loan_sums else (1,), dtype=dt)
     dummy = xp.zeros((1,), dtype=dt)
@@ -590,7 +662,7 @@ def _forward(params, grid, prepared: CupyLoans, seed, first_scenario, count, loa
 def chunk_losses_cupy(
     params: ModelParams, grid: ModelGrid, prepared: CupyLoans, seed, first_scenario, count: int
 ):
-    """Portfolio loss L(ω) (MODEL.md §6) for scenarios first_scenario .. first_scenario+count−1.
+    """Portfolio loss L(ω) (docs/spec.md §6) for scenarios first_scenario .. first_scenario+count−1.
 
     Returns a cupy array [count] in prepared.dtype, USD (summed over loan tiles in float64).
     """
