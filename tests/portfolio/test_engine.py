@@ -139,7 +139,7 @@ def test_summary_is_json(result):
     summary = result.summary()
     text = json.dumps(summary, allow_nan=False)  # no default= hook: plain Python types only
     back = json.loads(text)
-    assert set(back) == {"metadata", "measures", "stress"}
+    assert set(back) == {"metadata", "measures", "stress", "calibration"}
     assert back["measures"]["el"] == result.measures.el
     for alpha in (0.99, 0.999):
         tail = back["measures"]["tail"][alpha_key(alpha)]

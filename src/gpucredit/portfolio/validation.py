@@ -206,7 +206,7 @@ def validation_settings(quick: bool, seed: int = 0) -> ValidationSettings:
             t_dof=3,
             margin_scenarios=2048,
             calibration_path_scenarios=65_536,
-            calibration_scenarios=16_384,
+            calibration_scenarios=8_192,
         )
     return ValidationSettings(
         quick=False,
