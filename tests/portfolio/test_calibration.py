@@ -24,9 +24,7 @@ def test_year_one_pass_is_the_runs_first_year(assumptions):
     agree to rounding (the year-1 pass runs on the run's first scenarios and first year)."""
     book = feature_book(24, seed=9)
     book = type(book)(**{**vars(book), "maturity_years": np.ones(len(book))})
-    run = simulate(
-        book, assumptions, scenarios=512, seed=3, backend="numpy", sensitivities=False
-    )
+    run = simulate(book, assumptions, scenarios=512, seed=3, backend="numpy", sensitivities=False)
     table = run.calibration
     assert table["year_one_scenarios"] == 512 and table["year_one_periods"] == 4
     for row in (table["book"], *table["by_borrower_type"].values()):
@@ -39,8 +37,9 @@ def test_year_one_pass_is_the_runs_first_year(assumptions):
         feature_book(24, seed=9), assumptions, scenarios=512, seed=3, backend="numpy",
         sensitivities=False, contributions=False,
     )  # fmt: skip
-    assert longer.calibration["book"]["model_pd_horizon"] > (
-        longer.calibration["book"]["model_default_rate_year_one"]
+    assert (
+        longer.calibration["book"]["model_pd_horizon"]
+        > (longer.calibration["book"]["model_default_rate_year_one"])
     )
     assert "es_0.99_share" not in longer.calibration["book"]  # no contributions, no ES shares
 

@@ -216,8 +216,13 @@ def test_pass2_tasks_go_to_the_worker_that_ran_their_scenarios(
     book = random_book(4, 10)
     kwargs = dict(scenarios=4000, seed=5, backend="numpy", chunk_size=128, alphas=(0.5, 0.99))
     result = simulate(
-        book, assumptions, scheduler=address, keep_losses=keep_losses, sensitivities=False,
-        calibration=False, **kwargs,
+        book,
+        assumptions,
+        scheduler=address,
+        keep_losses=keep_losses,
+        sensitivities=False,
+        calibration=False,
+        **kwargs,
     )  # fmt: skip  (the calibration's year-1 pass would add its own pass-1 owners)
     workers = set(client.scheduler_info()["workers"])
     assert {worker for _, _, worker in owners} == workers  # both ran pass-1 tasks
