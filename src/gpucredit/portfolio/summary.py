@@ -39,6 +39,7 @@ def book_summary(book: Book, assumptions: Assumptions) -> dict:
                 "loans": int(mask.sum()),
                 "exposure_usd": float(exposure[mask].sum()),
                 "gpus": float(book.gpu_count[mask].sum()),
+                "other_income_usd_per_year": float(book.other_income_usd_per_year[mask].sum()),
                 "ltv": weighted(ltv, mask),
                 "dscr": weighted(dscr, mask),
             }
