@@ -243,6 +243,7 @@ def importance_shift(
         alphas=(alpha,),
         contributions=False,
         sensitivities=False,
+        calibration=False,
     )
     point = find_design_point(book, assumptions, pilot.var(alpha))
     return point.z, point
