@@ -20,8 +20,6 @@ bumped sums. (On the reference machine AD and FD agree to ~1e-8 relative or bett
 
 from __future__ import annotations
 
-import time
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -302,39 +300,3 @@ def test_numpy_run_gets_float64_sensitivities(run, assumptions):
         np.testing.assert_allclose(
             got.d_expected_shortfall[key], values, rtol=1e-9, atol=1e-12 * scale
         )
-
-
-# --------------------------------------------------------------------------- cost
-
-
-def test_tail_gradient_cost(assumptions, blocks, tail_sets, run):
-    """The reverse pass against the forward pass on the same (padded) tail indices, after
-    warm-up. Recorded, not asserted: it varies with the machine."""
-    idx, coef = tail_sets["0.99"]
-    grid = assumptions.grid()
-    params = assumptions.params
-
-    def forward():
-        return np.asarray(jax_engine.losses_at(params, grid, blocks, SEED, idx))
-
-    def backward():
-        value, grads = jax_engine.weighted_loss_gradient(params, grid, blocks, SEED, idx, coef)
-        return float(value), np.asarray(grads.correlation)
-
-    forward(), backward()  # compile (both already were, by the fixtures)
-
-    def best(fn, repeats=5):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_forward, t_backward = best(forward), best(backward)
-    print(
-        f"\ntail gradient cost ({len(idx)} scenarios, {len(BOOK)} loans, float64): "
-        f"forward {t_forward * 1e3:.1f} ms, value+gradient {t_backward * 1e3:.1f} ms, "
-        f"ratio {t_backward / t_forward:.2f}"
-    )
-    assert t_forward > 0 and t_backward > 0
