@@ -21,7 +21,7 @@ import numpy as np
 from gpucredit import __version__, default_assumptions, read_book
 from gpucredit.io.book import example_book_path
 from gpucredit.kernels import jax_engine
-from gpucredit.portfolio.engine import JaxBackend, device_name
+from gpucredit.portfolio.backends import JaxBackend, device_name
 from gpucredit.portfolio.loans import loan_arrays
 
 
@@ -36,6 +36,9 @@ def median_seconds(run, repeats: int) -> float:
 
 
 def main() -> None:
+    from gpucredit.kernels.jax_setup import configure_jax
+
+    configure_jax()  # before jax.devices(): the XLA CPU flags act only then
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tail", type=int, nargs="+", default=[256, 2048])
     parser.add_argument("--precision", default="float32", choices=("float32", "float64"))

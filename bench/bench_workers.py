@@ -32,9 +32,10 @@ def main() -> None:
 
     from gpucredit.io.assumptions import load_assumptions
     from gpucredit.io.book import example_book_path, read_book
-    from gpucredit.portfolio.distributed import BackendSpec, DaskRunner
-    from gpucredit.portfolio.engine import JaxBackend, run_pass1
+    from gpucredit.portfolio.backends import BackendSpec, JaxBackend
+    from gpucredit.portfolio.distributed import DaskRunner
     from gpucredit.portfolio.loans import loan_arrays
+    from gpucredit.portfolio.runner import run_pass1
 
     assumptions = load_assumptions(None)
     book = read_book(example_book_path(), assumptions)

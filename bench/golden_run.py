@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpucredit.io.assumptions import default_assumptions, stress_case
+from gpucredit.io.assumptions import default_assumptions
 from gpucredit.io.book import example_book_path, read_book
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.reverse_stress import importance_shift
+from gpucredit.portfolio.stress import stress_case
 
 RUNS = {
     "float64": dict(scenarios=4096, precision="float64", chunk_size=1024),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from gpucredit.kernels.jax_setup import configure_jax
 from gpucredit.portfolio.book import Book, feature_book, uniform_book  # noqa: F401 (shared)
+
+configure_jax()  # float64 and the XLA CPU flag, as the CLI and simulate set them
 
 
 def random_book(seed: int, n_loans: int) -> Book:

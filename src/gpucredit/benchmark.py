@@ -44,7 +44,7 @@ PERIODS_NOTE = "loan-periods = scenarios × loans × periods (12 quarters with t
 
 # --------------------------------------------------------------------------- the kernel's work
 
-# Operations per loan-period of one pass, counted from jax_engine._revalue_block's `step`
+# Operations per loan-period of one pass, counted from jax_step._revalue_block's `step`
 # (conditional mode, G = 4 generations; CuPy's forward.cu does the same arithmetic). A fused
 # multiply-add counts 2, a compare/select/min/max 1, a division 1 (listed apart: it is slower).
 KERNEL_COUNTS = {
@@ -344,13 +344,13 @@ def _load(book_dir: Path, loans: int):
 
 
 def _make_backend(name, precision, params, grid, loans, seed):
-    """One backend on one device (`engine.make_backend` would shard JAX over every local GPU:
+    """One backend on one device (`backends.make_backend` would shard JAX over every local GPU:
     the benchmark measures a single device)."""
     if name == "cupy":
         from gpucredit.kernels.cupy_engine import CupyBackend
 
         return CupyBackend(params, grid, loans, seed, precision)
-    from gpucredit.portfolio.engine import JaxBackend, NumpyBackend
+    from gpucredit.portfolio.backends import JaxBackend, NumpyBackend
 
     if name == "numpy":
         return NumpyBackend(params, grid, loans, seed)
@@ -1046,6 +1046,9 @@ def _fmt(x: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from gpucredit.kernels.jax_setup import configure_jax  # float64, XLA flags: before any JAX
+
+    configure_jax()  # `python -m gpucredit.benchmark` and each case's child process
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--child":
         return _child_main(argv[1:])

@@ -1,5 +1,8 @@
 """The `gpucredit` command. Bad input ends with a clear message and exit status 2, never a
-traceback; everything else is a thin layer over the Python API."""
+traceback; everything else is a thin layer over the Python API.
+
+Each command imports what it needs when it runs: importing this module (for `--help` or
+`--version`) loads neither JAX nor pyarrow nor the engine (tests/test_layers.py checks it)."""
 
 from __future__ import annotations
 
@@ -13,27 +16,24 @@ from pathlib import Path
 import click
 
 from gpucredit import __version__
-from gpucredit.io.assumptions import (
-    AssumptionsError,
-    assembled_matrix_text,
-    default_assumptions_text,
-    load_assumptions,
-    stress_case,
-)
-from gpucredit.io.book import BookError, example_book_path, read_book, write_book
-from gpucredit.io.report import ReportError
-from gpucredit.io.results import ResultsError
-from gpucredit.portfolio.engine import (
-    BACKENDS,
-    KEEP_LOSSES_MAX_SCENARIOS,
-    MODES,
-    PRECISIONS,
-    EngineError,
-)
-from gpucredit.portfolio.loans import ScheduleError, check_schedules
+from gpucredit.portfolio.settings import BACKENDS, KEEP_LOSSES_MAX_SCENARIOS, MODES, PRECISIONS
 from gpucredit.portfolio.stress import BUILTIN_STRESSES
 
 EXIT_BAD_INPUT = 2
+
+# The errors a user can fix (exit status 2) and those of a run that failed (1), by defining
+# module and name. `friendly_errors` looks them up among the modules already imported (an
+# error raised is an instance of a loaded class), so the CLI imports none of them to start.
+BAD_INPUT_ERRORS = (
+    ("gpucredit.io.book", "BookError"),
+    ("gpucredit.portfolio.document", "AssumptionsError"),
+    ("gpucredit.portfolio.settings", "EngineError"),
+    ("gpucredit.portfolio.loans", "ScheduleError"),
+)
+RUN_FAILURE_ERRORS = (
+    ("gpucredit.io.results", "ResultsError"),
+    ("gpucredit.io.report", "ReportError"),
+)
 
 
 class FiniteFloatRange(click.FloatRange):
@@ -55,6 +55,13 @@ class RunFailure(Exception):
     """An error the user can act on (unwritable output, interrupted run, ...): exit status 1."""
 
 
+def _loaded(errors: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    """The classes of `errors` whose module is imported."""
+    return tuple(
+        getattr(sys.modules[module], name) for module, name in errors if module in sys.modules
+    )
+
+
 def friendly_errors(command):
     """Turn the errors a user can fix into a message on stderr and a non-zero status."""
 
@@ -62,20 +69,25 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (BookError, AssumptionsError, EngineError, ScheduleError) as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-        except (RunFailure, ResultsError, ReportError) as error:
-            click.echo(f"error: {error}", err=True)
-            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted: completed chunks are kept; rerun with --resume", err=True)
             sys.exit(130)
+        except Exception as error:
+            if isinstance(error, _loaded(BAD_INPUT_ERRORS)):
+                click.echo(f"error: {error}", err=True)
+                sys.exit(EXIT_BAD_INPUT)
+            if isinstance(error, (RunFailure, *_loaded(RUN_FAILURE_ERRORS))):
+                click.echo(f"error: {error}", err=True)
+                sys.exit(1)
+            raise
 
     return wrapper
 
 
 def _book_and_assumptions(book_path, assumptions_path, repair_correlation):
+    from gpucredit.io.assumptions import load_assumptions
+    from gpucredit.io.book import example_book_path, read_book
+
     assumptions = load_assumptions(assumptions_path, repair_correlation=repair_correlation)
     path = Path(book_path) if book_path else example_book_path()
     return read_book(path, assumptions), assumptions
@@ -85,6 +97,9 @@ def _book_and_assumptions(book_path, assumptions_path, repair_correlation):
 @click.version_option(__version__, prog_name="gpucredit")
 def main():
     """Monte Carlo credit risk for loan books secured by GPU fleets."""
+    from gpucredit.kernels.jax_setup import configure_jax  # float64, XLA flags: before any JAX
+
+    configure_jax()
 
 
 # ----------------------------------------------------------------------------- run
@@ -229,12 +244,11 @@ def run(
         write_results,
     )
     from gpucredit.io.summary_text import print_run_summary
-    from gpucredit.portfolio.engine import (
-        default_chunk_size,
-        resolve_keep_losses,
-        resolve_run_settings,
-        simulate,
-    )
+    from gpucredit.portfolio.backends import default_chunk_size
+    from gpucredit.portfolio.engine import simulate
+    from gpucredit.portfolio.loans import check_schedules
+    from gpucredit.portfolio.settings import resolve_keep_losses, resolve_run_settings
+    from gpucredit.portfolio.stress import stress_case
 
     loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
     cases = [stress_case(assumptions, name, repair_correlation) for name in stresses]
@@ -342,6 +356,12 @@ def validate(book, assumptions_path, repair_correlation, as_json):
 @friendly_errors
 def assumptions(matrix, assumptions_path, repair_correlation):
     """Print the default assumptions file (or, with --matrix, the correlation matrix)."""
+    from gpucredit.io.assumptions import (
+        assembled_matrix_text,
+        default_assumptions_text,
+        load_assumptions,
+    )
+
     if not matrix:
         click.echo(default_assumptions_text(), nl=False)
         return
@@ -356,6 +376,7 @@ def assumptions(matrix, assumptions_path, repair_correlation):
 @friendly_errors
 def make_book_command(n_loans, seed, out):
     """Write a reproducible synthetic book of realistic borrowers (Parquet or Arrow)."""
+    from gpucredit.io.book import write_book
     from gpucredit.portfolio.makebook import make_book
 
     try:
@@ -402,6 +423,7 @@ def reverse_stress(
     from gpucredit.io.results import prepare_output_dir, write_json
     from gpucredit.io.summary_text import print_design_point
     from gpucredit.portfolio.engine import simulate
+    from gpucredit.portfolio.loans import check_schedules
     from gpucredit.portfolio.reverse_stress import ReverseStressError, find_design_point
 
     if loss_usd is not None and alpha is not None:
@@ -446,13 +468,16 @@ def validate_model(quick, out, seed):
 
     Exit status 1 when any check fails (the files are written first)."""
     from gpucredit.io.assumptions import default_assumptions
+    from gpucredit.io.book import example_book_path, read_book
     from gpucredit.io.results import prepare_output_dir
     from gpucredit.io.validation_report import write_validation
     from gpucredit.portfolio.validation import run_validation
 
     out_dir = prepare_output_dir(Path(out))
+    base = default_assumptions()
     result = run_validation(
-        default_assumptions(),
+        base,
+        read_book(example_book_path(), base),
         quick=quick,
         seed=seed,
         progress=lambda message: click.echo(message, err=True),

@@ -14,12 +14,10 @@ from gpucredit.io.assumptions import (
     default_assumptions,
     default_assumptions_text,
     load_assumptions,
-    nearest_correlation,
-    parameter_paths,
-    parameter_value,
-    with_overrides,
 )
 from gpucredit.kernels.params import ModelParams
+from gpucredit.portfolio.assumptions import parameter_paths, parameter_value, with_overrides
+from gpucredit.portfolio.correlation import nearest_correlation
 
 
 def write(tmp_path, text: str):

@@ -11,8 +11,10 @@ import pytest
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions
 from gpucredit.io.results import Checkpoint, ResultsError
-from gpucredit.portfolio.engine import BatchOutput, ChunkOutput, run_tails_pass1, simulate
+from gpucredit.portfolio.backends import ChunkOutput
+from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.risk import largest_losses
+from gpucredit.portfolio.runner import BatchOutput, run_tails_pass1
 
 SCENARIOS = 500
 KWARGS = dict(scenarios=SCENARIOS, seed=2, backend="numpy", chunk_size=64, sensitivities=False)

@@ -179,7 +179,7 @@ def test_chunks_give_identical_bits(assumptions, loans):
 
 
 def test_backend_matches_numpy_backend(assumptions, loans):
-    from gpucredit.portfolio.engine import NumpyBackend
+    from gpucredit.portfolio.backends import NumpyBackend
 
     grid = assumptions.grid()
     cupy_backend = cupy_engine.CupyBackend(assumptions.params, grid, loans, SEED, "float64")

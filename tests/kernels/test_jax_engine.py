@@ -13,10 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import random_book
-from gpucredit.io.assumptions import default_assumptions, with_overrides
+from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import jax_engine, reference
-from gpucredit.kernels.rng import shock_normals_np
-from gpucredit.portfolio.assumptions import bumped_parameter
+from gpucredit.kernels.jax_args import _statics
+from gpucredit.kernels.jax_backward import _loss_gradient
+from gpucredit.kernels.jax_factors import _shifted
+from gpucredit.kernels.jax_forward import _simulate
+from gpucredit.kernels.jax_loans import _loan_terms
+from gpucredit.kernels.params import ModelParams
+from gpucredit.kernels.rng import shock_normals_jax_at, shock_normals_np
+from gpucredit.portfolio.assumptions import bumped_parameter, with_overrides
 from gpucredit.portfolio.loans import loan_arrays
 
 SEED = 11
@@ -322,29 +328,29 @@ def test_one_sweep_gradient_is_the_autodiff_gradient(
     import jax
 
     grid = assumptions.grid()._replace(discount=discount, copula=copula)
-    blocks, _ = jax_engine._statics(grid, _blocks(loans, jnp.float64, block_size=16))
-    params = jax_engine.ModelParams(*(jnp.asarray(x, jnp.float64) for x in assumptions.params))
+    blocks, _ = _statics(grid, _blocks(loans, jnp.float64, block_size=16))
+    params = ModelParams(*(jnp.asarray(x, jnp.float64) for x in assumptions.params))
     scenarios = jnp.asarray(np.arange(48, dtype=np.uint32) * 5 + 2)
     coefficients = jnp.asarray(np.random.default_rng(1).uniform(0.2, 2.0, 48))
-    normals = jax_engine.shock_normals_jax_at(
+    normals = shock_normals_jax_at(
         jnp.uint32(SEED), scenarios, grid.periods, grid.slots_per_period, jnp.float64
     )
     if shifted:
         shift = np.random.default_rng(2).normal(0, 0.5, (grid.periods, grid.n_factors))
-        normals = jax_engine._shifted(normals, shift, grid)
+        normals = _shifted(normals, shift, grid)
 
     def objective(theta, schedule):
         moved = blocks._replace(**schedule)
-        losses = jax_engine._simulate(theta, grid, moved, normals, None, "total")
+        losses = _simulate(theta, grid, moved, normals, None, "total")
         return jnp.sum(coefficients * losses)
 
     schedule = {k: getattr(blocks, k) for k in jax_engine.SCHEDULE_LEAVES}
     value, (grads, schedule_grads) = jax.value_and_grad(objective, argnums=(0, 1))(params, schedule)
-    one_value, one_grads, one_schedule = jax_engine._loss_gradient(
+    one_value, one_grads, one_schedule = _loss_gradient(
         params, grid, blocks, normals, coefficients, remat_steps
     )
     np.testing.assert_allclose(float(one_value), float(value), rtol=1e-13)
-    for name in jax_engine.ModelParams._fields:
+    for name in ModelParams._fields:
         expected = np.asarray(getattr(grads, name))
         actual = np.asarray(getattr(one_grads, name))
         scale = max(float(np.max(np.abs(expected))), 1e-300)
@@ -364,8 +370,8 @@ def test_schedule_terms_are_every_loan_term_the_schedules_move(assumptions, loan
     moved = blocks._replace(
         **{k: getattr(blocks, k) * 1.01 + 0.5 for k in jax_engine.SCHEDULE_LEAVES}
     )
-    before = jax_engine._loan_terms(blocks, grid, jnp.float64)
-    after = jax_engine._loan_terms(moved, grid, jnp.float64)
+    before = _loan_terms(blocks, grid, jnp.float64)
+    after = _loan_terms(moved, grid, jnp.float64)
     changed = {
         name
         for name in before._fields

@@ -16,9 +16,10 @@ from scipy import stats
 from scipy.special import ndtr, ndtri
 
 from conftest import uniform_book as make_book
-from gpucredit.io.assumptions import default_assumptions, with_overrides
+from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import reference as ref
 from gpucredit.kernels.rng import default_uniforms_np, shock_normals_np
+from gpucredit.portfolio.assumptions import with_overrides
 from gpucredit.portfolio.loans import loan_arrays
 
 HOURS_PER_YEAR = 8760.0

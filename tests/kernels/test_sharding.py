@@ -24,9 +24,9 @@ SCRIPT = textwrap.dedent(
     from gpucredit.io.assumptions import load_assumptions
     from gpucredit.kernels import jax_engine
     from gpucredit.kernels.sharding import scenario_mesh, sharded_chunk_outcomes
-    from gpucredit.portfolio.distributed import ShardedJaxBackend
-    from gpucredit.portfolio.engine import JaxBackend, run_pass1
+    from gpucredit.portfolio.backends import JaxBackend, ShardedJaxBackend
     from gpucredit.portfolio.loans import loan_arrays
+    from gpucredit.portfolio.runner import run_pass1
 
     out = {"devices": len(jax.devices())}
     book = random_book(11, 10)

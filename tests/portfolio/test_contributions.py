@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import random_book
-from gpucredit.io.assumptions import default_assumptions, with_overrides
+from gpucredit.io.assumptions import default_assumptions
+from gpucredit.portfolio.assumptions import with_overrides
+from gpucredit.portfolio.backends import NumpyBackend
 from gpucredit.portfolio.contributions import Contributions, tail_loan_contributions
-from gpucredit.portfolio.engine import NumpyBackend, simulate
+from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import alpha_key, tail_coefficients, var_es
 
@@ -172,7 +174,7 @@ def test_es_contributions_do_not_depend_on_the_tail_chunk_size(mode):
 
 def test_jax_es_contributions_do_not_depend_on_the_tail_chunk_size():
     """JAX float64: a tail of 21 scenarios in one call or in chunks of 16 (16 + 5)."""
-    from gpucredit.portfolio.engine import JaxBackend
+    from gpucredit.portfolio.backends import JaxBackend
 
     a = default_assumptions()
     backend = JaxBackend(a.params, a.grid(), loan_arrays(BOOK, a), SEED, "float64")

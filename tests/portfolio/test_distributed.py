@@ -38,7 +38,7 @@ UNREACHABLE = "tcp://127.0.0.1:9"  # the discard port: nothing listens there
 def jax_cache(tmp_path_factory):
     """A persistent JAX compilation cache for this process and the workers (restored after)."""
     import jax
-    from jax._src import compilation_cache
+    from jax.experimental.compilation_cache import compilation_cache
 
     directory = str(tmp_path_factory.mktemp("jax-cache"))
     saved_env = {k: os.environ.get(k) for k in _CACHE_ENV}
@@ -312,14 +312,14 @@ def test_batches_short_of_the_tail_run_again_on_the_cluster(cluster, assumptions
     address, client = cluster
 
     def keep_eight():  # runs on each worker (a nested function: pickled by value)
-        from gpucredit.portfolio import engine
+        from gpucredit.portfolio import runner
 
-        engine.batch_tail_size = lambda scenarios, alphas, count: min(count, 8)
+        runner.batch_tail_size = lambda scenarios, alphas, count: min(count, 8)
 
     def restore():
-        from gpucredit.portfolio import engine, risk
+        from gpucredit.portfolio import risk, runner
 
-        engine.batch_tail_size = risk.batch_tail_size
+        runner.batch_tail_size = risk.batch_tail_size
 
     book = random_book(6, 10)
     kwargs = dict(scenarios=2000, seed=7, backend="numpy", chunk_size=128, alphas=(0.9, 0.99))
@@ -345,7 +345,7 @@ def test_batches_short_of_the_tail_run_again_on_the_cluster(cluster, assumptions
 
 def test_stress_and_checkpoint_hooks_on_the_cluster(cluster, assumptions):
     """Stress cases rerun pass 1 on the cluster; chunks already done are not recomputed."""
-    from gpucredit.portfolio.engine import StressCase
+    from gpucredit.portfolio.stress import StressCase
 
     address, _ = cluster
     book = random_book(8, 10)
@@ -398,8 +398,9 @@ def test_cli_runs_on_a_scheduler(cluster, tmp_path):
 def test_pass2_runs_elsewhere_when_the_owner_is_gone(cluster, assumptions):
     """The owner restriction is loose: a task whose owner left the cluster runs on another
     worker, with the same result as in one process."""
-    from gpucredit.portfolio.engine import BackendSpec, LocalRunner
+    from gpucredit.portfolio.backends import BackendSpec
     from gpucredit.portfolio.loans import loan_arrays
+    from gpucredit.portfolio.runner import LocalRunner
 
     _, client = cluster
     book = random_book(4, 10)
@@ -442,7 +443,7 @@ def test_cli_workers_and_scheduler_are_exclusive(tmp_path):
 
 
 def test_runner_needs_exactly_one_target():
-    from gpucredit.portfolio.engine import EngineError
+    from gpucredit.portfolio.settings import EngineError
 
     with pytest.raises(EngineError, match="exactly one"):
         DaskRunner(workers=2, scheduler=UNREACHABLE)

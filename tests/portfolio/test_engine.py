@@ -13,25 +13,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import SMALL_JAX_RUN, random_book
-from gpucredit.io.assumptions import default_assumptions, stress_case
+from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import cupy_engine
+from gpucredit.portfolio.backends import ChunkOutput, JaxBackend, NumpyBackend, choose_backend
 from gpucredit.portfolio.book import uniform_book
-from gpucredit.portfolio.engine import (
-    KEEP_LOSSES_MAX_SCENARIOS,
-    BatchOutput,
-    ChunkOutput,
-    EngineError,
-    JaxBackend,
-    NumpyBackend,
-    RunResult,
-    StressCase,
-    choose_backend,
-    resolve_keep_losses,
-    run_batches,
-    run_pass1,
-    run_tails_pass1,
-    simulate,
-)
+from gpucredit.portfolio.engine import RunResult, simulate
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import (
     LossHistogram,
@@ -44,6 +30,9 @@ from gpucredit.portfolio.risk import (
     tail_size,
     var_es,
 )
+from gpucredit.portfolio.runner import BatchOutput, run_batches, run_pass1, run_tails_pass1
+from gpucredit.portfolio.settings import KEEP_LOSSES_MAX_SCENARIOS, EngineError, resolve_keep_losses
+from gpucredit.portfolio.stress import StressCase, stress_case
 
 SEED = 5
 SCENARIOS = 1024
@@ -271,7 +260,7 @@ def test_a_stress_with_an_undefined_schedule_is_refused_before_any_scenario(assu
     """On a yearly grid, a stress case whose rate.level takes a floating annuity below −100% a
     period (1 + q < 0: no annuity) fails before any scenario runs, naming each such loan;
     bullet and linear floating loans (rate-free schedules) are not named."""
-    from gpucredit.io.assumptions import with_overrides
+    from gpucredit.portfolio.assumptions import with_overrides
     from gpucredit.portfolio.loans import ScheduleError
 
     book = uniform_book(
@@ -305,20 +294,20 @@ def test_a_stress_with_an_undefined_schedule_is_refused_before_any_scenario(assu
 def test_importance_sampling_on_a_host_of_several_gpus_runs_on_one(assumptions, monkeypatch):
     """Several GPUs: plain runs shard over them; importance sampling runs on one device
     (it used to be refused, with a message naming the jax backend the user had chosen)."""
-    from gpucredit.portfolio import engine
+    from gpucredit.portfolio import backends
 
-    monkeypatch.setattr(engine, "_local_gpus", lambda: ["gpu0", "gpu1"])
+    monkeypatch.setattr(backends, "_local_gpus", lambda: ["gpu0", "gpu1"])
     loans = loan_arrays(BOOK, assumptions)
     grid = assumptions.grid()
     shift = np.zeros((grid.periods, grid.n_factors))
-    backend = engine.make_backend("jax", "float64", assumptions.params, grid, loans, 1, shift)
+    backend = backends.make_backend("jax", "float64", assumptions.params, grid, loans, 1, shift)
     assert isinstance(backend, JaxBackend) and backend.normal_shift is shift
     # Its default chunk is one GPU's, not the sharded run's.
-    assert engine.default_chunk_size("jax") == 2 * engine.GPU_CHUNK_SIZE
-    assert engine.default_chunk_size("jax", importance_sampling=True) == engine.GPU_CHUNK_SIZE
-    assert engine.gradient_chunk_size() == 4096
-    monkeypatch.setattr(engine, "_local_gpus", lambda: [])
-    assert engine.gradient_chunk_size() == 256
+    assert backends.default_chunk_size("jax") == 2 * backends.GPU_CHUNK_SIZE
+    assert backends.default_chunk_size("jax", importance_sampling=True) == backends.GPU_CHUNK_SIZE
+    assert backends.gradient_chunk_size() == 4096
+    monkeypatch.setattr(backends, "_local_gpus", lambda: [])
+    assert backends.gradient_chunk_size() == 256
 
 
 def test_cupy_chunks_have_the_engine_chunk_fields():

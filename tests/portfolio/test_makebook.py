@@ -105,7 +105,7 @@ def test_a_large_written_book_reads_and_keeps_its_origination_terms(tmp_path, su
 
 
 def test_the_example_book_is_make_book_of_the_example_size_and_seed():
-    """`python -m gpucredit.portfolio.makebook` wrote it: same rows, columns and types."""
+    """`python -m gpucredit.io.makebook` wrote it: same rows, columns and types."""
     stored = pq.read_table(example_book_path())
     assert stored.equals(make_book(EXAMPLE_LOANS, EXAMPLE_SEED))
     assert tuple(stored.column_names) == BOOK_COLUMNS

@@ -9,8 +9,9 @@ import pytest
 from scipy.special import ndtr, ndtri
 
 from conftest import random_book, uniform_book
-from gpucredit.io.assumptions import default_assumptions, with_overrides
+from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import jax_engine
+from gpucredit.portfolio.assumptions import with_overrides
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.reverse_stress import (
     ReverseStressError,

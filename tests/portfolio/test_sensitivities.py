@@ -25,9 +25,14 @@ import numpy as np
 import pytest
 
 from conftest import random_book
-from gpucredit.io.assumptions import default_assumptions, with_overrides
+from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import jax_engine
-from gpucredit.portfolio.assumptions import bumped_parameter, parameter_paths, parameter_value
+from gpucredit.portfolio.assumptions import (
+    bumped_parameter,
+    parameter_paths,
+    parameter_value,
+    with_overrides,
+)
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import alpha_key, tail_coefficients

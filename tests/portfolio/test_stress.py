@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 
 from conftest import random_book
-from gpucredit.io.assumptions import (
-    AssumptionsError,
-    default_assumptions,
-    loads_assumptions,
-    stress_case,
-)
-from gpucredit.portfolio.engine import NumpyBackend, StressCase, run_pass1, simulate
+from gpucredit.io.assumptions import AssumptionsError, default_assumptions, loads_assumptions
+from gpucredit.portfolio.backends import NumpyBackend
+from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import batch_count, risk_measures
-from gpucredit.portfolio.stress import BUILTIN_STRESSES, MAX_JUMP, stress_names
+from gpucredit.portfolio.runner import run_pass1
+from gpucredit.portfolio.stress import (
+    BUILTIN_STRESSES,
+    MAX_JUMP,
+    StressCase,
+    stress_case,
+    stress_names,
+)
 
 SEED = 5
 SCENARIOS = 1024

@@ -1,1 +1,2 @@
-"""The outside world: book files, the assumptions TOML, result files and the HTML report."""
+"""The outside world, formats only: book files, the assumptions TOML, result files, the HTML
+report and text summaries. It imports io, portfolio and kernels (tests/test_layers.py)."""

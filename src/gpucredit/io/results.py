@@ -21,9 +21,11 @@ import pyarrow.parquet as pq
 from gpucredit.io import files
 from gpucredit.io.book import book_to_table
 from gpucredit.portfolio.assumptions import Assumptions
+from gpucredit.portfolio.backends import ChunkOutput
 from gpucredit.portfolio.book import Book
-from gpucredit.portfolio.engine import BatchOutput, ChunkOutput, RunResult
+from gpucredit.portfolio.engine import RunResult
 from gpucredit.portfolio.risk import BatchStatistics, LossHistogram, LossTail
+from gpucredit.portfolio.runner import BatchOutput
 from gpucredit.portfolio.summary import book_summary
 
 CHECKPOINT_DIR = ".checkpoint"

@@ -495,6 +495,10 @@ def random_inputs(
     """(factor table [count, T, 3G + 7], uniforms [count, B'] or [1, 1]) as JAX arrays."""
     import jax.numpy as jnp
 
+    from gpucredit.kernels.jax_setup import configure_jax
+
+    configure_jax()  # float64 and the XLA flags before this process's first JAX computation
+
     return _random_inputs_jit()(
         _params_f64(params),
         grid,
@@ -694,7 +698,7 @@ class CupyBackend:
     """The fused CUDA kernel for pass 1; the tail pass goes to the JAX engine, and runs take
     their gradients from a JaxBackend (`BackendSpec.build(gradient=True)`).
 
-    Mirrors portfolio.engine.JaxBackend's constructor and pass-1/tail methods: run_chunk(first,
+    Mirrors portfolio.backends.JaxBackend's constructor and pass-1/tail methods: run_chunk(first,
     count) returns ChunkOutcomes, whose fields are ChunkOutput's (float64 NumPy);
     loan_losses_at runs `jax_engine` on the same device. `kernels`
     imports nothing outside `kernels`, so the engine wraps the result in ChunkOutput if it

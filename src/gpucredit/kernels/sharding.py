@@ -26,7 +26,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gpucredit.kernels import jax_engine
+from gpucredit.kernels.jax_args import _params_arg, _statics, _u32
+from gpucredit.kernels.jax_forward import _chunk_losses_jit
+from gpucredit.kernels.jax_loans import LoanBlocks
+from gpucredit.kernels.jax_setup import configure_jax
 from gpucredit.kernels.params import ModelGrid, ModelParams
 
 __all__ = ["AXIS", "scenario_mesh", "sharded_chunk_outcomes"]
@@ -36,6 +39,7 @@ AXIS = "scenarios"
 
 def scenario_mesh(devices=None) -> Mesh:
     """A one-axis mesh ("scenarios") over `devices` (default: every local device)."""
+    configure_jax()  # before the device query starts JAX's backend (kernels.jax_setup)
     devices = list(jax.local_devices() if devices is None else devices)
     return Mesh(np.array(devices), (AXIS,))
 
@@ -43,7 +47,7 @@ def scenario_mesh(devices=None) -> Mesh:
 @functools.partial(jax.jit, static_argnames=("grid", "per_device", "n_uniforms", "mesh"))
 def _sharded_jit(params, grid, blocks, seed, firsts, per_device, n_uniforms, mesh):
     def one_device(params, blocks, seed, firsts):  # firsts: [1] on each device
-        losses, loss_sum, pd_sum, ead_sum = jax_engine._chunk_losses_jit(
+        losses, loss_sum, pd_sum, ead_sum = _chunk_losses_jit(
             params, grid, blocks, seed, firsts[0], per_device, n_uniforms, "outcomes"
         )
         return losses, loss_sum[None], pd_sum[None], ead_sum[None]
@@ -60,7 +64,7 @@ def _sharded_jit(params, grid, blocks, seed, firsts, per_device, n_uniforms, mes
 def sharded_chunk_outcomes(
     params: ModelParams,
     grid: ModelGrid,
-    blocks: jax_engine.LoanBlocks,
+    blocks: LoanBlocks,
     seed,
     first_scenario: int,
     per_device: int,
@@ -72,18 +76,19 @@ def sharded_chunk_outcomes(
     of the sums is over device d's scenarios ``first + d per_device ...``; arguments as
     `jax_engine.chunk_outcomes` (`per_device` is static).
     """
+    configure_jax()
     n_devices = mesh.devices.size
     last = int(first_scenario) + n_devices * int(per_device)
     if not 0 <= int(first_scenario) or last > 2**32:
         raise ValueError(f"scenarios {first_scenario} .. {last - 1} are not in [0, 2^32)")
     firsts = np.arange(n_devices, dtype=np.uint64) * per_device + int(first_scenario)
     firsts = jax.device_put(firsts.astype(np.uint32), NamedSharding(mesh, P(AXIS)))
-    stripped, n_uniforms = jax_engine._statics(grid, blocks)
+    stripped, n_uniforms = _statics(grid, blocks)
     losses, loss_sum, pd_sum, ead_sum = _sharded_jit(
-        jax_engine._params_arg(params),
+        _params_arg(params),
         grid,
         stripped,
-        jax_engine._u32(seed, "seed"),
+        _u32(seed, "seed"),
         firsts,
         int(per_device),
         n_uniforms,

@@ -1,17 +1,37 @@
-"""The assumptions of a run: the differentiable `ModelParams` pytree plus the static settings.
+"""The assumptions of a run: the differentiable `ModelParams` pytree plus the static settings,
+and how they are built from a document in the assumptions file's layout (docs/spec.md §9-10).
 
-Built by `gpucredit.io.assumptions.load_assumptions` (TOML, docs/spec.md §10) and never mutated:
-a stress scenario or a finite-difference bump makes a new one.
+`apply_layer` checks a layer (portfolio/document.py), merges it over a complete document, checks
+the merged document and builds the immutable `Assumptions`, assembling Σ
+(portfolio/correlation.py); `gpucredit.io.assumptions` reads the TOML that gives the layers.
+Assumptions are never mutated: a stress scenario (`with_overrides`) or a finite-difference
+bump (`bumped_parameter`) makes new ones.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from gpucredit.kernels.params import ModelGrid, ModelParams, factor_names, launch_period
+from gpucredit.portfolio.correlation import (
+    assemble_correlation,
+    is_positive_definite,
+    nearest_correlation,
+    smallest_eigenvalue,
+)
+from gpucredit.portfolio.document import (
+    AssumptionsError,
+    Problems,
+    check_layer,
+    check_merged,
+    merge,
+)
+
+OVERRIDES_SOURCE = "<overrides>"
 
 
 @dataclass(frozen=True)
@@ -154,3 +174,173 @@ def bumped_parameter(params: ModelParams, field: str, index: tuple, step: float)
     if field == "correlation":
         leaf[index[::-1]] += step
     return params._replace(**{field: leaf})
+
+
+# ---------------------------------------------------------------------------------------
+# Building the Assumptions from a document.
+
+
+def _generation_array(doc: dict, key: str) -> np.ndarray:
+    return _frozen(np.array([gen[key] for gen in doc["generations"].values()], dtype=np.float64))
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    # Assumptions are immutable (and the defaults are cached): refuse in-place edits.
+    array.setflags(write=False)
+    return array
+
+
+def _jump_matrix(doc: dict, jump: str, generations: tuple[str, ...]) -> np.ndarray:
+    """[E, G] jumps of every launch for every generation (absent = 0)."""
+    launches = doc.get("launches", [])
+    out = np.zeros((len(launches), len(generations)))
+    for e, launch in enumerate(launches):
+        for g, name in enumerate(generations):
+            out[e, g] = launch.get(jump, {}).get(name, 0.0)
+    return _frozen(out)
+
+
+def _correlation_for(
+    doc: dict, generations: tuple[str, ...], repair: bool, label: str, problems: Problems
+) -> tuple[np.ndarray, CorrelationRepair | None]:
+    sigma = assemble_correlation(doc["correlation"], generations)
+    if is_positive_definite(sigma):
+        return sigma, None
+    lowest = smallest_eigenvalue(sigma)
+    if not repair:
+        problems.add(
+            label,
+            f"the assembled correlation matrix is not positive definite (smallest eigenvalue "
+            f"{lowest:.6g}); change the values or ask for the nearest correlation matrix "
+            f"(repair_correlation=True, --repair-correlation)",
+        )
+        return sigma, None
+    repaired = nearest_correlation(sigma)
+    change = float(np.abs(repaired - sigma).max())
+    return repaired, CorrelationRepair(smallest_eigenvalue=lowest, max_abs_change=change)
+
+
+def _build(doc: dict, repair: bool, problems: Problems) -> Assumptions | None:
+    """An Assumptions from a merged, checked document; None (with problems) if Σ is refused."""
+    generations = tuple(doc["generations"])
+    sigma, repair_record = _correlation_for(doc, generations, repair, "correlation", problems)
+    if problems.items:
+        return None
+    # The stresses' own matrices are checked now, so that a bad stress fails before a run.
+    for s, stress in enumerate(doc.get("stress", [])):
+        stressed = merge(doc, _stress_overrides(stress))
+        _correlation_for(
+            stressed,
+            tuple(stressed["generations"]),
+            repair,
+            f"stress[{s}] ({stress['name']!r}): correlation",
+            problems,
+        )
+    if problems.items:
+        return None
+    btc, eth = doc["crypto"]["btc"], doc["crypto"]["eth"]
+    power, rate, model = doc["power"], doc["rate"], doc["model"]
+    params = ModelParams(
+        rent_usd_per_hour=_generation_array(doc, "rent_usd_per_hour"),
+        rent_drift=_generation_array(doc, "rent_drift"),
+        rent_vol=_generation_array(doc, "rent_vol"),
+        rent_mean_reversion=_generation_array(doc, "rent_mean_reversion"),
+        price_usd=_generation_array(doc, "price_usd"),
+        depreciation=_generation_array(doc, "depreciation"),
+        price_vol=_generation_array(doc, "price_vol"),
+        haircut_base=_generation_array(doc, "haircut_base"),
+        market_depth_gpus_per_year=_generation_array(doc, "market_depth_gpus_per_year"),
+        financed_fleet_gpus=_generation_array(doc, "financed_fleet_gpus"),
+        launch_price_jump=_jump_matrix(doc, "price_jump", generations),
+        launch_rent_jump=_jump_matrix(doc, "rent_jump", generations),
+        btc_price_usd=float(btc["price_usd"]),
+        btc_drift=float(btc["drift"]),
+        btc_vol=float(btc["vol"]),
+        btc_hashprice_drift=float(btc["hashprice_drift"]),
+        eth_price_usd=float(eth["price_usd"]),
+        eth_drift=float(eth["drift"]),
+        eth_vol=float(eth["vol"]),
+        power_usd_per_kwh=float(power["usd_per_kwh"]),
+        power_drift=float(power["drift"]),
+        power_vol=float(power["vol"]),
+        rate_level=float(rate["level"]),
+        rate_mean_reversion=float(rate["mean_reversion"]),
+        rate_mean=float(rate["mean"]),
+        rate_vol=float(rate["vol"]),
+        credit_persistence=float(doc["credit"]["persistence"]),
+        correlation=_frozen(sigma),
+        beta_liquidity=float(model["beta_liquidity"]),
+        beta_collateral=float(model["beta_collateral"]),
+        beta_refinancing=float(model["beta_refinancing"]),
+        haircut_slope=float(model["haircut_slope"]),
+        haircut_power=float(model["haircut_power"]),
+        haircut_max=float(model["haircut_max"]),
+        refi_ltv=float(model["refi_ltv"]),
+        coverage_floor=float(model["coverage_floor"]),
+        coverage_cap=float(model["coverage_cap"]),
+    )
+    sim = doc["simulation"]
+    launches = doc.get("launches", [])
+    return Assumptions(
+        params=params,
+        generations=generations,
+        generation_power_kw_per_gpu=tuple(
+            float(gen["power_kw_per_gpu"]) for gen in doc["generations"].values()
+        ),
+        launch_names=tuple(launch["name"] for launch in launches),
+        launch_years=tuple(float(launch["years_from_now"]) for launch in launches),
+        horizon_years=float(sim["horizon_years"]),
+        steps_per_year=sim["steps_per_year"],
+        scenarios=sim["scenarios"],
+        seed=sim["seed"],
+        copula=sim["copula"],
+        t_dof=sim["t_dof"],
+        discount=sim["discount"],
+        mode=sim["mode"],
+        pd_anchor=model["pd_anchor"],
+        stresses=tuple(
+            Stress(
+                name=stress["name"],
+                overrides=_stress_overrides(stress),
+                description=stress.get("description", ""),
+            )
+            for stress in doc.get("stress", [])
+        ),
+        document=doc,
+        correlation_repair=repair_record,
+    )
+
+
+def _stress_overrides(stress: dict) -> dict:
+    return {k: copy.deepcopy(v) for k, v in stress.items() if k not in ("name", "description")}
+
+
+def apply_layer(base: dict, layer: dict, source: str, repair: bool) -> Assumptions:
+    """Check `layer` (portfolio/document.py), merge it over the complete document `base` ({}
+    for the defaults themselves), check the merged document and each stress merged over it,
+    and build. Raises AssumptionsError listing every problem, each prefixed with `source`."""
+    problems = Problems(source)
+    base_generations = tuple(base.get("generations", {}))
+    check_layer(layer, base_generations, problems)
+    if problems.items:
+        raise AssumptionsError(problems.items)
+    doc = merge(base, layer)
+    check_merged(doc, "", problems)
+    for s, stress in enumerate(doc.get("stress", [])):
+        if not problems.items:  # a broken base would repeat its problems for every stress
+            check_merged(merge(doc, _stress_overrides(stress)), f"stress[{s}]", problems)
+    if problems.items:
+        raise AssumptionsError(problems.items)
+    assumptions = _build(doc, repair, problems)
+    if assumptions is None:
+        raise AssumptionsError(problems.items)
+    return assumptions
+
+
+def with_overrides(
+    assumptions: Assumptions, overrides: dict, repair_correlation: bool = False
+) -> Assumptions:
+    """New assumptions: `overrides` (a dict in the §10 layout, e.g. a Stress's) merged over
+    `assumptions.document` and rebuilt. Assumptions whose matrix was repaired stay repaired."""
+    repair = repair_correlation or assumptions.correlation_repair is not None
+    return apply_layer(assumptions.document, overrides, OVERRIDES_SOURCE, repair)

@@ -6,14 +6,14 @@ of workers (and to `engine.simulate` without Dask):
 
 * Pass 1, every loss kept. A task is a block of whole chunks ``[first, first + count)``;
   chunks have the run's chunk size and start at multiples of it, exactly as in
-  `engine.run_pass1`, so every per-scenario loss is the same float (the JAX kernels are
+  `runner.run_pass1`, so every per-scenario loss is the same float (the JAX kernels are
   bit-identical for chunks of the same size at any offset). A task returns the `ChunkOutput`
   of each of its chunks (losses [chunk] and three per-loan sums [N]); the driver folds them in
   chunk order as they arrive (out-of-order blocks wait in a buffer), so EL_i, horizon PD and
   mean LGD match too. Every loss travels to the driver: 8 bytes a scenario.
-* Pass 1, tails only (`engine.run_tails_pass1`; the default beyond
-  `engine.KEEP_LOSSES_MAX_SCENARIOS` scenarios). A task is one batch of the batch-means
-  standard errors (`engine.run_batch`, in the run's chunks) and returns only a `BatchOutput`:
+* Pass 1, tails only (`runner.run_tails_pass1`; the default beyond
+  `settings.KEEP_LOSSES_MAX_SCENARIOS` scenarios). A task is one batch of the batch-means
+  standard errors (`runner.run_batch`, in the run's chunks) and returns only a `BatchOutput`:
   its largest losses with their indices (its share of the run's top k = `risk.tail_size`,
   with a margin), its count, Σ L, Σ (L − mean)² and its own VaR/ES, a mergeable histogram
   and the per-loan sums: about (1 − min α) S losses reach the driver in all. A batch that
@@ -23,7 +23,7 @@ of workers (and to `engine.simulate` without Dask):
   (`risk.risk_measures_from_tail`).
 * Pass 2. Contributions and sensitivities cut the tail set into the same index chunks that
   `contributions.tail_contributions` (1024) and `sensitivities.tail_sensitivities` (256,
-  zero-padded; 4,096 when the driver runs on a GPU, `engine.gradient_chunk_size`) use; each
+  zero-padded; 4,096 when the driver runs on a GPU, `backends.gradient_chunk_size`) use; each
   chunk is one task that regenerates its scenarios from their indices (a scenario's random
   numbers depend only on its index, so nothing per scenario is kept on, or shipped to, the
   workers), and the driver adds the per-chunk results in chunk order. A task goes to the
@@ -54,12 +54,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpucredit.kernels.params import ModelParams
+from gpucredit.portfolio.backends import BackendSpec, ChunkOutput
 from gpucredit.portfolio.contributions import contribution_of_chunk, tail_contributions
-from gpucredit.portfolio.engine import (
-    BackendSpec,
+from gpucredit.portfolio.runner import (
     BatchOutput,
-    ChunkOutput,
-    EngineError,
     Pass1,
     Pass1Accumulator,
     ProgressCallback,
@@ -67,14 +65,9 @@ from gpucredit.portfolio.engine import (
     run_batch,
 )
 from gpucredit.portfolio.sensitivities import tail_sensitivities
+from gpucredit.portfolio.settings import EngineError
 
-__all__ = [
-    "BackendSpec",
-    "DaskRunner",
-    "SchedulerUnreachable",
-    "ShardedJaxBackend",
-    "plan_blocks",
-]
+__all__ = ["DaskRunner", "SchedulerUnreachable", "plan_blocks"]
 
 CONNECT_TIMEOUT = "5s"
 """How long `DaskRunner` tries to reach a scheduler before giving up."""
@@ -187,80 +180,6 @@ def _contribution_chunk(name: str, indices: np.ndarray, rows: dict[str, np.ndarr
 def _gradient_chunk(name: str, indices: np.ndarray, coefficients: np.ndarray) -> ModelParams:
     grads = _worker_backend(name).weighted_gradient(indices, coefficients)
     return ModelParams(*(np.asarray(leaf, dtype=np.float64) for leaf in grads))
-
-
-# --------------------------------------------------------------------------- one host
-
-
-class ShardedJaxBackend:
-    """The JAX backend with each chunk sharded over the local devices (jax.sharding).
-
-    A chunk of D × `per_device` scenarios runs `per_device` scenarios on each device
-    (kernels/sharding.py), so the losses are bit-identical to `JaxBackend` with chunk size
-    `per_device` on one device; the per-loan sums agree to float rounding (added per device).
-    Chunks of another size (the last one of a run) fall back to single-device sub-chunks of
-    `per_device`, which keeps the losses identical there too.
-    """
-
-    name = "jax"
-
-    def __init__(self, params, grid, loans, seed, precision, devices=None, per_device=None):
-        from gpucredit.kernels.sharding import scenario_mesh
-        from gpucredit.portfolio.engine import GPU_CHUNK_SIZE, JaxBackend
-
-        per_device = per_device or GPU_CHUNK_SIZE  # the run's chunk is this × the devices
-
-        self._single = JaxBackend(params, grid, loans, seed, precision)
-        self.params, self.grid, self.seed, self.precision = params, grid, seed, precision
-        self.blocks = self._single.blocks
-        self.mesh = scenario_mesh(devices)
-        self.per_device = per_device
-        self.default_chunk_size = per_device * self.mesh.devices.size
-        self.device = f"{self.mesh.devices.size} × {self._single.device}"
-
-    def run_chunk(
-        self, first_scenario: int, count: int, padded_count: int | None = None
-    ) -> ChunkOutput:
-        """`padded_count` as JaxBackend's. A chunk of another size than D × `per_device` (a
-        run's short last chunk, or a run with its own --chunk-size) goes to one device in
-        sub-chunks of min(per_device, padded_count or count) scenarios, each computed by the
-        program of that size."""
-        from gpucredit.kernels.sharding import sharded_chunk_outcomes
-
-        if count != self.default_chunk_size:
-            sub = min(self.per_device, padded_count or count)
-            parts = [
-                self._single.run_chunk(s, min(sub, first_scenario + count - s), sub)
-                for s in range(first_scenario, first_scenario + count, sub)
-            ]
-            return ChunkOutput(
-                np.concatenate([p.losses_usd for p in parts]),
-                *(sum(getattr(p, f) for p in parts) for f in _SUM_FIELDS),
-            )
-        out = sharded_chunk_outcomes(
-            self.params,
-            self.grid,
-            self.blocks,
-            self.seed,
-            first_scenario,
-            self.per_device,
-            self.mesh,
-        )
-        losses, *sums = (np.asarray(x, dtype=np.float64) for x in out)
-        return ChunkOutput(losses, *(s.sum(axis=0) for s in sums))
-
-    def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
-        return self._single.loan_losses_at(scenarios)
-
-    def weighted_gradient(self, scenarios: np.ndarray, coefficients: np.ndarray) -> ModelParams:
-        return self._single.weighted_gradient(scenarios, coefficients)
-
-
-_SUM_FIELDS = (
-    "loan_loss_sum_usd",
-    "loan_default_probability_sum",
-    "loan_defaulted_exposure_sum_usd",
-)
 
 
 # --------------------------------------------------------------------------- blocks
@@ -444,7 +363,7 @@ class DaskRunner:
         done: dict[int, ChunkOutput] | None = None,
         on_chunk: Callable[[int, ChunkOutput], None] | None = None,
     ) -> Pass1:
-        """`engine.run_pass1` on the cluster: the same `Pass1`, bit for bit."""
+        """`runner.run_pass1` on the cluster: the same `Pass1`, bit for bit."""
         import time
 
         start = time.perf_counter()
@@ -498,7 +417,7 @@ class DaskRunner:
         done: dict | None = None,
         on_batch: Callable[[int, BatchOutput], None] | None = None,
     ) -> Pass1:
-        """`engine.run_tails_pass1` on the cluster, one task a batch: the same `Pass1`, bit
+        """`runner.run_tails_pass1` on the cluster, one task a batch: the same `Pass1`, bit
         for bit; only each batch's tail and statistics travel back."""
         import time
 

@@ -20,7 +20,7 @@ solves the cover; enterprises' committed operating cash flow solves it. No loan 
 (docs/example-book.md says why). Loans of one borrower share its type, PD, asset
 correlation and treasury policy.
 
-The embedded example book (`python -m gpucredit.portfolio.makebook`: 250 loans, seed 2026)
+The embedded example book (`make_book(250, 2026)`, written by `python -m gpucredit.io.makebook`)
 is a lender's book, not the market: about $4bn, each generation's pledged GPUs at most 11% of
 its debt-financed fleet. `make_book(n, seed)` builds books of any size (the benchmarks ask
 for 10,000+ loans); their balance grows with n (about $16m a loan), so a book much larger
@@ -29,9 +29,6 @@ than the example pledges more than the whole financed fleet of some generation
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -326,19 +323,3 @@ def _borrower_ids(kind_b: np.ndarray) -> np.ndarray:
         [f"{BORROWER_PREFIX[k]}-{m:04d}" for k, m in zip(kind_b, number, strict=True)],
         dtype=object,
     )
-
-
-def _main(argv: list[str]) -> None:
-    """Regenerate the embedded example book (or: N SEED OUT)."""
-    n_loans = int(argv[0]) if len(argv) > 0 else EXAMPLE_LOANS
-    seed = int(argv[1]) if len(argv) > 1 else EXAMPLE_SEED
-    default_out = Path(__file__).resolve().parents[1] / "data" / "example_book.parquet"
-    out = Path(argv[2]) if len(argv) > 2 else default_out
-    from gpucredit.io.book import write_book  # the script writes a file: io's job
-
-    write_book(make_book(n_loans, seed), out)
-    print(f"wrote {out} ({n_loans} loans, seed {seed})")
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1:])

@@ -2,17 +2,29 @@
 
 Built-ins are functions of the base assumptions that return overrides in the assumptions
 file's own layout (docs/spec.md §10), so a stress is exactly what a user could write as a
-`[[stress]]` table. `gpucredit.io.assumptions.with_overrides` applies them.
+`[[stress]]` table. `stress_case` applies them (`assumptions.with_overrides`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from gpucredit.portfolio.assumptions import Assumptions
+from gpucredit.portfolio.assumptions import Assumptions, with_overrides
+from gpucredit.portfolio.document import AssumptionsError
 
 MAX_JUMP = 0.95  # jumps must stay in [0, 1)
+
+
+@dataclass(frozen=True)
+class StressCase:
+    """A stress scenario ready to run: its name, what it does, and the stressed assumptions.
+    Its time grid must be the base run's (the same random numbers)."""
+
+    name: str
+    description: str
+    assumptions: Assumptions
 
 
 def _next_gen_glut(a: Assumptions) -> dict:
@@ -108,3 +120,29 @@ def stress_overrides(assumptions: Assumptions, name: str) -> tuple[dict, str]:
         builder = BUILTIN_STRESSES[name]
         return builder(assumptions), (builder.__doc__ or "").strip().splitlines()[0]
     raise KeyError(f"unknown stress {name!r}; known: {', '.join(stress_names(assumptions))}")
+
+
+def stress_case(
+    assumptions: Assumptions, name: str, repair_correlation: bool = False
+) -> StressCase:
+    """A named stress (built-in or `[[stress]]`) as a `StressCase` ready for `simulate`.
+
+    Raises AssumptionsError for an unknown name, invalid overrides, or a stress that changes
+    the time grid (it must run on the base run's random numbers)."""
+    source = f"stress {name}"
+    try:
+        overrides, description = stress_overrides(assumptions, name)
+    except KeyError as error:
+        raise AssumptionsError([f"{source}: {error.args[0]}"]) from None
+    stressed = with_overrides(assumptions, overrides, repair_correlation)
+    # The same random numbers need the same grid, factors (K slots per period) and seed.
+    fixed = ("horizon_years", "steps_per_year", "copula", "t_dof", "generations", "seed")
+    changed = [k for k in fixed if getattr(stressed, k) != getattr(assumptions, k)]
+    if changed:
+        raise AssumptionsError(
+            [
+                f"{source}: must not change {', '.join(changed)}: a stress runs on the base "
+                "run's random numbers"
+            ]
+        )
+    return StressCase(name=name, description=description, assumptions=stressed)

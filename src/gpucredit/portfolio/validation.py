@@ -490,7 +490,8 @@ def vasicek_closed_forms(
 
 def _jax_losses(book, assumptions, scenarios, seed, precision, chunk, mode=None) -> np.ndarray:
     """Portfolio loss [scenarios]: pass 1 of the JAX backend, as a run computes it."""
-    from gpucredit.portfolio.engine import JaxBackend, run_pass1
+    from gpucredit.portfolio.backends import JaxBackend
+    from gpucredit.portfolio.runner import run_pass1
 
     loans = loan_arrays(book, assumptions)
     backend = JaxBackend(assumptions.params, assumptions.grid(mode), loans, seed, precision)
@@ -575,7 +576,7 @@ def _jax_backend(
     params: ModelParams | None = None,
     grid=None,
 ):
-    from gpucredit.portfolio.engine import JaxBackend
+    from gpucredit.portfolio.backends import JaxBackend
 
     return JaxBackend(
         assumptions.params if params is None else params,
@@ -587,7 +588,7 @@ def _jax_backend(
 
 
 def _pass1(backend, scenarios: int, chunk: int, n_loans: int):
-    from gpucredit.portfolio.engine import run_pass1
+    from gpucredit.portfolio.runner import run_pass1
 
     return run_pass1(backend, scenarios, chunk, n_loans)
 
@@ -608,7 +609,7 @@ REFERENCE_WHY = (
 def reference_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
     """JAX float64 against the NumPy reference on the same Threefry numbers: per-scenario
     portfolio losses and the per-loan sums (EL_i, horizon PD, defaulted exposure)."""
-    from gpucredit.portfolio.engine import NumpyBackend
+    from gpucredit.portfolio.backends import NumpyBackend
 
     book = validation_book(s.book_loans)
     checks = []
@@ -1300,10 +1301,10 @@ YEAR_ONE_WHY = (
 )
 
 
-def calibration_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
+def calibration_checks(base: Assumptions, s: ValidationSettings, example_book: Book) -> list[Check]:
     """The credit cycle's AR(1) lag correlation against ϕ, and the example book's year-1
     default rate against its input PDs by borrower type (a band, with its reason)."""
-    return credit_cycle_checks(base, s) + year_one_checks(base, s)
+    return credit_cycle_checks(base, s) + year_one_checks(base, s, example_book)
 
 
 def credit_cycle_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
@@ -1345,13 +1346,13 @@ def credit_cycle_checks(base: Assumptions, s: ValidationSettings) -> list[Check]
     return checks
 
 
-def year_one_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
-    """The example book's year-1 default rate over its input PD, by borrower type."""
-    from gpucredit.io.book import example_book_path, read_book
+def year_one_checks(base: Assumptions, s: ValidationSettings, book: Book) -> list[Check]:
+    """The example book's year-1 default rate over its input PD, by borrower type (`book`:
+    the example book read under `base`, as the caller reads it)."""
+    from gpucredit.portfolio.backends import JaxBackend
     from gpucredit.portfolio.calibration import calibration_table, year_one_assumptions
-    from gpucredit.portfolio.engine import JaxBackend, run_pass1
+    from gpucredit.portfolio.runner import run_pass1
 
-    book = read_book(example_book_path(), base)
     loans = loan_arrays(book, base)
     first_year = year_one_assumptions(base)
     backend = JaxBackend(
@@ -1393,7 +1394,8 @@ def year_one_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
     return checks
 
 
-GROUPS: tuple[tuple[str, Callable[[Assumptions, ValidationSettings], list[Check]]], ...] = (
+# Each group's checks of (base assumptions, settings); calibration also takes the example book.
+GROUPS: tuple[tuple[str, Callable[..., list[Check]]], ...] = (
     ("vasicek", vasicek_checks),
     ("reference", reference_checks),
     ("precision", precision_checks),
@@ -1408,15 +1410,20 @@ GROUPS: tuple[tuple[str, Callable[[Assumptions, ValidationSettings], list[Check]
 
 def run_validation(
     base: Assumptions,
+    example_book: Book,
     quick: bool = False,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     groups: Sequence[str] | None = None,
 ) -> ValidationRun:
-    """Run every group of checks (or those named in `groups`) on the base assumptions."""
+    """Run every group of checks (or those named in `groups`) on the base assumptions;
+    `example_book` is the embedded example book read under them (the calibration group's)."""
     import jax
 
-    from gpucredit.portfolio.engine import device_name
+    from gpucredit.kernels.jax_setup import configure_jax
+    from gpucredit.portfolio.backends import device_name
+
+    configure_jax()
 
     s = validation_settings(quick, seed)
     started = time.perf_counter()
@@ -1426,7 +1433,7 @@ def run_validation(
         if groups is not None and name not in groups:
             continue
         t0 = time.perf_counter()
-        found = function(base, s)
+        found = function(base, s, example_book) if name == "calibration" else function(base, s)
         timings[name] = time.perf_counter() - t0
         checks.extend(found)
         if progress is not None:

@@ -1,0 +1,305 @@
+"""The period step of the JAX kernels (docs/spec.md §4-6): one block of loans over T periods.
+
+`_revalue_block` runs the hazard recursion of one block of b loans for a chunk of S
+scenarios (`lax.scan` over the T periods, carry (cash, survival, defaulted, loss,
+defaulted exposure) of shape [S, b]): pass 1 returns the block's liquidation volumes, pass 2
+applies the haircut and returns the loss. Its pieces: `_ln_coverage` (the clipped log
+coverage ratios), `_take` (a factor at each loan's generation, fused), `_erfc` (the hazard
+Φ(z) = ½ erfc(−z/√2), float32-exact and cheap), and between the passes `_liquidation_supply`
+and `_haircut` (the fire-sale haircut H_g(t) of the GPUs the book and the rest of the fleet
+dump).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gpucredit.kernels.jax_factors import _Paths
+from gpucredit.kernels.jax_loans import _LoanTerms
+from gpucredit.kernels.params import LOG_BIG, ModelGrid, ModelParams
+
+
+def _ln_coverage(numerator, denominator, floor, cap):
+    """ln x⁺ with x⁺ = min(max(num/den, floor), cap) and a denominator <= 0 giving the cap."""
+    positive = denominator > 0
+    ratio = jnp.clip(numerator / jnp.where(positive, denominator, 1), floor, cap)
+    return jnp.log(jnp.where(positive, ratio, cap))
+
+
+def _take(x, generation):
+    """x [S, G] at each loan's generation [b] -> [S, b], as a chain of G − 1 selects.
+
+    Exact, and fused by XLA into the period loop's elementwise kernel: no [S, b] temporary
+    in memory, no gather and no K = G matmul (on CPU a gather of per-generation factors was
+    70% of the time, a one-hot matmul ~3x faster than that and the selects faster still).
+    """
+    out = x[:, :1]
+    for g in range(1, x.shape[1]):
+        out = jnp.where(generation == g, x[:, g : g + 1], out)
+    return jnp.broadcast_to(out, (x.shape[0], generation.shape[-1]))
+
+
+# erfc(x) = t exp(−x² + P(t)), t = 1/(1 + |x|/2), x >= 0 (Numerical Recipes' erfcc,
+# Chebyshev fit): relative error < 1.2e-7 for every x >= 0, so float32-exact for the hazard.
+_ERFC_COEFFICIENTS = (
+    -1.26551223,
+    1.00002368,
+    0.37409196,
+    0.09678418,
+    -0.18628806,
+    0.27886807,
+    -1.13520398,
+    1.48851587,
+    -0.82215223,
+    0.17087277,
+)
+
+
+@jax.custom_jvp
+def _erfc(x):
+    """erfc(x): lax.erfc in float64; in float32 one exp, one divide and 9 FMAs.
+
+    Its derivative is the exact −2/√π exp(−x²) (custom_jvp): one exp in the backward pass
+    instead of the derivative of the approximation's polynomial.
+
+    XLA's float32 erfc evaluates both an erf and an erfc branch and selects, and on CPU
+    its pieces land in separate fusions that each recompute the argument; this form is one
+    expression that fuses into the period loop. erfc(−x) = 2 − erfc(x).
+    """
+    if x.dtype != jnp.float32:
+        return lax.erfc(x)
+    a = jnp.abs(x)
+    t = 1 / (1 + 0.5 * a)
+    poly = jnp.asarray(_ERFC_COEFFICIENTS[-1], x.dtype)
+    for c in _ERFC_COEFFICIENTS[-2::-1]:
+        poly = c + t * poly
+    y = t * jnp.exp(poly - a * a)
+    return jnp.where(x < 0, 2 - y, y)
+
+
+@_erfc.defjvp
+def _erfc_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return _erfc(x), jnp.asarray(-2 / np.sqrt(np.pi), x.dtype) * jnp.exp(-x * x) * dx
+
+
+def _liquidation_supply(p: ModelParams, volume, expected_volume, book_gpus) -> jax.Array:
+    """Q_g(t) + max(F_g − N_g, 0) q̄_g(t) [T, S, G] (docs/spec.md §5): the book's own dumped
+    GPUs Q [T, S, G], and the rest of the financed fleet liquidating at the book's expected
+    rate q̄ = expected_volume / N_g (expected_volume = Σ n a S(t−1) h(t); in conditional mode
+    it is Q itself). N_g = book_gpus [G]; N_g = 0 gives Q = q̄ = 0."""
+    owned = book_gpus > 0
+    rest = jnp.where(owned, jnp.maximum(p.financed_fleet_gpus - book_gpus, 0), 0)
+    return volume + rest * (expected_volume / jnp.where(owned, book_gpus, 1))
+
+
+def _haircut(p: ModelParams, grid: ModelGrid, supply: jax.Array) -> jax.Array:
+    """H_g(t) = min(H_max, H0_g + H1 (supply_g(t)/D_g)^γ) for the liquidation supply [T, S, G]
+    of `_liquidation_supply`; NaN-free at 0."""
+    ratio = supply / (p.market_depth_gpus_per_year * grid.dt_years)
+    positive = ratio > 0
+    safe = jnp.where(positive, ratio, jnp.ones_like(ratio))
+    zero_power = jnp.where(p.haircut_power == 0, 1.0, 0.0).astype(ratio.dtype)  # 0**γ
+    powered = jnp.where(positive, safe**p.haircut_power, zero_power)
+    return jnp.minimum(p.haircut_max, p.haircut_base + p.haircut_slope * powered)
+
+
+def _revalue_block(
+    p: ModelParams,
+    grid: ModelGrid,
+    terms: _LoanTerms,
+    paths: _Paths,
+    uniforms,
+    haircut,
+    discount,
+    extras: tuple[str, ...] = (),
+    remat_steps: bool = True,
+):
+    """One block of loans over the T periods.
+
+    terms: one block ([b] and [T, b] leaves). paths: time-major [T, S, ...]. uniforms [S, B]
+    (sampled mode) or None. haircut [T, S, G] or None: None is pass 1 and returns the
+    liquidation volumes (Q, expected) [T, S, G] each: the GPUs the block dumps, Σ n a d(t),
+    and the expected ones, Σ n a S(t−1) h(t) (the same array in conditional mode); otherwise
+    pass 2, returning a `_BlockOutcome` of [S, b]
+    arrays (what is not used is removed by XLA's dead-code elimination), or with `extras`
+    (pass 2 only) the pair (outcome, {name: [T, S, G]}) for each name in extras:
+      "volume": this block's Q, as pass 1 gives it (the hazards are the same);
+      "recovery_weights": R_g(t) = Σ_i DF d_i 1[EAD_i > Rec_i] n_i a_i (1 − c_i) over the
+        block's loans of generation g, so that ∂(Σ_i DF d_i LGD_i)/∂H_g(t) = P_g(t) R_g(t).
+    remat_steps: recompute each period's intermediates in the backward pass from the carry
+    (jax.checkpoint) instead of storing them as [T, S, b] stacks.
+    """
+    dtype = terms.threshold.dtype
+    gen = terms.generation
+    n_scen = paths.credit.shape[1]
+    block = gen.shape[0]
+    floor, cap = p.coverage_floor, p.coverage_cap
+    ln_floor, ln_cap = jnp.log(floor), jnp.log(cap)
+    positive_ltv = p.refi_ltv > 0
+    ln_ltv = jnp.where(positive_ltv, jnp.log(jnp.where(positive_ltv, p.refi_ltv, 1)), -LOG_BIG)
+
+    sampled = grid.mode == "sampled"
+    u = jnp.take(uniforms, terms.borrower, axis=1) if sampled else None  # [S, b]
+    # Per-loan-period constants of the hazard, hoisted out of the scenario loop [T, b]: with
+    # x = (β_L ln LC + β_C ln CC + refi + √ρ Z − base) · scale, h = Φ(z) = ½ erfc(x), where
+    # base(t) = Φ⁻¹(p^Δ) + β_L ln LC^ref(t) + β_C ln CC^ref(t) (the PD anchor's references,
+    # constants of the run) and scale = 1/(√2 √(1 − ρ)).
+    hazard_base = (
+        terms.threshold
+        + p.beta_liquidity * terms.ln_liquidity_reference
+        + p.beta_collateral * terms.ln_collateral_reference
+    )  # [T, b]
+    scale = terms.inv_sqrt_one_minus_rho * np.sqrt(0.5).astype(dtype)
+    if "recovery_weights" in extras:
+        n_gen = terms.volume_weights.shape[-1]
+        recovery_weights = jax.nn.one_hot(gen, n_gen, dtype=dtype) * terms.recovery_gpus[:, None]
+
+    def step(carry, xs):
+        cash, survival, defaulted, loss, defaulted_exposure = carry
+        f, period, base = xs
+        rent_g = _take(f.rent, gen)
+        ln_price_g = _take(f.ln_price, gen)
+        noi = (
+            period.fixed_income_usd
+            + period.rent_hours * rent_g
+            - terms.power_kwh_per_period * f.power[:, None]
+            + terms.btc_income_usd * f.btc_income_index[:, None]
+        )
+        debt_service = (
+            period.debt_service_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
+        )
+        crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
+        ln_lc = _ln_coverage(cash + crypto + noi, debt_service, floor, cap)
+        ln_cc = jnp.clip(ln_price_g + period.ln_gpus_per_balance, ln_floor, ln_cap)
+        ln_rf = jnp.clip(
+            jnp.minimum(ln_ltv + ln_price_g + terms.ln_gpus_per_balloon, 0), ln_floor, ln_cap
+        )
+        refinancing = jnp.where(
+            period.at_refinancing, p.beta_refinancing * (ln_rf - terms.ln_refinancing_reference), 0
+        )
+        x = (
+            p.beta_liquidity * ln_lc
+            + p.beta_collateral * ln_cc
+            + refinancing
+            + terms.sqrt_rho * f.credit[:, None]
+            - base
+        ) * scale
+        # Φ(z) = ½ erfc(−z/√2): one erfc per loan-period (jax.scipy's ndtr evaluates both
+        # erf and erfc and selects); erfc keeps the small hazards' relative accuracy.
+        hazard = jnp.where(period.active, 0.5 * _erfc(x), 0)
+        new_survival = survival * (1 - hazard)
+        if sampled:
+            crossed = (1 - new_survival) >= u  # 1 − S_i(t) >= U_b
+            default = (crossed & ~defaulted).astype(dtype)
+            defaulted = defaulted | crossed
+        else:
+            default = survival * hazard
+        cash = jnp.maximum(cash + noi - debt_service, 0)
+        ys = {}
+        if haircut is None or "volume" in extras:
+            ys["volume"] = jnp.matmul(
+                default, terms.volume_weights, precision=lax.Precision.HIGHEST
+            )  # [S, G]
+        if haircut is None:
+            expected = ys["volume"]
+            if sampled:  # the expected volume Σ n a S(t−1) h(t) sets the market's rate
+                expected = jnp.matmul(
+                    survival * hazard, terms.volume_weights, precision=lax.Precision.HIGHEST
+                )
+            return (cash, new_survival, defaulted, loss, defaulted_exposure), (
+                ys["volume"],
+                expected,
+            )
+        recovery = terms.recovery_gpus * _take(f.salvage_price, gen) + (
+            terms.crypto_pledged * crypto
+        )
+        exposure = period.exposure_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
+        lgd = jnp.maximum(exposure - recovery, 0)
+        weight = default if discount is None else f.discount[:, None] * default
+        if "recovery_weights" in extras:
+            ys["recovery_weights"] = jnp.matmul(
+                jnp.where(exposure > recovery, weight, 0),
+                recovery_weights,
+                precision=lax.Precision.HIGHEST,
+            )  # [S, G]
+        return (
+            cash,
+            new_survival,
+            defaulted,
+            loss + weight * lgd,
+            defaulted_exposure + weight * exposure,
+        ), ys
+
+    shape = (n_scen, block)
+    carry = (
+        jnp.broadcast_to(terms.cash_usd, shape),
+        jnp.ones(shape, dtype),
+        jnp.zeros(shape, bool),
+        jnp.zeros(shape, dtype),
+        jnp.zeros(shape, dtype),
+    )
+    factors = _StepFactors(
+        rent=paths.rent,
+        ln_price=paths.ln_price,
+        btc=paths.btc,
+        eth=paths.eth,
+        power=paths.power,
+        rate=paths.rate,
+        credit=paths.credit,
+        btc_income_index=paths.btc_income_index,
+        salvage_price=(
+            paths.price * (1 - haircut)
+            if haircut is not None
+            else jnp.zeros((grid.periods, 0, 0), dtype)
+        ),
+        discount=discount if discount is not None else jnp.zeros((grid.periods, 0), dtype),
+    )
+    period_terms = _PeriodTerms(*(getattr(terms, name) for name in _PeriodTerms._fields))
+    (_, survival, defaulted, loss, defaulted_exposure), ys = lax.scan(
+        jax.checkpoint(step) if remat_steps else step, carry, (factors, period_terms, hazard_base)
+    )
+    if haircut is None:
+        return ys  # (Q, expected) [T, S, G] each
+    default_probability = defaulted.astype(dtype) if sampled else 1 - survival
+    outcome = _BlockOutcome(loss, default_probability, defaulted_exposure)
+    return (outcome, ys) if extras else outcome
+
+
+class _BlockOutcome(NamedTuple):
+    """Pass 2 of one block, [S, b] each (docs/spec.md §6 and the contributions table)."""
+
+    loss: jax.Array  # Σ_t DF d ℓ
+    default_probability: jax.Array  # 1 − S_i(T), or 1 if the loan defaulted (sampled)
+    defaulted_exposure: jax.Array  # Σ_t DF d EAD
+
+
+class _StepFactors(NamedTuple):
+    rent: jax.Array  # [T, S, G]
+    ln_price: jax.Array
+    btc: jax.Array  # [T, S]
+    eth: jax.Array
+    power: jax.Array
+    rate: jax.Array
+    credit: jax.Array
+    btc_income_index: jax.Array  # [T, S]
+    salvage_price: jax.Array  # [T, S, G] P_g(t) (1 − H_g(t)) (pass 2) or [T, 0, 0]
+    discount: jax.Array  # [T, S] or [T, 0]
+
+
+class _PeriodTerms(NamedTuple):
+    """The [T, b] leaves of `_LoanTerms` the period loop scans over (same names)."""
+
+    fixed_income_usd: jax.Array  # [T, b]
+    rent_hours: jax.Array
+    debt_service_fixed_usd: jax.Array
+    debt_service_per_rate_usd: jax.Array
+    exposure_fixed_usd: jax.Array
+    ln_gpus_per_balance: jax.Array
+    active: jax.Array
+    at_refinancing: jax.Array

@@ -1,0 +1,412 @@
+"""Pass 1 in this process, and what every runner shares (docs/spec.md, Data flow).
+
+Pass 1 streams scenario chunks through a backend and keeps per-loan sums (EL_i, horizon PD,
+defaulted exposure) and either every portfolio loss (one float per scenario: `run_pass1`) or,
+in tails-only mode (`run_tails_pass1`), per batch of the batch-means standard errors only its
+largest losses with their indices, its own statistics and a histogram (`BatchOutput`). The
+accumulators fold chunks and batches in scenario order whatever order they arrive in, so the
+local runner (`LocalRunner`) and the Dask runner (portfolio/distributed.py) get the same
+numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpucredit.portfolio.backends import BackendSpec, ChunkOutput
+from gpucredit.portfolio.contributions import tail_contributions
+from gpucredit.portfolio.risk import (
+    BatchStatistics,
+    LossHistogram,
+    LossTail,
+    batch_bounds,
+    batch_count,
+    batch_statistics,
+    batch_tail_size,
+    largest_losses,
+    merge_tails,
+    short_tails,
+    tail_size,
+)
+from gpucredit.portfolio.sensitivities import Sensitivities, tail_sensitivities
+from gpucredit.portfolio.settings import EngineError
+
+
+@dataclass(frozen=True)
+class Pass1:
+    """Pass 1 of a run: the per-loan sums over all scenarios, and either every per-scenario
+    loss or (tails-only mode) the run's largest losses, its batches' statistics and a
+    histogram."""
+
+    losses_usd: np.ndarray | None  # [S], or None in tails-only mode
+    loan_expected_loss_usd: np.ndarray  # [N] EL_i
+    loan_horizon_pd: np.ndarray  # [N]
+    loan_mean_lgd: np.ndarray  # [N] EL_i / expected defaulted exposure (nan if none)
+    elapsed_seconds: float
+    log_weights: np.ndarray | None = None  # [S] ln w(ω) under importance sampling
+    # Tails-only mode: the top `tail_size` losses, every batch's statistics, the histogram.
+    tail: LossTail | None = None
+    batches: tuple[BatchStatistics, ...] | None = None
+    histogram: LossHistogram | None = None
+    # (first, count, worker address) of each pass-1 task that ran on Dask: pass 2 sends the
+    # tasks of those scenarios to the same worker. Empty in one process.
+    owners: tuple[tuple[int, int, str], ...] = ()
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """[S] the likelihood ratios w(ω) (E[w] = 1), or None without importance sampling."""
+        return None if self.log_weights is None else np.exp(self.log_weights)
+
+
+ProgressCallback = Callable[[int, int], None]  # (scenarios done, scenarios in all)
+
+
+def run_batches(scenarios: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of the batches of a run (`risk.batch_bounds` of `risk.batch_count`):
+    the batch-means batches in both modes, and the pass-1 tasks of tails-only mode."""
+    return batch_bounds(scenarios, batch_count(scenarios))
+
+
+class _LoanSums:
+    """Per-loan sums folded batch by batch: Σ_batches (Σ_chunks the batch owns) in order, the
+    same floating-point additions whether the chunks or the batches' sums arrive (a chunk
+    belongs to the batch holding its first scenario)."""
+
+    def __init__(self, n_loans: int):
+        self.totals = np.zeros((3, n_loans))
+
+    def add_batch(self, sums: np.ndarray) -> None:
+        self.totals += sums
+
+    def result(self, scenarios: int, elapsed_seconds: float, **fields) -> Pass1:
+        loss_sum, pd_sum, ead_sum = self.totals
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_lgd = np.where(ead_sum > 0, loss_sum / ead_sum, np.nan)
+        return Pass1(
+            # Σ w x / S: unbiased under importance sampling (E[w] = 1), plain means without.
+            loan_expected_loss_usd=loss_sum / scenarios,
+            loan_horizon_pd=pd_sum / scenarios,
+            loan_mean_lgd=mean_lgd,
+            elapsed_seconds=elapsed_seconds,
+            **fields,
+        )
+
+
+def _chunk_sums(chunk: ChunkOutput) -> np.ndarray:
+    """[3, N] the per-loan sums of a chunk."""
+    return np.stack(
+        [
+            chunk.loan_loss_sum_usd,
+            chunk.loan_default_probability_sum,
+            chunk.loan_defaulted_exposure_sum_usd,
+        ]
+    ).astype(np.float64)
+
+
+class Pass1Accumulator:
+    """Folds chunk outputs into a `Pass1` in scenario order (whatever order they arrive in),
+    so every runner adds the per-loan sums in the same order and gets the same numbers."""
+
+    def __init__(self, scenarios: int, n_loans: int):
+        self.scenarios = scenarios
+        self.losses = np.empty(scenarios)
+        self.log_weights: np.ndarray | None = None
+        self.sums = _LoanSums(n_loans)
+        self.batch_firsts = np.array([f for f, _ in run_batches(scenarios)])
+        self.batch = 0  # the batch whose chunks `batch_sums` is adding
+        self.batch_sums = np.zeros((3, n_loans))
+        self.next_first = 0
+        self.pending: dict[int, ChunkOutput] = {}
+
+    def add(self, first: int, chunk: ChunkOutput) -> None:
+        self.pending[first] = chunk
+        while self.next_first in self.pending:
+            first = self.next_first
+            chunk = self.pending.pop(first)
+            count = len(chunk.losses_usd)
+            self.losses[first : first + count] = chunk.losses_usd
+            if chunk.log_weights is not None:
+                if self.log_weights is None:
+                    self.log_weights = np.zeros(self.scenarios)
+                self.log_weights[first : first + count] = chunk.log_weights
+            batch = int(np.searchsorted(self.batch_firsts, first, side="right")) - 1
+            if batch != self.batch:
+                self.sums.add_batch(self.batch_sums)
+                self.batch, self.batch_sums = batch, np.zeros_like(self.batch_sums)
+            self.batch_sums += _chunk_sums(chunk)
+            self.next_first = first + count
+
+    def result(self, elapsed_seconds: float, owners: tuple = ()) -> Pass1:
+        if self.next_first != self.scenarios:  # a bug, not a user error
+            raise RuntimeError(f"pass 1 folded {self.next_first} of {self.scenarios} scenarios")
+        self.sums.add_batch(self.batch_sums)
+        self.batch_sums = np.zeros_like(self.batch_sums)
+        return self.sums.result(
+            self.scenarios,
+            elapsed_seconds,
+            losses_usd=self.losses,
+            log_weights=self.log_weights,
+            owners=owners,
+        )
+
+
+def run_pass1(
+    backend,
+    scenarios: int,
+    chunk_size: int,
+    n_loans: int,
+    progress: ProgressCallback | None = None,
+    done: dict[int, ChunkOutput] | None = None,
+    on_chunk: Callable[[int, ChunkOutput], None] | None = None,
+) -> Pass1:
+    """Stream chunks [first, first + chunk) through the backend.
+
+    `done` holds chunks already computed (resume), keyed by their first scenario; `on_chunk`
+    is called after each new chunk (checkpointing).
+    """
+    start = time.perf_counter()
+    fold = Pass1Accumulator(scenarios, n_loans)
+    done = done or {}
+    for first in range(0, scenarios, chunk_size):
+        count = min(chunk_size, scenarios - first)
+        chunk = done.get(first)
+        if not isinstance(chunk, ChunkOutput) or len(chunk.losses_usd) != count:
+            chunk = backend.run_chunk(first, count, chunk_size)
+            if on_chunk is not None:
+                on_chunk(first, chunk)
+        fold.add(first, chunk)
+        if progress is not None:
+            progress(first + count, scenarios)
+    return fold.result(time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- tails-only mode
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """What tails-only pass 1 keeps of one batch ``[first, first + count)``: its largest
+    losses, its statistics, its histogram and per-loan sums; no per-scenario loss."""
+
+    first: int
+    tail: LossTail  # its top risk.batch_tail_size losses (or all >= a floor), run indices
+    statistics: BatchStatistics  # count, Σ L, Σ (L − mean)², its own VaR and ES per α
+    histogram: LossHistogram
+    loan_sums: np.ndarray  # [3, N] Σ L_i, Σ PD_i, Σ EAD_i over the chunks the batch owns
+    chunk_size: int | None = None  # the chunking it was computed in (None: unknown)
+
+    @property
+    def count(self) -> int:
+        return self.statistics.count
+
+
+def run_batch(
+    backend,
+    first: int,
+    count: int,
+    chunk_size: int,
+    scenarios: int,
+    alphas: Sequence[float],
+    progress: Callable[[int], None] | None = None,
+    floor: float = math.inf,
+) -> BatchOutput:
+    """Tails-only pass 1 over the batch ``[first, first + count)`` of a run of `scenarios`.
+
+    The batch's scenarios are computed in the run's own chunks (starting at multiples of
+    `chunk_size`, the last one short), as `run_pass1` computes them, so every loss is the same
+    float in both modes. A chunk across the batch's edge is computed whole and its losses
+    outside the batch dropped (at most one extra chunk a batch edge; `batch_count` keeps
+    batches of large runs thousands of chunks long; in one process `_LastChunk` computes it
+    once); its per-loan sums count in the batch holding its first scenario, as in
+    `Pass1Accumulator`. The tail kept is the batch's top `risk.batch_tail_size`, or every loss
+    at or above `floor` where that is more (the rerun of a short batch: `TailsAccumulator`).
+    `progress(n)`: n more scenarios done.
+    """
+    losses = np.empty(count)
+    sums = None
+    for start in range(first - first % chunk_size, first + count, chunk_size):
+        size = min(chunk_size, scenarios - start)
+        chunk = backend.run_chunk(start, size, chunk_size)
+        if chunk.log_weights is not None:  # pragma: no cover - simulate refuses it first
+            raise EngineError("tails-only mode does not take importance sampling")
+        lo, hi = max(start, first), min(start + size, first + count)
+        losses[lo - first : hi - first] = chunk.losses_usd[lo - start : hi - start]
+        part = _chunk_sums(chunk)
+        if sums is None:
+            sums = np.zeros_like(part)
+        if start >= first:  # the batch owns this chunk
+            sums += part
+        if progress is not None:
+            progress(hi - lo)
+    return BatchOutput(
+        first=first,
+        tail=largest_losses(losses, batch_tail_size(scenarios, alphas, count), first, floor),
+        statistics=batch_statistics(losses, alphas),
+        histogram=LossHistogram.of(losses),
+        loan_sums=sums,
+        chunk_size=chunk_size,
+    )
+
+
+class TailsAccumulator:
+    """Folds `BatchOutput`s into a tails-only `Pass1`, in batch order whatever order they
+    arrive in (per-loan sums as `Pass1Accumulator` adds them).
+
+    A runner adds every batch (`missing` says which are still to run), then reruns the
+    batches of `short()`, if any, with their floor, then takes the `result`.
+    """
+
+    def __init__(self, scenarios: int, alphas: Sequence[float]):
+        self.scenarios = scenarios
+        self.alphas = tuple(alphas)
+        self.batches = run_batches(scenarios)
+        self.outputs: dict[int, BatchOutput] = {}
+        self.empty = batch_statistics([], alphas)  # also: the alphas as batches record them
+
+    def missing(
+        self, done: dict | None = None, chunk_size: int | None = None
+    ) -> list[tuple[int, int]]:
+        """The non-empty batches still to run; those in `done` (resume: first -> output of
+        the same batch, alphas and chunk size, so every loss and sum is the same float) are
+        taken as they are."""
+        todo = []
+        for first, count in self.batches:
+            if count == 0:
+                continue
+            known = (done or {}).get(first)
+            if (
+                isinstance(known, BatchOutput)
+                and known.count == count
+                and known.statistics.alphas == self.empty.alphas
+                and known.chunk_size == chunk_size
+            ):
+                self.add(known)
+            else:
+                todo.append((first, count))
+        return todo
+
+    def resume(
+        self, done: dict | None, chunk_size: int, progress: ProgressCallback | None
+    ) -> tuple[list[tuple[int, int]], int]:
+        """(`missing` batches, scenarios already done), the latter reported to `progress`."""
+        todo = self.missing(done, chunk_size)
+        completed = self.scenarios - sum(count for _, count in todo)
+        if completed and progress is not None:
+            progress(completed, self.scenarios)
+        return todo, completed
+
+    def add(self, output: BatchOutput) -> None:
+        self.outputs[output.first] = output
+
+    def short(self) -> list[tuple[int, int, float]]:
+        """``(first, count, floor)`` of the batches to run again, keeping every loss at or
+        above `floor`: those that held more of the run's top k than their margin
+        (`risk.short_tails`; with i.i.d. scenarios about never)."""
+        outputs = [self.outputs[first] for first, count in self.batches if count]
+        k = tail_size(self.scenarios, self.alphas)
+        floor, positions = short_tails([o.tail for o in outputs], k)
+        return [(outputs[i].first, outputs[i].count, floor) for i in positions]
+
+    def result(self, elapsed_seconds: float, owners: tuple = ()) -> Pass1:
+        outputs = [self.outputs[first] for first, count in self.batches if count]
+        if sum(o.count for o in outputs) != self.scenarios:  # a bug, not a user error
+            raise RuntimeError(f"pass 1 folded {len(outputs)} of {len(self.batches)} batches")
+        sums = _LoanSums(outputs[0].loan_sums.shape[1])
+        for output in outputs:
+            sums.add_batch(output.loan_sums)
+        by_first = {o.first: o.statistics for o in outputs}
+        return sums.result(
+            self.scenarios,
+            elapsed_seconds,
+            losses_usd=None,
+            tail=merge_tails([o.tail for o in outputs], tail_size(self.scenarios, self.alphas)),
+            batches=tuple(by_first.get(first, self.empty) for first, _ in self.batches),
+            histogram=LossHistogram.merge([o.histogram for o in outputs]),
+            owners=owners,
+        )
+
+
+class _LastChunk:
+    """A backend that remembers its last chunk: consecutive batches share the chunk across
+    their edge, computed once (in one process; a Dask task computes its own)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.last: tuple[int, int, ChunkOutput] | None = None
+
+    def run_chunk(self, first: int, count: int, padded_count: int | None = None) -> ChunkOutput:
+        if self.last is None or self.last[:2] != (first, count):
+            self.last = (first, count, self.backend.run_chunk(first, count, padded_count))
+        return self.last[2]
+
+
+def run_tails_pass1(
+    backend,
+    scenarios: int,
+    chunk_size: int,
+    alphas: Sequence[float],
+    progress: ProgressCallback | None = None,
+    done: dict | None = None,
+    on_batch: Callable[[int, BatchOutput], None] | None = None,
+) -> Pass1:
+    """Tails-only pass 1 in this process, batch by batch (`run_batch`), then the short
+    batches again (`TailsAccumulator.short`). `done` holds batches already computed (resume),
+    keyed by their first scenario; `on_batch` is called after each new one (checkpointing)."""
+    start = time.perf_counter()
+    fold = TailsAccumulator(scenarios, alphas)
+    todo, completed = fold.resume(done, chunk_size, progress)
+    backend = _LastChunk(backend)
+
+    def advance(n: int) -> None:
+        nonlocal completed
+        completed += n
+        if progress is not None:
+            progress(completed, scenarios)
+
+    for first, count in todo:
+        output = run_batch(backend, first, count, chunk_size, scenarios, alphas, advance)
+        if on_batch is not None:
+            on_batch(first, output)
+        fold.add(output)
+    for first, count, floor in fold.short():
+        output = run_batch(backend, first, count, chunk_size, scenarios, alphas, floor=floor)
+        if on_batch is not None:
+            on_batch(first, output)
+        fold.add(output)
+    return fold.result(time.perf_counter() - start)
+
+
+class LocalRunner:
+    """Both passes in this process (the Dask runner has the same methods). `owners`, where
+    taken, is `Pass1.owners` (only Dask uses it)."""
+
+    def run_pass1(self, spec: BackendSpec, scenarios, chunk_size, n_loans, progress=None,
+                  done=None, on_chunk=None) -> Pass1:  # fmt: skip
+        return run_pass1(spec.build(), scenarios, chunk_size, n_loans, progress, done, on_chunk)
+
+    def run_tails_pass1(self, spec: BackendSpec, scenarios, chunk_size, alphas, progress=None,
+                        done=None, on_batch=None) -> Pass1:  # fmt: skip
+        return run_tails_pass1(
+            spec.build(), scenarios, chunk_size, alphas, progress, done, on_batch
+        )
+
+    def tail_contributions(self, spec: BackendSpec, tails, n_loans, owners=()):
+        return tail_contributions(spec.build().loan_losses_at, tails, n_loans)
+
+    def tail_sensitivities(self, spec: BackendSpec, assumptions, tails, n_scenarios, weights,
+                           el_scenarios, owners=(), chunk_size=256) -> Sensitivities:  # fmt: skip
+        return tail_sensitivities(
+            spec.build().weighted_gradient, assumptions, tails, n_scenarios, el_scenarios,
+            chunk_size=chunk_size, weights=weights,
+        )  # fmt: skip
+
+    def describe(self) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        pass
