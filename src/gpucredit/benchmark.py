@@ -347,7 +347,7 @@ def _make_backend(name, precision, params, grid, loans, seed):
     """One backend on one device (`backends.make_backend` would shard JAX over every local GPU:
     the benchmark measures a single device)."""
     if name == "cupy":
-        from gpucredit.kernels.cupy_engine import CupyBackend
+        from gpucredit.portfolio.backends import CupyBackend
 
         return CupyBackend(params, grid, loans, seed, precision)
     from gpucredit.portfolio.backends import JaxBackend, NumpyBackend

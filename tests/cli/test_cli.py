@@ -382,7 +382,7 @@ def _damaged_checkpoint(small_book: Path, out: Path) -> Path:
     from gpucredit.io.assumptions import default_assumptions
     from gpucredit.io.book import read_book
     from gpucredit.io.results import Checkpoint
-    from gpucredit.portfolio.backends import ChunkOutput
+    from gpucredit.kernels.outputs import ChunkOutput
 
     assumptions = default_assumptions()
     book = read_book(small_book, assumptions)

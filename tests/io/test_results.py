@@ -11,7 +11,7 @@ import pytest
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions
 from gpucredit.io.results import Checkpoint, ResultsError
-from gpucredit.portfolio.backends import ChunkOutput
+from gpucredit.kernels.outputs import ChunkOutput
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.risk import largest_losses
 from gpucredit.portfolio.runner import BatchOutput, run_tails_pass1

@@ -15,6 +15,7 @@ from tests.conftest import random_book
 
 from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import cupy_engine, reference
+from gpucredit.portfolio.backends import CupyBackend
 from gpucredit.portfolio.loans import loan_arrays
 
 pytestmark = [
@@ -182,7 +183,7 @@ def test_backend_matches_numpy_backend(assumptions, loans):
     from gpucredit.portfolio.backends import NumpyBackend
 
     grid = assumptions.grid()
-    cupy_backend = cupy_engine.CupyBackend(assumptions.params, grid, loans, SEED, "float64")
+    cupy_backend = CupyBackend(assumptions.params, grid, loans, SEED, "float64")
     numpy_backend = NumpyBackend(assumptions.params, grid, loans, SEED)
     got = cupy_backend.run_chunk(64, 32)
     want = numpy_backend.run_chunk(64, 32)

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from conftest import SMALL_JAX_RUN, random_book
 from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import cupy_engine
-from gpucredit.portfolio.backends import ChunkOutput, JaxBackend, NumpyBackend, choose_backend
+from gpucredit.kernels.outputs import Backend, ChunkOutput
+from gpucredit.portfolio import backends
+from gpucredit.portfolio.backends import JaxBackend, NumpyBackend, choose_backend
 from gpucredit.portfolio.book import uniform_book
 from gpucredit.portfolio.engine import RunResult, simulate
 from gpucredit.portfolio.loans import loan_arrays
@@ -310,13 +312,23 @@ def test_importance_sampling_on_a_host_of_several_gpus_runs_on_one(assumptions, 
     assert backends.gradient_chunk_size() == 256
 
 
-def test_cupy_chunks_have_the_engine_chunk_fields():
-    """The CuPy backend's pass-1 chunks go through the same accumulator as ChunkOutput
-    (an H100 run of `simulate(backend="cupy")` failed on a missing log_weights)."""
-    engine_fields = tuple(f.name for f in dataclasses.fields(ChunkOutput))
-    assert cupy_engine.ChunkOutcomes._fields == engine_fields
-    chunk = cupy_engine.ChunkOutcomes(*(np.zeros(3) for _ in range(4)))
-    assert chunk.log_weights is None
+def test_every_backend_is_a_backend_returning_chunk_outputs(assumptions):
+    """One protocol (kernels.outputs.Backend) and one chunk type for every backend: the CuPy
+    backend's chunks once lacked a field the accumulator reads (an H100 run failed on a
+    missing log_weights); now it builds the same ChunkOutput."""
+    loans = loan_arrays(BOOK, assumptions)
+    grid = assumptions.grid()
+    for backend in (
+        NumpyBackend(assumptions.params, grid, loans, 1),
+        JaxBackend(assumptions.params, grid, loans, 1, "float64"),
+    ):
+        assert isinstance(backend, Backend), type(backend)
+        chunk = backend.run_chunk(0, 8, 8)
+        assert isinstance(chunk, ChunkOutput) and chunk.log_weights is None
+        assert chunk.loan_loss_sum_usd.shape == (len(BOOK),)
+    for method in ("run_chunk", "loan_losses_at"):
+        assert callable(getattr(backends.CupyBackend, method))
+    assert backends.CupyBackend.name == "cupy"
 
 
 @pytest.mark.gpu

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from gpucredit.io import files
 from gpucredit.io.book import book_to_table
+from gpucredit.kernels.outputs import ChunkOutput
 from gpucredit.portfolio.assumptions import Assumptions
-from gpucredit.portfolio.backends import ChunkOutput
 from gpucredit.portfolio.book import Book
 from gpucredit.portfolio.engine import RunResult
 from gpucredit.portfolio.risk import BatchStatistics, LossHistogram, LossTail

@@ -20,7 +20,7 @@ Threefry numbers (`kernels.rng`), in float32 or float64:
   H_g(t) = min(H_max, H0_g + H1 ((Q_g + max(F_g − N_g, 0) q̄_g) / D_g)^γ) is then computed
   from them ([S, T, G], CuPy elementwise, `haircut_from_volume`); pass 2 reruns the loop
   (cheaper than storing it), applies the haircut and reduces the loss per scenario and, when
-  asked, the per-loan sums the engine's ChunkOutput needs.
+  asked, the per-loan sums of a ChunkOutput (kernels/outputs.py).
 - Launch: blockIdx.y = a tile of `threads` loans (one loan per thread, its constants in
   registers), blockIdx.x = a group of consecutive scenarios looped over in the block. Loans
   are sorted by generation and padded so that a warp never mixes generations. Reductions are
@@ -37,8 +37,8 @@ Public API:
   chunk_outcomes_cupy(params, grid, prepared, seed, first_scenario, count)
       -> (losses [count], loan_loss_sum [N], loan_default_probability_sum [N],
           loan_defaulted_exposure_sum [N]) as cupy arrays
-  CupyBackend: the engine's pass-1 and tail-pass backend (run_chunk, loan_losses_at); runs
-      take gradients from the JAX backend (BackendSpec.build(gradient=True))
+The backend built on it (`portfolio.backends.CupyBackend`) wraps chunk_outcomes_cupy's arrays
+in `kernels.outputs.ChunkOutput`, the one chunk type of every backend.
 """
 
 from __future__ import annotations
@@ -64,8 +64,6 @@ from gpucredit.kernels.params import (
 )
 
 __all__ = [
-    "ChunkOutcomes",
-    "CupyBackend",
     "CupyLoans",
     "DeviceTables",
     "LoanTables",
@@ -678,78 +676,7 @@ def chunk_outcomes_cupy(
     params: ModelParams, grid: ModelGrid, prepared: CupyLoans, seed, first_scenario, count: int
 ):
     """(losses [count], Σ_ω L_i [N], Σ_ω Σ_t d_i(t) [N], Σ_ω Σ_t DF d_i EAD_i [N]) as cupy
-    float64 arrays: what the engine's ChunkOutput keeps (Σ_t d_i(t) = 1 − S_i(T) in
+    float64 arrays: what a ChunkOutput (kernels/outputs.py) keeps (Σ_t d_i(t) = 1 − S_i(T) in
     conditional mode, the default indicator in sampled mode)."""
     losses, sums = _forward(params, grid, prepared, seed, first_scenario, count, loan_sums=True)
     return losses, sums[0], sums[1], sums[2]
-
-
-class ChunkOutcomes(NamedTuple):
-    """One chunk's pass-1 result, field for field the engine's ChunkOutput (float64 NumPy)."""
-
-    losses_usd: np.ndarray  # [S] portfolio loss per scenario
-    loan_loss_sum_usd: np.ndarray  # [N] Σ over the chunk's scenarios of L_i
-    loan_default_probability_sum: np.ndarray  # [N] Σ of 1 − S_i(T) (or default indicators)
-    loan_defaulted_exposure_sum_usd: np.ndarray  # [N] Σ of Σ_t DF d_i EAD_i
-    log_weights: np.ndarray | None = None  # always None: no importance sampling here
-
-
-class CupyBackend:
-    """The fused CUDA kernel for pass 1; the tail pass goes to the JAX engine, and runs take
-    their gradients from a JaxBackend (`BackendSpec.build(gradient=True)`).
-
-    Mirrors portfolio.backends.JaxBackend's constructor and pass-1/tail methods: run_chunk(first,
-    count) returns ChunkOutcomes, whose fields are ChunkOutput's (float64 NumPy);
-    loan_losses_at runs `jax_engine` on the same device. `kernels`
-    imports nothing outside `kernels`, so the engine wraps the result in ChunkOutput if it
-    needs the type itself.
-    """
-
-    name = "cupy"
-
-    def __init__(
-        self,
-        params: ModelParams,
-        grid: ModelGrid,
-        loans: LoanArrays,
-        seed: int,
-        precision: str,
-        block_size: int = 512,
-    ):
-        import cupy as cp
-
-        self.params, self.grid, self.loans, self.seed = params, grid, loans, seed
-        self.precision = str(np.dtype(precision))
-        self.block_size = block_size
-        self.n_loans = len(loans.gpu_count)
-        self.prepared = prepare_loans_cupy(loans, np.dtype(precision))
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        name = props["name"]
-        self.device = f"gpu: {name.decode() if isinstance(name, bytes) else name} (cupy)"
-        self._blocks = None
-
-    def run_chunk(
-        self, first_scenario: int, count: int, padded_count: int | None = None
-    ) -> ChunkOutcomes:
-        """`padded_count` is ignored: the kernel takes the scenario count at run time (only
-        its random inputs, a small JAX program, compile once per chunk size)."""
-        out = chunk_outcomes_cupy(
-            self.params, self.grid, self.prepared, self.seed, first_scenario, count
-        )
-        return ChunkOutcomes(*(np.asarray(x.get(), dtype=np.float64) for x in out))
-
-    def _jax_blocks(self):
-        if self._blocks is None:
-            from gpucredit.kernels import jax_engine
-
-            self._blocks = jax_engine.prepare_loans(self.loans, self.precision, self.block_size)
-        return self._blocks
-
-    def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
-        """[S, N] loss per loan at the given scenario indices (the JAX engine's)."""
-        from gpucredit.kernels import jax_engine
-
-        out = jax_engine.loan_losses_at(
-            self.params, self.grid, self._jax_blocks(), self.seed, np.asarray(scenarios, np.uint32)
-        )
-        return np.asarray(out, dtype=np.float64)

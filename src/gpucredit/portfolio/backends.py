@@ -12,21 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpucredit.kernels import reference
+from gpucredit.kernels.outputs import ChunkOutput
 from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
 from gpucredit.portfolio.settings import BACKENDS, PRECISIONS, EngineError
-
-
-@dataclass(frozen=True)
-class ChunkOutput:
-    """What pass 1 keeps of one chunk of scenarios."""
-
-    losses_usd: np.ndarray  # [S] portfolio loss per scenario
-    loan_loss_sum_usd: np.ndarray  # [N] Σ over the chunk's scenarios of L_i
-    loan_default_probability_sum: np.ndarray  # [N] Σ of 1 − S_i(T) (or default indicators)
-    loan_defaulted_exposure_sum_usd: np.ndarray  # [N] Σ of Σ_t DF d_i EAD_i
-    # Importance sampling: [S] ln w(ω), and the per-loan sums above are Σ w(ω) x(ω). None
-    # without it (w = 1).
-    log_weights: np.ndarray | None = None
 
 
 class NumpyBackend:
@@ -245,6 +233,59 @@ _SUM_FIELDS = (
 )
 
 
+class CupyBackend:
+    """The fused CUDA kernel (kernels/cupy_engine.py) for pass 1; the tail pass goes to the JAX
+    engine on the same device, and runs take their gradients from a JaxBackend
+    (`BackendSpec(gradient=True)`)."""
+
+    name = "cupy"
+
+    def __init__(
+        self,
+        params: ModelParams,
+        grid: ModelGrid,
+        loans: LoanArrays,
+        seed: int,
+        precision: str,
+        block_size: int = 512,
+    ):
+        import cupy as cp
+
+        from gpucredit.kernels import cupy_engine
+
+        self._engine = cupy_engine
+        self.params, self.grid, self.loans, self.seed = params, grid, loans, seed
+        self.precision = str(np.dtype(precision))
+        self.block_size = block_size
+        self.n_loans = len(loans.gpu_count)
+        self.prepared = cupy_engine.prepare_loans_cupy(loans, np.dtype(precision))
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        name = props["name"]
+        self.device = f"gpu: {name.decode() if isinstance(name, bytes) else name} (cupy)"
+        self._blocks = None
+
+    def run_chunk(
+        self, first_scenario: int, count: int, padded_count: int | None = None
+    ) -> ChunkOutput:
+        """`padded_count` is ignored: the kernel takes the scenario count at run time (only
+        its random inputs, a small JAX program, compile once per chunk size)."""
+        out = self._engine.chunk_outcomes_cupy(
+            self.params, self.grid, self.prepared, self.seed, first_scenario, count
+        )
+        return ChunkOutput(*(np.asarray(x.get(), dtype=np.float64) for x in out))
+
+    def loan_losses_at(self, scenarios: np.ndarray) -> np.ndarray:
+        """[S, N] loss per loan at the given scenario indices (the JAX engine's)."""
+        from gpucredit.kernels import jax_engine
+
+        if self._blocks is None:
+            self._blocks = jax_engine.prepare_loans(self.loans, self.precision, self.block_size)
+        out = jax_engine.loan_losses_at(
+            self.params, self.grid, self._blocks, self.seed, np.asarray(scenarios, np.uint32)
+        )
+        return np.asarray(out, dtype=np.float64)
+
+
 def device_name(device) -> str:
     """'gpu (NVIDIA H100 80GB HBM3)', or 'cpu (2 cores)'."""
 
@@ -287,8 +328,6 @@ def make_backend(
     if name == "cupy":
         if normal_shift is not None:
             raise EngineError("importance sampling runs on the jax and numpy backends, not cupy")
-        from gpucredit.kernels.cupy_engine import CupyBackend
-
         return CupyBackend(params, grid, loans, seed, precision)
     if len(_local_gpus()) > 1 and normal_shift is None:
         return ShardedJaxBackend(params, grid, loans, seed, precision)  # several GPUs, one host

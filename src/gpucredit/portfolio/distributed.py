@@ -53,8 +53,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpucredit.kernels.outputs import ChunkOutput
 from gpucredit.kernels.params import ModelParams
-from gpucredit.portfolio.backends import BackendSpec, ChunkOutput
+from gpucredit.portfolio.backends import BackendSpec
 from gpucredit.portfolio.contributions import contribution_of_chunk, tail_contributions
 from gpucredit.portfolio.runner import (
     BatchOutput,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpucredit.portfolio.backends import BackendSpec, ChunkOutput
+from gpucredit.kernels.outputs import ChunkOutput
+from gpucredit.portfolio.backends import BackendSpec
 from gpucredit.portfolio.contributions import tail_contributions
 from gpucredit.portfolio.risk import (
     BatchStatistics,
