@@ -120,26 +120,27 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
         )
 
 
-def _pct(value: object, digits: int = 2) -> str:
-    """A share as a percentage; "n/a" for None or a non-finite value."""
+def _finite(value: object) -> float | None:
+    """A finite float, or None for None, a bool, a non-number or a non-finite value."""
     if value is None or isinstance(value, bool):
-        return "n/a"
+        return None
     try:
         x = float(value)
     except (TypeError, ValueError):
-        return "n/a"
-    return f"{100 * x:.{digits}f}%" if np.isfinite(x) else "n/a"
+        return None
+    return x if np.isfinite(x) else None
+
+
+def _pct(value: object, digits: int = 2) -> str:
+    """A share as a percentage; "n/a" for None or a non-finite value."""
+    x = _finite(value)
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def _times(value: object) -> str:
     """A ratio as "1.31x"; "n/a" for None or a non-finite value."""
-    if value is None or isinstance(value, bool):
-        return "n/a"
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{x:.2f}x" if np.isfinite(x) else "n/a"
+    x = _finite(value)
+    return "n/a" if x is None else f"{x:.2f}x"
 
 
 def _es_shares(row: dict) -> list[tuple[str, object]]:
