@@ -641,3 +641,25 @@ def test_bad_alphas_and_chunk_sizes_are_refused_before_any_work(
     settings = {"scenarios": 64, "backend": "numpy", "sensitivities": False} | kwargs
     with pytest.raises(EngineError, match=match):
         simulate(BOOK, assumptions, **settings)
+
+
+def test_run_config_is_resolved_once_and_carried_by_the_result(assumptions):
+    """simulate's keywords are a RunConfig: defaults from the assumptions and the backend,
+    checked once; a resolved config gives the same run; both at once is refused."""
+    from gpucredit.portfolio.config import RunConfig
+
+    config = RunConfig.resolve(assumptions, scenarios=256, backend="numpy", sensitivities=False)
+    assert (config.seed, config.mode, config.alphas) == (
+        assumptions.seed,
+        "conditional",
+        (0.99, 0.999),
+    )
+    assert config.chunk_size == NumpyBackend.default_chunk_size and config.keep_losses
+    by_config = simulate(BOOK, assumptions, config)
+    by_keywords = simulate(BOOK, assumptions, scenarios=256, backend="numpy", sensitivities=False)
+    np.testing.assert_array_equal(by_config.losses_usd, by_keywords.losses_usd)
+    assert by_config.config is config and by_keywords.config.scenarios == 256
+    with pytest.raises(TypeError, match="not both"):
+        simulate(BOOK, assumptions, config, scenarios=512)
+    with pytest.raises(EngineError, match="normal_shift must be"):
+        RunConfig.resolve(assumptions, normal_shift=np.zeros((2, 2)))

@@ -23,7 +23,6 @@ from gpucredit import __version__
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.backends import (
     BackendSpec,
-    default_chunk_size,
     gradient_chunk_size,
     make_backend,
 )
@@ -34,6 +33,7 @@ from gpucredit.portfolio.calibration import (
     paper_vs_path,
     year_one_assumptions,
 )
+from gpucredit.portfolio.config import RunConfig, RunMetadata
 from gpucredit.portfolio.contributions import Contributions, make_contributions
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import (
@@ -50,14 +50,6 @@ from gpucredit.portfolio.risk import (
 )
 from gpucredit.portfolio.runner import LocalRunner, Pass1, ProgressCallback
 from gpucredit.portfolio.sensitivities import Sensitivities
-from gpucredit.portfolio.settings import (
-    EngineError,
-    check_alphas,
-    check_chunk_size,
-    default_alphas,
-    resolve_keep_losses,
-    resolve_run_settings,
-)
 from gpucredit.portfolio.stress import StressCase
 
 
@@ -96,6 +88,7 @@ class RunResult:
     tail: LossTail  # the largest losses (top `tail_size(S, alphas)`, ties kept) by scenario
     histogram: LossHistogram  # of every loss (risk.LossHistogram: power-of-two bins from 0)
     calibration: dict | None = None  # portfolio.calibration.calibration_table (None: not run)
+    config: RunConfig | None = None  # the settings it ran with
 
     def var(self, alpha: float) -> float:
         return self.measures.var(alpha)
@@ -124,34 +117,29 @@ class RunResult:
 def simulate(
     book: Book,
     assumptions: Assumptions,
-    scenarios: int | None = None,
-    seed: int | None = None,
-    mode: str | None = None,
-    backend: str = "auto",
-    precision: str = "float32",
-    chunk_size: int | None = None,
-    alphas: Sequence[float] | None = None,
-    contributions: bool = True,
-    sensitivities: bool = True,
-    el_sensitivity_scenarios: int = 8192,
+    config: RunConfig | None = None,
+    *,
     stress: Sequence[StressCase] = (),
     progress: ProgressCallback | None = None,
     checkpoint=None,
     workers: int | None = None,
     scheduler: str | None = None,
-    normal_shift: np.ndarray | None = None,
-    keep_losses: bool | None = None,
-    calibration: bool = True,
+    **settings,
 ) -> RunResult:
     """Run the book against the assumptions (docs/spec.md) and measure the loss distribution.
+
+    The run's settings are a `RunConfig` (portfolio/config.py), given whole or as its keywords
+    (`scenarios`, `seed`, `mode`, `backend`, `precision`, `chunk_size`, `alphas`,
+    `contributions`, `sensitivities`, `el_sensitivity_scenarios`, `normal_shift`,
+    `keep_losses`, `calibration`), resolved against the assumptions and checked once.
 
     Pass 1 keeps every per-scenario loss (`keep_losses` True) or, tails-only (False), per
     batch only its largest losses, statistics and histogram, with the same measures, tail sets,
     contributions and sensitivities and ``RunResult.losses_usd`` None; None (the default)
     keeps them up to `KEEP_LOSSES_MAX_SCENARIOS` scenarios (`resolve_keep_losses`). Pass 2
-    revisits the tail scenarios of each α by
-    index for Euler contributions and AD sensitivities. Stress scenarios rerun pass 1 with
-    overridden assumptions on the same random numbers. `checkpoint` (optional) has
+    revisits the tail scenarios of each α by index for Euler contributions and AD
+    sensitivities. Stress scenarios rerun pass 1 with overridden assumptions on the same
+    random numbers, measured against the base run's PD references. `checkpoint` (optional) has
     `.done() -> dict[first, ChunkOutput | BatchOutput]` and `.save(first, output)` for resume
     (chunks when every loss is kept, batches in tails-only mode).
     `workers` (a local Dask cluster of that many processes) or `scheduler` (the address of an
@@ -165,11 +153,14 @@ def simulate(
     from gpucredit.kernels.jax_setup import configure_jax  # float64, XLA flags: before any JAX
 
     configure_jax()
+    if config is None:
+        config = RunConfig.resolve(assumptions, **settings)
+    elif settings:
+        raise TypeError(f"simulate takes a RunConfig or its keywords, not both: {sorted(settings)}")
     started = time.perf_counter()
-    scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
-    keep_losses = resolve_keep_losses(keep_losses, scenarios, normal_shift is not None)
-    alphas = check_alphas(default_alphas(alphas))
-    chunk_size = check_chunk_size(chunk_size)
+    c = config
+    scenarios, seed, mode, alphas, chunk = c.scenarios, c.seed, c.mode, c.alphas, c.chunk_size
+    normal_shift = c.normal_shift
     loans = loan_arrays(book, assumptions)
     # Every stress case's schedules before any scenario runs (an undefined one fails now).
     stress_loans = {
@@ -177,18 +168,11 @@ def simulate(
         for case in stress
     }
     grid = assumptions.grid(mode)
-    if normal_shift is not None:
-        normal_shift = np.asarray(normal_shift, dtype=np.float64)
-        if normal_shift.shape != (grid.periods, grid.n_factors):
-            raise EngineError(
-                f"normal_shift must be [periods, factors] = {(grid.periods, grid.n_factors)}, "
-                f"got {normal_shift.shape}"
-            )
 
     def spec_for(a: Assumptions, gradient: bool = False) -> BackendSpec:
         return BackendSpec(
-            backend,
-            engine.precision if gradient else precision,
+            c.backend,
+            engine.precision if gradient else c.precision,
             a.params,
             a.grid(mode),
             loans if a is assumptions else stress_loans[id(a)],
@@ -197,10 +181,9 @@ def simulate(
             gradient,
         )
 
-    engine = make_backend(backend, precision, assumptions.params, grid, loans, seed, normal_shift)
-    chunk = chunk_size
-    if chunk is None:
-        chunk = default_chunk_size(backend, importance_sampling=normal_shift is not None)
+    engine = make_backend(
+        c.backend, c.precision, assumptions.params, grid, loans, seed, normal_shift
+    )
     if workers is not None or scheduler is not None:
         from gpucredit.portfolio.distributed import DaskRunner
 
@@ -211,7 +194,7 @@ def simulate(
     def pass1_of(a: Assumptions, progress=None, checkpoint=None) -> Pass1:
         done = checkpoint.done() if checkpoint is not None else None
         save = checkpoint.save if checkpoint is not None else None
-        if keep_losses:
+        if c.keep_losses:
             return runner.run_pass1(spec_for(a), scenarios, chunk, len(book), progress, done, save)
         return runner.run_tails_pass1(spec_for(a), scenarios, chunk, alphas, progress, done, save)
 
@@ -222,7 +205,7 @@ def simulate(
         tails = tail_sets(tail, alphas)  # {α key: (scenario indices, coefficients)}
 
         contrib = None
-        if contributions:
+        if c.contributions:
             es_i = runner.tail_contributions(
                 spec_for(assumptions), tails, len(book), owners=pass1.owners
             )
@@ -235,7 +218,7 @@ def simulate(
             )
 
         calibration_table_ = None
-        if calibration:
+        if c.calibration:
             calibration_table_ = _calibration(
                 book, loans, assumptions, scenarios, pass1, contrib, runner, chunk, spec_for,
                 normal_shift,
@@ -245,16 +228,16 @@ def simulate(
         sensitivities_seconds = 0.0
         # Sensitivities are derivatives of the conditional-mode loss (docs/spec.md §7); a sampled
         # run's tail set is driven by the default draws, so they are not computed there.
-        if sensitivities and mode == "conditional":
+        if c.sensitivities and mode == "conditional":
             t0 = time.perf_counter()
-            # engine.precision, not `precision`: a NumPy (float64) run gets float64 gradients.
+            # engine.precision, not the asked one: a NumPy (float64) run gets float64 gradients.
             sens = runner.tail_sensitivities(
                 spec_for(assumptions, gradient=True),
                 assumptions,
                 tails,
                 scenarios,
                 weights,
-                el_sensitivity_scenarios,
+                c.el_sensitivity_scenarios,
                 owners=pass1.owners,
                 chunk_size=gradient_chunk_size(),
             )
@@ -275,42 +258,41 @@ def simulate(
         largest = tail if weights is None else largest_losses(pass1.losses_usd, k)
         histogram = LossHistogram.of(pass1.losses_usd)
     elapsed = time.perf_counter() - started
-    metadata = {
-        "version": __version__,
-        "seed": seed,
-        "scenarios": scenarios,
-        "mode": mode,
-        "backend": engine.name,
-        "device": engine.device,
-        "precision": engine.precision,
-        "chunk_size": chunk,
-        "keep_losses": keep_losses,
-        "alphas": list(alphas),
-        "copula": assumptions.copula,
-        "t_dof": assumptions.t_dof if assumptions.copula == "t" else None,
-        "correlation_repaired": assumptions.correlation_repair is not None,
-        "importance_shift": None if normal_shift is None else normal_shift.tolist(),
-        "horizon_years": assumptions.horizon_years,
-        "steps_per_year": assumptions.steps_per_year,
-        "discount": assumptions.discount,
-        "loans": len(book),
-        "book": book.source,
-        "pass1_seconds": pass1.elapsed_seconds,
-        "sensitivities_seconds": sensitivities_seconds,
-        "el_sensitivity_scenarios": sens.el_scenarios if sens is not None else None,
-        "elapsed_seconds": elapsed,
-        "scenarios_per_second": scenarios / pass1.elapsed_seconds,
-        "loan_periods_per_second": scenarios * len(book) * grid.periods / pass1.elapsed_seconds,
-        "estimator": "plain Monte Carlo"
+    metadata = RunMetadata(
+        version=__version__,
+        seed=seed,
+        scenarios=scenarios,
+        mode=mode,
+        backend=engine.name,
+        device=engine.device,
+        precision=engine.precision,
+        chunk_size=chunk,
+        keep_losses=c.keep_losses,
+        alphas=list(alphas),
+        copula=assumptions.copula,
+        t_dof=assumptions.t_dof if assumptions.copula == "t" else None,
+        correlation_repaired=assumptions.correlation_repair is not None,
+        importance_shift=None if normal_shift is None else normal_shift.tolist(),
+        horizon_years=assumptions.horizon_years,
+        steps_per_year=assumptions.steps_per_year,
+        discount=assumptions.discount,
+        loans=len(book),
+        book=book.source,
+        pass1_seconds=pass1.elapsed_seconds,
+        sensitivities_seconds=sensitivities_seconds,
+        el_sensitivity_scenarios=sens.el_scenarios if sens is not None else None,
+        elapsed_seconds=elapsed,
+        scenarios_per_second=scenarios / pass1.elapsed_seconds,
+        loan_periods_per_second=scenarios * len(book) * grid.periods / pass1.elapsed_seconds,
+        estimator="plain Monte Carlo"
         if normal_shift is None
         else "importance sampling: systematic normals shifted to the design point",
-        "effective_sample_size": measures.effective_sample_size,
-        "sensitivities_of": "the conditional-mode loss (docs/spec.md §7), on this run's tail set"
+        effective_sample_size=measures.effective_sample_size,
+        sensitivities_of="the conditional-mode loss (docs/spec.md §7), on this run's tail set"
         if mode == "conditional"
         else "not computed in sampled mode: run --mode conditional for sensitivities",
-    }
-    if cluster is not None:
-        metadata["dask"] = cluster
+        dask=cluster,
+    )
     return RunResult(
         losses_usd=pass1.losses_usd,
         weights=weights,
@@ -318,10 +300,11 @@ def simulate(
         contributions=contrib,
         sensitivities=sens,
         stress=tuple(stress_results),
-        metadata=metadata,
+        metadata=metadata.to_dict(),
         tail=largest,
         histogram=histogram,
         calibration=calibration_table_,
+        config=config,
     )
 
 
