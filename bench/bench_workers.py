@@ -32,7 +32,7 @@ def main() -> None:
 
     from gpucredit.io.assumptions import load_assumptions
     from gpucredit.io.book import example_book_path, read_book
-    from gpucredit.portfolio.backends import BackendSpec, JaxBackend
+    from gpucredit.portfolio.backends import JaxBackend, Simulation
     from gpucredit.portfolio.distributed import DaskRunner
     from gpucredit.portfolio.loans import loan_arrays
     from gpucredit.portfolio.runner import run_pass1
@@ -57,14 +57,14 @@ def main() -> None:
     rows = [{"runner": "single process", "workers": 0, "seconds": statistics.median(times)}]
     print(f"single process: {rows[0]['seconds']:.2f} s", flush=True)
 
-    spec = BackendSpec("jax", args.precision, assumptions.params, grid, loans, seed)
+    run = Simulation("jax", args.precision, assumptions.params, grid, loans, seed)
     for n in args.workers:
         with DaskRunner(workers=n) as runner:
-            runner.run_pass1(spec, n * C, C, N)  # warm-up: each worker compiles
+            run_pass1(run, n * C, C, N, runner=runner)  # warm-up: each worker compiles
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                out = runner.run_pass1(spec, S, C, N)
+                out = run_pass1(run, S, C, N, runner=runner)
                 times.append(time.perf_counter() - t0)
                 assert np.array_equal(out.losses_usd, reference), "losses differ from 1 process"
             rows.append(

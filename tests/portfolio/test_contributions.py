@@ -7,6 +7,8 @@ chunks of 1024, so the compilations are shared with the other portfolio tests.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -160,7 +162,7 @@ def test_es_contributions_do_not_depend_on_the_tail_chunk_size(mode):
     # 0.9 as well: a tail of ~205 scenarios, enough for several uneven chunks.
     alphas = (0.9, *ALPHAS)
     results = [
-        tail_loan_contributions(backend.loan_losses_at, losses, None, alphas, len(BOOK), size)
+        tail_loan_contributions(backend, losses, None, alphas, len(BOOK), size)
         for size in (1, 7, 64, 1024)
     ]
     for other in results[1:]:
@@ -180,7 +182,7 @@ def test_jax_es_contributions_do_not_depend_on_the_tail_chunk_size():
     backend = JaxBackend(a.params, a.grid(), loan_arrays(BOOK, a), SEED, "float64")
     result = _run("jax", "conditional")
     split = tail_loan_contributions(
-        backend.loan_losses_at, result.losses_usd, None, ALPHAS, len(BOOK), chunk_size=16
+        backend, result.losses_usd, None, ALPHAS, len(BOOK), chunk_size=16
     )
     for key, values in result.contributions.expected_shortfall_usd.items():
         np.testing.assert_allclose(split[key], values, rtol=1e-12, atol=1e-6)
@@ -224,7 +226,7 @@ def test_tail_pass_only_visits_tail_scenarios(monkeypatch):
     calls.clear()
     backend = _numpy_backend()
     out = tail_loan_contributions(
-        backend.loan_losses_at, result.losses_usd, None, alphas, len(BOOK), chunk_size=64
+        backend, result.losses_usd, None, alphas, len(BOOK), chunk_size=64
     )
     assert len(calls) == -(-len(tail) // 64)
     assert max(len(c) for c in calls) == 64
@@ -242,14 +244,15 @@ def test_tail_pass_only_visits_tail_scenarios(monkeypatch):
 
 
 def _constructed(per_loan: np.ndarray):
-    """A fake `loan_losses_at` over a fixed [S, N] matrix, recording the indices asked."""
+    """A fake backend whose `loan_losses_at` reads a fixed [S, N] matrix, recording the
+    indices asked."""
     asked: list[int] = []
 
     def loan_losses_at(indices):
         asked.extend(int(i) for i in indices)
         return per_loan[np.asarray(indices, dtype=np.int64)]
 
-    return loan_losses_at, asked
+    return SimpleNamespace(loan_losses_at=loan_losses_at), asked
 
 
 def test_ties_at_var_share_the_remaining_mass():
@@ -267,8 +270,8 @@ def test_ties_at_var_share_the_remaining_mass():
     var, es = var_es(losses, None, 0.99)
     assert var == 10.0
     np.testing.assert_allclose(es, 15.0, rtol=1e-12)
-    loan_losses_at, asked = _constructed(per_loan)
-    out = tail_loan_contributions(loan_losses_at, losses, None, (0.99,), n_loans)
+    backend, asked = _constructed(per_loan)
+    out = tail_loan_contributions(backend, losses, None, (0.99,), n_loans)
     expected = 0.5 * per_loan[above] + 0.125 * per_loan[ties].sum(axis=0)
     np.testing.assert_allclose(out["0.99"], expected, rtol=1e-12)
     np.testing.assert_allclose(out["0.99"].sum(), es, rtol=1e-12)
@@ -281,8 +284,8 @@ def test_ties_at_var_with_no_mass_above():
     ties = [10, 20, 30, 40]
     per_loan[ties] = [[4.0, 0.0], [0.0, 4.0], [1.0, 3.0], [3.0, 1.0]]
     losses = per_loan.sum(axis=1)
-    loan_losses_at, _ = _constructed(per_loan)
-    out = tail_loan_contributions(loan_losses_at, losses, None, (0.99, 0.999), 2)
+    backend, _ = _constructed(per_loan)
+    out = tail_loan_contributions(backend, losses, None, (0.99, 0.999), 2)
     for key in ("0.99", "0.999"):
         np.testing.assert_allclose(out[key], [2.0, 2.0], rtol=1e-12)
 
@@ -293,8 +296,8 @@ def test_ties_with_importance_weights():
     per_loan = np.array([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     weights = np.array([2.0, 1.5, 0.5, 0.5, 0.5])  # p = 0.4, 0.3, 0.1, 0.1, 0.1
     losses = per_loan.sum(axis=1)  # 1, 1, 2, 2, 2: three ties at the top
-    loan_losses_at, _ = _constructed(per_loan)
-    out = tail_loan_contributions(loan_losses_at, losses, weights, (0.8,), 2)
+    backend, _ = _constructed(per_loan)
+    out = tail_loan_contributions(backend, losses, weights, (0.8,), 2)
     # P(L = 2) = 0.3 >= 0.2: all the tail mass on the ties, 1/3 each (equal weights among them).
     np.testing.assert_allclose(out["0.8"], [2.0 / 3 + 1.0 / 3, 2.0 / 3 + 1.0 / 3], rtol=1e-12)
     es = var_es(losses, weights, 0.8, likelihood_ratios=True)[1]

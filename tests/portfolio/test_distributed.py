@@ -24,12 +24,9 @@ distributed = pytest.importorskip("distributed")
 
 from gpucredit.cli import main  # noqa: E402
 from gpucredit.io.assumptions import load_assumptions  # noqa: E402
-from gpucredit.portfolio.distributed import (  # noqa: E402
-    DaskRunner,
-    SchedulerUnreachable,
-    plan_blocks,
-)
+from gpucredit.portfolio.distributed import DaskRunner, SchedulerUnreachable  # noqa: E402
 from gpucredit.portfolio.engine import simulate  # noqa: E402
+from gpucredit.portfolio.runner import plan_blocks  # noqa: E402
 
 UNREACHABLE = "tcp://127.0.0.1:9"  # the discard port: nothing listens there
 
@@ -193,26 +190,27 @@ def test_pass2_tasks_go_to_the_worker_that_ran_their_scenarios(
     holds its first tail index, as a loose restriction (another worker may take it)."""
     from distributed import Client
 
-    from gpucredit.portfolio.distributed import owner_of
+    from gpucredit.portfolio import engine
+    from gpucredit.portfolio.runner import owner_of
 
     address, client = cluster
     submitted, owners = [], []
     submit = Client.submit
 
-    def recording_submit(self, fn, *args, **kwargs):
-        submitted.append((fn.__name__, args, kwargs))
-        return submit(self, fn, *args, **kwargs)
+    def recording_submit(self, fn, name, task, item, **kwargs):  # DaskRunner's _run_task
+        submitted.append((task.__name__, item, kwargs))
+        return submit(self, fn, name, task, item, **kwargs)
 
     monkeypatch.setattr(Client, "submit", recording_submit)
-    for method in ("run_pass1", "run_tails_pass1"):
-        original = getattr(DaskRunner, method)
+    for function in ("run_pass1", "run_tails_pass1"):
+        original = getattr(engine, function)
 
-        def recording(self, *args, _original=original, **kwargs):
-            pass1 = _original(self, *args, **kwargs)
+        def recording(*args, _original=original, **kwargs):
+            pass1 = _original(*args, **kwargs)
             owners.extend(pass1.owners)
             return pass1
 
-        monkeypatch.setattr(DaskRunner, method, recording)
+        monkeypatch.setattr(engine, function, recording)
     book = random_book(4, 10)
     kwargs = dict(scenarios=4000, seed=5, backend="numpy", chunk_size=128, alphas=(0.5, 0.99))
     result = simulate(
@@ -227,12 +225,12 @@ def test_pass2_tasks_go_to_the_worker_that_ran_their_scenarios(
     workers = set(client.scheduler_info()["workers"])
     assert {worker for _, _, worker in owners} == workers  # both ran pass-1 tasks
     assert sum(count for _, count, _ in owners) == 4000
-    pass1 = [kw for name, _, kw in submitted if name.startswith("_pass1")]
+    pass1 = [kw for name, _, kw in submitted if name in ("run_block", "run_batch")]
     assert pass1 and all("workers" not in kw for kw in pass1)
-    pass2 = [(args, kw) for name, args, kw in submitted if name == "_contribution_chunk"]
+    pass2 = [(item, kw) for name, item, kw in submitted if name == "contribution_of_chunk"]
     assert len(pass2) == 2  # the union of the tails: 2,000 indices, two chunks of 1024
-    for args, kw in pass2:
-        first_index = int(args[1][0])
+    for item, kw in pass2:
+        first_index = int(item[0][0])
         assert kw["workers"] == [owner_of(owners, first_index)]
         assert kw["allow_other_workers"] is True
     single = simulate(book, assumptions, keep_losses=keep_losses, sensitivities=False, **kwargs)
@@ -328,9 +326,9 @@ def test_batches_short_of_the_tail_run_again_on_the_cluster(cluster, assumptions
     submitted = []
     submit = Client.submit
 
-    def recording_submit(self, fn, *args, **kw):
-        submitted.append((fn.__name__, args))
-        return submit(self, fn, *args, **kw)
+    def recording_submit(self, fn, name, task, item, **kw):  # DaskRunner's _run_task
+        submitted.append((task.__name__, item))
+        return submit(self, fn, name, task, item, **kw)
 
     monkeypatch.setattr(Client, "submit", recording_submit)
     client.run(keep_eight)
@@ -338,8 +336,9 @@ def test_batches_short_of_the_tail_run_again_on_the_cluster(cluster, assumptions
         on_dask = simulate(book, assumptions, scheduler=address, keep_losses=False, **kwargs)
     finally:
         client.run(restore)
-    reruns = [args for name, args in submitted if name == "_pass1_batch" and len(args) == 7]
-    assert len(reruns) >= 4 and all(math.isfinite(args[-1]) for args in reruns)
+    # run_batch(backend, first, count, chunk_size, scenarios, alphas, floor): a rerun has a floor
+    reruns = [item for name, item in submitted if name == "run_batch" and len(item) == 6]
+    assert len(reruns) >= 4 and all(math.isfinite(item[-1]) for item in reruns)
     assert_same_tails_run(single, on_dask)
 
 
@@ -398,19 +397,19 @@ def test_cli_runs_on_a_scheduler(cluster, tmp_path):
 def test_pass2_runs_elsewhere_when_the_owner_is_gone(cluster, assumptions):
     """The owner restriction is loose: a task whose owner left the cluster runs on another
     worker, with the same result as in one process."""
-    from gpucredit.portfolio.backends import BackendSpec
+    from gpucredit.portfolio.backends import Simulation
+    from gpucredit.portfolio.contributions import tail_contributions
     from gpucredit.portfolio.loans import loan_arrays
-    from gpucredit.portfolio.runner import LocalRunner
 
     _, client = cluster
     book = random_book(4, 10)
     loans = loan_arrays(book, assumptions)
-    spec = BackendSpec("numpy", "float64", assumptions.params, assumptions.grid(), loans, 5)
+    run = Simulation("numpy", "float64", assumptions.params, assumptions.grid(), loans, 5)
     tails = {"0.9": (np.arange(100, 300), np.full(200, 1 / 200))}
     gone = ((0, 10_000, "tcp://127.0.0.1:9"),)  # no worker there
     with DaskRunner(client=client) as runner:
-        got = runner.tail_contributions(spec, tails, len(book), owners=gone)
-    want = LocalRunner().tail_contributions(spec, tails, len(book))
+        got = tail_contributions(run, tails, len(book), runner=runner, owners=gone)
+    want = tail_contributions(run, tails, len(book))
     np.testing.assert_array_equal(got["0.9"], want["0.9"])
 
 

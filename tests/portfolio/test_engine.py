@@ -637,7 +637,7 @@ def test_bad_alphas_and_chunk_sizes_are_refused_before_any_work(
         raise AssertionError("simulate started work before checking its arguments")
 
     monkeypatch.setattr(engine, "loan_arrays", no_work)
-    monkeypatch.setattr(engine, "make_backend", no_work)
+    monkeypatch.setattr(engine, "Simulation", no_work)
     settings = {"scenarios": 64, "backend": "numpy", "sensitivities": False} | kwargs
     with pytest.raises(EngineError, match=match):
         simulate(BOOK, assumptions, **settings)
@@ -663,3 +663,30 @@ def test_run_config_is_resolved_once_and_carried_by_the_result(assumptions):
         simulate(BOOK, assumptions, config, scenarios=512)
     with pytest.raises(EngineError, match="normal_shift must be"):
         RunConfig.resolve(assumptions, normal_shift=np.zeros((2, 2)))
+
+
+def test_each_prepared_simulation_is_built_once_per_run(assumptions, monkeypatch):
+    """One run builds one backend for pass 1 and the contributions, one for the gradients,
+    one for the calibration's year-1 pass and one per stress case, never one per pass."""
+    built = []
+    original = backends.Simulation.build
+
+    def counting_build(self):
+        built.append((self.gradient, self.grid.periods, id(self.params)))
+        return original(self)
+
+    monkeypatch.setattr(backends.Simulation, "build", counting_build)
+    case = stress_case(assumptions, "paper-metrics")
+    simulate(
+        BOOK, assumptions, scenarios=512, backend="numpy", chunk_size=128, stress=(case,),
+        el_sensitivity_scenarios=64,
+    )  # fmt: skip
+    base = assumptions.grid().periods
+    year_one = assumptions.steps_per_year
+    assert sorted((gradient, periods) for gradient, periods, _ in built) == sorted(
+        [(False, base), (False, base), (True, base), (False, year_one)]
+    )  # pass 1 and contributions share one; the gradients; the year-1 pass; the stress
+    stressed_or_base = {
+        params for gradient, periods, params in built if (gradient, periods) == (False, base)
+    }
+    assert stressed_or_base == {id(assumptions.params), id(case.assumptions.params)}

@@ -1,8 +1,8 @@
 """The backends of a run: one object per (parameters, grid, loans, seed, precision and the
 importance-sampling shift) that computes pass-1 chunks (`run_chunk`), per-loan losses at given
 scenarios (`loan_losses_at`) and, on JAX, loss gradients (`weighted_gradient`). `make_backend`
-picks one by name and the devices present; a `BackendSpec` carries what builds one (to a Dask
-worker too)."""
+picks one by name and the devices present; a `Simulation` carries what builds one (in each
+process that runs its tasks)."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ _SUM_FIELDS = (
 class CupyBackend:
     """The fused CUDA kernel (kernels/cupy_engine.py) for pass 1; the tail pass goes to the JAX
     engine on the same device, and runs take their gradients from a JaxBackend
-    (`BackendSpec(gradient=True)`)."""
+    (`Simulation(gradient=True)`)."""
 
     name = "cupy"
 
@@ -336,10 +336,14 @@ def make_backend(
     return JaxBackend(params, grid, loans, seed, precision, normal_shift=normal_shift)
 
 
-@dataclass(frozen=True)
-class BackendSpec:
-    """Everything that builds a backend (what a Dask worker receives once). `gradient`: the
-    conditional-mode JAX backend of the sensitivities pass."""
+@dataclass(frozen=True, eq=False)
+class Simulation:
+    """One prepared simulation: the loans (schedules and PD references already computed),
+    parameters, grid, seed, precision and importance-sampling shift of a run or of one stress
+    case. Pass 1, per-loan tail losses and gradients are pure functions of it and a scenario
+    index; a runner builds its backend once (`build`, in each process that runs its tasks:
+    a Dask worker receives it once). `gradient`: the conditional-mode JAX backend of the
+    sensitivities pass."""
 
     backend: str
     precision: str
@@ -350,7 +354,16 @@ class BackendSpec:
     normal_shift: np.ndarray | None = None
     gradient: bool = False
 
+    def key(self) -> tuple:
+        """What tells simulations apart without comparing arrays: values, and the identity of
+        the array-holding fields (a runner keeps the simulation alive while it keys on it)."""
+        return (
+            self.backend, self.precision, id(self.params), self.grid, id(self.loans),
+            self.seed, id(self.normal_shift), self.gradient,
+        )  # fmt: skip
+
     def build(self):
+        """The backend computing it (`make_backend`; the gradient backend is always JAX)."""
         if self.gradient:
             return JaxBackend(
                 self.params,

@@ -15,6 +15,7 @@ import numpy as np
 
 from gpucredit.portfolio.book import Book
 from gpucredit.portfolio.risk import LossTail, tail_sets
+from gpucredit.portfolio.runner import LocalRunner, Runner, owner_of
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,10 @@ class Contributions:
         return out
 
 
-def contribution_of_chunk(loan_losses_at, indices: np.ndarray, rows: dict) -> dict:
-    """{α key: Σ_j row_j L_i(ω_j)} [N] over one chunk of the tail union (one pass-2 task)."""
-    per_loan = loan_losses_at(indices)  # [chunk, N]
+def contribution_of_chunk(backend, indices: np.ndarray, rows: dict) -> dict:
+    """Pass-2 task: {α key: Σ_j row_j L_i(ω_j)} [N] over one chunk of the tail union, from the
+    backend's per-loan losses at those scenarios (`loan_losses_at`)."""
+    per_loan = backend.loan_losses_at(indices)  # [chunk, N]
     return {key: row @ per_loan for key, row in rows.items()}
 
 
@@ -89,25 +91,28 @@ def contribution_tasks(
 
 
 def tail_contributions(
-    loan_losses_at,
+    simulation,
     tails: dict[str, tuple[np.ndarray, np.ndarray]],
     n_loans: int,
     chunk_size: int = 1024,
-    run_tasks=None,
+    runner: Runner | None = None,
+    owners: Sequence[tuple[int, int, str]] = (),
 ) -> dict[str, np.ndarray]:
     """ES_{α,i} [N] for each α key of `tails` ({key: (scenario indices, coefficients)},
-    `risk.tail_sets`), from `loan_losses_at(indices) -> [S, N]`.
+    `risk.tail_sets`), on `simulation` (a `backends.Simulation`, or a built backend with
+    `loan_losses_at(indices) -> [S, N]`).
 
-    Each `contribution_tasks` item is one task: `run_tasks(items) -> results` runs
-    `contribution_of_chunk` on every (indices, rows) item in order (by default here, with
-    `loan_losses_at`; on Dask, on the workers). The results are added in chunk order, so every
-    runner gives the same numbers.
+    Each `contribution_tasks` item is one `contribution_of_chunk` task mapped over `runner`
+    (this process by default), sent to the worker that ran pass 1 on its first index
+    (`owners`, `Pass1.owners`); the results are added in chunk order, so every runner gives
+    the same numbers.
     """
+    runner = runner or LocalRunner()
     items = contribution_tasks(tails, chunk_size)
-    if run_tasks is None:
-        results = [contribution_of_chunk(loan_losses_at, *item) for item in items]
-    else:
-        results = run_tasks(items)
+    affinity = [owner_of(owners, int(indices[0])) for indices, _ in items]
+    results: list = [None] * len(items)
+    for position, partial, _ in runner.map(simulation, contribution_of_chunk, items, affinity):
+        results[position] = partial
     contributions = {key: np.zeros(n_loans) for key in tails}
     for partial in results:
         for key in contributions:
@@ -116,18 +121,18 @@ def tail_contributions(
 
 
 def tail_loan_contributions(
-    loan_losses_at,
+    simulation,
     losses_usd: np.ndarray,
     weights: np.ndarray | None,
     alphas: Sequence[float],
     n_loans: int,
     chunk_size: int = 1024,
-    run_tasks=None,
 ) -> dict[str, np.ndarray]:
     """`tail_contributions` over the tail sets of a run's every loss `losses_usd` [S]
-    (`weights`: importance sampling's likelihood ratios, p = w / S, or None)."""
+    (`weights`: importance sampling's likelihood ratios, p = w / S, or None), in this
+    process."""
     tails = tail_sets(LossTail.of_run(losses_usd, weights, alphas), alphas)
-    return tail_contributions(loan_losses_at, tails, n_loans, chunk_size, run_tasks)
+    return tail_contributions(simulation, tails, n_loans, chunk_size)
 
 
 def make_contributions(

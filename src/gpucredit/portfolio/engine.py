@@ -7,7 +7,9 @@ largest losses, statistics and a histogram. Both give the same risk measures: Va
 the run's largest losses (`risk.LossTail`), standard errors from the same batches. The tail
 scenarios of each α are then regenerated from their indices (pass 2): per-loan tail losses give
 the Euler ES contributions and reverse-mode AD on the same scenarios gives the sensitivities.
-A runner (`runner.LocalRunner`, or `distributed.DaskRunner` on a cluster) runs both passes.
+Each pass is written once (runner.py, contributions.py, sensitivities.py) over a `Runner`
+that only says where tasks execute (`runner.LocalRunner`, or `distributed.DaskRunner`), on a
+`backends.Simulation` prepared once for the run and once per stress case.
 """
 
 from __future__ import annotations
@@ -21,11 +23,7 @@ import numpy as np
 
 from gpucredit import __version__
 from gpucredit.portfolio.assumptions import Assumptions
-from gpucredit.portfolio.backends import (
-    BackendSpec,
-    gradient_chunk_size,
-    make_backend,
-)
+from gpucredit.portfolio.backends import Simulation, gradient_chunk_size
 from gpucredit.portfolio.book import Book
 from gpucredit.portfolio.calibration import (
     YEAR_ONE_MAX_SCENARIOS,
@@ -34,7 +32,11 @@ from gpucredit.portfolio.calibration import (
     year_one_assumptions,
 )
 from gpucredit.portfolio.config import RunConfig, RunMetadata
-from gpucredit.portfolio.contributions import Contributions, make_contributions
+from gpucredit.portfolio.contributions import (
+    Contributions,
+    make_contributions,
+    tail_contributions,
+)
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import (
     LossHistogram,
@@ -48,8 +50,14 @@ from gpucredit.portfolio.risk import (
     tail_sets,
     tail_size,
 )
-from gpucredit.portfolio.runner import LocalRunner, Pass1, ProgressCallback
-from gpucredit.portfolio.sensitivities import Sensitivities
+from gpucredit.portfolio.runner import (
+    LocalRunner,
+    Pass1,
+    ProgressCallback,
+    run_pass1,
+    run_tails_pass1,
+)
+from gpucredit.portfolio.sensitivities import Sensitivities, tail_sensitivities
 from gpucredit.portfolio.stress import StressCase
 
 
@@ -160,30 +168,22 @@ def simulate(
     started = time.perf_counter()
     c = config
     scenarios, seed, mode, alphas, chunk = c.scenarios, c.seed, c.mode, c.alphas, c.chunk_size
-    normal_shift = c.normal_shift
-    loans = loan_arrays(book, assumptions)
-    # Every stress case's schedules before any scenario runs (an undefined one fails now).
-    stress_loans = {
-        id(case.assumptions): loan_arrays(book, case.assumptions, base=assumptions)
-        for case in stress
-    }
-    grid = assumptions.grid(mode)
-
-    def spec_for(a: Assumptions, gradient: bool = False) -> BackendSpec:
-        return BackendSpec(
-            c.backend,
-            engine.precision if gradient else c.precision,
-            a.params,
-            a.grid(mode),
-            loans if a is assumptions else stress_loans[id(a)],
-            seed,
-            normal_shift,
-            gradient,
+    n_loans = len(book)
+    # One prepared simulation for the run and one per stress case, every schedule computed
+    # before any scenario runs (an undefined stress fails now); the runner builds each once.
+    run = Simulation(
+        c.backend, c.precision, assumptions.params, assumptions.grid(mode),
+        loan_arrays(book, assumptions), seed, c.normal_shift,
+    )  # fmt: skip
+    stressed = [
+        dataclasses.replace(
+            run,
+            params=case.assumptions.params,
+            grid=case.assumptions.grid(mode),
+            loans=loan_arrays(book, case.assumptions, base=assumptions),
         )
-
-    engine = make_backend(
-        c.backend, c.precision, assumptions.params, grid, loans, seed, normal_shift
-    )
+        for case in stress
+    ]
     if workers is not None or scheduler is not None:
         from gpucredit.portfolio.distributed import DaskRunner
 
@@ -191,24 +191,23 @@ def simulate(
     else:
         runner = LocalRunner()
 
-    def pass1_of(a: Assumptions, progress=None, checkpoint=None) -> Pass1:
+    def pass1_of(simulation: Simulation, progress=None, checkpoint=None) -> Pass1:
         done = checkpoint.done() if checkpoint is not None else None
         save = checkpoint.save if checkpoint is not None else None
         if c.keep_losses:
-            return runner.run_pass1(spec_for(a), scenarios, chunk, len(book), progress, done, save)
-        return runner.run_tails_pass1(spec_for(a), scenarios, chunk, alphas, progress, done, save)
+            return run_pass1(simulation, scenarios, chunk, n_loans, progress, done, save, runner)
+        return run_tails_pass1(simulation, scenarios, chunk, alphas, progress, done, save, runner)
 
     try:
-        pass1 = pass1_of(assumptions, progress, checkpoint)
+        backend = runner.backend(run)  # what ran: name, device, precision for the metadata
+        pass1 = pass1_of(run, progress, checkpoint)
         weights = pass1.weights
         measures, tail = _measures_and_tail(pass1, alphas)
         tails = tail_sets(tail, alphas)  # {α key: (scenario indices, coefficients)}
 
         contrib = None
         if c.contributions:
-            es_i = runner.tail_contributions(
-                spec_for(assumptions), tails, len(book), owners=pass1.owners
-            )
+            es_i = tail_contributions(run, tails, n_loans, runner=runner, owners=pass1.owners)
             contrib = make_contributions(
                 book,
                 pass1.loan_expected_loss_usd,
@@ -219,10 +218,7 @@ def simulate(
 
         calibration_table_ = None
         if c.calibration:
-            calibration_table_ = _calibration(
-                book, loans, assumptions, scenarios, pass1, contrib, runner, chunk, spec_for,
-                normal_shift,
-            )  # fmt: skip
+            calibration_table_ = _calibration(book, assumptions, run, pass1, contrib, runner, c)
 
         sens = None
         sensitivities_seconds = 0.0
@@ -230,22 +226,24 @@ def simulate(
         # run's tail set is driven by the default draws, so they are not computed there.
         if c.sensitivities and mode == "conditional":
             t0 = time.perf_counter()
-            # engine.precision, not the asked one: a NumPy (float64) run gets float64 gradients.
-            sens = runner.tail_sensitivities(
-                spec_for(assumptions, gradient=True),
+            # The backend's precision, not the asked one: a NumPy run gets float64 gradients.
+            gradient = dataclasses.replace(run, precision=backend.precision, gradient=True)
+            sens = tail_sensitivities(
+                gradient,
                 assumptions,
                 tails,
                 scenarios,
-                weights,
                 c.el_sensitivity_scenarios,
-                owners=pass1.owners,
                 chunk_size=gradient_chunk_size(),
+                weights=weights,
+                runner=runner,
+                owners=pass1.owners,
             )
             sensitivities_seconds = time.perf_counter() - t0
 
         stress_results = []
-        for case in stress:
-            stress_measures, _ = _measures_and_tail(pass1_of(case.assumptions), alphas)
+        for case, simulation in zip(stress, stressed, strict=True):
+            stress_measures, _ = _measures_and_tail(pass1_of(simulation), alphas)
             stress_results.append(StressResult(case.name, case.description, stress_measures))
         cluster = runner.describe()
     finally:
@@ -263,29 +261,29 @@ def simulate(
         seed=seed,
         scenarios=scenarios,
         mode=mode,
-        backend=engine.name,
-        device=engine.device,
-        precision=engine.precision,
+        backend=backend.name,
+        device=backend.device,
+        precision=backend.precision,
         chunk_size=chunk,
         keep_losses=c.keep_losses,
         alphas=list(alphas),
         copula=assumptions.copula,
         t_dof=assumptions.t_dof if assumptions.copula == "t" else None,
         correlation_repaired=assumptions.correlation_repair is not None,
-        importance_shift=None if normal_shift is None else normal_shift.tolist(),
+        importance_shift=None if c.normal_shift is None else c.normal_shift.tolist(),
         horizon_years=assumptions.horizon_years,
         steps_per_year=assumptions.steps_per_year,
         discount=assumptions.discount,
-        loans=len(book),
+        loans=n_loans,
         book=book.source,
         pass1_seconds=pass1.elapsed_seconds,
         sensitivities_seconds=sensitivities_seconds,
         el_sensitivity_scenarios=sens.el_scenarios if sens is not None else None,
         elapsed_seconds=elapsed,
         scenarios_per_second=scenarios / pass1.elapsed_seconds,
-        loan_periods_per_second=scenarios * len(book) * grid.periods / pass1.elapsed_seconds,
+        loan_periods_per_second=scenarios * n_loans * run.grid.periods / pass1.elapsed_seconds,
         estimator="plain Monte Carlo"
-        if normal_shift is None
+        if c.normal_shift is None
         else "importance sampling: systematic normals shifted to the design point",
         effective_sample_size=measures.effective_sample_size,
         sensitivities_of="the conditional-mode loss (docs/spec.md §7), on this run's tail set"
@@ -308,26 +306,23 @@ def simulate(
     )
 
 
-def _calibration(
-    book, loans, assumptions, run_scenarios, pass1, contrib, runner, chunk, spec_for, shift
-):
+def _calibration(book, assumptions, run: Simulation, pass1, contrib, runner, config):
     """The calibration table of a run: the year-1 pass (the run's first scenarios, the same
     random numbers, on the first year of its grid), then `calibration_table`."""
     year_one = year_one_assumptions(assumptions)
-    base = spec_for(assumptions)
-    periods = year_one.periods
-    spec = dataclasses.replace(
-        base,
+    shift = run.normal_shift
+    first_year_run = dataclasses.replace(
+        run,
         params=year_one.params,
-        grid=year_one.grid(base.grid.mode),
+        grid=year_one.grid(run.grid.mode),
         loans=loan_arrays(book, year_one),
-        normal_shift=None if shift is None else shift[:periods],
+        normal_shift=None if shift is None else shift[: year_one.periods],
     )
-    scenarios = min(YEAR_ONE_MAX_SCENARIOS, run_scenarios)
-    first_year = runner.run_pass1(spec, scenarios, chunk, len(book))
+    scenarios = min(YEAR_ONE_MAX_SCENARIOS, config.scenarios)
+    first_year = run_pass1(first_year_run, scenarios, config.chunk_size, len(book), runner=runner)
     table = calibration_table(
         book,
-        loans,
+        run.loans,
         assumptions,
         horizon_pd=pass1.loan_horizon_pd,
         year_one_pd=first_year.loan_horizon_pd,
@@ -336,7 +331,7 @@ def _calibration(
         expected_shortfall_usd=None if contrib is None else contrib.expected_shortfall_usd,
     )
     table["year_one_scenarios"] = scenarios
-    table["paper_vs_path"] = paper_vs_path(book, loans, assumptions)
+    table["paper_vs_path"] = paper_vs_path(book, run.loans, assumptions)
     return table
 
 

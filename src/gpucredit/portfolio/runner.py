@@ -1,26 +1,29 @@
-"""Pass 1 in this process, and what every runner shares (docs/spec.md, Data flow).
+"""How a run's tasks are cut and folded, written once for every runner (docs/spec.md, Data
+flow).
 
 Pass 1 streams scenario chunks through a backend and keeps per-loan sums (EL_i, horizon PD,
-defaulted exposure) and either every portfolio loss (one float per scenario: `run_pass1`) or,
-in tails-only mode (`run_tails_pass1`), per batch of the batch-means standard errors only its
-largest losses with their indices, its own statistics and a histogram (`BatchOutput`). The
-accumulators fold chunks and batches in scenario order whatever order they arrive in, so the
-local runner (`LocalRunner`) and the Dask runner (portfolio/distributed.py) get the same
-numbers.
+defaulted exposure) and either every portfolio loss (one float per scenario: `run_pass1`, one
+task a block of whole chunks) or, in tails-only mode (`run_tails_pass1`, one task a batch of
+the batch-means standard errors), per batch only its largest losses with their indices, its
+statistics and a histogram (`BatchOutput`). The accumulators fold chunks and batches in
+scenario order whatever order they arrive in, so every `Runner` gets the same numbers: a
+runner only says where tasks execute (`Runner.map`: `LocalRunner` here, `DaskRunner` in
+portfolio/distributed.py). Pass 2 (portfolio/contributions.py, portfolio/sensitivities.py)
+maps its tasks over the same runner.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from gpucredit.kernels.outputs import ChunkOutput
-from gpucredit.portfolio.backends import BackendSpec
-from gpucredit.portfolio.contributions import tail_contributions
 from gpucredit.portfolio.risk import (
     BatchStatistics,
     LossHistogram,
@@ -34,7 +37,6 @@ from gpucredit.portfolio.risk import (
     short_tails,
     tail_size,
 )
-from gpucredit.portfolio.sensitivities import Sensitivities, tail_sensitivities
 from gpucredit.portfolio.settings import EngineError
 
 
@@ -156,34 +158,92 @@ class Pass1Accumulator:
         )
 
 
+def plan_blocks(
+    scenarios: int, chunk_size: int, workers: int, max_chunks_per_block: int = 64
+) -> list[tuple[int, int]]:
+    """Blocks ``(first, count)`` of whole chunks covering ``[0, scenarios)``: the pass-1 tasks
+    when every loss is kept.
+
+    About four blocks a worker (load balance, and little lost work when a worker dies), at
+    most `max_chunks_per_block` chunks each; chunks start at multiples of `chunk_size`.
+    """
+    n_chunks = math.ceil(scenarios / chunk_size)
+    per_block = max(1, min(max_chunks_per_block, math.ceil(n_chunks / (4 * max(workers, 1)))))
+    step = per_block * chunk_size
+    return [(first, min(step, scenarios - first)) for first in range(0, scenarios, step)]
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """What a pass-1 task returns when every loss is kept: the `ChunkOutput` of each chunk of
+    its block ``[first, ...)``, in order."""
+
+    first: int
+    chunks: tuple[ChunkOutput, ...]
+
+
+def run_block(backend, first: int, count: int, chunk_size: int) -> BlockOutput:
+    """Pass-1 task: the chunks of ``[first, first + count)``, each computed by the program of
+    `chunk_size` scenarios (a short last chunk reuses it)."""
+    chunks = tuple(
+        backend.run_chunk(start, min(chunk_size, first + count - start), chunk_size)
+        for start in range(first, first + count, chunk_size)
+    )
+    return BlockOutput(first, chunks)
+
+
 def run_pass1(
-    backend,
+    simulation,
     scenarios: int,
     chunk_size: int,
     n_loans: int,
     progress: ProgressCallback | None = None,
     done: dict[int, ChunkOutput] | None = None,
     on_chunk: Callable[[int, ChunkOutput], None] | None = None,
+    runner: Runner | None = None,
 ) -> Pass1:
-    """Stream chunks [first, first + chunk) through the backend.
+    """Pass 1 keeping every loss: the blocks of `plan_blocks` mapped over `runner` (this
+    process by default) on `simulation` (a `backends.Simulation`, or a built backend in this
+    process), folded in scenario order.
 
-    `done` holds chunks already computed (resume), keyed by their first scenario; `on_chunk`
-    is called after each new chunk (checkpointing).
+    `done` holds chunks already computed (resume), keyed by their first scenario: a block whose
+    chunks are all there is not run again; `on_chunk` is called after each new chunk
+    (checkpointing).
     """
+    runner = runner or LocalRunner()
     start = time.perf_counter()
     fold = Pass1Accumulator(scenarios, n_loans)
     done = done or {}
-    for first in range(0, scenarios, chunk_size):
-        count = min(chunk_size, scenarios - first)
-        chunk = done.get(first)
-        if not isinstance(chunk, ChunkOutput) or len(chunk.losses_usd) != count:
-            chunk = backend.run_chunk(first, count, chunk_size)
+    todo, completed = [], 0
+    blocks = plan_blocks(scenarios, chunk_size, runner.workers(), runner.chunks_per_block)
+    for first, count in blocks:
+        starts = range(first, first + count, chunk_size)
+        known = [done.get(s) for s in starts]
+        if all(
+            isinstance(c, ChunkOutput) and len(c.losses_usd) == min(chunk_size, first + count - s)
+            for c, s in zip(known, starts, strict=True)
+        ):
+            for s, c in zip(starts, known, strict=True):
+                fold.add(s, c)
+            completed += count
+        else:
+            todo.append((first, count, chunk_size))
+    if completed and progress is not None:
+        progress(completed, scenarios)
+    owners = []
+    for _, block, where in runner.map(simulation, run_block, todo):
+        first = block.first
+        for chunk in block.chunks:
             if on_chunk is not None:
                 on_chunk(first, chunk)
-        fold.add(first, chunk)
+            fold.add(first, chunk)
+            first += len(chunk.losses_usd)
+        if where is not None:
+            owners.append((block.first, first - block.first, where))
+        completed += first - block.first
         if progress is not None:
-            progress(first + count, scenarios)
-    return fold.result(time.perf_counter() - start)
+            progress(completed, scenarios)
+    return fold.result(time.perf_counter() - start, owners=tuple(sorted(owners)))
 
 
 # --------------------------------------------------------------------------- tails-only mode
@@ -213,7 +273,6 @@ def run_batch(
     chunk_size: int,
     scenarios: int,
     alphas: Sequence[float],
-    progress: Callable[[int], None] | None = None,
     floor: float = math.inf,
 ) -> BatchOutput:
     """Tails-only pass 1 over the batch ``[first, first + count)`` of a run of `scenarios`.
@@ -226,7 +285,6 @@ def run_batch(
     once); its per-loan sums count in the batch holding its first scenario, as in
     `Pass1Accumulator`. The tail kept is the batch's top `risk.batch_tail_size`, or every loss
     at or above `floor` where that is more (the rerun of a short batch: `TailsAccumulator`).
-    `progress(n)`: n more scenarios done.
     """
     losses = np.empty(count)
     sums = None
@@ -242,8 +300,6 @@ def run_batch(
             sums = np.zeros_like(part)
         if start >= first:  # the batch owns this chunk
             sums += part
-        if progress is not None:
-            progress(hi - lo)
     return BatchOutput(
         first=first,
         tail=largest_losses(losses, batch_tail_size(scenarios, alphas, count), first, floor),
@@ -332,82 +388,133 @@ class TailsAccumulator:
         )
 
 
-class _LastChunk:
-    """A backend that remembers its last chunk: consecutive batches share the chunk across
-    their edge, computed once (in one process; a Dask task computes its own)."""
-
-    def __init__(self, backend):
-        self.backend = backend
-        self.last: tuple[int, int, ChunkOutput] | None = None
-
-    def run_chunk(self, first: int, count: int, padded_count: int | None = None) -> ChunkOutput:
-        if self.last is None or self.last[:2] != (first, count):
-            self.last = (first, count, self.backend.run_chunk(first, count, padded_count))
-        return self.last[2]
-
-
 def run_tails_pass1(
-    backend,
+    simulation,
     scenarios: int,
     chunk_size: int,
     alphas: Sequence[float],
     progress: ProgressCallback | None = None,
     done: dict | None = None,
     on_batch: Callable[[int, BatchOutput], None] | None = None,
+    runner: Runner | None = None,
 ) -> Pass1:
-    """Tails-only pass 1 in this process, batch by batch (`run_batch`), then the short
-    batches again (`TailsAccumulator.short`). `done` holds batches already computed (resume),
-    keyed by their first scenario; `on_batch` is called after each new one (checkpointing)."""
+    """Tails-only pass 1: one `run_batch` task a batch mapped over `runner` (this process by
+    default), then the short batches again (`TailsAccumulator.short`). `done` holds batches
+    already computed (resume), keyed by their first scenario; `on_batch` is called after each
+    new one (checkpointing)."""
+    runner = runner or LocalRunner()
     start = time.perf_counter()
     fold = TailsAccumulator(scenarios, alphas)
     todo, completed = fold.resume(done, chunk_size, progress)
-    backend = _LastChunk(backend)
+    owners: dict[int, tuple[int, int, str]] = {}
+    alphas = tuple(alphas)
 
-    def advance(n: int) -> None:
+    def run(items: list[tuple]) -> None:
         nonlocal completed
-        completed += n
-        if progress is not None:
-            progress(completed, scenarios)
+        for _, batch, where in runner.map(simulation, run_batch, items):
+            if on_batch is not None:
+                on_batch(batch.first, batch)
+            fold.add(batch)
+            if where is not None:
+                owners[batch.first] = (batch.first, batch.count, where)
+            completed = min(completed + batch.count, scenarios)
+            if progress is not None:
+                progress(completed, scenarios)
 
-    for first, count in todo:
-        output = run_batch(backend, first, count, chunk_size, scenarios, alphas, advance)
-        if on_batch is not None:
-            on_batch(first, output)
-        fold.add(output)
-    for first, count, floor in fold.short():
-        output = run_batch(backend, first, count, chunk_size, scenarios, alphas, floor=floor)
-        if on_batch is not None:
-            on_batch(first, output)
-        fold.add(output)
-    return fold.result(time.perf_counter() - start)
+    run([(first, count, chunk_size, scenarios, alphas) for first, count in todo])
+    # The batches that held more of the run's tail than their margin, again, down to a floor.
+    run([(f, c, chunk_size, scenarios, alphas, floor) for f, c, floor in fold.short()])
+    return fold.result(time.perf_counter() - start, owners=tuple(sorted(owners.values())))
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class ChunkMemo:
+    """A built backend that remembers its last chunk: consecutive tails-only batches share the
+    chunk across their edge, computed once. Thread-safe (one tuple read and written whole)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._last: tuple | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def run_chunk(self, first: int, count: int, padded_count: int | None = None) -> ChunkOutput:
+        key, last = (first, count, padded_count), self._last
+        if last is None or last[0] != key:
+            last = (key, self.backend.run_chunk(first, count, padded_count))
+            self._last = last
+        return last[1]
+
+
+def owner_of(owners: Sequence[tuple[int, int, str]], index: int) -> str | None:
+    """The worker address of the pass-1 task ``(first, count, address)`` holding scenario
+    `index` (`Pass1.owners`), or None (no such task: one process, or a checkpointed block)."""
+    firsts = [first for first, _, _ in owners]
+    i = bisect.bisect_right(firsts, index) - 1
+    if i >= 0 and index < owners[i][0] + owners[i][1]:
+        return owners[i][2]
+    return None
+
+
+class Runner(Protocol):
+    """Where the tasks of a run execute: this process (`LocalRunner`) or a Dask cluster
+    (`distributed.DaskRunner`). Everything else (pass 1 in both modes, resume, contributions,
+    sensitivities) is written once on top of `map`.
+
+    `map(simulation, task, items, affinity)` runs ``task(backend, *item)`` for every item on
+    the backend of `simulation` (built once per runner and simulation, wherever it runs) and
+    yields ``(position, result, where)`` as tasks finish, in any order; `where` is the worker
+    that ran it (None in one process). `affinity` (one worker address or None per item) asks
+    for a worker, loosely. `chunks_per_block`: the pass-1 chunks one task computes.
+    """
+
+    chunks_per_block: int
+
+    def map(
+        self, simulation, task: Callable, items: Sequence[tuple],
+        affinity: Sequence[str | None] | None = None,
+    ) -> Iterator[tuple[int, object, str | None]]: ...  # fmt: skip
+
+    def workers(self) -> int: ...
+
+    def backend(self, simulation): ...
+
+    def describe(self) -> dict | None: ...
+
+    def close(self) -> None: ...
 
 
 class LocalRunner:
-    """Both passes in this process (the Dask runner has the same methods). `owners`, where
-    taken, is `Pass1.owners` (only Dask uses it)."""
+    """Every task in this process, in order. A `Simulation` is built once (`backend`) and kept
+    for the runner's life, so pass 1, contributions and a stress of the same simulation share
+    one set of prepared loans and one jit cache; a ready backend is used as it is."""
 
-    def run_pass1(self, spec: BackendSpec, scenarios, chunk_size, n_loans, progress=None,
-                  done=None, on_chunk=None) -> Pass1:  # fmt: skip
-        return run_pass1(spec.build(), scenarios, chunk_size, n_loans, progress, done, on_chunk)
+    chunks_per_block = 1  # progress and checkpoints after every chunk
 
-    def run_tails_pass1(self, spec: BackendSpec, scenarios, chunk_size, alphas, progress=None,
-                        done=None, on_batch=None) -> Pass1:  # fmt: skip
-        return run_tails_pass1(
-            spec.build(), scenarios, chunk_size, alphas, progress, done, on_batch
-        )
+    def __init__(self):
+        self._built: dict[tuple, tuple[object, object]] = {}
 
-    def tail_contributions(self, spec: BackendSpec, tails, n_loans, owners=()):
-        return tail_contributions(spec.build().loan_losses_at, tails, n_loans)
+    def backend(self, simulation):
+        if not hasattr(simulation, "key"):  # a built backend (tests, benchmarks, validation)
+            return ChunkMemo(simulation)
+        key = simulation.key()
+        if key not in self._built:  # the entry keeps the simulation alive: its ids stay its own
+            self._built[key] = (simulation, ChunkMemo(simulation.build()))
+        return self._built[key][1]
 
-    def tail_sensitivities(self, spec: BackendSpec, assumptions, tails, n_scenarios, weights,
-                           el_scenarios, owners=(), chunk_size=256) -> Sensitivities:  # fmt: skip
-        return tail_sensitivities(
-            spec.build().weighted_gradient, assumptions, tails, n_scenarios, el_scenarios,
-            chunk_size=chunk_size, weights=weights,
-        )  # fmt: skip
+    def map(self, simulation, task, items, affinity=None):
+        backend = self.backend(simulation)
+        for position, item in enumerate(items):
+            yield position, task(backend, *item), None
+
+    def workers(self) -> int:
+        return 1
 
     def describe(self) -> dict | None:
         return None
 
     def close(self) -> None:
-        pass
+        self._built.clear()

@@ -15,6 +15,7 @@ import numpy as np
 from gpucredit.kernels.params import ModelParams
 from gpucredit.portfolio.assumptions import Assumptions, parameter_paths, parameter_value
 from gpucredit.portfolio.risk import LossTail, alpha_key, tail_sets
+from gpucredit.portfolio.runner import LocalRunner, Runner, owner_of
 
 
 @dataclass(frozen=True)
@@ -120,31 +121,42 @@ def gradient_tasks(
     return owners, items, n_el
 
 
+def gradient_of_chunk(backend, indices: np.ndarray, coefficients: np.ndarray) -> ModelParams:
+    """Pass-2 task: Σ_j c_j ∂L(ω_j)/∂θ for every leaf θ of ModelParams over one chunk of tail
+    scenarios (`weighted_gradient` of a gradient backend), as float64 NumPy arrays."""
+    grads = backend.weighted_gradient(indices, coefficients)
+    return ModelParams(*(np.asarray(leaf, dtype=np.float64) for leaf in grads))
+
+
 def tail_sensitivities(
-    weighted_gradient,
+    simulation,
     assumptions: Assumptions,
     tails: dict[str, tuple[np.ndarray, np.ndarray]],
     n_scenarios: int,
     el_scenarios: int,
     chunk_size: int = 256,
     weights: np.ndarray | None = None,
-    run_tasks=None,
+    runner: Runner | None = None,
+    owners: Sequence[tuple[int, int, str]] = (),
 ) -> Sensitivities:
-    """Sensitivities from `weighted_gradient(indices, coefficients) -> ModelParams` (Σ c_j ∂L_j).
+    """Sensitivities on `simulation` (a gradient `backends.Simulation`, or a built backend
+    with `weighted_gradient(indices, coefficients) -> ModelParams`, Σ c_j ∂L_j).
 
     ∂EL averages over the first `el_scenarios` scenarios (all of them when that is at least
     the run's `n_scenarios`); ∂ES_α uses exactly the run's tail set of α (`tails`,
     `risk.tail_sets`). `weights` [S] are importance sampling's likelihood ratios
-    (coefficients w/S, as in the run's measures). `run_tasks(items) -> [ModelParams]` runs the
-    tasks elsewhere (Dask); the results are added in task order either way.
+    (coefficients w/S, as in the run's measures). The `gradient_tasks` are mapped over
+    `runner` (this process by default; each sent to the worker that ran pass 1 on its first
+    index, `owners`) and added in task order, so every runner gives the same numbers.
     """
-    owners, items, n_el = gradient_tasks(tails, n_scenarios, weights, el_scenarios, chunk_size)
-    if run_tasks is None:
-        results = [weighted_gradient(*item) for item in items]
-    else:
-        results = run_tasks(items)
+    runner = runner or LocalRunner()
+    keys, items, n_el = gradient_tasks(tails, n_scenarios, weights, el_scenarios, chunk_size)
+    affinity = [owner_of(owners, int(indices[0])) for indices, _ in items]
+    results: list = [None] * len(items)
+    for position, grads, _ in runner.map(simulation, gradient_of_chunk, items, affinity):
+        results[position] = grads
     totals: dict[str, np.ndarray] = {}
-    for key, grads in zip(owners, results, strict=True):
+    for key, grads in zip(keys, results, strict=True):
         _, flat = gradient_by_path(assumptions, grads)
         totals[key] = flat if key not in totals else totals[key] + flat
     paths = parameter_paths(assumptions)
@@ -158,18 +170,17 @@ def tail_sensitivities(
 
 
 def compute_sensitivities(
-    weighted_gradient,
+    simulation,
     assumptions: Assumptions,
     losses_usd: np.ndarray,
     alphas: Sequence[float],
     el_scenarios: int,
     chunk_size: int = 256,
     weights: np.ndarray | None = None,
-    run_tasks=None,
 ) -> Sensitivities:
-    """`tail_sensitivities` over the tail sets of a run's every loss `losses_usd` [S]."""
+    """`tail_sensitivities` over the tail sets of a run's every loss `losses_usd` [S], in
+    this process."""
     tails = tail_sets(LossTail.of_run(losses_usd, weights, alphas), alphas)
     return tail_sensitivities(
-        weighted_gradient, assumptions, tails, len(losses_usd), el_scenarios, chunk_size,
-        weights, run_tasks,
-    )  # fmt: skip
+        simulation, assumptions, tails, len(losses_usd), el_scenarios, chunk_size, weights
+    )

@@ -871,7 +871,7 @@ def gradient_checks(
     alpha = s.gradient_alpha
     backend = _jax_backend(base, loans, s.seed, "float64", mode="conditional")
     losses = _pass1(backend, n, n, len(book)).losses_usd
-    sens = compute_sensitivities(backend.weighted_gradient, base, losses, (alpha,), n)
+    sens = compute_sensitivities(backend, base, losses, (alpha,), n)
     paths = {p: (f, i) for p, f, i in parameter_paths(base)}
     wanted = [p for p in (parameters or s.gradient_parameters) if p in paths]
     grid = base.grid("conditional")
@@ -957,9 +957,7 @@ def euler_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
         backend = _jax_backend(base, loans, s.seed, precision, mode=mode)
         p1 = _pass1(backend, s.euler_scenarios, s.chunk, len(book))
         m = risk_measures(p1.losses_usd, None, s.euler_alphas, N_BATCHES)
-        es_i = tail_loan_contributions(
-            backend.loan_losses_at, p1.losses_usd, None, s.euler_alphas, len(book)
-        )
+        es_i = tail_loan_contributions(backend, p1.losses_usd, None, s.euler_alphas, len(book))
         rtol = 1e-10 if precision == "float64" else 2e-5
         why = (
             "Floating point: ES_i = Σ_j c_j L_i(ω_j) is a re-summation of the same losses, "
