@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels.jax_setup import configure_jax
+from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import Book, feature_book, uniform_book  # noqa: F401 (shared)
 
 configure_jax()  # float64 and the XLA CPU flag, as the CLI and simulate set them
@@ -32,3 +34,9 @@ SMALL_JAX_RUN = dict(
 @pytest.fixture
 def small_book() -> Book:
     return random_book(7, 40)
+
+
+@pytest.fixture(scope="session")
+def assumptions() -> Assumptions:
+    """The default assumptions (immutable: a test that needs others derives them)."""
+    return default_assumptions()

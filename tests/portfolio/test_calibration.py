@@ -6,16 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpucredit.io.assumptions import default_assumptions
 from gpucredit.portfolio.book import feature_book, uniform_book
 from gpucredit.portfolio.calibration import calibration_table, paper_vs_path
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.loans import loan_arrays
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
 
 
 def test_year_one_pass_is_the_runs_first_year(assumptions):

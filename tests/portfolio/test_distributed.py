@@ -23,7 +23,6 @@ from conftest import SMALL_JAX_RUN, random_book
 distributed = pytest.importorskip("distributed")
 
 from gpucredit.cli import main  # noqa: E402
-from gpucredit.io.assumptions import load_assumptions  # noqa: E402
 from gpucredit.portfolio.distributed import DaskRunner, SchedulerUnreachable  # noqa: E402
 from gpucredit.portfolio.engine import simulate  # noqa: E402
 from gpucredit.portfolio.runner import plan_blocks  # noqa: E402
@@ -74,11 +73,6 @@ def cluster(jax_cache):
         Client(local, set_as_default=False) as client,
     ):
         yield local.scheduler_address, client
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return load_assumptions(None)
 
 
 def assert_same_run(a, b, exact_pass2: bool = True):

@@ -13,7 +13,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import SMALL_JAX_RUN, random_book
-from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import cupy_engine
 from gpucredit.kernels.outputs import Backend, ChunkOutput
 from gpucredit.portfolio import backends
@@ -63,11 +62,6 @@ METADATA_KEYS = {
     "loan_periods_per_second",
     "keep_losses",
 }
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from conftest import random_book
-from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import jax_engine, reference
 from gpucredit.kernels.rng import shock_normals_np
 from gpucredit.portfolio.engine import simulate
@@ -15,11 +14,6 @@ from gpucredit.portfolio.reverse_stress import importance_shift
 from gpucredit.portfolio.risk import risk_measures, var_es
 
 BOOK = random_book(3, 40)
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,6 @@ TYPES = ("neocloud", "miner", "enterprise")
 
 
 @pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
-
-
-@pytest.fixture(scope="module")
 def book(assumptions):
     return read_book(example_book_path(), assumptions)
 

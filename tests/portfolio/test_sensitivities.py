@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 
 from conftest import random_book
-from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import jax_engine
 from gpucredit.portfolio.assumptions import (
     bumped_parameter,
@@ -73,11 +72,6 @@ SAMPLE = (
     "generations.H100.financed_fleet_gpus",
     "generations.A100.financed_fleet_gpus",
 )
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
 
 
 @pytest.fixture(scope="module")
