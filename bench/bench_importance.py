@@ -19,8 +19,7 @@ import numpy as np
 
 from gpucredit import __version__, default_assumptions, read_book
 from gpucredit.io.book import example_book_path
-from gpucredit.portfolio.engine import simulate
-from gpucredit.portfolio.reverse_stress import importance_shift
+from gpucredit.portfolio.engine import importance_shift, simulate
 
 ALPHAS = (0.99, 0.999)
 

@@ -18,8 +18,7 @@ import numpy as np
 
 from gpucredit.io.assumptions import default_assumptions
 from gpucredit.io.book import example_book_path, read_book
-from gpucredit.portfolio.engine import simulate
-from gpucredit.portfolio.reverse_stress import importance_shift
+from gpucredit.portfolio.engine import importance_shift, simulate
 from gpucredit.portfolio.stress import stress_case
 
 RUNS = {

@@ -6,6 +6,7 @@ Each command imports what it needs when it runs: importing this module (for `--h
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -244,16 +245,28 @@ def run(
         write_results,
     )
     from gpucredit.io.summary_text import print_run_summary
-    from gpucredit.portfolio.backends import default_chunk_size
+    from gpucredit.portfolio.config import RunConfig
     from gpucredit.portfolio.engine import simulate
     from gpucredit.portfolio.loans import check_schedules
-    from gpucredit.portfolio.settings import resolve_keep_losses, resolve_run_settings
     from gpucredit.portfolio.stress import stress_case
 
     loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
     cases = [stress_case(assumptions, name, repair_correlation) for name in stresses]
-    scenarios_, seed_, mode_ = resolve_run_settings(assumptions, scenarios, seed, mode)
-    keep_losses = resolve_keep_losses(keep_losses, scenarios_, importance_sampling)
+    config = RunConfig.resolve(  # every setting resolved and checked once, here
+        assumptions,
+        scenarios=scenarios,
+        seed=seed,
+        mode=mode,
+        backend=backend,
+        precision=precision,
+        chunk_size=chunk_size,
+        alphas=alphas or None,
+        contributions=not no_contributions,
+        sensitivities=not no_sensitivities,
+        keep_losses=keep_losses,
+        calibration=not no_calibration,
+        importance_sampling=importance_sampling,
+    )
     for a in (assumptions, *(case.assumptions for case in cases)):
         check_schedules(loans, a)  # before the output directory exists
     out_dir = prepare_output_dir(Path(out))
@@ -261,57 +274,48 @@ def run(
         out_dir,
         loans,
         assumptions,
-        scenarios_,
-        seed_,
-        mode_,
-        backend,
-        precision,
+        config.scenarios,
+        config.seed,
+        config.mode,
+        config.backend,
+        config.precision,
         resume,
-        chunk_size=chunk_size or default_chunk_size(backend, importance_sampling),
-        importance_sampling=importance_sampling,
+        chunk_size=config.chunk_size,
+        importance_sampling=config.importance_sampling,
     )
-    normal_shift = None
-    if importance_sampling:
-        from gpucredit.portfolio.reverse_stress import ReverseStressError, importance_shift
+    if config.importance_sampling:
+        from gpucredit.portfolio.engine import PILOT_MAX_SCENARIOS, importance_shift
+        from gpucredit.portfolio.reverse_stress import ReverseStressError
 
-        level = max(alphas) if alphas else 0.999
+        level = max(config.alphas)
         if not quiet:
             click.echo(f"importance sampling: design point of VaR {level:g} (pilot run)", err=True)
         try:
             normal_shift, point = importance_shift(
-                loans, assumptions, seed_, level, min(scenarios_, 20_000), backend, precision
-            )
+                loans, assumptions, config.seed, level,
+                min(config.scenarios, PILOT_MAX_SCENARIOS), config.backend, config.precision,
+            )  # fmt: skip
         except ReverseStressError as error:
             raise RunFailure(f"importance sampling: {error}") from None
         if not quiet:
             click.echo(f"importance sampling: shift |z*| = {point.distance:.3f}", err=True)
+        config = dataclasses.replace(config, normal_shift=normal_shift)
     with Progress(quiet) as progress:
         progress.note(
-            f"gpucredit {__version__}: {len(loans):,} loans, {scenarios_:,} scenarios, "
-            f"{mode_} mode, seed {seed_}"
-            + (", importance sampling" if importance_sampling else "")
-            + ("" if keep_losses else ", tails-only pass 1")
+            f"gpucredit {__version__}: {len(loans):,} loans, {config.scenarios:,} scenarios, "
+            f"{config.mode} mode, seed {config.seed}"
+            + (", importance sampling" if config.importance_sampling else "")
+            + ("" if config.keep_losses else ", tails-only pass 1")
         )
         result = simulate(
             loans,
             assumptions,
-            scenarios=scenarios_,
-            seed=seed_,
-            mode=mode_,
-            backend=backend,
-            precision=precision,
-            chunk_size=checkpoint.chunk_size,
-            alphas=alphas or None,
-            contributions=not no_contributions,
-            sensitivities=not no_sensitivities,
+            config,
             stress=cases,
             progress=progress,
             checkpoint=checkpoint,
-            normal_shift=normal_shift,
             workers=workers,
             scheduler=scheduler,
-            keep_losses=keep_losses,
-            calibration=not no_calibration,
         )
     if result.sensitivities is None and not no_sensitivities and not quiet:
         click.echo(f"sensitivities: {result.metadata['sensitivities_of']}", err=True)

@@ -684,3 +684,59 @@ def test_each_prepared_simulation_is_built_once_per_run(assumptions, monkeypatch
         params for gradient, periods, params in built if (gradient, periods) == (False, base)
     }
     assert stressed_or_base == {id(assumptions.params), id(case.assumptions.params)}
+
+
+def test_run_result_answers_a_notebook_user(assumptions):
+    """`el`, `var`/`es` with their standard errors, tables as Arrow (and pandas when it is
+    installed), and a repr with each measure as a share of exposure."""
+    result = simulate(
+        BOOK, assumptions, scenarios=512, backend="numpy", el_sensitivity_scenarios=64
+    )
+    assert (result.el, result.el_se) == (result.measures.el, result.measures.el_se)
+    assert result.es_se(0.99) == result.measures.at(0.99).es_se
+    assert result.exposure_usd == pytest.approx(BOOK.balance_usd.sum())
+    measures = result.to_arrow("measures").to_pydict()
+    assert measures["measure"] == ["el", "var", "es", "var", "es"]
+    assert measures["value_usd"][2] == result.es(0.99)
+    assert measures["share_of_exposure"][0] == pytest.approx(result.el / result.exposure_usd)
+    assert result.to_arrow("contributions").num_rows == len(BOOK)
+    assert result.to_arrow("losses").column("loss_usd").to_numpy().tolist() == list(
+        result.losses_usd
+    )
+    assert result.to_arrow("sensitivities").num_rows == len(result.sensitivities.parameter)
+    with pytest.raises(ValueError, match="unknown table 'tails'"):
+        result.table("tails")
+    text = repr(result)
+    assert "ES 99.9%" in text and f"{result.el / result.exposure_usd:.2%} of exposure" in text
+    assert "<table>" in result._repr_html_()
+    pd = pytest.importorskip("pandas")
+    frame = result.to_pandas("contributions")
+    assert isinstance(frame, pd.DataFrame) and list(frame["loan_id"]) == list(BOOK.loan_id)
+
+
+def test_importance_sampling_is_one_keyword(assumptions):
+    """simulate(importance_sampling=True) is the two-step recipe (pilot design point, then a
+    shifted run) in one call, with the same numbers."""
+    from gpucredit.portfolio.engine import importance_shift
+
+    book = random_book(3, 40)  # the book of tests/portfolio/test_importance_sampling.py
+    settings = dict(scenarios=2048, backend="jax", precision="float32", sensitivities=False)
+    settings |= dict(calibration=False, contributions=False)
+    one_call = simulate(book, assumptions, importance_sampling=True, **settings)
+    shift, _ = importance_shift(book, assumptions, assumptions.seed, 0.999, 2048, "jax", "float32")
+    two_steps = simulate(book, assumptions, normal_shift=shift, **settings)
+    np.testing.assert_array_equal(one_call.config.normal_shift, shift)
+    np.testing.assert_array_equal(one_call.losses_usd, two_steps.losses_usd)
+    np.testing.assert_array_equal(one_call.weights, two_steps.weights)
+
+
+@pytest.mark.parametrize(
+    ("scenarios", "backend", "chunk"),
+    [(256, "jax", 256), (1000, "jax", 1024), (100_000, "jax", 8192), (100, "numpy", 128)],
+)
+def test_a_small_run_computes_no_larger_chunk_than_it_needs(assumptions, scenarios, backend, chunk):
+    """The default chunk is the next power of two of the run's scenarios, at most the
+    backend's default (a 256-scenario JAX run once computed a padded 8,192-scenario chunk)."""
+    from gpucredit.portfolio.config import RunConfig
+
+    assert RunConfig.resolve(assumptions, scenarios=scenarios, backend=backend).chunk_size == chunk

@@ -9,8 +9,7 @@ import pytest
 from conftest import random_book
 from gpucredit.kernels import jax_engine, reference
 from gpucredit.kernels.rng import shock_normals_np
-from gpucredit.portfolio.engine import simulate
-from gpucredit.portfolio.reverse_stress import importance_shift
+from gpucredit.portfolio.engine import importance_shift, simulate
 from gpucredit.portfolio.risk import risk_measures, var_es
 
 BOOK = random_book(3, 40)

@@ -25,9 +25,11 @@ from gpucredit.portfolio.settings import (
 class RunConfig:
     """Every setting of a run, resolved against the assumptions and checked.
 
-    `chunk_size` is the resolved chunking (the backend's default when none was asked: it fixes
-    the float32 numbers), `keep_losses` the resolved pass-1 mode, `normal_shift` [T, K] float64
-    or None (importance sampling)."""
+    `chunk_size` is the resolved chunking (the backend's default when none was asked, no
+    larger than the run needs: it fixes the float32 numbers), `keep_losses` the resolved
+    pass-1 mode. Importance sampling (`importance_sampling`) shifts the systematic normals by
+    `normal_shift` [T, K] float64; when that is None, `simulate` finds the shift (the design
+    point of a pilot run, `engine.importance_shift`) before pass 1."""
 
     scenarios: int
     seed: int
@@ -41,6 +43,7 @@ class RunConfig:
     sensitivities: bool = True
     calibration: bool = True
     el_sensitivity_scenarios: int = 8192
+    importance_sampling: bool = False
     normal_shift: np.ndarray | None = None
 
     @classmethod
@@ -60,11 +63,14 @@ class RunConfig:
         normal_shift: np.ndarray | None = None,
         keep_losses: bool | None = None,
         calibration: bool = True,
+        importance_sampling: bool = False,
     ) -> RunConfig:
         """The settings of `simulate`'s keywords, with the assumptions' defaults filled in and
-        every rule checked (EngineError otherwise)."""
+        every rule checked (EngineError otherwise). A `normal_shift` implies
+        `importance_sampling`."""
         scenarios, seed, mode = resolve_run_settings(assumptions, scenarios, seed, mode)
-        keep = resolve_keep_losses(keep_losses, scenarios, normal_shift is not None)
+        importance_sampling = bool(importance_sampling) or normal_shift is not None
+        keep = resolve_keep_losses(keep_losses, scenarios, importance_sampling)
         checked_alphas = check_alphas(default_alphas(alphas))
         chunk = check_chunk_size(chunk_size)
         if normal_shift is not None:
@@ -76,7 +82,11 @@ class RunConfig:
                     f"{(grid.periods, grid.n_factors)}, got {normal_shift.shape}"
                 )
         if chunk is None:
-            chunk = default_chunk_size(backend, importance_sampling=normal_shift is not None)
+            # A small run computes no more than it needs: the next power of two of its
+            # scenarios (one compiled shape for every run of about that size), at most the
+            # backend's default.
+            default = default_chunk_size(backend, importance_sampling=importance_sampling)
+            chunk = min(default, 1 << max(scenarios - 1, 0).bit_length())
         return cls(
             scenarios=scenarios,
             seed=seed,
@@ -90,6 +100,7 @@ class RunConfig:
             sensitivities=bool(sensitivities),
             calibration=bool(calibration),
             el_sensitivity_scenarios=int(el_sensitivity_scenarios),
+            importance_sampling=importance_sampling,
             normal_shift=normal_shift,
         )
 

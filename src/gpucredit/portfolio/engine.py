@@ -38,6 +38,7 @@ from gpucredit.portfolio.contributions import (
     tail_contributions,
 )
 from gpucredit.portfolio.loans import loan_arrays
+from gpucredit.portfolio.reverse_stress import DesignPoint, find_design_point
 from gpucredit.portfolio.risk import (
     LossHistogram,
     LossTail,
@@ -78,12 +79,24 @@ class StressResult:
         return out
 
 
+TABLES = ("measures", "contributions", "sensitivities", "losses")
+"""The tables a `RunResult` gives as Arrow or pandas (`RunResult.to_arrow`, `to_pandas`)."""
+
+
 @dataclass(frozen=True)
 class RunResult:
     """Everything one run produced (what `write_results` and the report consume).
 
     `losses_usd` is None in tails-only mode (``metadata["keep_losses"]`` False): no process
     held every loss; `tail` and `histogram` describe the distribution in both modes.
+
+    In a notebook::
+
+        result = gpucredit.simulate(book, assumptions, scenarios=100_000)
+        result                                # the headline measures, % of exposure
+        result.el, result.el_se               # USD, with its batch-means standard error
+        result.es(0.999), result.es_se(0.999)
+        result.to_pandas("contributions")     # one row per loan
     """
 
     losses_usd: np.ndarray | None  # [S] per-scenario loss, or None (tails-only mode)
@@ -97,12 +110,126 @@ class RunResult:
     histogram: LossHistogram  # of every loss (risk.LossHistogram: power-of-two bins from 0)
     calibration: dict | None = None  # portfolio.calibration.calibration_table (None: not run)
     config: RunConfig | None = None  # the settings it ran with
+    exposure_usd: float = float("nan")  # Σ balance_usd of the book
+
+    @property
+    def el(self) -> float:
+        """Expected loss over the horizon, USD."""
+        return self.measures.el
+
+    @property
+    def el_se(self) -> float:
+        """The expected loss's batch-means standard error, USD."""
+        return self.measures.el_se
 
     def var(self, alpha: float) -> float:
+        """Value at risk at confidence `alpha` (one of the run's alphas), USD."""
         return self.measures.var(alpha)
 
+    def var_se(self, alpha: float) -> float:
+        return self.measures.at(alpha).var_se
+
     def es(self, alpha: float) -> float:
+        """Expected shortfall at confidence `alpha` (one of the run's alphas), USD."""
         return self.measures.es(alpha)
+
+    def es_se(self, alpha: float) -> float:
+        return self.measures.at(alpha).es_se
+
+    def table(self, name: str = "measures") -> dict[str, np.ndarray]:
+        """Columns of one of `TABLES`: ``measures`` (one row per measure: value, standard
+        error, 95% interval, share of exposure), ``contributions`` (one row per loan),
+        ``sensitivities`` (one row per parameter), ``losses`` (one row per scenario kept:
+        every scenario, or the largest in tails-only mode)."""
+        if name == "measures":
+            return self._measures_table()
+        if name == "losses":
+            if self.losses_usd is not None:
+                indices, losses = np.arange(len(self.losses_usd)), self.losses_usd
+            else:
+                indices, losses = self.tail.indices, self.tail.losses_usd
+            columns = {"scenario": indices.astype(np.int64), "loss_usd": losses}
+            if self.weights is not None and self.losses_usd is not None:
+                columns["likelihood_ratio"] = self.weights
+            return columns
+        if name in ("contributions", "sensitivities"):
+            part = getattr(self, name)
+            if part is None:
+                raise ValueError(f"this run computed no {name} (it was switched off)")
+            return dict(part.columns())
+        raise ValueError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
+
+    def _measures_table(self) -> dict[str, np.ndarray]:
+        m = self.measures
+        rows = [("el", None, m.el, m.el_se, m.el_ci)]
+        for t in m.tail:
+            rows.append(("var", t.alpha, t.var, t.var_se, t.var_ci))
+            rows.append(("es", t.alpha, t.es, t.es_se, t.es_ci))
+        values = np.array([r[2] for r in rows], dtype=np.float64)
+        return {
+            "measure": np.array([r[0] for r in rows]),
+            "alpha": np.array([np.nan if r[1] is None else r[1] for r in rows]),
+            "value_usd": values,
+            "standard_error_usd": np.array([r[3] for r in rows], dtype=np.float64),
+            "ci_low_usd": np.array([r[4][0] for r in rows], dtype=np.float64),
+            "ci_high_usd": np.array([r[4][1] for r in rows], dtype=np.float64),
+            "share_of_exposure": values / self.exposure_usd,
+        }
+
+    def to_arrow(self, name: str = "measures"):
+        """One of `TABLES` as a pyarrow Table."""
+        import pyarrow as pa
+
+        return pa.table(self.table(name))
+
+    def to_pandas(self, name: str = "measures"):
+        """One of `TABLES` as a pandas DataFrame (pandas must be installed)."""
+        try:
+            import pandas  # noqa: F401
+        except ImportError:
+            raise ImportError("to_pandas needs pandas: pip install pandas") from None
+        return self.to_arrow(name).to_pandas()
+
+    def _headline(self) -> list[tuple[str, float, float]]:
+        """(label, value USD, standard error USD) of EL and each VaR and ES."""
+        out = [("EL", self.el, self.el_se)]
+        for t in self.measures.tail:
+            level = f"{100 * t.alpha:g}%"
+            out += [(f"VaR {level}", t.var, t.var_se), (f"ES {level}", t.es, t.es_se)]
+        return out
+
+    def __repr__(self) -> str:
+        md = self.metadata
+        lines = [
+            f"RunResult: {md.get('loans', '?')} loans, {md.get('scenarios', 0):,} scenarios, "
+            f"{md.get('mode')} mode, {md.get('backend')} {md.get('precision')}, "
+            f"exposure ${self.exposure_usd / 1e6:,.1f}m"
+        ]
+        for label, value, se in self._headline():
+            lines.append(
+                f"  {label:<10} ${value / 1e6:>12,.2f}m  ± {se / 1e6:,.2f}m  "
+                f"({value / self.exposure_usd:.2%} of exposure)"
+            )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        md = self.metadata
+        rows = "".join(
+            f"<tr><td>{escape(label)}</td><td>${value / 1e6:,.2f}m</td>"
+            f"<td>± {se / 1e6:,.2f}m</td><td>{value / self.exposure_usd:.2%}</td></tr>"
+            for label, value, se in self._headline()
+        )
+        caption = escape(
+            f"{md.get('loans', '?')} loans, {md.get('scenarios', 0):,} scenarios, "
+            f"{md.get('mode')} mode, exposure ${self.exposure_usd / 1e6:,.1f}m"
+        )
+        return (
+            f"<table><caption>gpucredit run: {caption}</caption>"
+            "<tr><th>measure</th><th>value</th><th>standard error</th><th>of exposure</th></tr>"
+            f"{rows}</table>"
+        )
 
     def summary(self) -> dict:
         """JSON-ready: every measure with its standard error and interval, stress deltas and
@@ -122,6 +249,40 @@ class RunResult:
         }
 
 
+PILOT_SEED_OFFSET = 0x9E3779B9  # the pilot run's seed: independent of the main run's numbers
+PILOT_MAX_SCENARIOS = 20_000  # scenarios of the pilot run that places the importance shift
+
+
+def importance_shift(
+    book: Book,
+    assumptions: Assumptions,
+    seed: int,
+    alpha: float = 0.999,
+    pilot_scenarios: int = PILOT_MAX_SCENARIOS,
+    backend: str = "auto",
+    precision: str = "float32",
+) -> tuple[np.ndarray, DesignPoint]:
+    """The mean shift μ = z* [T, K] for importance sampling: the design point
+    (`reverse_stress.find_design_point`) of the conditional-mode loss at the VaR_α of a plain
+    pilot run. The pilot uses its own seed, so the shift does not depend on the main run's
+    random numbers (the estimator stays unbiased for the shift it is given)."""
+    pilot = simulate(
+        book,
+        assumptions,
+        scenarios=pilot_scenarios,
+        seed=(seed + PILOT_SEED_OFFSET) % 2**32,
+        mode="conditional",
+        backend=backend,
+        precision=precision,
+        alphas=(alpha,),
+        contributions=False,
+        sensitivities=False,
+        calibration=False,
+    )
+    point = find_design_point(book, assumptions, pilot.var(alpha))
+    return point.z, point
+
+
 def simulate(
     book: Book,
     assumptions: Assumptions,
@@ -138,8 +299,11 @@ def simulate(
 
     The run's settings are a `RunConfig` (portfolio/config.py), given whole or as its keywords
     (`scenarios`, `seed`, `mode`, `backend`, `precision`, `chunk_size`, `alphas`,
-    `contributions`, `sensitivities`, `el_sensitivity_scenarios`, `normal_shift`,
-    `keep_losses`, `calibration`), resolved against the assumptions and checked once.
+    `contributions`, `sensitivities`, `el_sensitivity_scenarios`, `importance_sampling`,
+    `normal_shift`, `keep_losses`, `calibration`), resolved against the assumptions and
+    checked once::
+
+        result = simulate(book, assumptions, scenarios=1_000_000, importance_sampling=True)
 
     Pass 1 keeps every per-scenario loss (`keep_losses` True) or, tails-only (False), per
     batch only its largest losses, statistics and histogram, with the same measures, tail sets,
@@ -152,9 +316,10 @@ def simulate(
     (chunks when every loss is kept, batches in tails-only mode).
     `workers` (a local Dask cluster of that many processes) or `scheduler` (the address of an
     existing one) runs both passes on Dask (portfolio/distributed.py), with identical results.
-    `normal_shift` [T, K] (importance sampling) moves the mean of the systematic normals,
-    e.g. to a reverse-stress design point; every scenario then carries its likelihood ratio
-    and all measures, contributions and sensitivities are weighted.
+    `importance_sampling` moves the mean of the systematic normals to `normal_shift` [T, K]
+    (by default the design point of a pilot run at the largest α, `importance_shift`); every
+    scenario then carries its likelihood ratio and all measures, contributions and
+    sensitivities are weighted.
     `calibration` adds the calibration table (portfolio/calibration.py): a year-1 pass over
     the run's first `YEAR_ONE_MAX_SCENARIOS` scenarios gives each loan's year-1 default rate.
     """
@@ -165,6 +330,12 @@ def simulate(
         config = RunConfig.resolve(assumptions, **settings)
     elif settings:
         raise TypeError(f"simulate takes a RunConfig or its keywords, not both: {sorted(settings)}")
+    if config.importance_sampling and config.normal_shift is None:
+        shift, _ = importance_shift(
+            book, assumptions, config.seed, max(config.alphas),
+            min(config.scenarios, PILOT_MAX_SCENARIOS), config.backend, config.precision,
+        )  # fmt: skip
+        config = dataclasses.replace(config, normal_shift=shift)
     started = time.perf_counter()
     c = config
     scenarios, seed, mode, alphas, chunk = c.scenarios, c.seed, c.mode, c.alphas, c.chunk_size
@@ -303,6 +474,7 @@ def simulate(
         histogram=histogram,
         calibration=calibration_table_,
         config=config,
+        exposure_usd=float(np.sum(book.balance_usd)),
     )
 
 

@@ -212,38 +212,3 @@ def find_design_point(
             assumptions.generations,
         ),
     )
-
-
-PILOT_SEED_OFFSET = 0x9E3779B9  # the pilot run's seed: independent of the main run's numbers
-
-
-def importance_shift(
-    book: Book,
-    assumptions: Assumptions,
-    seed: int,
-    alpha: float = 0.999,
-    pilot_scenarios: int = 20_000,
-    backend: str = "auto",
-    precision: str = "float32",
-) -> tuple[np.ndarray, DesignPoint]:
-    """The mean shift μ = z* [T, K] for importance sampling: the design point of the
-    conditional-mode loss at the VaR_α of a plain pilot run. The pilot uses its own seed, so
-    the shift does not depend on the main run's random numbers (the estimator stays unbiased
-    for the shift it is given)."""
-    from gpucredit.portfolio.engine import simulate
-
-    pilot = simulate(
-        book,
-        assumptions,
-        scenarios=pilot_scenarios,
-        seed=(seed + PILOT_SEED_OFFSET) % 2**32,
-        mode="conditional",
-        backend=backend,
-        precision=precision,
-        alphas=(alpha,),
-        contributions=False,
-        sensitivities=False,
-        calibration=False,
-    )
-    point = find_design_point(book, assumptions, pilot.var(alpha))
-    return point.z, point
