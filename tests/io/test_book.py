@@ -1,10 +1,15 @@
-"""Reading, validating and writing loan books (gpucredit.io.book)."""
+"""Reading, validating and writing loan books (gpucredit.io.book): the rules, then every
+source (Parquet, Arrow, CSV, Excel, pandas, pyarrow, the Arrow PyCapsule interface) giving the
+same book and the same errors, loan tapes' cells coerced with one error per bad cell, and
+write_book by extension."""
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
@@ -14,8 +19,10 @@ from gpucredit.io.book import (
     BOOK_COLUMNS,
     MAX_ROWS_PER_RULE,
     BookError,
+    BookFormatError,
     BookProblem,
     book_to_table,
+    file_format,
     read_book,
     write_book,
 )
@@ -337,10 +344,43 @@ def test_file_with_no_rows(tmp_path):
     assert str(refusal(path)) == f"{path}: the book has no rows"
 
 
-def test_a_csv_is_not_a_book(tmp_path):
-    path = tmp_path / "book.parquet"  # the suffix does not matter: the bytes do
+def test_text_is_read_as_csv_whatever_the_suffix(tmp_path):
+    """The bytes tell the format: text is a CSV loan tape, never "not a readable Arrow IPC or
+    Parquet file"; this one lacks most columns, and says so."""
+    path = tmp_path / "book.parquet"
     path.write_text("loan_id,borrower_id\nL1,B1\n")
-    assert "not a readable Arrow IPC or Parquet file" in str(refusal(path))
+    error = refusal(path)
+    assert "Arrow" not in str(error) and "Parquet" not in str(error)
+    assert f"{path}: column balance_usd: required column is missing" in str(error).splitlines()
+
+
+def test_binary_junk_names_every_readable_format(tmp_path):
+    path = tmp_path / "book.bin"
+    path.write_bytes(b"\x00\x01\x02junk" * 10)
+    error = refusal(path)
+    assert len(error.problems) == 1
+    assert "Parquet, Arrow IPC/Feather, CSV (UTF-8 text) or Excel .xlsx" in str(error)
+
+
+def test_a_legacy_xls_file_is_refused_clearly(tmp_path):
+    path = tmp_path / "book.xls"
+    path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 100)
+    assert str(refusal(path)) == f"{path}: an Excel 97-2003 .xls file: save it as .xlsx or CSV"
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"PAR1\x15\x04", "parquet"),
+        (b"ARROW1\x00\x00", "arrow file"),
+        (b"\xff\xff\xff\xff\x10\x01\x00\x00", "arrow stream"),
+        (b"PK\x03\x04\x14\x00", "excel"),
+        (b"\xef\xbb\xbfloan_id;rate\r\n", "csv"),
+        (b"loan_id,borrower_id\n", "csv"),
+    ],
+)
+def test_file_format_is_told_by_the_first_bytes(head, kind):
+    assert file_format(head) == kind
 
 
 def test_a_truncated_parquet_file(tmp_path):
@@ -425,3 +465,307 @@ def test_optional_columns_take_their_defaults(tmp_path):
     for name in ("contracted_share", "contract_rate_usd_per_hour", "cash_usd", "btc_units"):
         np.testing.assert_array_equal(getattr(book, name), 0.0)
     assert book.crypto_pledged.dtype == bool and not book.crypto_pledged.any()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ArrowStreamFrame:
+    """A frame that speaks only the Arrow PyCapsule stream interface (as polars does)."""
+
+    def __init__(self, table: pa.Table):
+        self._table = table
+
+    def __arrow_c_stream__(self, requested_schema=None):
+        return self._table.__arrow_c_stream__(requested_schema)
+
+
+def _file(suffix):
+    def make(columns, tmp_path):
+        path = tmp_path / f"book{suffix}"
+        write_book(pa.table(columns), path)
+        return path, str(path)
+
+    return make
+
+
+SOURCES = {
+    "parquet": _file(".parquet"),
+    "arrow": _file(".arrow"),
+    "csv": _file(".csv"),
+    "xlsx": _file(".xlsx"),
+    "pandas": lambda columns, _: (pd.DataFrame(columns), "<pandas.DataFrame>"),
+    "pyarrow": lambda columns, _: (pa.table(columns), "<pyarrow.Table>"),
+    "capsule": lambda columns, _: (
+        ArrowStreamFrame(pa.table(columns)),
+        f"<{ArrowStreamFrame.__module__.split('.')[0]}.ArrowStreamFrame>",
+    ),
+    "mapping": lambda columns, _: (columns, "<builtins.dict>"),
+}
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_source_reads_the_same_book(tmp_path, source):
+    columns = good_columns(10)
+    reference = book_to_table(read_book(pa.table(columns), ASSUMPTIONS))
+    book_source, name = SOURCES[source](columns, tmp_path)
+
+    book = read_book(book_source, ASSUMPTIONS)
+
+    assert book.source == name
+    assert book_to_table(book).equals(reference)
+
+
+# (column, bad value, the rule every source states). CSV cannot tell a null string from an
+# empty one and Excel cannot hold NaN or infinity, so those cases skip them; to pandas NaN
+# is a missing value.
+SAME_ERRORS = [
+    ("pd_annual", 1.3, "must be in (0, 1), got 1.3"),
+    ("balance_usd", -5.0, "must be > 0, got -5"),
+    ("rate", 8.0, "must be in (-1, 1) (a yearly rate or spread as a fraction"),
+    ("maturity_years", 100.5, "must be <= 100 (years), got 100.5"),
+    ("utilization", 1.5, "must be in [0, 1], got 1.5"),
+    ("rate_type", "flaoting", "must be one of fixed, floating, got 'flaoting'"),
+    ("gpu_generation", "V100", "must be one of the assumptions' generations"),
+    ("pd_annual", None, "must not be null"),
+    ("crypto_pledged", None, "must not be null"),
+    ("borrower_type", None, "must not be null"),
+    ("balance_usd", float("inf"), "must be a finite number, got inf"),
+    ("rate", float("nan"), "must be a finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(("column", "bad", "rule"), SAME_ERRORS)
+def test_every_source_states_the_same_errors(tmp_path, source, column, bad, rule):
+    if source == "csv" and bad is None and column == "borrower_type":
+        pytest.skip("CSV: an empty string cell is '', not null")
+    if source == "xlsx" and isinstance(bad, float) and not np.isfinite(bad):
+        pytest.skip("Excel holds no NaN or infinity")
+    if source == "pandas" and isinstance(bad, float) and np.isnan(bad):
+        rule = "must not be null"  # pandas' NaN is its missing value
+    columns = good_columns()
+    columns[column][1] = bad
+    columns[column][3] = bad
+    book_source, name = SOURCES[source](columns, tmp_path)
+
+    with pytest.raises(BookError) as caught:
+        read_book(book_source, ASSUMPTIONS)
+
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2, lines
+    for line, loan_id in zip(lines, ("L000002", "L000004"), strict=True):
+        assert line.startswith(f"{name}: loan_id={loan_id}, column {column}: {rule}"), line
+
+
+# ----------------------------------------------------------------------------- CSV tapes
+
+
+def test_csv_bad_cells_are_each_named_with_their_value_and_type(tmp_path):
+    path = tmp_path / "tape.csv"
+    write_book(pa.table(good_columns()), path)
+    text = path.read_text().splitlines()
+    header = text[0].replace('"', "").split(",")
+    rows = [line.split(",") for line in text[1:]]
+    rows[1][header.index("balance_usd")] = "12,5O0"  # a letter O, quoted below
+    rows[2][header.index("gpu_count")] = "many"
+    rows[3][header.index("crypto_pledged")] = "maybe"
+    rows[3][header.index("cash_usd")] = ""  # empty: a null
+    lines = [",".join(header)] + [
+        ",".join(f'"{c}"' if "," in c else c for c in row) for row in rows
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(BookError) as caught:
+        read_book(path, ASSUMPTIONS)
+
+    assert str(caught.value).splitlines() == [
+        f"{path}: loan_id=L000002, column balance_usd: must be a number (USD), got '12,5O0'",
+        f"{path}: loan_id=L000003, column gpu_count: must be a number (GPUs), got 'many'",
+        f"{path}: loan_id=L000004, column crypto_pledged: must be true or false, got 'maybe'",
+        f"{path}: loan_id=L000004, column cash_usd: must not be null",
+    ]
+
+
+def test_csv_with_semicolons_a_bom_spaces_and_yes_no_booleans(tmp_path):
+    """What a spreadsheet exports: UTF-8 BOM, `;` delimiter, padded numbers, yes/no, CRLF."""
+    columns = good_columns(3)
+    header = ";".join(columns)
+    rows = []
+    for k in range(3):
+        cells = []
+        for name in columns:
+            value = columns[name][k]
+            if isinstance(value, bool):
+                cells.append("yes" if value else "No")
+            elif isinstance(value, float | int):
+                cells.append(f" {value} ")
+            else:
+                cells.append(value)
+        rows.append(";".join(cells))
+    path = tmp_path / "export.csv"
+    path.write_bytes(("\ufeff" + "\r\n".join([header, *rows]) + "\r\n").encode("utf-8"))
+
+    book = read_book(path, ASSUMPTIONS)
+
+    assert book.loan_id.tolist() == columns["loan_id"]
+    assert book.balance_usd.tolist() == columns["balance_usd"]
+    assert not book.crypto_pledged.any()
+
+
+def test_a_ragged_csv_is_refused_as_a_csv(tmp_path):
+    path = tmp_path / "book.csv"
+    path.write_text("loan_id,borrower_id\nL1,B1\nL2\n")
+    with pytest.raises(BookError) as caught:
+        read_book(path, ASSUMPTIONS)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: not a readable CSV file (")
+    assert "Arrow IPC or Parquet" not in message
+
+
+def test_a_repeated_column_is_refused(tmp_path):
+    path = tmp_path / "book.csv"
+    write_book(pa.table(good_columns()), path)
+    lines = path.read_text().splitlines()
+    path.write_text(
+        "\n".join([lines[0] + ',"pd_annual"'] + [line + ",0.5" for line in lines[1:]]) + "\n"
+    )
+    with pytest.raises(BookError) as caught:
+        read_book(path, ASSUMPTIONS)
+    assert str(caught.value) == (f"{path}: column pd_annual: the column appears 2 times; keep one")
+
+
+def test_many_bad_cells_are_counted_past_20(tmp_path):
+    columns = good_columns(30)
+    columns["gpu_count"] = ["x"] * 30
+    path = tmp_path / "tape.csv"
+    write_book(pa.table(columns), path)
+    with pytest.raises(BookError) as caught:
+        read_book(path, ASSUMPTIONS)
+    problems = caught.value.problems
+    assert len(problems) == 21
+    assert str(problems[-1]).endswith(
+        "column gpu_count: cannot be read as its type: and 10 more rows"
+    )
+
+
+# ----------------------------------------------------------------------------- Excel tapes
+
+
+def test_excel_cells_are_coerced_and_bad_ones_named(tmp_path):
+    import openpyxl
+
+    columns = good_columns()
+    workbook = openpyxl.Workbook()
+    sheet = workbook.active
+    sheet.append(list(columns))
+    for k in range(4):
+        sheet.append([columns[name][k] for name in columns])
+    loan_id, gpus, pledged = (
+        list(columns).index(c) + 1 for c in ("loan_id", "gpu_count", "crypto_pledged")
+    )
+    sheet.cell(row=2, column=loan_id).value = 1001  # an id typed as a number
+    sheet.cell(row=3, column=gpus).value = "n/a"
+    sheet.cell(row=4, column=pledged).value = 1  # 1/0 for a boolean
+    path = tmp_path / "tape.xlsx"
+    workbook.save(path)
+
+    with pytest.raises(BookError) as caught:
+        read_book(path, ASSUMPTIONS)
+    assert str(caught.value) == (
+        f"{path}: loan_id=L000002, column gpu_count: must be a number (GPUs), got 'n/a'"
+    )
+
+    sheet.cell(row=3, column=gpus).value = 512
+    workbook.save(path)
+    book = read_book(path, ASSUMPTIONS)
+    assert book.loan_id[0] == "1001" and book.gpu_count[1] == 512.0
+    assert book.crypto_pledged.tolist() == [False, False, True, False]
+
+
+def test_excel_without_openpyxl_names_the_extra(tmp_path, monkeypatch):
+    path = tmp_path / "book.xlsx"
+    write_book(pa.table(good_columns()), path)
+    monkeypatch.setitem(sys.modules, "openpyxl", None)  # import openpyxl raises ImportError
+
+    with pytest.raises(BookError) as caught:
+        read_book(path, ASSUMPTIONS)
+
+    assert "pip install 'gpucredit[excel]'" in str(caught.value)
+    assert "openpyxl" in str(caught.value)
+
+
+def test_a_damaged_xlsx_is_refused_as_excel(tmp_path):
+    path = tmp_path / "book.xlsx"
+    path.write_bytes(b"PK\x03\x04" + b"\x00" * 64)
+    with pytest.raises(BookError) as caught:
+        read_book(path, ASSUMPTIONS)
+    assert "not a readable Excel .xlsx file" in str(caught.value)
+
+
+# ----------------------------------------------------------------------------- DataFrames
+
+
+def test_pandas_object_columns_are_coerced_cell_by_cell():
+    """A frame from a messy spreadsheet: mixed objects in a number column, integer ids."""
+    columns = good_columns()
+    frame = pd.DataFrame(columns)
+    frame["balance_usd"] = pd.Series([1e7, "2e7", "lots", 3e7], dtype=object)
+    frame["loan_id"] = [11, 12, 13, 14]
+
+    with pytest.raises(BookError) as caught:
+        read_book(frame, ASSUMPTIONS)
+
+    assert str(caught.value) == (
+        "<pandas.DataFrame>: loan_id=13, column balance_usd: must be a number (USD), got 'lots'"
+    )
+    frame.loc[2, "balance_usd"] = 4e7
+    book = read_book(frame, ASSUMPTIONS)
+    assert book.balance_usd.tolist() == [1e7, 2e7, 4e7, 3e7]
+    assert book.loan_id.tolist() == ["11", "12", "13", "14"]
+
+
+def test_pandas_index_and_unknown_columns_are_ignored():
+    frame = pd.DataFrame(good_columns()).set_index("loan_id", drop=False)
+    frame["internal_rating"] = ["BB", None, 3, 4.5]  # unconvertible, but not ours
+    assert len(read_book(frame, ASSUMPTIONS)) == 4
+
+
+def test_a_frame_missing_columns_is_refused_like_a_file():
+    frame = pd.DataFrame({"loan_id": ["L1"], "notes": ["x"]})
+    with pytest.raises(BookError) as caught:
+        read_book(frame, ASSUMPTIONS)
+    assert "<pandas.DataFrame>: column balance_usd: required column is missing" in str(caught.value)
+
+
+def test_record_batches_and_readers_are_tables():
+    table = pa.table(good_columns())
+    assert len(read_book(table.to_batches()[0], ASSUMPTIONS)) == 4
+    assert len(read_book(pa.RecordBatchReader.from_batches(table.schema, table.to_batches()))) == 4
+
+
+def test_an_unknown_source_is_a_type_error():
+    with pytest.raises(TypeError, match="read_book takes a path"):
+        read_book(42, ASSUMPTIONS)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow", ".feather", ".ipc", ".csv", ".xlsx"])
+def test_write_book_writes_the_format_its_extension_names(tmp_path, suffix):
+    table = pa.table(good_columns(5))
+    path = write_book(table, tmp_path / f"book{suffix}")
+    magic = path.read_bytes()[:6]
+    expected = {".parquet": b"PAR1", ".csv": b'"loan_', ".xlsx": b"PK\x03\x04"}
+    assert magic.startswith(expected.get(suffix, b"ARROW1"))
+    book = read_book(path, ASSUMPTIONS)
+    for name in BOOK_COLUMNS:
+        assert getattr(book, name).tolist() == table.column(name).to_pylist(), name
+
+
+@pytest.mark.parametrize("name", ["book.txt", "book", "book.json"])
+def test_write_book_refuses_an_unknown_extension(tmp_path, name):
+    with pytest.raises(BookFormatError, match="use one of .parquet, .arrow, .feather"):
+        write_book(pa.table(good_columns()), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []

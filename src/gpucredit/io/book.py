@@ -1,9 +1,12 @@
-"""Read, validate and write loan books (docs/spec.md "Interfaces", docs/spec.md §3 and §9).
+"""Read, validate and write loan books (docs/schema.md; docs/spec.md "Book schema").
 
-A book is an Arrow IPC file (Feather v2), an Arrow IPC stream or a Parquet file; the format
-is told by the file's first bytes, not its suffix. Bad input is refused before any simulation
-with a `BookError` that lists every problem found (file, loan_id, column, rule), so the user
-can fix the file in one pass.
+A book is a file (Parquet, Arrow IPC file/Feather v2 or stream, CSV, Excel .xlsx) or a table
+in memory (a pyarrow Table, a pandas or polars DataFrame, anything with the Arrow PyCapsule
+stream interface). A file's format is told by its first bytes: the binary formats' magic
+numbers, else text is CSV. Every source goes through the same validation (the rules of
+portfolio.book.BOOK_SCHEMA); bad input is refused before any simulation with a `BookError`
+that lists every problem found (file, loan_id, column, rule), so the user can fix the book in
+one pass.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from __future__ import annotations
 import importlib.resources
 import os
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,83 +25,34 @@ import pyarrow.parquet as pq
 
 from gpucredit.io.files import write_atomically
 from gpucredit.portfolio.book import (
-    AMORTIZATIONS,
-    BORROWER_TYPES,
+    BOOK_SCHEMA,
+    BOOK_SCHEMA_BY_NAME,
+    MAX_YEARS,  # noqa: F401  (re-exported: the bound the years rules state)
     OPTIONAL_DEFAULTS,
-    RATE_TYPES,
     REQUIRED_COLUMNS,
     Book,
 )
 
-# Every column the model uses, in docs/spec.md's order.
-BOOK_COLUMNS = REQUIRED_COLUMNS + tuple(OPTIONAL_DEFAULTS)
-STRING_COLUMNS = (
-    "loan_id",
-    "borrower_id",
-    "borrower_type",
-    "rate_type",
-    "amortization",
-    "gpu_generation",
-)
-BOOL_COLUMNS = ("crypto_pledged",)
-NUMERIC_COLUMNS = tuple(c for c in BOOK_COLUMNS if c not in STRING_COLUMNS + BOOL_COLUMNS)
+# Every column the model uses, in docs/spec.md's order, by schema type.
+BOOK_COLUMNS = tuple(c.name for c in BOOK_SCHEMA)
+STRING_COLUMNS = tuple(c.name for c in BOOK_SCHEMA if c.type == "string")
+BOOL_COLUMNS = tuple(c.name for c in BOOK_SCHEMA if c.type == "boolean")
+NUMERIC_COLUMNS = tuple(c.name for c in BOOK_SCHEMA if c.type == "number")
 
 MAX_ROWS_PER_RULE = 20  # listed rows per (column, rule); the rest are counted
 BATCH_ROWS = 65_536  # rows per record batch when reading Parquet
+HEAD_BYTES = 4096  # bytes read to tell the format (and text from binary)
 
-# The longest maturity or contract a book may state, in years. docs/spec.md and docs/spec.md give
-# no bound; without one a value like 1e300 overflows the schedule's whole-period count.
-MAX_YEARS = 100
-
-# Value rules of the numeric columns: (columns, test that is True for a *good* value, rule).
-_RANGE_RULES = (
-    (("balance_usd", "gpu_count", "maturity_years"), lambda x: x > 0, "must be > 0"),
-    # A fixed rate or a floating spread (docs/spec.md §3), as a fraction per year. Bounded to
-    # catch percentages (8 for 8%) and so that a fixed-rate annuity's 1 + q stays > 0
-    # (q = rate x period length; rate <= -1 made its schedule NaN).
-    (
-        ("rate",),
-        lambda x: (x > -1) & (x < 1),
-        "must be in (-1, 1) (a yearly rate or spread as a fraction, e.g. 0.08 for 8%)",
-    ),
-    (
-        ("maturity_years", "contract_years_remaining"),
-        lambda x: x <= MAX_YEARS,
-        f"must be <= {MAX_YEARS} (years)",
-    ),
-    (("pd_annual",), lambda x: (x > 0) & (x < 1), "must be in (0, 1)"),
-    (
-        (
-            "collateral_share",
-            "contracted_share",
-            "utilization",
-            "liquidation_cost",
-            "other_income_btc_share",
-        ),
-        lambda x: (x >= 0) & (x <= 1),
-        "must be in [0, 1]",
-    ),
-    (("asset_correlation",), lambda x: (x >= 0) & (x < 1), "must be in [0, 1)"),
-    (
-        (
-            "contract_rate_usd_per_hour",
-            "contract_years_remaining",
-            "power_kw_per_gpu",
-            "other_opex_usd_per_gpu_hour",
-            "cash_usd",
-            "btc_units",
-            "eth_units",
-            "other_income_usd_per_year",
-        ),
-        lambda x: x >= 0,
-        "must be >= 0",
-    ),
-)
-_ENUM_RULES = {
-    "borrower_type": BORROWER_TYPES,
-    "rate_type": RATE_TYPES,
-    "amortization": AMORTIZATIONS,
+# File extension -> format `write_book` writes.
+WRITE_FORMATS = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".feather": "arrow",
+    ".ipc": "arrow",
+    ".csv": "csv",
+    ".xlsx": "excel",
 }
+READABLE = "Parquet, Arrow IPC/Feather, CSV (UTF-8 text) or Excel .xlsx"
 
 
 @dataclass(frozen=True)
@@ -130,6 +85,10 @@ class BookError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class BookFormatError(ValueError):
+    """`write_book` was asked for a format it does not write (an unknown extension)."""
+
+
 def example_book_path() -> Path:
     """The embedded example book (2,000 synthetic loans, seed 2026)."""
     return Path(str(importlib.resources.files("gpucredit") / "data" / "example_book.parquet"))
@@ -138,49 +97,60 @@ def example_book_path() -> Path:
 # ----------------------------------------------------------------------------- reading
 
 
-def read_book(path: str | os.PathLike, assumptions=None) -> Book:
+@dataclass
+class _Opened:
+    """A source ready to validate: its name in messages, its columns, its record batches,
+    and the cells a loan tape could not coerce (column, 0-based row, rule)."""
+
+    name: str
+    schema: pa.Schema
+    batches: Callable[[list[str]], Iterator[pa.RecordBatch]]
+    bad_cells: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+def read_book(source, assumptions=None) -> Book:
     """Read and validate a book; raise `BookError` listing every problem.
 
+    `source` is a path (Parquet, Arrow IPC/Feather, CSV, Excel .xlsx: told by the file's
+    bytes), or a table in memory: a pyarrow Table or RecordBatch, a pandas or polars
+    DataFrame, any object with `__arrow_c_stream__`, or a mapping of column name to values.
     `assumptions` supplies `.generations` (the allowed `gpu_generation` names) and
     `.generation_power_kw_per_gpu` (the default of `power_kw_per_gpu`); None means the
     embedded defaults.
+
+    >>> book = read_book("loans.csv")  # doctest: +SKIP
+    >>> book = read_book(pd.read_excel("tape.xlsx"))  # doctest: +SKIP
+    >>> len(read_book(example_book_path()))
+    250
     """
     if assumptions is None:
         from gpucredit.io.assumptions import default_assumptions  # lazy: optional dependency
 
         assumptions = default_assumptions()
-    file = str(path)
+    if isinstance(source, str | os.PathLike):
+        opened = _open_file(Path(source))
+    else:
+        opened = _open_memory(source)
+    return _validate(opened, assumptions)
+
+
+def _validate(opened: _Opened, assumptions) -> Book:
+    """Every schema and value rule on an opened source; the Book, or BookError."""
+    file, schema = opened.name, opened.schema
     problems: list[BookProblem] = []
 
-    def refuse(rule: str) -> BookError:
-        return BookError([BookProblem(file, None, None, rule)])
-
-    source = Path(path)
-    if not source.exists():
-        raise refuse("no such file")
-    if not source.is_file():
-        raise refuse("not a file")
-    try:
-        with open(source, "rb") as f:
-            magic = f.read(8)
-    except OSError as e:
-        raise refuse(f"cannot be read ({e.strerror or e})") from None
-    if len(magic) == 0:
-        raise refuse("the file is empty (0 bytes); expected an Arrow IPC or Parquet file")
-
-    try:
-        schema, batches = _open_batches(source, magic)
-    except (pa.ArrowException, OSError) as e:
-        raise refuse(f"not a readable Arrow IPC or Parquet file ({e})") from None
-
-    # Schema: which used columns are present with a usable type.
-    present = set(schema.names)
+    # Schema: which used columns are present, once, with a usable type.
+    counts = Counter(schema.names)
     for name in REQUIRED_COLUMNS:
-        if name not in present:
+        if name not in counts:
             problems.append(BookProblem(file, None, name, "required column is missing"))
     usable = []
     for name in BOOK_COLUMNS:
-        if name not in present:
+        if name not in counts:
+            continue
+        if counts[name] > 1:
+            rule = f"the column appears {counts[name]} times; keep one"
+            problems.append(BookProblem(file, None, name, rule))
             continue
         expected = _type_problem(name, schema.field(name).type)
         if expected:
@@ -193,7 +163,7 @@ def read_book(path: str | os.PathLike, assumptions=None) -> Book:
     null_rows: dict[str, list[np.ndarray]] = {name: [] for name in usable}
     n_rows = 0
     try:
-        for batch in batches(usable):
+        for batch in opened.batches(usable):
             for name in usable:
                 values, nulls = _to_numpy(name, batch.column(name))
                 chunks[name].append(values)
@@ -201,7 +171,7 @@ def read_book(path: str | os.PathLike, assumptions=None) -> Book:
                     null_rows[name].append(nulls + n_rows)
             n_rows += batch.num_rows
     except (pa.ArrowException, OSError) as e:
-        raise refuse(f"cannot be read: {e}") from None
+        raise BookError([BookProblem(file, None, None, f"cannot be read: {e}")]) from None
     if n_rows == 0:
         problems.append(BookProblem(file, None, None, "the book has no rows"))
         raise BookError(problems)
@@ -211,15 +181,76 @@ def read_book(path: str | os.PathLike, assumptions=None) -> Book:
         name: np.concatenate(parts) if parts else np.zeros(0, np.int64)
         for name, parts in null_rows.items()
     }
-    problems += _check_values(file, columns, nulls, tuple(assumptions.generations))
+    problems += _check_values(
+        file, columns, nulls, tuple(assumptions.generations), opened.bad_cells
+    )
     if problems:
         raise BookError(problems)
     return _build_book(file, columns, n_rows, assumptions)
 
 
-def _open_batches(source: Path, magic: bytes):
-    """(schema, batches(columns) -> iterator of RecordBatch) for the format the magic names."""
-    if magic[:4] == b"PAR1":
+def _open_file(source: Path) -> _Opened:
+    """Open a book file in the format its first bytes name."""
+    file = str(source)
+
+    def refuse(rule: str) -> BookError:
+        return BookError([BookProblem(file, None, None, rule)])
+
+    if not source.exists():
+        raise refuse("no such file")
+    if not source.is_file():
+        raise refuse("not a file")
+    try:
+        with open(source, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except OSError as e:
+        raise refuse(f"cannot be read ({e.strerror or e})") from None
+    if len(head) == 0:
+        raise refuse(f"the file is empty (0 bytes); expected {READABLE}")
+
+    kind = file_format(head)
+    if kind == "xls":
+        raise refuse("an Excel 97-2003 .xls file: save it as .xlsx or CSV")
+    if kind in ("csv", "excel"):
+        from gpucredit.io.tapes import TapeError, read_csv_tape, read_excel_tape
+
+        try:
+            tape = read_csv_tape(source) if kind == "csv" else read_excel_tape(source)
+        except TapeError as e:
+            raise refuse(str(e)) from None
+        return _Opened(file, tape.table.schema, _table_batches(tape.table), tape.bad_cells)
+    try:
+        schema, batches = _open_batches(source, kind)
+    except (pa.ArrowException, OSError) as e:
+        what = {"parquet": "a readable Parquet file", "arrow file": "a readable Arrow IPC file"}
+        expected = what.get(kind, f"a readable book file ({READABLE})")
+        raise refuse(f"not {expected} ({e})") from None
+    return _Opened(file, schema, batches)
+
+
+def file_format(head: bytes) -> str:
+    """The format a file's first bytes name: "parquet", "arrow file", "arrow stream",
+    "excel" (a zip: .xlsx), "xls" (the legacy binary), or "csv" for text (no NUL byte).
+
+    >>> file_format(b"PAR1...."), file_format(b"loan_id,borrower_id\n")
+    ('parquet', 'csv')
+    """
+    if head[:4] == b"PAR1":
+        return "parquet"
+    if head[:6] == b"ARROW1":
+        return "arrow file"
+    if head[:4] == b"PK\x03\x04":
+        return "excel"
+    if head[:8] == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1":
+        return "xls"
+    if b"\x00" not in head:
+        return "csv"
+    return "arrow stream"  # 0xFFFFFFFF then a length (older streams: the length alone)
+
+
+def _open_batches(source: Path, kind: str):
+    """(schema, batches(columns) -> iterator of RecordBatch) of a Parquet or Arrow IPC file."""
+    if kind == "parquet":
         parquet = pq.ParquetFile(source)
 
         def parquet_batches(columns):
@@ -234,7 +265,7 @@ def _open_batches(source: Path, magic: bytes):
 
     # Memory-mapped: the IPC batches are views of the file; only our NumPy chunks are copies.
     mapped = pa.memory_map(str(source))
-    if magic[:6] == b"ARROW1":
+    if kind == "arrow file":
         reader = pa.ipc.open_file(mapped)
 
         def file_batches(columns):
@@ -249,6 +280,86 @@ def _open_batches(source: Path, magic: bytes):
         yield from stream
 
     return stream.schema, stream_batches
+
+
+def _table_batches(table: pa.Table) -> Callable[[list[str]], Iterator[pa.RecordBatch]]:
+    def batches(columns):
+        if not columns:  # still count the rows when no used column is there
+            yield pa.RecordBatch.from_pydict({"_": pa.nulls(table.num_rows)})
+            return
+        yield from table.select(columns).to_batches(max_chunksize=BATCH_ROWS)
+
+    return batches
+
+
+def _open_memory(source) -> _Opened:
+    """A table in memory as an opened source (its name in messages: "<pandas.DataFrame>").
+
+    Arrow tables and Arrow-typed frames (polars, anything with `__arrow_c_stream__`) keep
+    their types, as a Parquet file does; pandas frames and mappings of lists, which hold
+    Python objects as a spreadsheet does, have their book columns coerced like a loan tape's.
+    """
+    kind = type(source)
+    package = kind.__module__.split(".")[0]
+    name = f"<{package}.{kind.__name__}>"
+    if isinstance(source, pa.RecordBatch):
+        source = pa.Table.from_batches([source])
+    if isinstance(source, pa.RecordBatchReader):
+        source = source.read_all()
+    if isinstance(source, pa.Table):
+        return _Opened(name, source.schema, _table_batches(source))
+    if package == "pandas" and hasattr(source, "columns"):
+        return _open_cells(name, {str(k): source[k] for k in source.columns}, len(source))
+    if hasattr(source, "__arrow_c_stream__"):  # polars, duckdb, ... (Arrow PyCapsule API)
+        table = pa.RecordBatchReader.from_stream(source).read_all()
+        return _Opened(name, table.schema, _table_batches(table))
+    if callable(getattr(source, "to_arrow", None)):  # older polars
+        table = source.to_arrow()
+        return _Opened(name, table.schema, _table_batches(table))
+    if isinstance(source, Mapping):
+        columns = {str(k): v for k, v in source.items()}
+        n_rows = max((len(v) for v in columns.values()), default=0)
+        return _open_cells(name, columns, n_rows)
+    raise TypeError(
+        "read_book takes a path (Parquet, Arrow, CSV, Excel), a pyarrow Table, a pandas or "
+        f"polars DataFrame, or a mapping of column name to values; got {kind.__name__}"
+    )
+
+
+def _open_cells(name: str, columns: dict, n_rows: int) -> _Opened:
+    """Columns of Python values (pandas Series, lists): each book column converted by Arrow
+    when that gives its schema type, else coerced cell by cell (naming each bad cell)."""
+    from gpucredit.io.tapes import coerce_cells
+
+    names, arrays, bad_cells = [], [], []
+    for column_name, values in columns.items():
+        column = BOOK_SCHEMA_BY_NAME.get(column_name)
+        if column is None:
+            continue  # unknown columns are ignored
+        try:
+            array = pa.Array.from_pandas(values) if hasattr(values, "dtype") else pa.array(values)
+        except (pa.ArrowException, TypeError, ValueError):
+            array = None  # mixed objects: coerced below
+        if array is None or _type_problem(column_name, array.type):
+            array, bad = coerce_cells(column, _python_cells(values))
+            bad_cells += bad
+        names.append(column_name)
+        arrays.append(array)
+    if names:
+        table = pa.Table.from_arrays(arrays, names=names)
+    else:
+        table = pa.table({"_": pa.nulls(n_rows)})
+    return _Opened(name, table.schema, _table_batches(table), bad_cells)
+
+
+def _python_cells(values) -> list:
+    """Python values with the missing ones (None, NaN, pandas NA and NaT) as None."""
+    cells = values.tolist() if hasattr(values, "tolist") else list(values)
+    if hasattr(values, "isna"):
+        missing = values.isna().tolist()
+    else:
+        missing = [v is None or (isinstance(v, float) and v != v) for v in cells]
+    return [None if gone else v for v, gone in zip(cells, missing, strict=True)]
 
 
 def _is_string_type(t: pa.DataType) -> bool:
@@ -306,8 +417,10 @@ def _check_values(
     columns: dict[str, np.ndarray],
     nulls: dict[str, np.ndarray],
     generations: tuple[str, ...],
+    bad_cells: list[tuple[str, int, str]] = (),
 ) -> list[BookProblem]:
-    """Every value rule on the usable columns; at most MAX_ROWS_PER_RULE rows per rule."""
+    """Every rule of BOOK_SCHEMA on the usable columns, after the cells a loan tape could not
+    coerce (`bad_cells`: column, 0-based row, rule); at most MAX_ROWS_PER_RULE rows per rule."""
     problems: list[BookProblem] = []
     loan_ids = columns.get("loan_id")
 
@@ -326,66 +439,59 @@ def _check_values(
             more = len(bad_rows) - MAX_ROWS_PER_RULE
             problems.append(BookProblem(file, None, column, f"{rule}: and {more} more rows"))
 
-    # Nulls first; the other rules then skip those rows so each bad cell is named once.
+    # Cells a loan tape could not coerce (left null): each named with its value, once.
+    uncoerced: dict[str, list[int]] = {}
+    for column, row, rule in bad_cells:
+        uncoerced.setdefault(column, []).append(row)
+        if len(uncoerced[column]) <= MAX_ROWS_PER_RULE:
+            problems.append(BookProblem(file, who(row), column, rule, row=row + 1))
+    for column, rows in uncoerced.items():
+        if len(rows) > MAX_ROWS_PER_RULE:
+            more = len(rows) - MAX_ROWS_PER_RULE
+            rule = "cannot be read as its type"
+            problems.append(BookProblem(file, None, column, f"{rule}: and {more} more rows"))
+
+    # Nulls next; the other rules then skip those rows so each bad cell is named once.
     for column, rows in nulls.items():
+        rows = np.setdiff1d(rows, uncoerced.get(column, []))
         if len(rows):
             report(column, rows, "must not be null", show_value=False)
 
-    for column in STRING_COLUMNS:
-        if column not in columns:
-            continue
-        values = columns[column]
+    for name, values in columns.items():
+        column = BOOK_SCHEMA_BY_NAME[name]
         present = np.ones(len(values), dtype=bool)
-        present[nulls[column]] = False
-        if column in ("loan_id", "borrower_id"):
-            report(column, np.flatnonzero(values == ""), "must not be empty", show_value=False)
-            continue
-        allowed = _ENUM_RULES.get(column, generations)
-        known = ", ".join(allowed)
-        rule = (
-            f"must be one of {known}"
-            if column in _ENUM_RULES
-            else f"must be one of the assumptions' generations ({known})"
-        )
-        bad = present & ~np.isin(values, np.array(allowed, dtype=object))
-        report(column, np.flatnonzero(bad), rule)
-
-    if loan_ids is not None:
-        problems += _duplicate_problems(file, loan_ids)
-
-    for column in NUMERIC_COLUMNS:
-        if column not in columns:
-            continue
-        values = columns[column]
-        is_null = np.zeros(len(values), dtype=bool)
-        is_null[nulls[column]] = True
-        finite = np.isfinite(values)
-        report(column, np.flatnonzero(~finite & ~is_null), "must be a finite number")
-        for rule_columns, good, rule in _RANGE_RULES:
-            if column in rule_columns:
+        present[nulls[name]] = False
+        if column.non_empty:
+            report(name, np.flatnonzero(values == ""), "must not be empty", show_value=False)
+        if column.allowed or column.allowed_are_generations:
+            allowed = np.array(column.allowed or generations, dtype=object)
+            bad = present & ~np.isin(values, allowed)
+            report(name, np.flatnonzero(bad), column.allowed_rule(generations))
+        if column.unique:
+            problems += _duplicate_problems(file, name, values)
+        if column.type == "number":
+            finite = np.isfinite(values)
+            report(name, np.flatnonzero(~finite & present), "must be a finite number")
+            for rule in column.rules:
                 with np.errstate(invalid="ignore"):
-                    bad = finite & ~good(values)
-                report(column, np.flatnonzero(bad), rule)
+                    bad = finite & ~rule.good(values)
+                report(name, np.flatnonzero(bad), rule.text)
     return problems
 
 
-def _duplicate_problems(file: str, loan_ids: np.ndarray) -> list[BookProblem]:
-    """One problem per duplicated loan_id (empty and null ids are reported elsewhere)."""
-    counts = Counter(loan_ids.tolist())
-    duplicated = [
-        loan_id for loan_id, count in counts.items() if count > 1 and loan_id not in (None, "")
-    ]
+def _duplicate_problems(file: str, name: str, values: np.ndarray) -> list[BookProblem]:
+    """One problem per duplicated value (empty and null ones are reported elsewhere)."""
+    counts = Counter(values.tolist())
+    duplicated = [value for value, count in counts.items() if count > 1 and value not in (None, "")]
     problems = []
-    for loan_id in duplicated[:MAX_ROWS_PER_RULE]:
-        rows = np.flatnonzero(loan_ids == loan_id) + 1
+    for value in duplicated[:MAX_ROWS_PER_RULE]:
+        rows = np.flatnonzero(values == value) + 1
         listed = ", ".join(str(r) for r in rows[:10]) + (", ..." if len(rows) > 10 else "")
-        rule = f"duplicate loan_id: appears {len(rows)} times (rows {listed})"
-        problems.append(BookProblem(file, loan_id, "loan_id", rule))
+        rule = f"duplicate {name}: appears {len(rows)} times (rows {listed})"
+        problems.append(BookProblem(file, value if name == "loan_id" else None, name, rule))
     if len(duplicated) > MAX_ROWS_PER_RULE:
         more = len(duplicated) - MAX_ROWS_PER_RULE
-        problems.append(
-            BookProblem(file, None, "loan_id", f"duplicate loan_id: and {more} more ids")
-        )
+        problems.append(BookProblem(file, None, name, f"duplicate {name}: and {more} more ids"))
     return problems
 
 
@@ -424,17 +530,44 @@ def book_to_table(book: Book) -> pa.Table:
     return pa.table(arrays)
 
 
+def book_write_format(path: str | os.PathLike) -> str:
+    """The format `write_book` writes to `path`, by its extension; BookFormatError if none.
+
+    >>> book_write_format("book.feather"), book_write_format("tape.CSV")
+    ('arrow', 'csv')
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in WRITE_FORMATS:
+        known = ", ".join(WRITE_FORMATS)
+        named = f"extension {suffix!r}" if suffix else "no extension"
+        raise BookFormatError(f"cannot write a book to {path}: {named}; use one of {known}")
+    return WRITE_FORMATS[suffix]
+
+
 def write_book(table_or_book: pa.Table | Book, path: str | os.PathLike) -> Path:
-    """Write Parquet for a `.parquet` suffix, else an Arrow IPC file (.arrow/.feather).
+    """Write a book in the format its extension names: .parquet, .arrow/.feather/.ipc (Arrow
+    IPC file), .csv, or .xlsx (needs the extra `excel`); BookFormatError for any other.
 
     Written to a temporary name in the same directory and renamed, so a reader never sees a
     half-written book. Returns the path written.
+
+    >>> write_book(read_book(example_book_path()), "book.csv")  # doctest: +SKIP
+    PosixPath('book.csv')
     """
+    kind = book_write_format(path)
     table = book_to_table(table_or_book) if isinstance(table_or_book, Book) else table_or_book
 
     def write(temporary: Path) -> None:
-        if Path(path).suffix.lower() == ".parquet":
+        if kind == "parquet":
             pq.write_table(table, temporary)
+        elif kind == "csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, temporary)
+        elif kind == "excel":
+            from gpucredit.io.tapes import write_excel_tape
+
+            write_excel_tape(table, temporary)
         else:
             with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
                 w.write_table(table)

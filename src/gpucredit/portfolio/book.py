@@ -2,44 +2,213 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-REQUIRED_COLUMNS = (
-    "loan_id",
-    "borrower_id",
-    "borrower_type",
-    "balance_usd",
-    "rate_type",
-    "rate",
-    "maturity_years",
-    "amortization",
-    "gpu_generation",
-    "gpu_count",
-    "pd_annual",
-)
-# Optional numeric columns and their docs/spec.md §9 defaults (power_kw_per_gpu: the generation's).
-OPTIONAL_DEFAULTS: dict[str, float | bool | None] = {
-    "collateral_share": 1.0,
-    "contracted_share": 0.0,
-    "contract_rate_usd_per_hour": 0.0,
-    "contract_years_remaining": 0.0,
-    "utilization": 0.70,
-    "power_kw_per_gpu": None,
-    "other_opex_usd_per_gpu_hour": 0.0,
-    "cash_usd": 0.0,
-    "btc_units": 0.0,
-    "eth_units": 0.0,
-    "crypto_pledged": False,
-    "liquidation_cost": 0.05,
-    "asset_correlation": 0.15,
-    "other_income_usd_per_year": 0.0,
-    "other_income_btc_share": 0.0,
-}
 BORROWER_TYPES = ("neocloud", "miner", "enterprise", "other")
 RATE_TYPES = ("fixed", "floating")
 AMORTIZATIONS = ("bullet", "linear", "annuity")
+
+# The longest maturity or contract a book may state, in years. docs/spec.md gives no bound;
+# without one a value like 1e300 overflows the schedule's whole-period count.
+MAX_YEARS = 100
+
+REQUIRED = "required"  # BookColumn.default of a column every book must have
+FROM_GENERATION = "the generation's"  # power_kw_per_gpu: the assumptions' value for its generation
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """A rule on a number column: `good(values)` is True where a value keeps it; `text` is
+    what a broken value is told ("must be > 0")."""
+
+    text: str
+    good: Callable[[np.ndarray], np.ndarray]
+
+
+POSITIVE = ValueRule("must be > 0", lambda x: x > 0)
+NON_NEGATIVE = ValueRule("must be >= 0", lambda x: x >= 0)
+FRACTION = ValueRule("must be in [0, 1]", lambda x: (x >= 0) & (x <= 1))
+PROBABILITY = ValueRule("must be in (0, 1)", lambda x: (x > 0) & (x < 1))
+CORRELATION = ValueRule("must be in [0, 1)", lambda x: (x >= 0) & (x < 1))
+# Bounded to catch percentages (8 for 8%) and so that a fixed-rate annuity's 1 + q stays > 0
+# (q = rate x period length; rate <= -1 made its schedule NaN).
+RATE = ValueRule(
+    "must be in (-1, 1) (a yearly rate or spread as a fraction, e.g. 0.08 for 8%)",
+    lambda x: (x > -1) & (x < 1),
+)
+AT_MOST_MAX_YEARS = ValueRule(f"must be <= {MAX_YEARS} (years)", lambda x: x <= MAX_YEARS)
+
+
+@dataclass(frozen=True)
+class BookColumn:
+    """One column of the book schema: what it holds and the rules its values keep.
+
+    io/book.py validates every book with these fields and docs/schema.md is rendered from
+    them (`gpucredit schema`), so the rules are written once, here. Example:
+
+    >>> BOOK_SCHEMA_BY_NAME["pd_annual"].rule_summary()
+    'in (0, 1)'
+    """
+
+    name: str
+    type: str  # "string", "number" or "boolean"
+    unit: str  # "" when it has none
+    default: str | float | bool  # REQUIRED, FROM_GENERATION, or the value an absent column takes
+    meaning: str
+    rules: tuple[ValueRule, ...] = ()  # numbers (every number must also be finite)
+    allowed: tuple[str, ...] = ()  # strings: the allowed values (empty: any)
+    allowed_are_generations: bool = False  # one of the assumptions' GPU generations
+    non_empty: bool = False  # strings: "" refused
+    unique: bool = False  # no two rows share a value
+
+    @property
+    def required(self) -> bool:
+        return isinstance(self.default, str) and self.default == REQUIRED
+
+    def allowed_rule(self, generations: tuple[str, ...] = ()) -> str:
+        """What a value outside `allowed` is told (the generations come from the assumptions)."""
+        if self.allowed_are_generations:
+            return f"must be one of the assumptions' generations ({', '.join(generations)})"
+        return f"must be one of {', '.join(self.allowed)}"
+
+    def rule_summary(self) -> str:
+        """The column's rules in a few words, for docs/schema.md (nulls are always refused)."""
+        parts = []
+        if self.non_empty:
+            parts.append("non-empty")
+        if self.unique:
+            parts.append("unique")
+        if self.allowed:
+            parts.append("one of " + ", ".join(self.allowed))
+        if self.allowed_are_generations:
+            parts.append("one of the assumptions' generations")
+        parts += [rule.text.removeprefix("must be ") for rule in self.rules]
+        if self.type == "boolean":
+            parts.append("true or false")
+        return "; ".join(parts)
+
+
+def _number(name, unit, default, meaning, *rules) -> BookColumn:
+    return BookColumn(name, "number", unit, default, meaning, rules=rules)
+
+
+# Every column the model reads, in docs/spec.md's order (docs/spec.md §3 for the symbols).
+BOOK_SCHEMA: tuple[BookColumn, ...] = (
+    BookColumn(
+        "loan_id", "string", "", REQUIRED, "The loan's identifier; errors and results name it.",
+        non_empty=True, unique=True,
+    ),
+    BookColumn(
+        "borrower_id", "string", "", REQUIRED,
+        "The borrower; its loans default together in sampled mode (cross-default).",
+        non_empty=True,
+    ),
+    BookColumn(
+        "borrower_type", "string", "", REQUIRED,
+        "The kind of borrower, for reporting and calibration by type.", allowed=BORROWER_TYPES,
+    ),
+    _number("balance_usd", "USD", REQUIRED, "Outstanding principal today.", POSITIVE),
+    BookColumn(
+        "rate_type", "string", "", REQUIRED,
+        "fixed: `rate` is the coupon; floating: `rate` is a spread over the base rate.",
+        allowed=RATE_TYPES,
+    ),
+    _number(
+        "rate", "fraction per year", REQUIRED,
+        "Fixed coupon, or the spread over the base rate when floating (0.08 for 8%).", RATE,
+    ),
+    _number(
+        "maturity_years", "years", REQUIRED, "Time to final maturity from today.",
+        POSITIVE, AT_MOST_MAX_YEARS,
+    ),
+    BookColumn(
+        "amortization", "string", "", REQUIRED,
+        "Repayment schedule: bullet (all at maturity), linear, or annuity (level payments).",
+        allowed=AMORTIZATIONS,
+    ),
+    BookColumn(
+        "gpu_generation", "string", "", REQUIRED,
+        "The financed GPUs' generation (rents, resale prices and power follow it).",
+        allowed_are_generations=True,
+    ),
+    _number("gpu_count", "GPUs", REQUIRED, "GPUs in the financed fleet.", POSITIVE),
+    _number(
+        "pd_annual", "fraction per year", REQUIRED,
+        "The lender's annual probability of default for the borrower.", PROBABILITY,
+    ),
+    _number(
+        "collateral_share", "fraction", 1.0,
+        "Share of the fleet the lender's lien covers (collateral value = GPUs x price x share).",
+        FRACTION,
+    ),
+    _number(
+        "contracted_share", "fraction", 0.0,
+        "Share of the GPUs under take-or-pay contracts (paid whether used or not).", FRACTION,
+    ),
+    _number(
+        "contract_rate_usd_per_hour", "USD per GPU-hour", 0.0,
+        "Rent the contracts pay per contracted GPU.", NON_NEGATIVE,
+    ),
+    _number(
+        "contract_years_remaining", "years", 0.0,
+        "Years the contracts still run; after that every GPU earns spot rent.",
+        NON_NEGATIVE, AT_MOST_MAX_YEARS,
+    ),
+    _number(
+        "utilization", "fraction", 0.70, "Share of the uncontracted GPUs rented at spot.",
+        FRACTION,
+    ),
+    _number(
+        "power_kw_per_gpu", "kW per GPU, incl. PUE", FROM_GENERATION,
+        "Facility power drawn per GPU (every GPU draws power, used or not).", NON_NEGATIVE,
+    ),
+    _number(
+        "other_opex_usd_per_gpu_hour", "USD per GPU-hour", 0.0,
+        "Operating costs other than power.", NON_NEGATIVE,
+    ),
+    _number("cash_usd", "USD", 0.0, "Cash available to service the debt today.", NON_NEGATIVE),
+    _number(
+        "btc_units", "BTC", 0.0, "Bitcoin the borrower holds (counts as liquidity).",
+        NON_NEGATIVE,
+    ),
+    _number(
+        "eth_units", "ETH", 0.0, "Ether the borrower holds (counts as liquidity).", NON_NEGATIVE,
+    ),
+    BookColumn(
+        "crypto_pledged", "boolean", "", False,
+        "Whether the BTC and ETH are pledged to the lender (recovered on default).",
+    ),
+    _number(
+        "liquidation_cost", "fraction", 0.05,
+        "Cost of seizing and selling the collateral, as a share of its value.", FRACTION,
+    ),
+    _number(
+        "asset_correlation", "", 0.15,
+        "Vasicek asset correlation with the credit cycle.", CORRELATION,
+    ),
+    _number(
+        "other_income_usd_per_year", "USD per year", 0.0,
+        "Income outside the financed fleet, net of its costs, committed to this debt "
+        "(a miner's mining revenue, an enterprise's operating cash flow).",
+        NON_NEGATIVE,
+    ),
+    _number(
+        "other_income_btc_share", "fraction", 0.0,
+        "Share of the other income that moves with BTC and the hashprice trend.", FRACTION,
+    ),
+)  # fmt: skip
+BOOK_SCHEMA_BY_NAME = {column.name: column for column in BOOK_SCHEMA}
+
+REQUIRED_COLUMNS = tuple(c.name for c in BOOK_SCHEMA if c.required)
+# Optional columns and their defaults (power_kw_per_gpu: None, the generation's).
+OPTIONAL_DEFAULTS: dict[str, float | bool | None] = {
+    c.name: (None if c.default == FROM_GENERATION else c.default)
+    for c in BOOK_SCHEMA
+    if not c.required
+}
 
 
 @dataclass(frozen=True)
