@@ -3,6 +3,7 @@ matrix (assembly, PD check, nearest-correlation repair) and parameter naming."""
 
 from __future__ import annotations
 
+import os
 import tomllib
 
 import numpy as np
@@ -15,9 +16,12 @@ from gpucredit.io.assumptions import (
     default_assumptions_text,
     load_assumptions,
 )
+from gpucredit.io.text_files import MAX_TEXT_BYTES
 from gpucredit.kernels.params import ModelParams
 from gpucredit.portfolio.assumptions import parameter_paths, parameter_value, with_overrides
 from gpucredit.portfolio.correlation import nearest_correlation
+from gpucredit.portfolio.document import GENERATION_KEYS, KEYS, SIMULATION_KEYS, Range
+from gpucredit.portfolio.stress import BUILTIN_STRESSES, stress_case
 
 
 def write(tmp_path, text: str):
@@ -335,29 +339,32 @@ REFUSALS = [
     ("model = 1\n", "model: must be a table"),
     ("[launches]\nname = 'x'\n", "launches: must be an array of tables"),
     # ranges
-    ("[generations.H100]\nrent_vol = -0.1\n", "generations.H100.rent_vol: must be >= 0"),
-    ("[generations.H100]\nprice_vol = -0.1\n", "generations.H100.price_vol: must be >= 0"),
-    ("[crypto.eth]\nvol = -1\n", "crypto.eth.vol: must be >= 0"),
-    ("[power]\nvol = -1\n", "power.vol: must be >= 0"),
-    ("[rate]\nvol = -0.01\n", "rate.vol: must be >= 0"),
+    ("[generations.H100]\nrent_vol = -0.1\n", "generations.H100.rent_vol: must be in [0, 2]"),
+    ("[generations.H100]\nprice_vol = -0.1\n", "generations.H100.price_vol: must be in [0, 2]"),
+    ("[crypto.eth]\nvol = -1\n", "crypto.eth.vol: must be in [0, 3]"),
+    ("[power]\nvol = -1\n", "power.vol: must be in [0, 2]"),
+    ("[rate]\nvol = -0.01\n", "rate.vol: must be in [0, 0.1]"),
     (
         "[generations.H100]\nrent_mean_reversion = -0.5\n",
-        "generations.H100.rent_mean_reversion: must be >= 0",
+        "generations.H100.rent_mean_reversion: must be in [0, 12]",
     ),
-    ("[rate]\nmean_reversion = -0.3\n", "rate.mean_reversion: must be >= 0"),
-    ("[generations.H100]\nprice_usd = 0\n", "generations.H100.price_usd: must be > 0"),
-    ("[generations.H100]\nrent_usd_per_hour = -2\n", "rent_usd_per_hour: must be > 0"),
+    ("[rate]\nmean_reversion = -0.3\n", "rate.mean_reversion: must be in [0, 12]"),
+    ("[generations.H100]\nprice_usd = 0\n", "generations.H100.price_usd: must be in (0, 1e6]"),
+    ("[generations.H100]\nrent_usd_per_hour = -2\n", "rent_usd_per_hour: must be in (0, 100]"),
     ("[generations.H100]\nmarket_depth_gpus_per_year = 0\n", "market_depth_gpus_per_year: must"),
-    ("[crypto.btc]\nprice_usd = 0\n", "crypto.btc.price_usd: must be > 0"),
-    ("[power]\nusd_per_kwh = 0\n", "power.usd_per_kwh: must be > 0"),
+    ("[crypto.btc]\nprice_usd = 0\n", "crypto.btc.price_usd: must be in (0, 1e7]"),
+    ("[power]\nusd_per_kwh = 0\n", "power.usd_per_kwh: must be in (0, 2]"),
     ("[generations.H100]\nhaircut_base = 1.0\n", "haircut_base: must be in [0, 1)"),
     ("[generations.H100]\nhaircut_base = -0.1\n", "haircut_base: must be in [0, 1)"),
     ("[model]\nhaircut_max = 1\n", "model.haircut_max: must be in [0, 1)"),
-    ("[model]\nhaircut_slope = -0.1\n", "model.haircut_slope: must be >= 0"),
-    ("[model]\nhaircut_power = 0\n", "model.haircut_power: must be > 0"),
-    ("[model]\nrefi_ltv = 0\n", "model.refi_ltv: must be > 0"),
-    ("[model]\ncoverage_floor = 0\n", "model.coverage_floor: must be > 0"),
-    ("[model]\ncoverage_cap = 0.01\n", "model.coverage_cap: must be > model.coverage_floor"),
+    ("[model]\nhaircut_slope = -0.1\n", "model.haircut_slope: must be in [0, 10]"),
+    ("[model]\nhaircut_power = 0\n", "model.haircut_power: must be in (0, 5]"),
+    ("[model]\nrefi_ltv = 0\n", "model.refi_ltv: must be in (0, 1]"),
+    ("[model]\ncoverage_floor = 0\n", "model.coverage_floor: must be in [1e-6, 1]"),
+    (
+        "[model]\ncoverage_floor = 1\ncoverage_cap = 1\n",
+        "model.coverage_cap: must be > model.coverage_floor",
+    ),
     (
         '[[launches]]\nname = "x"\nyears_from_now = 1\nprice_jump = { H100 = 1.0 }\n',
         "launches[0].price_jump.H100: must be in [0, 1)",
@@ -366,7 +373,10 @@ REFUSALS = [
         '[[launches]]\nname = "x"\nyears_from_now = 1\nrent_jump = { H100 = -0.1 }\n',
         "launches[0].rent_jump.H100: must be in [0, 1)",
     ),
-    ('[[launches]]\nname = "x"\nyears_from_now = 0\n', "launches[0].years_from_now: must be > 0"),
+    (
+        '[[launches]]\nname = "x"\nyears_from_now = 0\n',
+        "launches[0].years_from_now: must be in (1e-9, 100]",
+    ),
     ('[[launches]]\nname = "x"\n', "launches[0].years_from_now: missing"),
     (
         '[[launches]]\nname = "x"\nyears_from_now = 1\nprice_jump = { V100 = 0.1 }\n',
@@ -377,17 +387,17 @@ REFUSALS = [
         '[[launches]]\nname = "x"\nyears_from_now = 2\n',
         "launches[1].name: duplicate launch name 'x'",
     ),
-    ("[simulation]\nhorizon_years = 0\n", "simulation.horizon_years: must be > 0"),
-    ("[simulation]\nsteps_per_year = 0\n", "simulation.steps_per_year: must be >= 1"),
+    ("[simulation]\nhorizon_years = 0\n", "simulation.horizon_years: must be in (0, 30]"),
+    ("[simulation]\nsteps_per_year = 0\n", "simulation.steps_per_year: must be in [1, 52]"),
     (
         "[simulation]\nhorizon_years = 2.1\n",
         "simulation.horizon_years: horizon_years * steps_per_year must be a whole number",
     ),
-    ("[simulation]\nscenarios = 0\n", "simulation.scenarios: must be >= 1"),
+    ("[simulation]\nscenarios = 0\n", "simulation.scenarios: must be in [1, 1e10]"),
     ("[simulation]\nseed = -1\n", "simulation.seed: must be in [0, 2^32)"),
     ("[simulation]\nseed = 4294967296\n", "simulation.seed: must be in [0, 2^32)"),
     ('[simulation]\ncopula = "clayton"\n', "simulation.copula: must be one of 'gaussian', 't'"),
-    ("[simulation]\nt_dof = 0\n", "simulation.t_dof: must be >= 1"),
+    ("[simulation]\nt_dof = 0\n", "simulation.t_dof: must be in [1, 100]"),
     ("[simulation]\nt_dof = 2.5\n", "simulation.t_dof: must be a whole number"),
     ('[simulation]\nmode = "exact"\n', "simulation.mode: must be one of 'conditional', 'sampled'"),
     ("[rate]\nlevel = 4.0\n", "rate.level: must be in (-1, 1) (a yearly rate as a fraction)"),
@@ -414,7 +424,7 @@ REFUSALS = [
         "stress[0].model.haircut_max: must be in [0, 1)",
     ),
     (
-        '[[stress]]\nname = "s"\n[stress.model]\ncoverage_cap = 0.001\n',
+        '[[stress]]\nname = "s"\n[stress.model]\ncoverage_floor = 1\ncoverage_cap = 1\n',
         "stress[0].model.coverage_cap: must be > model.coverage_floor",
     ),
     ("[generations.H100]\nprice_usd = [1]\n", "generations.H100.price_usd: must be a number"),
@@ -574,5 +584,209 @@ def test_with_overrides_changes_exactly_what_is_asked():
 
 
 def test_with_overrides_refuses_bad_overrides():
-    with pytest.raises(AssumptionsError, match=r"<overrides>: model\.refi_ltv: must be > 0"):
+    with pytest.raises(
+        AssumptionsError, match=r"<overrides>: model\.refi_ltv: must be in \(0, 1\]"
+    ):
         with_overrides(default_assumptions(), {"model": {"refi_ltv": -1}})
+
+
+# --- plausible ranges (issue 20, item 4) ----------------------------------------------------
+
+UNIT_TYPOS = [
+    # (file text, the key path, the suggestion): a percentage for a fraction, W for kW, $/MWh
+    ("[rate]\nvol = 5\n", "rate.vol: must be in [0, 0.1]", "did you mean 0.05?"),
+    ("[rate]\nlevel = 4\n", "rate.level: must be in (-1, 1)", "did you mean 0.04?"),
+    ("[generations.H100]\nrent_vol = 35\n", "rent_vol: must be in [0, 2]", "did you mean 0.35?"),
+    ("[generations.H100]\ndepreciation = 22\n", "depreciation: must be in", "did you mean 0.22?"),
+    ("[generations.H100]\nrent_drift = -20\n", "rent_drift: must be in", "did you mean -0.2?"),
+    ("[generations.H100]\nhaircut_base = 15\n", "haircut_base: must be in", "did you mean 0.15?"),
+    ("[generations.H100]\npower_kw_per_gpu = 910\n", "must be in [0, 10]", "did you mean 0.91?"),
+    ("[power]\nusd_per_kwh = 80\n", "power.usd_per_kwh: must be in", "did you mean 0.08?"),
+    ("[power]\ndrift = 2\n", "power.drift: must be in [-0.5, 0.5]", "did you mean 0.02?"),
+    ("[crypto.btc]\nvol = 55\n", "crypto.btc.vol: must be in [0, 3]", "did you mean 0.55?"),
+    ("[credit]\npersistence = 60\n", "credit.persistence: must be in", "did you mean 0.6?"),
+    ("[model]\nrefi_ltv = 60\n", "model.refi_ltv: must be in (0, 1]", "did you mean 0.6?"),
+]
+
+
+@pytest.mark.parametrize(("text", "rule", "hint"), UNIT_TYPOS)
+def test_unit_typos_are_refused_with_the_range_and_a_suggestion(tmp_path, text, rule, hint):
+    message = refusal(tmp_path, text)
+    assert rule in message and hint in message, message
+
+
+def test_a_refusal_says_what_the_number_means(tmp_path):
+    message = refusal(tmp_path, "[rate]\nvol = 5\n")
+    assert (
+        "rate.vol: must be in [0, 0.1] (yearly volatility in rate units: 0.01 is 1 point), "
+        "got 5; did you mean 0.05?" in message
+    )
+    # no suggestion where dividing does not land in the range
+    assert "did you mean" not in refusal(tmp_path, "[rate]\nvol = 5000\n")
+
+
+IMPOSSIBLE_SIZES = [
+    # issue 20 item 5: each crashed or exhausted memory after passing validation
+    ("[simulation]\nt_dof = 20000\n", "simulation.t_dof: must be in [1, 100]"),
+    ("[simulation]\nsteps_per_year = 100000\n", "simulation.steps_per_year: must be in [1, 52]"),
+    ("[simulation]\nhorizon_years = 1e300\n", "simulation.horizon_years: must be in (0, 30]"),
+    ("[simulation]\nscenarios = 1000000000000\n", "simulation.scenarios: must be in [1, 1e10]"),
+    ("[model]\nbeta_liquidity = 1e300\n", "model.beta_liquidity: must be in [0, 10]"),
+    ("[model]\nbeta_collateral = -1\n", "model.beta_collateral: must be in [0, 10]"),
+    ("[model]\nhaircut_power = 1e300\n", "model.haircut_power: must be in (0, 5]"),
+    ("[model]\ncoverage_cap = 1e300\n", "model.coverage_cap: must be in [1, 1000]"),
+    ("[model]\ncoverage_floor = 1e-300\n", "model.coverage_floor: must be in [1e-6, 1]"),
+    (
+        '[[launches]]\nname = "x"\nyears_from_now = 1e300\n',
+        "launches[0].years_from_now: must be in (1e-9, 100]",
+    ),
+    ("[generations.H100]\nprice_usd = 1e300\n", "generations.H100.price_usd: must be in (0, 1e6]"),
+    (
+        "[generations.H100]\nfinanced_fleet_gpus = 1e12\n",
+        "financed_fleet_gpus: must be in [0, 1e8]",
+    ),
+    ("[generations.H100]\nmarket_depth_gpus_per_year = 1e300\n", "must be in (0, 1e8]"),
+    ("[crypto.eth]\nprice_usd = 1e300\n", "crypto.eth.price_usd: must be in (0, 1e7]"),
+    ("[crypto.btc]\nhashprice_drift = -30\n", "crypto.btc.hashprice_drift: must be in [-2, 1]"),
+    ("[crypto.eth]\ndrift = 1e300\n", "crypto.eth.drift: must be in [-3, 3]"),
+    ("[model]\nhaircut_slope = 1e300\n", "model.haircut_slope: must be in [0, 10]"),
+    (
+        '[[stress]]\nname = "s"\n[stress.rate]\nvol = 5\n',
+        "stress[0].rate.vol: must be in [0, 0.1]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), IMPOSSIBLE_SIZES)
+def test_impossible_sizes_are_refused_before_any_work(tmp_path, text, expected):
+    message = refusal(tmp_path, text)
+    assert expected in message, message
+
+
+def test_every_number_has_a_plausible_range():
+    """One table (portfolio/document.py KEYS) holds every key; every number has a Range."""
+    for path, (kind, check) in KEYS.items():
+        if kind in ("number", "int") and path != "simulation.seed":
+            assert isinstance(check, Range), path
+    # the schema of every section is read from it
+    assert set(GENERATION_KEYS) == set(default_assumptions().document["generations"]["H100"])
+    assert set(SIMULATION_KEYS) == set(default_assumptions().document["simulation"])
+
+
+def test_the_ranges_ends_are_accepted(tmp_path):
+    text = """
+[simulation]
+horizon_years = 30
+steps_per_year = 52
+t_dof = 100
+[generations.H100]
+rent_vol = 2
+rent_drift = -2
+depreciation = 2
+rent_mean_reversion = 12
+[model]
+beta_liquidity = 10
+haircut_power = 5
+coverage_floor = 1e-6
+coverage_cap = 1000
+[rate]
+vol = 0.1
+[crypto.btc]
+vol = 3
+drift = -3
+"""
+    a = load_assumptions(write(tmp_path, text))
+    assert (a.steps_per_year, a.t_dof, a.params.rate_vol) == (52, 100, 0.1)
+
+
+def test_a_mean_reversion_faster_than_a_period_is_refused(tmp_path):
+    message = refusal(tmp_path, "[generations.H100]\nrent_mean_reversion = 6\n")
+    assert "generations.H100.rent_mean_reversion: must be <= simulation.steps_per_year (4)" in (
+        message
+    )
+    message = refusal(tmp_path, "[simulation]\nsteps_per_year = 1\n[rate]\nmean_reversion = 2\n")
+    assert "rate.mean_reversion: must be <= simulation.steps_per_year (1)" in message
+    # with monthly steps the same speed is fine
+    text = "[simulation]\nsteps_per_year = 12\n[generations.H100]\nrent_mean_reversion = 6\n"
+    assert load_assumptions(write(tmp_path, text)).params.rent_mean_reversion[1] == 6
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_STRESSES))
+def test_builtin_stresses_stay_in_range(tmp_path, name):
+    """Every built-in stress passes the ranges on the defaults and on assumptions near the
+    ranges' ends (crypto-winter raises vols 30%, next-gen-glut lowers drifts, ...)."""
+    stress_case(default_assumptions(), name)
+    edgy = """
+[generations.H100]
+rent_drift = -1.8
+market_depth_gpus_per_year = 1
+haircut_base = 0.55
+[crypto.btc]
+vol = 2.2
+[crypto.eth]
+vol = 2.2
+[rate]
+level = 0.5
+mean = 0.5
+[[launches]]
+name = "soon"
+years_from_now = 0.01
+price_jump = { H100 = 0.9 }
+"""
+    stress_case(load_assumptions(write(tmp_path, edgy)), name)
+
+
+# --- files that are not assumptions files (issue 20, item 4) ----------------------------------
+
+
+def test_non_regular_files_are_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    for path, expected in (
+        (fifo, "is not a regular file"),  # opening it for reading used to wait for a writer
+        ("/dev/zero", "is not a regular file"),  # reading it used to never end
+        (tmp_path, "is a directory, not a file"),
+    ):
+        with pytest.raises(AssumptionsError) as info:
+            load_assumptions(path)
+        assert f"{path}: {expected}" in str(info.value)
+
+
+def test_non_utf8_and_oversized_files_are_refused(tmp_path):
+    latin = tmp_path / "latin1.toml"
+    latin.write_bytes("# prix en \u20ac\n[rate]\nlevel = 0.03 # caf\u00e9\n".encode("cp1252"))
+    with pytest.raises(AssumptionsError, match=r"latin1\.toml: is not UTF-8 text: byte b'\\x80' "):
+        load_assumptions(latin)
+    big = tmp_path / "big.toml"
+    with open(big, "wb") as f:
+        f.truncate(MAX_TEXT_BYTES + 1)
+    with pytest.raises(AssumptionsError, match=r"big\.toml: is larger than 16,777,216 bytes"):
+        load_assumptions(big)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 100_000 + "]" * 100_000,
+        "a = " + "{b = " * 100_000 + "1" + "}" * 100_000,
+    ],
+    ids=["arrays", "inline-tables"],
+)
+def test_deeply_nested_files_are_refused(tmp_path, text):
+    assert "nested too deeply" in refusal(tmp_path, text)
+
+
+def test_huge_values_are_shown_short(tmp_path):
+    text = (
+        f"[generations.H100]\nprice_usd = {'[' * 200}{']' * 200}\n[rate]\nlevel = '{'x' * 10**5}'"
+    )
+    message = refusal(tmp_path, text)
+    assert len(message) < 1000 and "got list [[[[" in message and "got str 'xxx" in message
+
+
+def test_a_message_lists_at_most_100_problems(tmp_path):
+    text = "".join(f"key{i} = 1\n" for i in range(250))
+    with pytest.raises(AssumptionsError) as info:
+        load_assumptions(write(tmp_path, text))
+    assert len(info.value.problems) == 250
+    assert "250 problem(s)" in str(info.value) and "... and 150 more" in str(info.value)

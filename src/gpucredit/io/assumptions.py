@@ -2,8 +2,9 @@
 
 Reading gives one layer in the file's layout; `portfolio.assumptions.apply_layer` checks it,
 merges it over the defaults and builds the immutable `Assumptions` (the schema and the merge
-rules are in portfolio/document.py). A file that cannot be read or is not TOML raises the same
-`AssumptionsError` as a bad value, naming the file.
+rules are in portfolio/document.py). A file that cannot be read, is not a regular UTF-8 file
+(io/text_files.py) or is not TOML raises the same `AssumptionsError` as a bad value, naming
+the file.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib.resources
 import tomllib
 from pathlib import Path
 
+from gpucredit.io.text_files import TextFileError, read_text_file
 from gpucredit.portfolio.assumptions import Assumptions, apply_layer
 from gpucredit.portfolio.document import AssumptionsError
 
@@ -41,12 +43,10 @@ def load_assumptions(
         return default_assumptions()
     source = str(path)
     try:
-        with open(path, "rb") as f:
-            layer = tomllib.load(f)
-    except OSError as err:
-        raise AssumptionsError([f"{source}: cannot read the file: {err}"]) from err
-    except tomllib.TOMLDecodeError as err:
-        raise AssumptionsError([f"{source}: not valid TOML: {err}"]) from err
+        text = read_text_file(path)
+    except TextFileError as err:
+        raise AssumptionsError([f"{source}: {err}"]) from None
+    layer = _parse(text, source)
     return apply_layer(default_assumptions().document, layer, source, repair_correlation)
 
 
@@ -54,11 +54,18 @@ def loads_assumptions(
     text: str, source: str = "<string>", repair_correlation: bool = False
 ) -> Assumptions:
     """`load_assumptions` for TOML text already in memory (tests, the report)."""
-    try:
-        layer = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise AssumptionsError([f"{source}: not valid TOML: {err}"]) from err
+    layer = _parse(text, source)
     return apply_layer(default_assumptions().document, layer, source, repair_correlation)
+
+
+def _parse(text: str, source: str) -> dict:
+    """One layer from TOML text; AssumptionsError naming `source` if it is not TOML."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise AssumptionsError([f"{source}: not valid TOML: {err}"]) from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise AssumptionsError([f"{source}: nested too deeply to be an assumptions file"]) from None
 
 
 def assembled_matrix_text(assumptions: Assumptions) -> str:

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import copy
 import math
+import reprlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gpucredit.kernels.params import PD_ANCHORS, factor_names
 
 SEED_LIMIT = 2**32
 NAME_FORBIDDEN = (".", ":", "~")  # they separate parts of parameter and factor names
+MESSAGE_PROBLEMS = 100  # problems an error message lists (`.problems` keeps all)
 
 
 class AssumptionsError(Exception):
@@ -29,7 +32,9 @@ class AssumptionsError(Exception):
 
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems[:MESSAGE_PROBLEMS])
+        if len(self.problems) > MESSAGE_PROBLEMS:  # a broken file may have thousands
+            lines += f"\n  ... and {len(self.problems) - MESSAGE_PROBLEMS:,} more"
         super().__init__(f"{len(self.problems)} problem(s) in the assumptions:\n{lines}")
 
 
@@ -40,41 +45,43 @@ class AssumptionsError(Exception):
 Check = Callable[[object], str | None] | None
 
 
-def _positive(x) -> str | None:
-    return None if x > 0 else "must be > 0"
+@dataclass(frozen=True)
+class Range:
+    """A plausible range of a number, written "[0, 1)" ("(" and ")" exclude their end).
+
+    The ranges are generous: they catch unit slips (a percentage typed for a fraction, watts
+    for kW) and sizes no run can hold, not unusual views. A refusal says what the number
+    means; `typo_divisor` is the slip a value out of range most likely is (100: a percentage;
+    1000: watts for kW, $/MWh for $/kWh), suggested when the value divided by it fits.
+    """
+
+    interval: str
+    meaning: str  # the number's unit and scale, said with every refusal
+    typo_divisor: float | None = None
+
+    def contains(self, x) -> bool:
+        low, high = (float(end) for end in self.interval[1:-1].split(","))
+        above = x > low if self.interval[0] == "(" else x >= low
+        below = x < high if self.interval[-1] == ")" else x <= high
+        return above and below
+
+    def __call__(self, x) -> str | None:
+        return None if self.contains(x) else f"must be in {self.interval} ({self.meaning})"
+
+    def typo_hint(self, x) -> str:
+        """The suggestion ('; did you mean 0.05?') when x / typo_divisor lies in the range."""
+        if self.typo_divisor is None:
+            return ""
+        guess = x / self.typo_divisor
+        return f"; did you mean {guess:g}?" if self.contains(guess) else ""
 
 
-def _after_today(x) -> str | None:
-    # docs/spec.md's time tolerance: a launch within 1e-9 years of today would fall in no period.
-    return None if x > 1e-9 else "must be > 0 (years, beyond the 1e-9 time tolerance)"
+def _number(interval: str, meaning: str, typo_divisor: float | None = None):
+    return ("number", Range(interval, meaning, typo_divisor))
 
 
-def _nonnegative(x) -> str | None:
-    return None if x >= 0 else "must be >= 0"
-
-
-def _fraction(x) -> str | None:
-    # jumps and haircuts: a share lost, 1 would wipe the value out (ln 0)
-    return None if 0 <= x < 1 else "must be in [0, 1)"
-
-
-def _yearly_rate(x) -> str | None:
-    # as the book's rates: catches percentages (4 for 4%) and keeps schedules defined
-    return None if -1 < x < 1 else "must be in (-1, 1) (a yearly rate as a fraction)"
-
-
-def _persistence(x) -> str | None:
-    if not 0 <= x < 1:
-        return "must be in [0, 1) (an annual autocorrelation)"
-    return None
-
-
-def _correlation(x) -> str | None:
-    return None if -1 <= x <= 1 else "must be in [-1, 1]"
-
-
-def _at_least_one(x) -> str | None:
-    return None if x >= 1 else "must be >= 1"
+def _whole(interval: str, meaning: str):
+    return ("int", Range(interval, meaning))
 
 
 def _seed(x) -> str | None:
@@ -100,60 +107,6 @@ def _name(x) -> str | None:
     return None
 
 
-SIMULATION_KEYS: dict[str, tuple[str, Check]] = {
-    "horizon_years": ("number", _positive),
-    "steps_per_year": ("int", _at_least_one),
-    "scenarios": ("int", _at_least_one),
-    "seed": ("int", _seed),
-    "copula": ("str", _one_of("gaussian", "t")),
-    "t_dof": ("int", _at_least_one),
-    "discount": ("bool", None),
-    "mode": ("str", _one_of("conditional", "sampled")),
-}
-GENERATION_KEYS: dict[str, tuple[str, Check]] = {
-    "rent_usd_per_hour": ("number", _positive),
-    "rent_drift": ("number", None),
-    "rent_vol": ("number", _nonnegative),
-    "rent_mean_reversion": ("number", _nonnegative),
-    "price_usd": ("number", _positive),
-    "depreciation": ("number", None),
-    "price_vol": ("number", _nonnegative),
-    "power_kw_per_gpu": ("number", _nonnegative),
-    "haircut_base": ("number", _fraction),
-    "market_depth_gpus_per_year": ("number", _positive),
-    "financed_fleet_gpus": ("number", _nonnegative),
-}
-COIN_KEYS: dict[str, tuple[str, Check]] = {
-    "price_usd": ("number", _positive),
-    "drift": ("number", None),
-    "vol": ("number", _nonnegative),
-}
-# BTC also carries the hashprice trend of miners' other income (docs/spec.md §3).
-BTC_KEYS: dict[str, tuple[str, Check]] = {**COIN_KEYS, "hashprice_drift": ("number", None)}
-CREDIT_KEYS: dict[str, tuple[str, Check]] = {"persistence": ("number", _persistence)}
-POWER_KEYS: dict[str, tuple[str, Check]] = {
-    "usd_per_kwh": ("number", _positive),
-    "drift": ("number", None),
-    "vol": ("number", _nonnegative),
-}
-RATE_KEYS: dict[str, tuple[str, Check]] = {
-    "level": ("number", _yearly_rate),
-    "mean_reversion": ("number", _nonnegative),
-    "mean": ("number", _yearly_rate),
-    "vol": ("number", _nonnegative),
-}
-MODEL_KEYS: dict[str, tuple[str, Check]] = {
-    "pd_anchor": ("str", _one_of(*PD_ANCHORS)),
-    "beta_liquidity": ("number", None),
-    "beta_collateral": ("number", None),
-    "beta_refinancing": ("number", None),
-    "haircut_slope": ("number", _nonnegative),
-    "haircut_power": ("number", _positive),
-    "haircut_max": ("number", _fraction),
-    "refi_ltv": ("number", _positive),
-    "coverage_floor": ("number", _positive),
-    "coverage_cap": ("number", _positive),
-}
 CORRELATION_GROUPS = (
     "rent_rent",
     "price_price",
@@ -168,20 +121,100 @@ CORRELATION_GROUPS = (
     "power_rent",
     "rate_crypto",
 )
-CORRELATION_KEYS: dict[str, tuple[str, Check]] = {
-    group: ("number", _correlation) for group in CORRELATION_GROUPS
+
+# Shared ranges (several keys have the same unit and scale).
+_VOL = _number("[0, 2]", "a yearly volatility as a fraction: 2 is 200%", 100)
+_CRYPTO_VOL = _number("[0, 3]", "a yearly volatility as a fraction: 3 is 300%", 100)
+_CRYPTO_DRIFT = _number("[-3, 3]", "a yearly drift: 3 is a price growing 20-fold a year", 100)
+_YEARLY_RATE = _number("(-1, 1)", "a yearly rate as a fraction", 100)
+_SHARE_LOST = _number("[0, 1)", "a share of the value lost: 1 would wipe it out", 100)
+_MEAN_REVERSION = _number("[0, 12]", "a yearly speed: 12 is a half-life of 3 weeks")
+_BETA = _number("[0, 10]", "threshold shift per unit of log coverage, in standard deviations")
+_GPUS = "GPUs: 1e8 is more than every data-centre GPU ever made"
+_CORRELATION = _number("[-1, 1]", "a correlation")
+
+# Every leaf key of the assumptions file with its kind and rule, by dotted path ("*": any
+# generation or launch; docs/spec.md §10). The section schemas below are read from it, so a
+# new key is one line here; every number has a plausible range.
+KEYS: dict[str, tuple[str, Check]] = {
+    "simulation.horizon_years": _number("(0, 30]", "years"),
+    "simulation.steps_per_year": _whole("[1, 52]", "periods a year: 52 is weekly"),
+    "simulation.scenarios": _whole("[1, 1e10]", "1e10 scenarios take hours on a GPU"),
+    "simulation.seed": ("int", _seed),
+    "simulation.copula": ("str", _one_of("gaussian", "t")),
+    "simulation.t_dof": _whole("[1, 100]", "beyond 100 the t copula is the Gaussian one"),
+    "simulation.discount": ("bool", None),
+    "simulation.mode": ("str", _one_of("conditional", "sampled")),
+    "generations.*.rent_usd_per_hour": _number("(0, 100]", "$ per GPU-hour: a B200 rents at 4.5"),
+    "generations.*.rent_drift": _number("[-2, 1]", "a yearly log trend: -2 is -86% a year", 100),
+    "generations.*.rent_vol": _VOL,
+    "generations.*.rent_mean_reversion": _MEAN_REVERSION,
+    "generations.*.price_usd": _number("(0, 1e6]", "$ per GPU: a B200 costs about 40,000"),
+    "generations.*.depreciation": _number("[-0.5, 2]", "a yearly rate: 2 loses 86% a year", 100),
+    "generations.*.price_vol": _VOL,
+    "generations.*.power_kw_per_gpu": _number("[0, 10]", "kW per GPU: a B200 draws 1.3", 1000),
+    "generations.*.haircut_base": _SHARE_LOST,
+    "generations.*.market_depth_gpus_per_year": _number("(0, 1e8]", f"{_GPUS} (a year)"),
+    "generations.*.financed_fleet_gpus": _number("[0, 1e8]", _GPUS),
+    "launches.*.name": ("str", _name),
+    "launches.*.years_from_now": _number("(1e-9, 100]", "years, beyond the time tolerance"),
+    "launches.*.price_jump.*": _SHARE_LOST,
+    "launches.*.rent_jump.*": _SHARE_LOST,
+    "crypto.btc.price_usd": _number("(0, 1e7]", "$ per BTC"),
+    "crypto.btc.drift": _CRYPTO_DRIFT,
+    "crypto.btc.vol": _CRYPTO_VOL,
+    "crypto.btc.hashprice_drift": _number("[-2, 1]", "a yearly log trend: -2 is -86% a year", 100),
+    "crypto.eth.price_usd": _number("(0, 1e7]", "$ per ETH"),
+    "crypto.eth.drift": _CRYPTO_DRIFT,
+    "crypto.eth.vol": _CRYPTO_VOL,
+    "credit.persistence": _number("[0, 1)", "an annual autocorrelation", 100),
+    "power.usd_per_kwh": _number("(0, 2]", "$ per kWh: US industry pays about 0.08", 1000),
+    "power.drift": _number("[-0.5, 0.5]", "a yearly drift: 0.5 is +65% a year", 100),
+    "power.vol": _VOL,
+    "rate.level": _YEARLY_RATE,
+    "rate.mean_reversion": _MEAN_REVERSION,
+    "rate.mean": _YEARLY_RATE,
+    "rate.vol": _number("[0, 0.1]", "yearly volatility in rate units: 0.01 is 1 point", 100),
+    "model.pd_anchor": ("str", _one_of(*PD_ANCHORS)),
+    "model.beta_liquidity": _BETA,
+    "model.beta_collateral": _BETA,
+    "model.beta_refinancing": _BETA,
+    "model.haircut_slope": _number("[0, 10]", "haircut added by a year's depth sold at once"),
+    "model.haircut_power": _number("(0, 5]", "exponent of sales over depth: 1 is linear"),
+    "model.haircut_max": _SHARE_LOST,
+    "model.refi_ltv": _number("(0, 1]", "a share of the fleet's value lent against it", 100),
+    "model.coverage_floor": _number("[1e-6, 1]", "its log must stay finite in float32"),
+    "model.coverage_cap": _number("[1, 1000]", "beyond 1000x coverage says nothing more"),
+    **{f"correlation.{group}": _CORRELATION for group in CORRELATION_GROUPS},
+    "correlation.pairs.*.a": ("str", None),
+    "correlation.pairs.*.b": ("str", None),
+    "correlation.pairs.*.value": _CORRELATION,
 }
-PAIR_KEYS: dict[str, tuple[str, Check]] = {
-    "a": ("str", None),
-    "b": ("str", None),
-    "value": ("number", _correlation),
-}
-LAUNCH_KEYS: dict[str, tuple[str, Check]] = {
-    "name": ("str", _name),
-    "years_from_now": ("number", _after_today),
-}
+
+
+def _schema(prefix: str) -> dict[str, tuple[str, Check]]:
+    """The keys of KEYS directly under `prefix` (e.g. "generations.*"), by their last part."""
+    return {
+        path[len(prefix) + 1 :]: rule
+        for path, rule in KEYS.items()
+        if path.startswith(prefix + ".") and "." not in path[len(prefix) + 1 :]
+    }
+
+
+SIMULATION_KEYS = _schema("simulation")
+GENERATION_KEYS = _schema("generations.*")
+BTC_KEYS = _schema("crypto.btc")  # BTC also carries the hashprice trend (docs/spec.md §3)
+ETH_KEYS = _schema("crypto.eth")
+CREDIT_KEYS = _schema("credit")
+POWER_KEYS = _schema("power")
+RATE_KEYS = _schema("rate")
+MODEL_KEYS = _schema("model")
+CORRELATION_KEYS = _schema("correlation")
+PAIR_KEYS = _schema("correlation.pairs.*")
+LAUNCH_KEYS = _schema("launches.*")
 LAUNCH_JUMPS = ("price_jump", "rent_jump")
-COINS = ("btc", "eth")
+JUMP_RULE = KEYS["launches.*.price_jump.*"]
+COINS = {"btc": BTC_KEYS, "eth": ETH_KEYS}
 SECTIONS = (
     "simulation",
     "generations",
@@ -228,45 +261,55 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 60
+
+
+def _shown(value) -> str:
+    """A value in a message: its repr, cut short (a file may hold a huge or deeply nested one)."""
+    return _SHOWN.repr(value)
+
+
 def _check_leaf(value, kind: str, check: Check, path: str, problems: Problems) -> None:
     if kind == "number":
         # bool is an int subclass in Python, but `true` is not a number in an assumptions file
         if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.add(path, f"must be a number, got {_type_name(value)} {value!r}")
+            problems.add(path, f"must be a number, got {_type_name(value)} {_shown(value)}")
             return
         if not math.isfinite(value):
-            problems.add(path, f"must be finite, got {value!r}")
+            problems.add(path, f"must be finite, got {_shown(value)}")
             return
     elif kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             problems.add(
-                path, f"must be a whole number (integer), got {_type_name(value)} {value!r}"
+                path, f"must be a whole number (integer), got {_type_name(value)} {_shown(value)}"
             )
             return
     elif kind == "str":
         if not isinstance(value, str):
-            problems.add(path, f"must be a string, got {_type_name(value)} {value!r}")
+            problems.add(path, f"must be a string, got {_type_name(value)} {_shown(value)}")
             return
     elif kind == "bool":
         if not isinstance(value, bool):
-            problems.add(path, f"must be true or false, got {_type_name(value)} {value!r}")
+            problems.add(path, f"must be true or false, got {_type_name(value)} {_shown(value)}")
             return
     if check is not None:
         rule = check(value)
         if rule is not None:
-            problems.add(path, f"{rule}, got {value!r}")
+            hint = check.typo_hint(value) if isinstance(check, Range) else ""
+            problems.add(path, f"{rule}, got {_shown(value)}{hint}")
 
 
 def _is_table(value, path: str, problems: Problems) -> bool:
     if not isinstance(value, dict):
-        problems.add(path, f"must be a table, got {_type_name(value)} {value!r}")
+        problems.add(path, f"must be a table, got {_type_name(value)} {_shown(value)}")
         return False
     return True
 
 
 def _is_list_of_tables(value, path: str, problems: Problems) -> bool:
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        problems.add(path, f"must be an array of tables, got {_type_name(value)} {value!r}")
+        problems.add(path, f"must be an array of tables, got {_type_name(value)} {_shown(value)}")
         return False
     return True
 
@@ -310,7 +353,7 @@ def _check_launches(launches: list, path: str, problems: Problems) -> None:
             elif key in LAUNCH_JUMPS:
                 if _is_table(value, key_path, problems):
                     for g, jump in value.items():
-                        _check_leaf(jump, "number", _fraction, _join(key_path, g), problems)
+                        _check_leaf(jump, *JUMP_RULE, _join(key_path, g), problems)
             else:
                 _unknown_key(launch_path, key, (*LAUNCH_KEYS, *LAUNCH_JUMPS), problems)
         for key in LAUNCH_KEYS:
@@ -370,8 +413,7 @@ def _check_sections(doc: dict, allowed, base_generations, path: str, problems: P
                     if coin not in COINS:
                         _unknown_key(key_path, coin, COINS, problems)
                     elif _is_table(table, coin_path, problems):
-                        schema = BTC_KEYS if coin == "btc" else COIN_KEYS
-                        _check_flat(table, schema, coin_path, problems)
+                        _check_flat(table, COINS[coin], coin_path, problems)
         elif key == "correlation":
             if _is_table(value, key_path, problems):
                 _check_correlation(value, key_path, problems)
@@ -449,6 +491,21 @@ def check_merged(doc: dict, path: str, problems: Problems) -> None:
             f"horizon_years * steps_per_year must be a whole number of periods, "
             f"got {sim['horizon_years']!r} * {sim['steps_per_year']!r} = {steps_total!r}",
         )
+    # A period moves the rent and the rate by κΔ of their distance to the mean (docs/spec.md
+    # §2): with κΔ > 1 the step overshoots the mean, and beyond 2 the path diverges.
+    steps = sim["steps_per_year"]
+    speeds = [
+        (f"generations.{g}.rent_mean_reversion", gen["rent_mean_reversion"])
+        for g, gen in doc["generations"].items()
+    ]
+    speeds.append(("rate.mean_reversion", doc["rate"]["mean_reversion"]))
+    for key, speed in speeds:
+        if speed > steps:
+            problems.add(
+                _join(path, key),
+                f"must be <= simulation.steps_per_year ({steps}), got {speed!r}: a period's "
+                f"step would overshoot the mean; raise steps_per_year or lower the speed",
+            )
     model = doc["model"]
     if model["coverage_cap"] <= model["coverage_floor"]:
         problems.add(
