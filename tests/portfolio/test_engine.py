@@ -124,7 +124,7 @@ def test_summary_is_json(result):
     summary = result.summary()
     text = json.dumps(summary, allow_nan=False)  # no default= hook: plain Python types only
     back = json.loads(text)
-    assert set(back) == {"metadata", "measures", "stress", "calibration"}
+    assert set(back) == {"metadata", "measures", "stress", "calibration", "warnings"}
     assert back["measures"]["el"] == result.measures.el
     for alpha in (0.99, 0.999):
         tail = back["measures"]["tail"][alpha_key(alpha)]
@@ -740,3 +740,28 @@ def test_a_small_run_computes_no_larger_chunk_than_it_needs(assumptions, scenari
     from gpucredit.portfolio.config import RunConfig
 
     assert RunConfig.resolve(assumptions, scenarios=scenarios, backend=backend).chunk_size == chunk
+
+
+def test_a_phase_aware_progress_sees_every_phase_of_the_run(assumptions):
+    """One display across the run: pass 1, contributions, the year-1 pass, sensitivities and
+    each stress case, each reaching its total; a plain callable sees pass 1 only."""
+    seen: dict[str, list[tuple[int, int]]] = {}
+
+    class Recorder:
+        def phase(self, name, total):
+            seen[name] = []
+
+        def __call__(self, done, total):
+            seen[list(seen)[-1]].append((done, total))
+
+    case = stress_case(assumptions, "paper-metrics")
+    settings = dict(scenarios=512, backend="numpy", chunk_size=128, el_sensitivity_scenarios=64)
+    simulate(BOOK, assumptions, stress=(case,), progress=Recorder(), **settings)
+    assert list(seen) == [
+        "pass 1", "contributions", "calibration (year 1)", "sensitivities", "stress paper-metrics",
+    ]  # fmt: skip
+    for name, updates in seen.items():
+        assert updates and updates[-1][0] == updates[-1][1] > 0, name
+    plain: list[tuple[int, int]] = []
+    simulate(BOOK, assumptions, progress=lambda d, t: plain.append((d, t)), **settings)
+    assert plain[-1] == (512, 512) and all(t == 512 for _, t in plain)

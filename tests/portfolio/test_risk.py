@@ -378,7 +378,13 @@ def test_to_dict_is_json():
     assert set(d["tail"]) == {"0.99", "0.999"}
     assert alpha_key(0.99) == "0.99" and alpha_key(np.float64(0.999)) == "0.999"
     assert d["tail"]["0.99"]["var"] == 989.0
-    assert d["tail"]["0.99"]["es_ci"] == list(rm.at(0.99).es_ci)
+    # 1,000 scenarios: 0.31 tail scenarios a batch at 99%, too few for an interval
+    assert d["tail"]["0.99"]["es_ci"] == [None, None]
+    assert d["tail"]["0.99"]["interval_available"] is False and len(d["interval_warnings"]) == 2
+    wide = risk_measures(np.arange(20_000.0), alphas=(0.99,)).to_dict()
+    assert wide["tail"]["0.99"]["es_ci"] == list(
+        risk_measures(np.arange(20_000.0), alphas=(0.99,)).at(0.99).es_ci
+    )
     assert d["el"] == pytest.approx(499.5)
     assert d["n_batches"] == 32 and d["n_scenarios"] == 1000
 
@@ -602,3 +608,68 @@ def test_a_batch_taken_again_is_complete_down_to_its_floor():
     new_floor, short = short_tails(parts, k)
     assert floor < new_floor < parts[0].losses_usd.min() and short == []
     np.testing.assert_array_equal(merge_tails(parts, k).indices, largest_losses(losses, k).indices)
+
+
+# --------------------------------------------------------------------------- honest intervals
+
+
+def _vasicek_losses(rng, scenarios: int, pd: float = 0.02, rho: float = 0.15) -> np.ndarray:
+    """The large-pool loss fraction of a one-factor Gaussian book: Φ((Φ⁻¹(p) − √ρ Z)/√(1−ρ))."""
+    z = rng.standard_normal(scenarios)
+    return stats.norm.cdf((stats.norm.ppf(pd) - math.sqrt(rho) * z) / math.sqrt(1 - rho))
+
+
+def _vasicek_truth(alpha: float, pd: float = 0.02, rho: float = 0.15) -> tuple[float, float, float]:
+    """(EL, VaR_α, ES_α) of `_vasicek_losses` in closed form (ES by quadrature)."""
+    from scipy import integrate
+
+    def loss(z):
+        return stats.norm.cdf((stats.norm.ppf(pd) - math.sqrt(rho) * z) / math.sqrt(1 - rho))
+
+    z_alpha = stats.norm.ppf(1 - alpha)  # the loss falls as Z rises
+    tail = integrate.quad(lambda z: loss(z) * stats.norm.pdf(z), -np.inf, z_alpha)[0]
+    return pd, float(loss(z_alpha)), tail / (1 - alpha)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "scenarios", "seeds"), [(0.99, 16_000, 120), (0.999, 128_000, 60)]
+)
+def test_reported_intervals_cover_the_truth_about_95_percent_of_the_time(alpha, scenarios, seeds):
+    """Where an interval is reported (>= 3 tail scenarios per batch: 5 and 4 here), the 95%
+    intervals of EL, VaR and ES cover the closed-form value in at least 85% of seeds (nominal
+    95%; measured 0.92-0.98). Fewer tail scenarios per batch covered 30-78% at α = 99.9%:
+    those are not reported (next test)."""
+    el, var, es = _vasicek_truth(alpha)
+    rng = np.random.default_rng(2024)
+    covered = np.zeros(3)
+    for _ in range(seeds):
+        m = risk_measures(_vasicek_losses(rng, scenarios), alphas=(alpha,))
+        t = m.at(alpha)
+        assert t.interval_available and m.interval_warnings() == []
+        shown = t.reported()
+        covered += [
+            m.el_ci[0] <= el <= m.el_ci[1],
+            shown.var_ci[0] <= var <= shown.var_ci[1],
+            shown.es_ci[0] <= es <= shown.es_ci[1],
+        ]
+    coverage = covered / seeds
+    assert np.all(coverage >= 0.85), coverage
+    assert np.all(coverage <= 1.0) and coverage.mean() >= 0.9, coverage
+
+
+def test_too_few_tail_scenarios_report_no_interval_and_say_what_to_raise():
+    """256 scenarios in 32 batches: each batch's 99% VaR and ES are its largest loss, so their
+    standard errors were identical and the interval meaningless. Reported as unavailable, with
+    the scenario count that gives 3 tail scenarios a batch."""
+    losses = _vasicek_losses(np.random.default_rng(1), 2000)
+    m = risk_measures(losses, alphas=(0.99, 0.999))
+    available = {t.alpha: t.interval_available for t in m.tail}
+    assert available == {0.99: False, 0.999: False}  # 0.63 and 0.06 tail scenarios a batch
+    d = m.to_dict()["tail"]["0.999"]
+    assert d["interval_available"] is False and d["es_se"] is None and d["var_ci"] == [None, None]
+    assert math.isfinite(m.at(0.999).es_se)  # the raw batch-means number is kept
+    warnings = m.interval_warnings()
+    assert len(warnings) == 2 and "run at least 96,000 scenarios" in warnings[1]
+    assert "run at least 10,000 scenarios" in warnings[0]
+    enough = risk_measures(_vasicek_losses(np.random.default_rng(1), 96_000), alphas=(0.999,))
+    assert enough.at(0.999).interval_available and enough.interval_warnings() == []

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from gpucredit.io.names import rich_text
 from gpucredit.portfolio.engine import RunResult
 from gpucredit.portfolio.risk import alpha_key
 
@@ -23,7 +23,8 @@ def percent(alpha: float) -> str:
 
 
 def _console() -> Console:
-    return Console(width=120, highlight=False)
+    # emoji=False: ":smile:" in a name stays as written (names go in as io.names.rich_text)
+    return Console(width=120, highlight=False, emoji=False)
 
 
 def print_run_summary(result: RunResult, top: int = 10) -> None:
@@ -45,10 +46,12 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
 
     row("EL", m.el, m.el_se, m.el_ci)
     table.add_row("std. deviation", usd_millions(m.std), "", "")
-    for t in m.tail:
+    for t in (t.reported() for t in m.tail):  # no interval where too few tail scenarios
         row(f"VaR {percent(t.alpha)}", t.var, t.var_se, t.var_ci)
         row(f"ES {percent(t.alpha)}", t.es, t.es_se, t.es_ci)
     console.print(table)
+    for warning in result.warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False)
 
     alpha = max(m.alphas)
     key = alpha_key(alpha)
@@ -61,10 +64,10 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
             table.add_column(column, justify="left" if column in ("loan", "borrower") else "right")
         for i in order:
             table.add_row(
-                str(contrib.loan_id[i]),
-                str(contrib.borrower_id[i]),
-                str(contrib.borrower_type[i]),
-                str(contrib.gpu_generation[i]),
+                rich_text(contrib.loan_id[i]),
+                rich_text(contrib.borrower_id[i]),
+                rich_text(contrib.borrower_type[i]),
+                rich_text(contrib.gpu_generation[i]),
                 usd_millions(contrib.balance_usd[i]),
                 usd_millions(contrib.expected_loss_usd[i]),
                 usd_millions(es_i[i]),
@@ -83,7 +86,7 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
             table.add_column(column, justify="left" if column == "parameter" else "right")
         for name, derivative, value, move in result.sensitivities.largest(alpha, top):
             table.add_row(
-                name,
+                rich_text(name),
                 f"{value:.4g}",
                 f"{move:.3g}",
                 usd_millions(derivative * move),
@@ -99,7 +102,7 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
         table.add_column("ΔES", justify="right")
         for s in result.stress:
             table.add_row(
-                s.name,
+                rich_text(s.name),
                 usd_millions(s.measures.el),
                 usd_millions(s.measures.el - m.el),
                 usd_millions(s.measures.es(alpha)),
@@ -108,9 +111,11 @@ def print_run_summary(result: RunResult, top: int = 10) -> None:
         console.print(table)
     print_calibration(getattr(result, "calibration", None), console)
     console.print(
-        f"{meta['scenarios']:,} scenarios in {meta['pass1_seconds']:.1f} s "
-        f"({meta['scenarios_per_second']:,.0f}/s, {meta['loan_periods_per_second']:.3g} "
-        f"loan-periods/s) on {meta['device']}; total {meta['elapsed_seconds']:.1f} s"
+        rich_text(
+            f"{meta['scenarios']:,} scenarios in {meta['pass1_seconds']:.1f} s "
+            f"({meta['scenarios_per_second']:,.0f}/s, {meta['loan_periods_per_second']:.3g} "
+            f"loan-periods/s) on {meta['device']}; total {meta['elapsed_seconds']:.1f} s"
+        )
     )
     if result.losses_usd is None:
         console.print(
@@ -202,7 +207,7 @@ def print_paper_vs_path(pvp: dict, total_loans: int | None = None, top: int = 5)
     """The loans whose central path cannot pay (calibration.paper_vs_path): the count, and
     the `top` largest by balance."""
     console = _console()
-    console.print(escape(_paper_vs_path_line(pvp, total_loans)))
+    console.print(rich_text(_paper_vs_path_line(pvp, total_loans)))
     if pvp.get("loans"):
         console.print(
             "  their input PD assumed more than their expected path (every shock 0) delivers: "
@@ -221,14 +226,14 @@ def print_paper_vs_path(pvp: dict, total_loans: int | None = None, top: int = 5)
     table.add_column("cannot pay")
     for r in shown:
         table.add_row(
-            escape(str(r.get("loan_id"))),
-            escape(str(r.get("borrower_id"))),
-            escape(str(r.get("borrower_type"))),
-            escape(str(r.get("gpu_generation"))),
+            rich_text(r.get("loan_id")),
+            rich_text(r.get("borrower_id")),
+            rich_text(r.get("borrower_type")),
+            rich_text(r.get("gpu_generation")),
             usd_millions(r.get("balance_usd")),
             _times(r.get("central_min_liquidity_coverage")),
             _times(r.get("central_refinancing_coverage")),
-            escape(str(r.get("cannot_pay"))),
+            rich_text(r.get("cannot_pay")),
         )
     console.print(table)
     if len(rows) > len(shown):
@@ -248,10 +253,13 @@ def _dscr(value: float | None) -> str:
 def print_book_summary(summary: dict) -> None:
     console = _console()
     console.print(
-        f"{summary['source']}: {summary['loans']:,} loans, {summary['borrowers']:,} borrowers, "
-        f"exposure ${usd_millions(summary['exposure_usd'])}m on {summary['gpus']:,.0f} GPUs; "
-        f"LTV {_ltv(summary['ltv'])}, debt-service coverage {_dscr(summary['dscr'])} "
-        f"(exposure-weighted); {summary['share_dscr_below_1']:.1%} of exposure below 1.0x"
+        rich_text(
+            f"{summary['source']}: {summary['loans']:,} loans, {summary['borrowers']:,} "
+            f"borrowers, exposure ${usd_millions(summary['exposure_usd'])}m on "
+            f"{summary['gpus']:,.0f} GPUs; LTV {_ltv(summary['ltv'])}, debt-service coverage "
+            f"{_dscr(summary['dscr'])} (exposure-weighted); "
+            f"{summary['share_dscr_below_1']:.1%} of exposure below 1.0x"
+        )
     )
     for title, key in (("generation", "by_generation"), ("borrower type", "by_borrower_type")):
         table = Table(title=f"Today's book by {title}")
@@ -259,7 +267,7 @@ def print_book_summary(summary: dict) -> None:
             table.add_column(column, justify="left" if column == title else "right")
         for name, g in summary[key].items():
             table.add_row(
-                name,
+                rich_text(name),
                 f"{g['loans']:,}",
                 usd_millions(g["exposure_usd"]),
                 f"{g['gpus']:,.0f}",
@@ -291,7 +299,8 @@ def print_design_point(point) -> None:
         table.add_column(f"t={t}", justify="right")
     for name, path in point.paths.items():
         central = point.central_paths[name]
-        table.add_row(name, *(escape(f"{path[t]:.4g} [{central[t]:.4g}]") for t in shown))
+        cells = (rich_text(f"{path[t]:.4g} [{central[t]:.4g}]") for t in shown)
+        table.add_row(rich_text(name), *cells)
     console.print(table)
     for title, split in (
         ("generation", point.loss_by_generation),
@@ -302,5 +311,5 @@ def print_design_point(point) -> None:
         table.add_column("loss", justify="right")
         table.add_column("share", justify="right")
         for name, value in split.items():
-            table.add_row(name, usd_millions(value), f"{value / point.loss_usd:.1%}")
+            table.add_row(rich_text(name), usd_millions(value), f"{value / point.loss_usd:.1%}")
         console.print(table)

@@ -15,7 +15,7 @@ import numpy as np
 
 from gpucredit.portfolio.book import Book
 from gpucredit.portfolio.risk import LossTail, tail_sets
-from gpucredit.portfolio.runner import LocalRunner, Runner, owner_of
+from gpucredit.portfolio.runner import LocalRunner, ProgressCallback, Runner, owner_of
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ def tail_contributions(
     chunk_size: int = 1024,
     runner: Runner | None = None,
     owners: Sequence[tuple[int, int, str]] = (),
+    progress: ProgressCallback | None = None,
 ) -> dict[str, np.ndarray]:
     """ES_{α,i} [N] for each α key of `tails` ({key: (scenario indices, coefficients)},
     `risk.tail_sets`), on `simulation` (a `backends.Simulation`, or a built backend with
@@ -105,14 +106,18 @@ def tail_contributions(
     Each `contribution_tasks` item is one `contribution_of_chunk` task mapped over `runner`
     (this process by default), sent to the worker that ran pass 1 on its first index
     (`owners`, `Pass1.owners`); the results are added in chunk order, so every runner gives
-    the same numbers.
+    the same numbers. `progress(done, total)` counts tail scenarios.
     """
     runner = runner or LocalRunner()
     items = contribution_tasks(tails, chunk_size)
     affinity = [owner_of(owners, int(indices[0])) for indices, _ in items]
     results: list = [None] * len(items)
+    total, done = sum(len(indices) for indices, _ in items), 0
     for position, partial, _ in runner.map(simulation, contribution_of_chunk, items, affinity):
         results[position] = partial
+        done += len(items[position][0])
+        if progress is not None:
+            progress(done, total)
     contributions = {key: np.zeros(n_loans) for key in tails}
     for partial in results:
         for key in contributions:

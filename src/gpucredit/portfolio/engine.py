@@ -55,6 +55,7 @@ from gpucredit.portfolio.runner import (
     LocalRunner,
     Pass1,
     ProgressCallback,
+    phase_progress,
     run_pass1,
     run_tails_pass1,
 )
@@ -127,14 +128,23 @@ class RunResult:
         return self.measures.var(alpha)
 
     def var_se(self, alpha: float) -> float:
-        return self.measures.at(alpha).var_se
+        """VaR's batch-means standard error, USD; nan where too few tail scenarios per batch
+        make it unreliable (`warnings` says how many scenarios would do)."""
+        return self.measures.at(alpha).reported().var_se
 
     def es(self, alpha: float) -> float:
         """Expected shortfall at confidence `alpha` (one of the run's alphas), USD."""
         return self.measures.es(alpha)
 
     def es_se(self, alpha: float) -> float:
-        return self.measures.at(alpha).es_se
+        """ES's batch-means standard error, USD; nan where unreliable, as `var_se`."""
+        return self.measures.at(alpha).reported().es_se
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a reader of the numbers should know: intervals left out for too few tail
+        scenarios per batch (with the scenario count to raise)."""
+        return self.measures.interval_warnings()
 
     def table(self, name: str = "measures") -> dict[str, np.ndarray]:
         """Columns of one of `TABLES`: ``measures`` (one row per measure: value, standard
@@ -162,7 +172,7 @@ class RunResult:
     def _measures_table(self) -> dict[str, np.ndarray]:
         m = self.measures
         rows = [("el", None, m.el, m.el_se, m.el_ci)]
-        for t in m.tail:
+        for t in (t.reported() for t in m.tail):
             rows.append(("var", t.alpha, t.var, t.var_se, t.var_ci))
             rows.append(("es", t.alpha, t.es, t.es_se, t.es_ci))
         values = np.array([r[2] for r in rows], dtype=np.float64)
@@ -193,7 +203,7 @@ class RunResult:
     def _headline(self) -> list[tuple[str, float, float]]:
         """(label, value USD, standard error USD) of EL and each VaR and ES."""
         out = [("EL", self.el, self.el_se)]
-        for t in self.measures.tail:
+        for t in (t.reported() for t in self.measures.tail):
             level = f"{100 * t.alpha:g}%"
             out += [(f"VaR {level}", t.var, t.var_se), (f"ES {level}", t.es, t.es_se)]
         return out
@@ -207,9 +217,10 @@ class RunResult:
         ]
         for label, value, se in self._headline():
             lines.append(
-                f"  {label:<10} ${value / 1e6:>12,.2f}m  ± {se / 1e6:,.2f}m  "
+                f"  {label:<10} ${value / 1e6:>12,.2f}m  {_plus_minus(se)}  "
                 f"({value / self.exposure_usd:.2%} of exposure)"
             )
+        lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -218,9 +229,10 @@ class RunResult:
         md = self.metadata
         rows = "".join(
             f"<tr><td>{escape(label)}</td><td>${value / 1e6:,.2f}m</td>"
-            f"<td>± {se / 1e6:,.2f}m</td><td>{value / self.exposure_usd:.2%}</td></tr>"
+            f"<td>{escape(_plus_minus(se))}</td><td>{value / self.exposure_usd:.2%}</td></tr>"
             for label, value, se in self._headline()
         )
+        notes = "".join(f"<p>warning: {escape(w)}</p>" for w in self.warnings)
         caption = escape(
             f"{md.get('loans', '?')} loans, {md.get('scenarios', 0):,} scenarios, "
             f"{md.get('mode')} mode, exposure ${self.exposure_usd / 1e6:,.1f}m"
@@ -228,7 +240,7 @@ class RunResult:
         return (
             f"<table><caption>gpucredit run: {caption}</caption>"
             "<tr><th>measure</th><th>value</th><th>standard error</th><th>of exposure</th></tr>"
-            f"{rows}</table>"
+            f"{rows}</table>{notes}"
         )
 
     def summary(self) -> dict:
@@ -246,7 +258,13 @@ class RunResult:
                 for s in self.stress
             },
             "calibration": self.calibration,
+            "warnings": self.warnings,
         }
+
+
+def _plus_minus(se_usd: float) -> str:
+    """'± 1.23m', or 'interval n/a' where the standard error is not reported."""
+    return f"± {se_usd / 1e6:,.2f}m" if np.isfinite(se_usd) else "interval n/a"
 
 
 PILOT_SEED_OFFSET = 0x9E3779B9  # the pilot run's seed: independent of the main run's numbers
@@ -311,7 +329,11 @@ def simulate(
     keeps them up to `KEEP_LOSSES_MAX_SCENARIOS` scenarios (`resolve_keep_losses`). Pass 2
     revisits the tail scenarios of each α by index for Euler contributions and AD
     sensitivities. Stress scenarios rerun pass 1 with overridden assumptions on the same
-    random numbers, measured against the base run's PD references. `checkpoint` (optional) has
+    random numbers, measured against the base run's PD references. `progress`: a ``(done,
+    total)`` callable sees pass 1; an object that also has ``phase(name, total)`` (the
+    terminal and notebook display of io/progress.py) sees every phase: pass 1,
+    contributions, the calibration's year-1 pass, sensitivities and each stress case
+    (`runner.phase_progress`). `checkpoint` (optional) has
     `.done() -> dict[first, ChunkOutput | BatchOutput]` and `.save(first, output)` for resume
     (chunks when every loss is kept, batches in tails-only mode).
     `workers` (a local Dask cluster of that many processes) or `scheduler` (the address of an
@@ -362,23 +384,27 @@ def simulate(
     else:
         runner = LocalRunner()
 
-    def pass1_of(simulation: Simulation, progress=None, checkpoint=None) -> Pass1:
+    def pass1_of(simulation: Simulation, phase: str, checkpoint=None) -> Pass1:
+        progress_ = phase_progress(progress, phase, scenarios)
         done = checkpoint.done() if checkpoint is not None else None
         save = checkpoint.save if checkpoint is not None else None
         if c.keep_losses:
-            return run_pass1(simulation, scenarios, chunk, n_loans, progress, done, save, runner)
-        return run_tails_pass1(simulation, scenarios, chunk, alphas, progress, done, save, runner)
+            return run_pass1(simulation, scenarios, chunk, n_loans, progress_, done, save, runner)
+        return run_tails_pass1(simulation, scenarios, chunk, alphas, progress_, done, save, runner)
 
     try:
         backend = runner.backend(run)  # what ran: name, device, precision for the metadata
-        pass1 = pass1_of(run, progress, checkpoint)
+        pass1 = pass1_of(run, "pass 1", checkpoint)
         weights = pass1.weights
         measures, tail = _measures_and_tail(pass1, alphas)
         tails = tail_sets(tail, alphas)  # {α key: (scenario indices, coefficients)}
 
         contrib = None
         if c.contributions:
-            es_i = tail_contributions(run, tails, n_loans, runner=runner, owners=pass1.owners)
+            es_i = tail_contributions(
+                run, tails, n_loans, runner=runner, owners=pass1.owners,
+                progress=phase_progress(progress, "contributions", 0),
+            )  # fmt: skip
             contrib = make_contributions(
                 book,
                 pass1.loan_expected_loss_usd,
@@ -389,7 +415,9 @@ def simulate(
 
         calibration_table_ = None
         if c.calibration:
-            calibration_table_ = _calibration(book, assumptions, run, pass1, contrib, runner, c)
+            calibration_table_ = _calibration(
+                book, assumptions, run, pass1, contrib, runner, c, progress
+            )
 
         sens = None
         sensitivities_seconds = 0.0
@@ -409,12 +437,15 @@ def simulate(
                 weights=weights,
                 runner=runner,
                 owners=pass1.owners,
+                progress=phase_progress(progress, "sensitivities", 0),
             )
             sensitivities_seconds = time.perf_counter() - t0
 
         stress_results = []
         for case, simulation in zip(stress, stressed, strict=True):
-            stress_measures, _ = _measures_and_tail(pass1_of(simulation), alphas)
+            stress_measures, _ = _measures_and_tail(
+                pass1_of(simulation, f"stress {case.name}"), alphas
+            )
             stress_results.append(StressResult(case.name, case.description, stress_measures))
         cluster = runner.describe()
     finally:
@@ -478,7 +509,7 @@ def simulate(
     )
 
 
-def _calibration(book, assumptions, run: Simulation, pass1, contrib, runner, config):
+def _calibration(book, assumptions, run: Simulation, pass1, contrib, runner, config, progress):
     """The calibration table of a run: the year-1 pass (the run's first scenarios, the same
     random numbers, on the first year of its grid), then `calibration_table`."""
     year_one = year_one_assumptions(assumptions)
@@ -491,7 +522,10 @@ def _calibration(book, assumptions, run: Simulation, pass1, contrib, runner, con
         normal_shift=None if shift is None else shift[: year_one.periods],
     )
     scenarios = min(YEAR_ONE_MAX_SCENARIOS, config.scenarios)
-    first_year = run_pass1(first_year_run, scenarios, config.chunk_size, len(book), runner=runner)
+    first_year = run_pass1(
+        first_year_run, scenarios, config.chunk_size, len(book), runner=runner,
+        progress=phase_progress(progress, "calibration (year 1)", scenarios),
+    )  # fmt: skip
     table = calibration_table(
         book,
         run.loans,

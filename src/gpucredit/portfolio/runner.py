@@ -69,6 +69,21 @@ class Pass1:
 ProgressCallback = Callable[[int, int], None]  # (scenarios done, scenarios in all)
 
 
+def phase_progress(progress, name: str, total: int) -> ProgressCallback | None:
+    """The callback of one phase of a run ("pass 1", "contributions", ...), or None.
+
+    `progress` is what `simulate` was given: a plain ``(done, total)`` callable sees pass 1
+    only; an object with ``phase(name, total)`` (io/progress.py's display) is told each
+    phase as it starts and then sees its ``(done, total)``, so one display with an ETA can
+    cover the whole run."""
+    if progress is None:
+        return None
+    if hasattr(progress, "phase"):
+        progress.phase(name, total)
+        return progress
+    return progress if name == "pass 1" else None
+
+
 def run_batches(scenarios: int) -> list[tuple[int, int]]:
     """``(first, count)`` of the batches of a run (`risk.batch_bounds` of `risk.batch_count`):
     the batch-means batches in both modes, and the pass-1 tasks of tails-only mode."""

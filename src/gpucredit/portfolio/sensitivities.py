@@ -15,7 +15,7 @@ import numpy as np
 from gpucredit.kernels.params import ModelParams
 from gpucredit.portfolio.assumptions import Assumptions, parameter_paths, parameter_value
 from gpucredit.portfolio.risk import LossTail, alpha_key, tail_sets
-from gpucredit.portfolio.runner import LocalRunner, Runner, owner_of
+from gpucredit.portfolio.runner import LocalRunner, ProgressCallback, Runner, owner_of
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,7 @@ def tail_sensitivities(
     weights: np.ndarray | None = None,
     runner: Runner | None = None,
     owners: Sequence[tuple[int, int, str]] = (),
+    progress: ProgressCallback | None = None,
 ) -> Sensitivities:
     """Sensitivities on `simulation` (a gradient `backends.Simulation`, or a built backend
     with `weighted_gradient(indices, coefficients) -> ModelParams`, Σ c_j ∂L_j).
@@ -148,13 +149,19 @@ def tail_sensitivities(
     (coefficients w/S, as in the run's measures). The `gradient_tasks` are mapped over
     `runner` (this process by default; each sent to the worker that ran pass 1 on its first
     index, `owners`) and added in task order, so every runner gives the same numbers.
+    `progress(done, total)` counts scenarios differentiated (padding included).
     """
     runner = runner or LocalRunner()
     keys, items, n_el = gradient_tasks(tails, n_scenarios, weights, el_scenarios, chunk_size)
     affinity = [owner_of(owners, int(indices[0])) for indices, _ in items]
     results: list = [None] * len(items)
-    for position, grads, _ in runner.map(simulation, gradient_of_chunk, items, affinity):
+    total = len(items) * chunk_size
+    for done, (position, grads, _) in enumerate(
+        runner.map(simulation, gradient_of_chunk, items, affinity), start=1
+    ):
         results[position] = grads
+        if progress is not None:
+            progress(done * chunk_size, total)
     totals: dict[str, np.ndarray] = {}
     for key, grads in zip(keys, results, strict=True):
         _, flat = gradient_by_path(assumptions, grads)
