@@ -52,3 +52,43 @@ def test_harness_writes_results(tmp_path):
     assert all(0 < r["roofline_fraction"] < 1 for r in forward)
     md = (tmp_path / "tiny.md").read_text()
     assert "loan-periods/s" in md and "Roofline" in md
+
+
+def test_modes_rows_and_the_one_factor_floor(tmp_path):
+    """The "modes" cases: conditional and sampled mode in one process, on one period against
+    the one-factor floor; their ratios reach the summary and the markdown."""
+    benchmark.ensure_books(tmp_path, [40])
+    cases = (
+        benchmark._modes(40, 32, 16, periods=1),
+        benchmark._modes(40, 32, 16),
+    )
+    results = [benchmark.run_case(case, tmp_path) for case in cases]
+    one, grid = results
+    assert one["periods"] == 1 and grid["periods"] == 12
+    assert set(one["rates"]) == {"conditional", "sampled", "floor"}
+    assert set(grid["rates"]) == {"conditional", "sampled"}
+    assert all(v > 0 for r in results for v in r["rates"].values())
+    assert one["ratios"]["conditional_over_floor"] > 0
+    env = {"jax_platform": "cpu", "date": "", "gpucredit": "", "jax": "", "numpy": "",
+           "python": "", "cpu": "cpu", "cpu_cores": 2}  # fmt: skip
+    plan = benchmark.Plan("cpu-tiny", cases)
+    summary = benchmark.analyse(results, env, plan)
+    assert [m["periods"] for m in summary["modes"]] == [1, 12]
+    report = {"environment": env, "summary": summary, "cases": results, "plan": plan.name,
+              "check": {"results": []}}  # fmt: skip
+    md = benchmark.markdown(report)
+    assert "one one-year period" in md and "floor" in md and "Sampled vs conditional" in md
+
+
+def test_one_factor_floor_is_vasicek():
+    """The floor's mean loss is Σ EAD LGD p and its chunks do not depend on the chunking."""
+    import numpy as np
+
+    from gpucredit.kernels import one_factor
+
+    n = 300
+    book = one_factor.prepare_one_factor(np.full(n, 0.05), np.full(n, 0.1), np.ones(n))
+    losses = np.asarray(one_factor.one_factor_losses(book, 3, 0, 4000))
+    assert abs(losses.mean() / n - 0.05) < 0.005
+    part = np.asarray(one_factor.one_factor_losses(book, 3, 1000, 64))
+    np.testing.assert_array_equal(part, losses[1000:1064])

@@ -13,9 +13,14 @@ The unit of work is the loan-period (scenarios × loans × periods). The harness
 3. times the tail passes: the tail forward (losses at a set of scenario indices), the
    reverse-mode gradient of Σ c_j L(ω_j) w.r.t. every parameter (its cost as a multiple of
    that forward) and the per-loan contributions pass ([S_tail, N]);
-4. fits the scaling exponents (time ∝ scenarios^a, ∝ loans^b) and shows the peak memory
+4. times sampled against conditional mode in one process, chunk by chunk in turn ("modes"
+   cases): on the default grid, and on one one-year period against the floor, a textbook
+   one-factor Gaussian threshold simulation (`kernels.one_factor`: one normal per obligor and
+   the systematic factor, loss = EAD × LGD on default), so that the ratios hold under
+   whatever load the machine has;
+5. fits the scaling exponents (time ∝ scenarios^a, ∝ loans^b) and shows the peak memory
    against the scenario count (flat: scenarios stream through in chunks);
-5. places every throughput on a roofline: floating-point work and memory traffic per
+6. places every throughput on a roofline: floating-point work and memory traffic per
    loan-period counted from the kernel (`KERNEL_COUNTS`) against the device's peak.
 
 Results: `<out>/<device>.json` and `<out>/<device>.md` (device, versions, date).
@@ -212,8 +217,10 @@ class Case:
     """One benchmark, run in its own process.
 
     kind: "forward" (pass 1 over `scenarios` in chunks of `chunk`), "gradient" (tail
-    forward and reverse-mode gradient on `scenarios` tail indices) or "contributions"
-    (per-loan losses [scenarios, loans] at tail indices).
+    forward and reverse-mode gradient on `scenarios` tail indices), "contributions"
+    (per-loan losses [scenarios, loans] at tail indices) or "modes" (conditional and sampled
+    mode, chunk by chunk in turn in one process; with periods = 1 also the one-factor floor).
+    periods: 0 for the assumptions' grid (12 quarters), 1 for one one-year period.
     """
 
     kind: str
@@ -224,11 +231,15 @@ class Case:
     scenarios: int
     chunk: int
     groups: tuple[str, ...] = ()  # throughput | scaling-scenarios | scaling-loans | target
+    periods: int = 0  # 0: the assumptions' grid; 1: one one-year period
 
     @property
     def label(self) -> str:
         prec = "" if self.backend == "numpy" else f" {self.precision}"
-        return f"{self.kind} {self.backend}{prec} {self.mode} {self.loans:,}×{self.scenarios:,}"
+        grid = " 1 period" if self.periods == 1 else ""
+        return (
+            f"{self.kind} {self.backend}{prec} {self.mode}{grid} {self.loans:,}×{self.scenarios:,}"
+        )
 
 
 @dataclass(frozen=True)
@@ -246,6 +257,11 @@ def _f(kind, backend, precision, mode, loans, scenarios, chunk, *groups) -> Case
     return Case(kind, backend, precision, mode, loans, scenarios, chunk, tuple(groups))
 
 
+def _modes(loans, scenarios, chunk, periods=0, precision="float32") -> Case:
+    """Conditional vs sampled mode (and, on one period, the floor) in one process."""
+    return Case("modes", "jax", precision, "both", loans, scenarios, chunk, ("modes",), periods)
+
+
 def cpu_plan(quick: bool) -> Plan:
     """What this CPU can do in ~1 minute (quick) or ~10 minutes."""
     c, s = "conditional", "sampled"
@@ -254,8 +270,9 @@ def cpu_plan(quick: bool) -> Plan:
             _f("forward", "numpy", "float64", c, 1000, 512, 256, "throughput", "target"),
             _f("forward", "jax", "float32", c, 1000, 8192, 4096, "throughput", "target"),
             _f("gradient", "jax", "float32", c, 1000, 256, 256, "tail"),
+            _modes(36000, 1024, 512, periods=1),
         )
-        return Plan("cpu-quick", cases, check_loans=60, check_scenarios=32, budget_s=60)
+        return Plan("cpu-quick", cases, check_loans=60, check_scenarios=32, budget_s=90)
     cases = (
         _f("forward", "numpy", "float64", c, 1000, 1024, 256, "throughput"),
         _f("forward", "numpy", "float64", c, 10000, 512, 256, "throughput", "target"),
@@ -273,8 +290,26 @@ def cpu_plan(quick: bool) -> Plan:
         _f("forward", "jax", "float64", c, 10000, 4096, 4096, "throughput"),
         _f("gradient", "jax", "float32", c, 10000, 512, 512, "tail"),
         _f("contributions", "jax", "float32", c, 10000, 512, 512, "tail"),
+        _modes(36000, 16384, 4096, periods=1),
+        _modes(10000, 16384, 4096),
     )
-    return Plan("cpu", cases, budget_s=900)
+    return Plan("cpu", cases, budget_s=1000)
+
+
+def targets_plan() -> Plan:
+    """Issue 18's targets on this CPU, one run: JAX float32 conditional on the 10,000-loan book
+    (and the NumPy reference in the same run), one-period and 12-period sampled vs conditional,
+    the one-period floor (`python -m gpucredit.benchmark --targets`)."""
+    c = "conditional"
+    cases = (
+        _f("forward", "numpy", "float64", c, 10000, 512, 256, "throughput", "target"),
+        _f("forward", "jax", "float32", c, 10000, 16384, 4096, "throughput", "target"),
+        _modes(36000, 16384, 4096, periods=1),
+        _modes(10000, 16384, 4096),
+        _f("forward", "jax", "float32", c, 1000, 4096, 4096, "scaling-scenarios"),
+        _f("forward", "jax", "float32", c, 1000, 65536, 4096, "scaling-scenarios"),
+    )
+    return Plan("cpu-targets", cases, budget_s=900)
 
 
 def gpu_plan(quick: bool, cupy: bool) -> Plan:
@@ -305,6 +340,7 @@ def gpu_plan(quick: bool, cupy: bool) -> Plan:
         _f("forward", "jax", "float32", c, 100000, 100_000, 25_000, "throughput", "scaling-loans"),
         _f("contributions", "jax", "float32", c, 10000, 10_000, 10_000, "tail"),
         _f("forward", "jax", "float32", s, 10000, 300_000, 100_000, "throughput"),
+        _modes(36000, 200_000, 100_000, periods=1),
         _f("forward", "jax", "float64", c, 10000, 100_000, 50_000, "throughput"),
     ]
     if cupy:
@@ -333,12 +369,17 @@ def ensure_books(book_dir: Path, sizes) -> None:
             write_book(make_book(n, 1), path)
 
 
-def _load(book_dir: Path, loans: int):
+def _load(book_dir: Path, loans: int, periods: int = 0):
+    """(assumptions, LoanArrays) of the book; periods = 1: one one-year period."""
+    import dataclasses
+
     from gpucredit.io.assumptions import default_assumptions
     from gpucredit.io.book import read_book
     from gpucredit.portfolio.loans import loan_arrays
 
     assumptions = default_assumptions()
+    if periods == 1:
+        assumptions = dataclasses.replace(assumptions, horizon_years=1.0, steps_per_year=1)
     book = read_book(_book_path(book_dir, loans), assumptions)
     return assumptions, loan_arrays(book, assumptions)
 
@@ -397,12 +438,19 @@ SEED = 20260101
 
 def run_case(case: Case, book_dir: Path) -> dict:
     """Time one case in this process; return a JSON-ready dict."""
-    assumptions, loans = _load(book_dir, case.loans)
+    assumptions, loans = _load(book_dir, case.loans, case.periods)
+    if case.kind == "modes":
+        out = {"case": asdict(case), "label": case.label, "load_average_before": _load_average()}
+        out.update(_time_modes(case, assumptions, loans))
+        out.update(_peak_memory())
+        out["load_average_after"] = _load_average()
+        return out
     grid = assumptions.grid(case.mode)
     periods = grid.periods
     backend = _make_backend(case.backend, case.precision, assumptions.params, grid, loans, SEED)
     out = {"case": asdict(case), "label": case.label, "periods": periods}
     out["device"] = getattr(backend, "device", case.backend)
+    out["load_average_before"] = _load_average()
     if case.kind == "forward":
         out.update(_time_forward(backend, case, periods))
     elif case.kind == "gradient":
@@ -412,7 +460,75 @@ def run_case(case: Case, book_dir: Path) -> dict:
     else:
         raise ValueError(f"unknown case kind {case.kind!r}")
     out.update(_peak_memory())
+    out["load_average_after"] = _load_average()
     return out
+
+
+def _load_average() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+# Loss given default of the floor's obligors (Basel IRB foundation, senior unsecured): the
+# floor's cost does not depend on it.
+FLOOR_LGD = 0.45
+
+
+def _time_modes(case: Case, assumptions, loans) -> dict:
+    """Conditional and sampled mode (and on one period the one-factor floor) on the same book,
+    chunk k of each in turn, so that a change in the machine's load hits all of them alike.
+    Throughputs from the median chunk; ratios of those."""
+    from gpucredit.kernels import one_factor
+
+    periods = assumptions.periods
+    chunk = min(case.chunk, case.scenarios)
+    runs = {}
+    for mode in ("conditional", "sampled"):
+        backend = _make_backend(
+            "jax", case.precision, assumptions.params, assumptions.grid(mode), loans, SEED
+        )
+        runs[mode] = backend.run_chunk
+    if periods == 1:
+        pd = np.asarray(loans.pd_annual)
+        exposure = np.asarray(loans.balance_usd)[:, 0]
+        book = one_factor.prepare_one_factor(
+            pd, loans.asset_correlation, FLOOR_LGD * exposure, case.precision
+        )
+        runs["floor"] = lambda first, count: np.asarray(
+            one_factor.one_factor_losses(book, SEED, first, count)
+        )
+    compile_seconds, times = {}, {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up: compile and one chunk past the timed ones
+        t = time.perf_counter()
+        _sync(run(case.scenarios, chunk))
+        compile_seconds[name] = time.perf_counter() - t
+    n_chunks = max(3, -(-case.scenarios // chunk))
+    for k in range(n_chunks):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            _sync(run(k * chunk, chunk))
+            times[name].append(time.perf_counter() - t)
+    work = chunk * case.loans * periods
+    rates = {name: work / float(np.median(ts)) for name, ts in times.items()}
+    for name in runs:  # compile time = first call − a steady chunk
+        compile_seconds[name] = max(compile_seconds[name] - float(np.median(times[name])), 0.0)
+    ratios = {"sampled_over_conditional": rates["sampled"] / rates["conditional"]}
+    if "floor" in rates:
+        ratios["conditional_over_floor"] = rates["conditional"] / rates["floor"]
+        ratios["sampled_over_floor"] = rates["sampled"] / rates["floor"]
+    return {
+        "periods": periods,
+        "chunk": chunk,
+        "chunks": n_chunks,
+        "chunk_seconds": times,
+        "rates": rates,
+        "ratios": ratios,
+        "compile_seconds_by_run": compile_seconds,
+        # the table's columns: the sampled run's
+        "loan_periods_per_s": rates["sampled"],
+        "seconds": float(sum(sum(ts) for ts in times.values())),
+        "compile_seconds": compile_seconds["sampled"],
+        "loan_periods": n_chunks * work,
+    }
 
 
 def _time_forward(backend, case: Case, periods: int) -> dict:
@@ -742,6 +858,26 @@ def analyse(results: list[dict], env: dict, plan: Plan) -> dict:
             for r in big
         }
 
+    # sampled vs conditional mode (and the one-period floor), each measured in one process
+    modes = [r for r in ok if r["case"]["kind"] == "modes"]
+    if modes:
+        summary["modes"] = [
+            {
+                "loans": r["case"]["loans"],
+                "periods": r["periods"],
+                "scenarios": r["case"]["scenarios"],
+                "precision": r["case"]["precision"],
+                "loan_periods_per_s": r["rates"],
+                **r["ratios"],
+                # issue 18: one period >= 0.8x conditional, the default grid >= 1x
+                "target_sampled_over_conditional": 0.8 if r["periods"] == 1 else 1.0,
+                "met": r["ratios"]["sampled_over_conditional"]
+                >= (0.8 if r["periods"] == 1 else 1.0),
+                "load_average": [r.get("load_average_before"), r.get("load_average_after")],
+            }
+            for r in modes
+        ]
+
     grads = [r for r in ok if r["case"]["kind"] == "gradient"]
     if grads:
         g = max(grads, key=lambda r: r["loan_periods"])
@@ -901,7 +1037,10 @@ def _device_slug(env: dict, plan: Plan) -> str:
     else:
         base = f"gpu-{env.get('gpu', env.get('jax_device', 'gpu'))}"
     slug = re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
-    return slug + ("-quick" if plan.name.endswith("quick") else "")
+    for suffix in ("quick", "targets"):
+        if plan.name.endswith(suffix):
+            return f"{slug}-{suffix}"
+    return slug
 
 
 def _si(x: float | None, unit: str = "") -> str:
@@ -945,7 +1084,7 @@ def markdown(report: dict) -> str:
         name = f"{c['kind']} {c['backend']}" + (
             "" if c["backend"] == "numpy" else f" {c['precision']}"
         )
-        name += f" {c['mode']}"
+        name += f" {c['mode']}" + (" 1 period" if c.get("periods") == 1 else "")
         if "error" in r:
             lines.append(f"| {name} | {c['loans']:,} | {c['scenarios']:,} | {r['error']} |||||")
             continue
@@ -1022,6 +1161,27 @@ def markdown(report: dict) -> str:
             f"- Forward run 1,000,000 scenarios × 10,000 loans × 12 periods, {key}:"
             f" **{v['seconds']:.2f} s** (target < 5 s: {'met' if v['met'] else 'NOT met'})."
         )
+    for m in summary.get("modes", []):
+        grid = "one one-year period" if m["periods"] == 1 else f"{m['periods']} periods"
+        rates = m["loan_periods_per_s"]
+        line = (
+            f"- Sampled vs conditional mode, {m['loans']:,} loans, {grid}, {m['precision']},"
+            f" chunks in turn in one process: sampled **{m['sampled_over_conditional']:.2f}×**"
+            f" conditional ({_si(rates['sampled'])} vs {_si(rates['conditional'])}"
+            f" loan-periods/s; target ≥ {m['target_sampled_over_conditional']:.1f}×:"
+            f" {'met' if m['met'] else 'NOT met'})"
+        )
+        if "floor" in rates:
+            line += (
+                f"; against the one-factor Gaussian threshold floor ({_si(rates['floor'])}"
+                f" obligor-periods/s): conditional {m['conditional_over_floor']:.2f}×,"
+                f" sampled {m['sampled_over_floor']:.2f}× (the engine also runs each loan's"
+                f" cash flows, coverage ratios, collateral and the fire sale, in two passes)"
+            )
+        load = m["load_average"]
+        if load[0] is not None:
+            line += f"; load average {load[0]:.1f} → {load[1]:.1f}"
+        lines.append(line + ".")
     tg = summary.get("tail_gradient")
     if tg:
         lines.append(
@@ -1060,8 +1220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds; later cases are skipped past it"
     )
+    parser.add_argument(
+        "--targets", action="store_true", help="issue 18's CPU targets only (`targets_plan`)"
+    )
     args = parser.parse_args(argv)
-    report = run_benchmarks(args.quick, args.out, args.name, args.books, budget_s=args.budget)
+    plan = targets_plan() if args.targets else None
+    report = run_benchmarks(
+        args.quick, args.out, args.name, args.books, plan=plan, budget_s=args.budget
+    )
     failed = [r for r in report["cases"] if "error" in r and "skipped" not in r["error"]]
     return 1 if failed else 0
 

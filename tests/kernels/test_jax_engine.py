@@ -225,11 +225,15 @@ def test_launch_variants_match_reference(assumptions, loans, launches):
 # --------------------------------------------------------------------------- chunking, tracing
 
 
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
-def test_chunk_invariance_and_no_retrace(assumptions, loans, dtype):
-    """Chunks of one compiled size give bit-identical losses whatever their offsets; chunks of
-    another size agree to rounding (on a GPU, XLA's reductions depend on the batch size)."""
-    grid = assumptions.grid()
+@pytest.mark.parametrize(
+    ("dtype", "mode"),
+    [(jnp.float64, "conditional"), (jnp.float32, "conditional"), (jnp.float32, "sampled")],
+)
+def test_chunk_invariance_and_no_retrace(assumptions, loans, dtype, mode):
+    """Chunks of one compiled size give bit-identical losses whatever their offsets (sampled
+    mode: each block draws its uniforms from the scenario indices); chunks of another size
+    agree to rounding (on a GPU, XLA's reductions depend on the batch size)."""
+    grid = assumptions.grid(mode)
     blocks = _blocks(loans, dtype)
     params = assumptions.params
     half = COUNT // 2
@@ -328,7 +332,7 @@ def test_one_sweep_gradient_is_the_autodiff_gradient(
     import jax
 
     grid = assumptions.grid()._replace(discount=discount, copula=copula)
-    blocks, _ = _statics(grid, _blocks(loans, jnp.float64, block_size=16))
+    blocks = _statics(_blocks(loans, jnp.float64, block_size=16))
     params = ModelParams(*(jnp.asarray(x, jnp.float64) for x in assumptions.params))
     scenarios = jnp.asarray(np.arange(48, dtype=np.uint32) * 5 + 2)
     coefficients = jnp.asarray(np.random.default_rng(1).uniform(0.2, 2.0, 48))

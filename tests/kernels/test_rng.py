@@ -216,6 +216,23 @@ def test_stream_helpers_numpy_vs_jax():
     np.testing.assert_array_equal(u32, rng.uniform_from_bits(x0, np.float32))
 
 
+def test_default_uniforms_of_borrowers_are_the_streams_columns():
+    """What a loan block draws in the graph (its loans' borrowers, repeats included, any
+    order) is bit for bit the column of the whole [S, B] stream, in both precisions."""
+    seed, n_b = 12345, 40
+    scen = np.arange(70, 170, dtype=np.uint32)
+    borrowers = np.array([3, 0, 39, 3, 17, 17, 5], dtype=np.int32)
+    u32 = np.asarray(rng.default_uniforms_jax_at(seed, jnp.asarray(scen), n_b))
+    of32 = jax.jit(rng.default_uniforms_of)(np.uint32(seed), jnp.asarray(scen), borrowers)
+    np.testing.assert_array_equal(np.asarray(of32), u32[:, borrowers])
+    with jax.enable_x64(True):
+        of64 = rng.default_uniforms_of(np.uint32(seed), jnp.asarray(scen), borrowers, jnp.float64)
+        assert of64.dtype == jnp.float64
+    np.testing.assert_array_equal(
+        np.asarray(of64), rng.default_uniforms_np(seed, scen, n_b)[:, borrowers]
+    )
+
+
 def test_chunk_invariance():
     seed, periods, slots, total = 7, 4, 9, 10_000
     full_np = rng.shock_normals_np(seed, np.arange(total), periods, slots)

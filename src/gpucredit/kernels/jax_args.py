@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpucredit.kernels.jax_loans import LoanBlocks
-from gpucredit.kernels.params import ModelGrid, ModelParams
+from gpucredit.kernels.params import ModelParams
 
 # Python-side trace counters (incremented when a jitted function is traced, not when it runs).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -51,16 +51,9 @@ def _indices_arg(scenario_indices):
     return s.astype(np.uint32)
 
 
-def _statics(grid: ModelGrid, blocks: LoanBlocks) -> tuple[LoanBlocks, int]:
-    """(blocks without their Python ints, the static uniform count for sampled mode).
-
-    Uniforms are drawn for the borrower count rounded up to a power of two (extra draws are
-    independent counters nobody reads), so books that share a padded shape share a compile.
-    """
-    n_uniforms = 0
-    if grid.mode == "sampled":
-        n_uniforms = 1 << max(int(blocks.n_borrowers) - 1, 0).bit_length()
-    return blocks._replace(n_loans=None, n_borrowers=None), n_uniforms
+def _statics(blocks: LoanBlocks) -> LoanBlocks:
+    """The blocks without their Python ints (they would be static: a compile per book size)."""
+    return blocks._replace(n_loans=None, n_borrowers=None)
 
 
 def _shift_arg(normal_shift):

@@ -108,8 +108,8 @@ def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True
 
     # 1. pass 1 forward, the haircut (conditional mode: the expected volume is Q itself)
     def volume_block(volume, block_terms):
-        block, _ = _revalue_block(p, grid, block_terms, paths, None, None, None)
-        return volume + block, None
+        block = _revalue_block(p, grid, block_terms, paths, None, None, None)
+        return volume + block.volume, None
 
     volume0 = jnp.zeros((grid.periods, n_scen, grid.n_generations), dtype)
     volume, _ = lax.scan(volume_block, volume0, terms)
@@ -223,7 +223,7 @@ def weighted_loss_gradient(
     """
     configure_jax()
     params = ModelParams(*(jnp.asarray(leaf, dtype=jnp.float64) for leaf in params))
-    stripped, _ = _statics(grid._replace(mode="conditional"), blocks)
+    stripped = _statics(blocks)
     return _weighted_loss_gradient_jit(
         params,
         grid._replace(mode="conditional"),

@@ -10,9 +10,11 @@ Threefry numbers (`kernels.rng`), but never materialises [scenarios × loans × 
   [blocks, block_size, ...].
 - A chunk of scenarios: normals generated on the device from (seed, scenario index), factor
   paths [S, T+1, ...], then two passes over the loan blocks (`lax.scan` over blocks, inside
-  a `lax.scan` over the T periods whose carry is (cash, survival[, defaulted], loss) of shape
-  [S, block]). Pass 1 accumulates the liquidation volume Q [T, S, G]; pass 2 recomputes the
-  hazards (cheaper than storing them), applies the haircut H_g(t) and sums the loss.
+  a `lax.scan` over the T periods whose carry is (cash, survival[, default period], loss) of
+  shape [S, block]). Pass 1 accumulates the liquidation volume Q [T, S, G]; pass 2 recomputes
+  the hazards (cheaper than storing them), applies the haircut H_g(t) and sums the loss.
+  Sampled mode draws each block's default uniforms in pass 1, one per (scenario, loan), and
+  pass 2 reads pass 1's default periods.
 - Today's metrics (LC(0), CC(0), RF(0)) depend on ModelParams, so they are computed in the
   graph and carry gradients; so does everything else that depends on a parameter.
 

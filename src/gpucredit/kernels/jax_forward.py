@@ -2,8 +2,10 @@
 
 `_simulate` is the whole computation from a chunk's random numbers: factor paths, then two
 passes over the loan blocks (`lax.scan` over blocks of `jax_step._revalue_block`). Pass 1
-accumulates the liquidation volume Q [T, S, G]; pass 2 recomputes the hazards (cheaper than
-storing them), applies the haircut H_g(t) and sums the loss. The jitted functions around it
+accumulates the liquidation volume Q [T, S, G] (sampled mode: and keeps each loan's default
+period, drawing its uniforms in the block); pass 2 recomputes the hazards (cheaper than
+storing them; sampled mode reads the default periods), applies the haircut H_g(t) and sums
+the loss. The jitted functions around it
 generate the random numbers on the device from (seed, scenario index) and are static in the
 grid, the chunk size and the output only; the public functions normalise their arguments
 (`jax_args`) and remove the padding loans.
@@ -34,14 +36,9 @@ from gpucredit.kernels.jax_args import (
 from gpucredit.kernels.jax_factors import _cast_params, _paths, _shifted, correlated_shocks_jax
 from gpucredit.kernels.jax_loans import LoanBlocks, _book_gpus, _loan_terms
 from gpucredit.kernels.jax_setup import configure_jax
-from gpucredit.kernels.jax_step import _haircut, _liquidation_supply, _revalue_block
+from gpucredit.kernels.jax_step import DefaultDraws, _haircut, _liquidation_supply, _revalue_block
 from gpucredit.kernels.params import ModelGrid, ModelParams
-from gpucredit.kernels.rng import (
-    default_uniforms_jax,
-    default_uniforms_jax_at,
-    shock_normals_jax,
-    shock_normals_jax_at,
-)
+from gpucredit.kernels.rng import shock_normals_jax, shock_normals_jax_at
 
 __all__ = ["chunk_losses", "chunk_outcomes", "loan_losses_at", "loss_given_normals", "losses_at"]
 
@@ -51,12 +48,13 @@ def _simulate(
     grid: ModelGrid,
     blocks: LoanBlocks,
     normals,
-    uniforms,
+    draws,
     output: str,
     scenario_weights=None,
     valid_count=None,
 ):
-    """From the chunk's random numbers, by `output`:
+    """From the chunk's random numbers (the normals [S, T, K + ν]; in sampled mode `draws`, from
+    which each block draws its default uniforms), by `output`:
     "total": loss per scenario [S]; "per_loan": loss per scenario and loan [S, NB b];
     "outcomes": (loss [S], and summed over the scenarios, per loan [NB b]: loss, default
     probability, defaulted exposure), each scenario weighted by `scenario_weights` [S]
@@ -71,21 +69,26 @@ def _simulate(
         discount = jnp.exp(-jnp.cumsum(paths.rate * grid.dt_years, axis=0))  # [T, S] DF(t)
     n_scen = normals.shape[0]
 
-    # Pass 1: the liquidation volumes (Q, expected) [T, S, G], summed over the blocks.
+    # Pass 1: the liquidation volumes (Q, expected) [T, S, G], summed over the blocks; in
+    # sampled mode also each block's default periods [S, b] (uint8: S N bytes per chunk),
+    # which pass 2 prices instead of recomputing the hazards and the uniforms.
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def volume_block(volumes, block_terms):
-        block = _revalue_block(p, grid, block_terms, paths, uniforms, None, None)
-        return jax.tree.map(jnp.add, volumes, block), None
+        block = _revalue_block(p, grid, block_terms, paths, draws, None, None)
+        volume, expected = volumes
+        return (volume + block.volume, expected + block.expected_volume), block.default_period
 
     volume0 = jnp.zeros((grid.periods, n_scen, grid.n_generations), dtype)
-    (volume, expected_volume), _ = lax.scan(volume_block, (volume0, volume0), terms)
+    (volume, expected_volume), default_periods = lax.scan(volume_block, (volume0, volume0), terms)
     book_gpus = _book_gpus(blocks, grid, dtype)
     haircut = _haircut(p, grid, _liquidation_supply(p, volume, expected_volume, book_gpus))
 
-    # Pass 2: recompute the hazards and apply the haircut.
+    # Pass 2: apply the haircut (conditional mode recomputes the hazards: cheaper than storing
+    # them; sampled mode prices pass 1's default periods).
     @functools.partial(jax.checkpoint, prevent_cse=False)
-    def loss_block(total, block_terms):
-        outcome = _revalue_block(p, grid, block_terms, paths, uniforms, haircut, discount)
+    def loss_block(total, xs):
+        block_terms, default_period = xs  # default_period: [S, b] or None (conditional)
+        outcome = _revalue_block(p, grid, block_terms, paths, default_period, haircut, discount)
         total = total + jnp.sum(outcome.loss, axis=1)
         if output == "per_loan":
             return total, outcome.loss  # [S, b]
@@ -103,7 +106,7 @@ def _simulate(
     valid = None
     if valid_count is not None:
         valid = (jnp.arange(n_scen, dtype=jnp.uint32) < valid_count)[:, None]  # [S, 1]
-    total, per_block = lax.scan(loss_block, jnp.zeros((n_scen,), dtype), terms)
+    total, per_block = lax.scan(loss_block, jnp.zeros((n_scen,), dtype), (terms, default_periods))
     if output == "per_loan":
         return jnp.moveaxis(per_block, 0, 1).reshape(n_scen, -1)  # [S, NB b], padding included
     if output == "outcomes":
@@ -111,7 +114,7 @@ def _simulate(
     return total
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "count", "n_uniforms", "output"))
+@functools.partial(jax.jit, static_argnames=("grid", "count", "output"))
 def _chunk_losses_jit(
     params,
     grid,
@@ -119,7 +122,6 @@ def _chunk_losses_jit(
     seed,
     first_scenario,
     count,
-    n_uniforms,
     output,
     normal_shift=None,
     scenario_weights=None,
@@ -131,24 +133,27 @@ def _chunk_losses_jit(
         seed, first_scenario, count, grid.periods, grid.slots_per_period, dtype
     )
     normals = _shifted(normals, normal_shift, grid)
-    uniforms = None
+    draws = None
     if grid.mode == "sampled":
-        uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
+        scenarios = jnp.asarray(first_scenario).astype(jnp.uint32) + jnp.arange(
+            count, dtype=jnp.uint32
+        )
+        draws = DefaultDraws(jnp.asarray(seed).astype(jnp.uint32), scenarios)
     if scenario_weights is not None:
         scenario_weights = scenario_weights.astype(dtype)
-    return _simulate(params, grid, blocks, normals, uniforms, output, scenario_weights, valid_count)
+    return _simulate(params, grid, blocks, normals, draws, output, scenario_weights, valid_count)
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "output", "n_uniforms"))
-def _losses_at_jit(params, grid, blocks, seed, scenarios, output, n_uniforms, normal_shift=None):
+@functools.partial(jax.jit, static_argnames=("grid", "output"))
+def _losses_at_jit(params, grid, blocks, seed, scenarios, output, normal_shift=None):
     TRACE_COUNTS["loan_losses_at" if output == "per_loan" else "losses_at"] += 1
     dtype = blocks.dtype
     normals = shock_normals_jax_at(seed, scenarios, grid.periods, grid.slots_per_period, dtype)
     normals = _shifted(normals, normal_shift, grid)
-    uniforms = None
+    draws = None
     if grid.mode == "sampled":
-        uniforms = default_uniforms_jax_at(seed, scenarios, n_uniforms, dtype)
-    return _simulate(params, grid, blocks, normals, uniforms, output)
+        draws = DefaultDraws(jnp.asarray(seed).astype(jnp.uint32), scenarios.astype(jnp.uint32))
+    return _simulate(params, grid, blocks, normals, draws, output)
 
 
 def chunk_losses(
@@ -174,7 +179,7 @@ def chunk_losses(
       [count] losses in blocks.dtype, USD.
     """
     configure_jax()
-    stripped, n_uniforms = _statics(grid, blocks)
+    stripped = _statics(blocks)
     return _chunk_losses_jit(
         _params_arg(params),
         grid,
@@ -182,7 +187,6 @@ def chunk_losses(
         _u32(seed, "seed"),
         _u32(first_scenario, "first_scenario"),
         int(count),
-        n_uniforms,
         "total",
         _shift_arg(normal_shift),
     )
@@ -208,7 +212,7 @@ def chunk_outcomes(
     chunk reuses the full chunks' program; the caller drops the other losses. Other
     arguments as `chunk_losses`."""
     configure_jax()
-    stripped, n_uniforms = _statics(grid, blocks)
+    stripped = _statics(blocks)
     losses, loss_sum, pd_sum, ead_sum = _chunk_losses_jit(
         _params_arg(params),
         grid,
@@ -216,7 +220,6 @@ def chunk_outcomes(
         _u32(seed, "seed"),
         _u32(first_scenario, "first_scenario"),
         int(count),
-        n_uniforms,
         "outcomes",
         _shift_arg(normal_shift),
         None if scenario_weights is None else jnp.asarray(scenario_weights),
@@ -236,7 +239,7 @@ def losses_at(
 ):
     """Portfolio loss [S] for an explicit array of scenario indices [S] (e.g. the tail set)."""
     configure_jax()
-    stripped, n_uniforms = _statics(grid, blocks)
+    stripped = _statics(blocks)
     return _losses_at_jit(
         _params_arg(params),
         grid,
@@ -244,7 +247,6 @@ def losses_at(
         _u32(seed, "seed"),
         _indices_arg(scenario_indices),
         "total",
-        n_uniforms,
         _shift_arg(normal_shift),
     )
 
@@ -262,7 +264,7 @@ def loan_losses_at(
     Σ over the loans equals `losses_at` up to rounding. Memory is O(S N).
     """
     configure_jax()
-    stripped, n_uniforms = _statics(grid, blocks)
+    stripped = _statics(blocks)
     losses = _losses_at_jit(
         _params_arg(params),
         grid,
@@ -270,7 +272,6 @@ def loan_losses_at(
         _u32(seed, "seed"),
         _indices_arg(scenario_indices),
         "per_loan",
-        n_uniforms,
         _shift_arg(normal_shift),
     )
     return losses[:, : blocks.n_loans]
@@ -289,7 +290,7 @@ def loss_given_normals(
     ones: [S] (or [S, N] with per_loan). Differentiable in `normals` (reverse stress testing
     searches the shock path with it) and in `params`."""
     configure_jax()
-    stripped, _ = _statics(grid._replace(mode="conditional"), blocks)
+    stripped = _statics(blocks)
     losses = _loss_given_normals_jit(
         _params_arg(params),
         grid._replace(mode="conditional"),

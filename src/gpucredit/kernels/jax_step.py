@@ -1,13 +1,16 @@
 """The period step of the JAX kernels (docs/spec.md §4-6): one block of loans over T periods.
 
 `_revalue_block` runs the hazard recursion of one block of b loans for a chunk of S
-scenarios (`lax.scan` over the T periods, carry (cash, survival, defaulted, loss,
+scenarios (`lax.scan` over the T periods, carry (cash, survival, default period, loss,
 defaulted exposure) of shape [S, b]): pass 1 returns the block's liquidation volumes, pass 2
-applies the haircut and returns the loss. Its pieces: `_ln_coverage` (the clipped log
-coverage ratios), `_take` (a factor at each loan's generation, fused), `_erfc` (the hazard
-Φ(z) = ½ erfc(−z/√2), float32-exact and cheap), and between the passes `_liquidation_supply`
-and `_haircut` (the fire-sale haircut H_g(t) of the GPUs the book and the rest of the fleet
-dump).
+applies the haircut and returns the loss. In sampled mode pass 1 draws the block's own
+default uniforms, one per (scenario, loan) from the counters (seed, scenario, borrower) of
+`DefaultDraws` (no [S, all borrowers] array exists), and returns each loan's default period;
+pass 2 reads those periods instead of recomputing the hazards. Its pieces: `_ln_coverage`
+(the clipped log coverage ratios), `_take` (a factor at each loan's generation, fused),
+`_erfc` (the hazard Φ(z) = ½ erfc(−z/√2), float32-exact and cheap), and between the passes
+`_liquidation_supply` and `_haircut` (the fire-sale haircut H_g(t) of the GPUs the book and
+the rest of the fleet dump).
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from jax import lax
 from gpucredit.kernels.jax_factors import _Paths
 from gpucredit.kernels.jax_loans import _LoanTerms
 from gpucredit.kernels.params import LOG_BIG, ModelGrid, ModelParams
+from gpucredit.kernels.rng import default_uniforms_of
+
+
+class DefaultDraws(NamedTuple):
+    """What a block needs to draw its sampled-mode default uniforms (docs/spec.md §8, stream 1)."""
+
+    seed: jax.Array  # uint32 scalar
+    scenarios: jax.Array  # [S] uint32 scenario indices of the chunk
 
 
 def _ln_coverage(numerator, denominator, floor, cap):
@@ -114,7 +125,7 @@ def _revalue_block(
     grid: ModelGrid,
     terms: _LoanTerms,
     paths: _Paths,
-    uniforms,
+    defaults: DefaultDraws | jax.Array | None,
     haircut,
     discount,
     extras: tuple[str, ...] = (),
@@ -122,13 +133,15 @@ def _revalue_block(
 ):
     """One block of loans over the T periods.
 
-    terms: one block ([b] and [T, b] leaves). paths: time-major [T, S, ...]. uniforms [S, B]
-    (sampled mode) or None. haircut [T, S, G] or None: None is pass 1 and returns the
-    liquidation volumes (Q, expected) [T, S, G] each: the GPUs the block dumps, Σ n a d(t),
-    and the expected ones, Σ n a S(t−1) h(t) (the same array in conditional mode); otherwise
-    pass 2, returning a `_BlockOutcome` of [S, b]
-    arrays (what is not used is removed by XLA's dead-code elimination), or with `extras`
-    (pass 2 only) the pair (outcome, {name: [T, S, G]}) for each name in extras:
+    terms: one block ([b] and [T, b] leaves). paths: time-major [T, S, ...]. defaults: None in
+    conditional mode; in sampled mode, in pass 1 the `DefaultDraws` (seed and the chunk's
+    scenario indices) the block draws its uniforms from, in pass 2 pass 1's default periods
+    [S, b]. haircut [T, S, G] or None: None is pass 1 and returns `_Volumes`: the liquidation
+    volumes (Q, expected) [T, S, G] each, the GPUs the block dumps, Σ n a d(t), and the
+    expected ones, Σ n a S(t−1) h(t) (the same array in conditional mode), and in sampled mode
+    each loan's default period [S, b] (0: none); otherwise pass 2, returning a `_BlockOutcome`
+    of [S, b] arrays (what is not used is removed by XLA's dead-code elimination), or with
+    `extras` (pass 2 only) the pair (outcome, {name: [T, S, G]}) for each name in extras:
       "volume": this block's Q, as pass 1 gives it (the hazards are the same);
       "recovery_weights": R_g(t) = Σ_i DF d_i 1[EAD_i > Rec_i] n_i a_i (1 − c_i) over the
         block's loans of generation g, so that ∂(Σ_i DF d_i LGD_i)/∂H_g(t) = P_g(t) R_g(t).
@@ -145,7 +158,15 @@ def _revalue_block(
     ln_ltv = jnp.where(positive_ltv, jnp.log(jnp.where(positive_ltv, p.refi_ltv, 1)), -LOG_BIG)
 
     sampled = grid.mode == "sampled"
-    u = jnp.take(uniforms, terms.borrower, axis=1) if sampled else None  # [S, b]
+    # Sampled pass 2 reads pass 1's default periods: the hazards are the same in both passes
+    # (they do not depend on the haircut), so the events are too, and pass 2 only prices them.
+    known = sampled and haircut is not None
+    u = None
+    if sampled and not known:
+        # U_b of each loan's borrower [S, b], drawn here: one Threefry per (scenario, loan),
+        # not a [S, padded B] array drawn for the chunk and gathered by every block.
+        u = default_uniforms_of(defaults.seed, defaults.scenarios, terms.borrower, dtype)
+    period_dtype = _period_dtype(grid.periods)
     # Per-loan-period constants of the hazard, hoisted out of the scenario loop [T, b]: with
     # x = (β_L ln LC + β_C ln CC + refi + √ρ Z − base) · scale, h = Φ(z) = ½ erfc(x), where
     # base(t) = Φ⁻¹(p^Δ) + β_L ln LC^ref(t) + β_C ln CC^ref(t) (the PD anchor's references,
@@ -160,9 +181,36 @@ def _revalue_block(
         n_gen = terms.volume_weights.shape[-1]
         recovery_weights = jax.nn.one_hot(gen, n_gen, dtype=dtype) * terms.recovery_gpus[:, None]
 
+    def price_defaults(carry, f, period, default, crypto, ys):
+        """Pass 2: add this period's loss of the defaults d [S, b] to the carry."""
+        cash, survival, first, loss, defaulted_exposure = carry
+        recovery = terms.recovery_gpus * _take(f.salvage_price, gen) + (
+            terms.crypto_pledged * crypto
+        )
+        exposure = period.exposure_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
+        lgd = jnp.maximum(exposure - recovery, 0)
+        weight = default if discount is None else f.discount[:, None] * default
+        if "recovery_weights" in extras:
+            ys["recovery_weights"] = jnp.matmul(
+                jnp.where(exposure > recovery, weight, 0),
+                recovery_weights,
+                precision=lax.Precision.HIGHEST,
+            )  # [S, G]
+        return (
+            cash,
+            survival,
+            first,
+            loss + weight * lgd,
+            defaulted_exposure + weight * exposure,
+        ), ys
+
     def step(carry, xs):
-        cash, survival, defaulted, loss, defaulted_exposure = carry
-        f, period, base = xs
+        cash, survival, first, loss, defaulted_exposure = carry
+        f, period, base, t = xs
+        if known:  # sampled pass 2: price pass 1's default events, no hazard to recompute
+            default = (defaults == t).astype(dtype)
+            crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
+            return price_defaults(carry, f, period, default, crypto, {})
         rent_g = _take(f.rent, gen)
         ln_price_g = _take(f.ln_price, gen)
         noi = (
@@ -196,8 +244,9 @@ def _revalue_block(
         new_survival = survival * (1 - hazard)
         if sampled:
             crossed = (1 - new_survival) >= u  # 1 − S_i(t) >= U_b
-            default = (crossed & ~defaulted).astype(dtype)
-            defaulted = defaulted | crossed
+            new_default = crossed & (first == 0)
+            default = new_default.astype(dtype)
+            first = jnp.where(new_default, t, first)  # the default period, 0 until then
         else:
             default = survival * hazard
         cash = jnp.maximum(cash + noi - debt_service, 0)
@@ -212,35 +261,21 @@ def _revalue_block(
                 expected = jnp.matmul(
                     survival * hazard, terms.volume_weights, precision=lax.Precision.HIGHEST
                 )
-            return (cash, new_survival, defaulted, loss, defaulted_exposure), (
+            return (cash, new_survival, first, loss, defaulted_exposure), (
                 ys["volume"],
                 expected,
             )
-        recovery = terms.recovery_gpus * _take(f.salvage_price, gen) + (
-            terms.crypto_pledged * crypto
-        )
-        exposure = period.exposure_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
-        lgd = jnp.maximum(exposure - recovery, 0)
-        weight = default if discount is None else f.discount[:, None] * default
-        if "recovery_weights" in extras:
-            ys["recovery_weights"] = jnp.matmul(
-                jnp.where(exposure > recovery, weight, 0),
-                recovery_weights,
-                precision=lax.Precision.HIGHEST,
-            )  # [S, G]
-        return (
-            cash,
-            new_survival,
-            defaulted,
-            loss + weight * lgd,
-            defaulted_exposure + weight * exposure,
-        ), ys
+        carry = (cash, new_survival, first, loss, defaulted_exposure)
+        return price_defaults(carry, f, period, default, crypto, ys)
 
-    shape = (n_scen, block)
+    # Carry (cash, survival, first, loss, defaulted exposure), [S, b] each; `first` is each
+    # loan's default period in sampled pass 1 (0: none yet). What a pass does not update is an
+    # empty placeholder.
+    shape, empty = (n_scen, block), (0, 0)
     carry = (
-        jnp.broadcast_to(terms.cash_usd, shape),
-        jnp.ones(shape, dtype),
-        jnp.zeros(shape, bool),
+        jnp.zeros(empty, dtype) if known else jnp.broadcast_to(terms.cash_usd, shape),
+        jnp.ones(empty if known else shape, dtype),
+        jnp.zeros(shape if sampled and not known else empty, period_dtype),
         jnp.zeros(shape, dtype),
         jnp.zeros(shape, dtype),
     )
@@ -261,14 +296,31 @@ def _revalue_block(
         discount=discount if discount is not None else jnp.zeros((grid.periods, 0), dtype),
     )
     period_terms = _PeriodTerms(*(getattr(terms, name) for name in _PeriodTerms._fields))
-    (_, survival, defaulted, loss, defaulted_exposure), ys = lax.scan(
-        jax.checkpoint(step) if remat_steps else step, carry, (factors, period_terms, hazard_base)
+    periods = jnp.arange(1, grid.periods + 1, dtype=period_dtype)  # t = 1..T
+    (_, survival, first, loss, defaulted_exposure), ys = lax.scan(
+        jax.checkpoint(step) if remat_steps else step,
+        carry,
+        (factors, period_terms, hazard_base, periods),
     )
     if haircut is None:
-        return ys  # (Q, expected) [T, S, G] each
-    default_probability = defaulted.astype(dtype) if sampled else 1 - survival
+        volume, expected = ys  # [T, S, G] each
+        return _Volumes(volume, expected, first if sampled else None)
+    default_probability = (defaults > 0).astype(dtype) if sampled else 1 - survival
     outcome = _BlockOutcome(loss, default_probability, defaulted_exposure)
     return (outcome, ys) if extras else outcome
+
+
+def _period_dtype(periods: int):
+    """The integer type of a period number t = 0..T (0: no default)."""
+    return jnp.uint8 if periods < 256 else jnp.int32
+
+
+class _Volumes(NamedTuple):
+    """Pass 1 of one block."""
+
+    volume: jax.Array  # [T, S, G] Q: the GPUs the block dumps, Σ n a d(t)
+    expected_volume: jax.Array  # [T, S, G] Σ n a S(t−1) h(t) (conditional mode: Q itself)
+    default_period: jax.Array | None  # [S, b] sampled mode: t_i, 0 without a default
 
 
 class _BlockOutcome(NamedTuple):

@@ -30,6 +30,7 @@ __all__ = [
     "STREAM_SHOCKS",
     "default_uniforms_jax",
     "default_uniforms_jax_at",
+    "default_uniforms_of",
     "default_uniforms_np",
     "normal_from_bits",
     "shock_normals_jax",
@@ -356,6 +357,27 @@ def default_uniforms_jax(
     return _default_uniforms_range(
         _seed_arg(seed), _scenario_arg(first_scenario), int(count), int(n_borrowers), dt
     )
+
+
+def default_uniforms_of(seed, scenarios, borrowers, dtype=jnp.float32) -> jax.Array:
+    """Default uniforms (stream 1) of the given borrowers only, for use inside a traced
+    computation (not jitted itself): the uniforms a block of loans reads, generated where
+    it reads them, with the counters of `default_uniforms_np` (bit for bit the same u).
+
+    Args:
+        seed: uint32 scalar (may be traced).
+        scenarios: [S] uint32 scenario indices.
+        borrowers: [b] borrower indices (int32 or uint32), e.g. each loan's borrower; a
+            borrower listed twice gets the same u twice.
+        dtype: float32 or float64.
+    Returns:
+        [S, b] array of `dtype`; entry [s, i] uses counter (a, b) = (scenarios[s], borrowers[i]).
+    """
+    dt = _check_jax_dtype(dtype)
+    x0, _ = threefry2x32_jax(
+        seed, STREAM_DEFAULTS, jnp.asarray(scenarios)[:, None], jnp.asarray(borrowers)[None, :]
+    )
+    return uniform_from_bits(x0, dt)
 
 
 def default_uniforms_jax_at(seed, scenarios, n_borrowers: int, dtype=jnp.float32) -> jax.Array:

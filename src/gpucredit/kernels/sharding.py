@@ -44,11 +44,11 @@ def scenario_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), (AXIS,))
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "per_device", "n_uniforms", "mesh"))
-def _sharded_jit(params, grid, blocks, seed, firsts, per_device, n_uniforms, mesh):
+@functools.partial(jax.jit, static_argnames=("grid", "per_device", "mesh"))
+def _sharded_jit(params, grid, blocks, seed, firsts, per_device, mesh):
     def one_device(params, blocks, seed, firsts):  # firsts: [1] on each device
         losses, loss_sum, pd_sum, ead_sum = _chunk_losses_jit(
-            params, grid, blocks, seed, firsts[0], per_device, n_uniforms, "outcomes"
+            params, grid, blocks, seed, firsts[0], per_device, "outcomes"
         )
         return losses, loss_sum[None], pd_sum[None], ead_sum[None]
 
@@ -83,7 +83,7 @@ def sharded_chunk_outcomes(
         raise ValueError(f"scenarios {first_scenario} .. {last - 1} are not in [0, 2^32)")
     firsts = np.arange(n_devices, dtype=np.uint64) * per_device + int(first_scenario)
     firsts = jax.device_put(firsts.astype(np.uint32), NamedSharding(mesh, P(AXIS)))
-    stripped, n_uniforms = _statics(grid, blocks)
+    stripped = _statics(blocks)
     losses, loss_sum, pd_sum, ead_sum = _sharded_jit(
         _params_arg(params),
         grid,
@@ -91,7 +91,6 @@ def sharded_chunk_outcomes(
         _u32(seed, "seed"),
         firsts,
         int(per_device),
-        n_uniforms,
         mesh,
     )
     n = blocks.n_loans
