@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import click
@@ -27,6 +28,8 @@ EXIT_BAD_INPUT = 2
 # error raised is an instance of a loaded class), so the CLI imports none of them to start.
 BAD_INPUT_ERRORS = (
     ("gpucredit.io.book", "BookError"),
+    ("gpucredit.io.book", "BookFormatError"),
+    ("gpucredit.io.tapes", "TapeError"),
     ("gpucredit.portfolio.document", "AssumptionsError"),
     ("gpucredit.portfolio.settings", "EngineError"),
     ("gpucredit.portfolio.loans", "ScheduleError"),
@@ -48,8 +51,50 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
+class Count(click.ParamType):
+    """A whole number of things (scenarios, loans, workers) written as `1000000`, `1_000_000`
+    or `1e6`; fractions (`1.5`, `2.5e0`), negatives and values below `min` are refused.
+
+    >>> Count(min=1).convert("1e6", None, None), Count().convert("1_000", None, None)
+    (1000000, 1000)
+    """
+
+    name = "count"
+
+    def __init__(self, min: int = 0):
+        self.min = min
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            text, number = str(value), value
+        else:
+            text = str(value).strip()
+            try:
+                exact = Decimal(text)  # exact: 1e6 and 1_000_000 alike, no float rounding
+            except InvalidOperation:
+                exact = None
+            if exact is None or not exact.is_finite() or exact != exact.to_integral_value():
+                self.fail(
+                    f"{value!r} is not a whole number (write e.g. 1000000, 1_000_000 or 1e6).",
+                    param,
+                    ctx,
+                )
+            number = int(exact)
+        if number < 0:
+            self.fail(f"{text} is negative: a count is a whole number >= {self.min}.", param, ctx)
+        if number < self.min:
+            self.fail(f"{text} is below the minimum, {self.min}.", param, ctx)
+        return number
+
+
 ALPHA = FiniteFloatRange(0, 1, min_open=True, max_open=True)  # a confidence level
 SEED = click.IntRange(0, 2**32 - 1)
+COUNT = Count(min=1)  # scenarios, chunk sizes, workers, loans: at least one
+ASSUMPTIONS_HELP = (
+    "Assumptions TOML file whose keys override the defaults (default: none, the defaults; "
+    "see gpucredit assumptions)."
+)
+REPAIR_HELP = "Use the nearest correlation matrix when the assumptions' is not positive definite."
 
 
 class RunFailure(Exception):
@@ -94,7 +139,8 @@ def _book_and_assumptions(book_path, assumptions_path, repair_correlation):
     return read_book(path, assumptions), assumptions
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# show_default: every command's --help shows each option's default (subcommands inherit it).
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="gpucredit")
 def main():
     """Monte Carlo credit risk for loan books secured by GPU fleets."""
@@ -163,19 +209,46 @@ class Progress:
 
 @main.command()
 @click.argument("book", required=False, type=click.Path(dir_okay=False))
-@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
-@click.option("--repair-correlation", is_flag=True, help="Use the nearest correlation matrix.")
 @click.option(
-    "--scenarios", type=click.IntRange(min=1), help="Scenarios (default: the assumptions')."
+    "--assumptions", "assumptions_path", type=click.Path(dir_okay=False), help=ASSUMPTIONS_HELP
+)
+@click.option("--repair-correlation", is_flag=True, help=REPAIR_HELP)
+@click.option(
+    "--scenarios",
+    type=COUNT,
+    help="Scenarios to simulate, e.g. 100000, 100_000 or 1e5 (default: the assumptions').",
 )
 @click.option("--seed", type=SEED, help="Random seed below 2^32 (default: the assumptions').")
-@click.option("--mode", type=click.Choice(MODES))
-@click.option("--alpha", "alphas", type=ALPHA, multiple=True, help="Confidence level(s).")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True)
-@click.option("--chunk-size", type=click.IntRange(min=1), help="Scenarios per chunk.")
-@click.option("--no-sensitivities", is_flag=True)
-@click.option("--no-contributions", is_flag=True)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    help="conditional: expected losses given each scenario's factors (smooth, differentiable); "
+    "sampled: defaults drawn per borrower (default: the assumptions').",
+)
+@click.option(
+    "--alpha",
+    "alphas",
+    type=ALPHA,
+    multiple=True,
+    help="Confidence level of VaR and ES, repeatable (default: the assumptions').",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    help="Where the kernels run: auto picks one for this machine.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="float32",
+    help="Floating-point precision of the simulation.",
+)
+@click.option(
+    "--chunk-size", type=COUNT, help="Scenarios per chunk (default: the backend's, for memory)."
+)
+@click.option("--no-sensitivities", is_flag=True, help="Skip the AD sensitivities of EL and ES.")
+@click.option("--no-contributions", is_flag=True, help="Skip each loan's Euler contribution to ES.")
 @click.option(
     "--stress",
     "stresses",
@@ -190,7 +263,9 @@ class Progress:
     help="Skip the calibration table (model vs input PDs by borrower type and generation, "
     "and the paper-vs-path loans) and its year-1 pass.",
 )
-@click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False), default="results", help="Directory for the results."
+)
 @click.option(
     "--importance-sampling",
     is_flag=True,
@@ -199,9 +274,14 @@ class Progress:
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option(
-    "--workers", type=click.IntRange(min=1), help="Run on a local Dask cluster of N processes."
+    "--workers",
+    type=COUNT,
+    help="Run on a local Dask cluster of N processes (default: in this process).",
 )
-@click.option("--scheduler", help="Run on the Dask cluster at this address (tcp://host:8786).")
+@click.option(
+    "--scheduler",
+    help="Run on the Dask cluster at this address, e.g. tcp://host:8786 (default: none).",
+)
 @click.option(
     "--keep-losses/--tails-only",
     "keep_losses",
@@ -211,7 +291,7 @@ class Progress:
     f"tail_losses.parquet instead). Default: keep them up to {KEEP_LOSSES_MAX_SCENARIOS:,} "
     "scenarios.",
 )
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress or notes on stderr; the summary only.")
 @friendly_errors
 def run(
     book,
@@ -330,14 +410,17 @@ def run(
 
 
 @main.command()
-@click.argument("book", type=click.Path(dir_okay=False))
-@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
-@click.option("--repair-correlation", is_flag=True)
+@click.argument("book", required=False, type=click.Path(dir_okay=False))
+@click.option(
+    "--assumptions", "assumptions_path", type=click.Path(dir_okay=False), help=ASSUMPTIONS_HELP
+)
+@click.option("--repair-correlation", is_flag=True, help=REPAIR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @friendly_errors
 def validate(book, assumptions_path, repair_correlation, as_json):
-    """Validate BOOK and print today's summary (exposure, LTV, coverage) and the loans whose
-    central path cannot pay their debt service or refinance their balloon (paper vs path)."""
+    """Validate BOOK (default: the embedded example) and print today's summary (exposure, LTV,
+    coverage) and the loans whose central path cannot pay their debt service or refinance their
+    balloon (paper vs path)."""
     from gpucredit.io.summary_text import print_book_summary, print_paper_vs_path
     from gpucredit.portfolio.calibration import paper_vs_path
     from gpucredit.portfolio.loans import loan_arrays
@@ -355,8 +438,13 @@ def validate(book, assumptions_path, repair_correlation, as_json):
 
 @main.command()
 @click.option("--matrix", is_flag=True, help="Print the assembled correlation matrix.")
-@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
-@click.option("--repair-correlation", is_flag=True)
+@click.option(
+    "--assumptions",
+    "assumptions_path",
+    type=click.Path(dir_okay=False),
+    help="With --matrix: assemble the matrix of this assumptions file (default: the defaults').",
+)
+@click.option("--repair-correlation", is_flag=True, help=REPAIR_HELP)
 @friendly_errors
 def assumptions(matrix, assumptions_path, repair_correlation):
     """Print the default assumptions file (or, with --matrix, the correlation matrix)."""
@@ -374,20 +462,66 @@ def assumptions(matrix, assumptions_path, repair_correlation):
 
 
 @main.command("make-book")
-@click.option("--loans", "n_loans", type=click.IntRange(min=1), required=True)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option("--loans", "n_loans", type=COUNT, required=True, help="Loans, e.g. 2000 or 1e6.")
+@click.option("--seed", type=SEED, default=0, help="Random seed below 2^32.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="File to write; its extension names the format: .parquet, .arrow or .feather "
+    "(Arrow IPC), .csv, or .xlsx (the extra excel).",
+)
 @friendly_errors
 def make_book_command(n_loans, seed, out):
-    """Write a reproducible synthetic book of realistic borrowers (Parquet or Arrow)."""
-    from gpucredit.io.book import write_book
+    """Write a reproducible synthetic book of realistic borrowers in the format --out's
+    extension names."""
+    from gpucredit.io.book import book_write_format, write_book
     from gpucredit.portfolio.makebook import make_book
 
+    book_write_format(out)  # an unknown extension is refused before any work
     try:
         path = write_book(make_book(n_loans, seed), out)
     except OSError as error:
         raise RunFailure(f"cannot write {out}: {error.strerror or error}") from None
     click.echo(f"wrote {n_loans:,} loans to {path}")
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print docs/schema.md (Markdown) instead.")
+@click.option(
+    "--template",
+    "template_path",
+    type=click.Path(dir_okay=False),
+    help="Write a one-loan example book to this file, in the format its extension names "
+    "(.parquet, .arrow, .feather, .csv, .xlsx) (default: none, print the schema).",
+)
+@friendly_errors
+def schema(markdown, template_path):
+    """Print the book schema: every column's type, unit, default, rule and meaning
+    (docs/schema.md), or write a template book to start from."""
+    from gpucredit.io.schema import HEADER, schema_markdown, schema_rows, write_template
+
+    if template_path is not None:
+        from gpucredit.io.book import book_write_format
+
+        book_write_format(template_path)  # an unknown extension is refused clearly
+        try:
+            path = write_template(template_path)
+        except OSError as error:
+            raise RunFailure(f"cannot write {template_path}: {error.strerror or error}") from None
+        click.echo(f"wrote a one-loan template book to {path}")
+        return
+    if markdown:
+        click.echo(schema_markdown(), nl=False)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*HEADER, title="Book schema (docs/schema.md)", show_lines=False)
+    table.columns[0].no_wrap = True
+    for row in schema_rows():
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @main.command()
@@ -403,22 +537,34 @@ def report(directory):
 
 @main.command("reverse-stress")
 @click.argument("book", required=False, type=click.Path(dir_okay=False))
-@click.option("--assumptions", "assumptions_path", type=click.Path(dir_okay=False))
-@click.option("--repair-correlation", is_flag=True)
+@click.option(
+    "--assumptions", "assumptions_path", type=click.Path(dir_okay=False), help=ASSUMPTIONS_HELP
+)
+@click.option("--repair-correlation", is_flag=True, help=REPAIR_HELP)
 @click.option(
     "--loss",
     "loss_usd",
     type=FiniteFloatRange(min=0, min_open=True),
-    help="Target portfolio loss in USD.",
+    help="Target portfolio loss in USD, e.g. 1e9 (default: none, the VaR at --alpha).",
 )
 @click.option(
     "--alpha",
     type=ALPHA,
     help="Target the VaR at this level from a plain run (default 0.999 when --loss is absent).",
 )
-@click.option("--scenarios", type=click.IntRange(min=1), default=20_000, show_default=True)
-@click.option("--seed", type=SEED)
-@click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
+@click.option(
+    "--scenarios",
+    type=COUNT,
+    default=20_000,
+    help="Scenarios of the plain run that finds the VaR (with --alpha).",
+)
+@click.option("--seed", type=SEED, help="Random seed of that run (default: the assumptions').")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="results",
+    help="Directory for reverse_stress.json (its report is re-rendered when there is one).",
+)
 @friendly_errors
 def reverse_stress(
     book, assumptions_path, repair_correlation, loss_usd, alpha, scenarios, seed, out
@@ -464,8 +610,13 @@ def reverse_stress(
 
 @main.command("validate-model")
 @click.option("--quick", is_flag=True, help="The short form (about a minute; run by make test).")
-@click.option("--out", type=click.Path(file_okay=False), default="validation", show_default=True)
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="validation",
+    help="Directory for validation.html and validation.json.",
+)
+@click.option("--seed", type=SEED, default=0, help="Random seed below 2^32.")
 @friendly_errors
 def validate_model(quick, out, seed):
     """Run the model validation checks; write validation.html and validation.json.
@@ -501,7 +652,12 @@ def validate_model(quick, out, seed):
 
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Small sizes: about a minute on a CPU.")
-@click.option("--out", type=click.Path(file_okay=False), default="bench/results", show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="bench/results",
+    help="Directory for <device>.json and <device>.md.",
+)
 @click.option("--name", default=None, help="Results file name (default: the device).")
 @friendly_errors
 def bench_command(quick, out, name):
