@@ -613,6 +613,14 @@ def test_csv_with_semicolons_a_bom_spaces_and_yes_no_booleans(tmp_path):
     assert not book.crypto_pledged.any()
 
 
+def test_csv_header_names_are_read_without_padding(tmp_path):
+    path = tmp_path / "padded.csv"
+    write_book(pa.table(good_columns()), path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0].replace('"gpu_count"', '" gpu_count "'), *lines[1:]]))
+    assert read_book(path, ASSUMPTIONS).gpu_count.tolist() == [1024.0] * 4
+
+
 def test_a_ragged_csv_is_refused_as_a_csv(tmp_path):
     path = tmp_path / "book.csv"
     path.write_text("loan_id,borrower_id\nL1,B1\nL2\n")

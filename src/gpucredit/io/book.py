@@ -232,7 +232,7 @@ def file_format(head: bytes) -> str:
     """The format a file's first bytes name: "parquet", "arrow file", "arrow stream",
     "excel" (a zip: .xlsx), "xls" (the legacy binary), or "csv" for text (no NUL byte).
 
-    >>> file_format(b"PAR1...."), file_format(b"loan_id,borrower_id\n")
+    >>> file_format(b"PAR1...."), file_format(b"loan_id,borrower_id")
     ('parquet', 'csv')
     """
     if head[:4] == b"PAR1":

@@ -66,10 +66,14 @@ def read_csv_tape(path: Path) -> Tape:
         raise TapeError(f"not a readable CSV file ({e})") from None
     names, arrays, bad_cells = [], [], []
     for k, name in enumerate(table.column_names):
+        name = name.strip()  # " balance_usd" from a hand-edited header is balance_usd
         column = BOOK_SCHEMA_BY_NAME.get(name)
         array = table.column(k)
         if column is not None:
-            array, bad = _coerce_text(column, array.combine_chunks())
+            text = array.combine_chunks()
+            if not pa.types.is_string(text.type):  # a padded name escaped column_types
+                text = pc.cast(text, pa.string())
+            array, bad = _coerce_text(column, text)
             bad_cells += bad
         names.append(name)
         arrays.append(array)
