@@ -362,6 +362,12 @@ def test_binary_junk_names_every_readable_format(tmp_path):
     assert "Parquet, Arrow IPC/Feather, CSV (UTF-8 text) or Excel .xlsx" in str(error)
 
 
+def test_a_utf16_csv_is_refused_clearly(tmp_path):
+    path = tmp_path / "book.csv"
+    path.write_text("loan_id,borrower_id\nL1,B1\n", encoding="utf-16")
+    assert str(refusal(path)) == f"{path}: UTF-16 text: save the CSV as UTF-8"
+
+
 def test_a_legacy_xls_file_is_refused_clearly(tmp_path):
     path = tmp_path / "book.xls"
     path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 100)
@@ -377,6 +383,7 @@ def test_a_legacy_xls_file_is_refused_clearly(tmp_path):
         (b"PK\x03\x04\x14\x00", "excel"),
         (b"\xef\xbb\xbfloan_id;rate\r\n", "csv"),
         (b"loan_id,borrower_id\n", "csv"),
+        (b"\xff\xfel\x00o\x00", "utf-16"),
     ],
 )
 def test_file_format_is_told_by_the_first_bytes(head, kind):

@@ -211,6 +211,8 @@ def _open_file(source: Path) -> _Opened:
     kind = file_format(head)
     if kind == "xls":
         raise refuse("an Excel 97-2003 .xls file: save it as .xlsx or CSV")
+    if kind == "utf-16":
+        raise refuse("UTF-16 text: save the CSV as UTF-8")
     if kind in ("csv", "excel"):
         from gpucredit.io.tapes import TapeError, read_csv_tape, read_excel_tape
 
@@ -230,7 +232,8 @@ def _open_file(source: Path) -> _Opened:
 
 def file_format(head: bytes) -> str:
     """The format a file's first bytes name: "parquet", "arrow file", "arrow stream",
-    "excel" (a zip: .xlsx), "xls" (the legacy binary), or "csv" for text (no NUL byte).
+    "excel" (a zip: .xlsx), "xls" (the legacy binary), "utf-16" (text with its byte-order
+    mark), or "csv" for text (no NUL byte).
 
     >>> file_format(b"PAR1...."), file_format(b"loan_id,borrower_id")
     ('parquet', 'csv')
@@ -243,6 +246,8 @@ def file_format(head: bytes) -> str:
         return "excel"
     if head[:8] == b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1":
         return "xls"
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff") and head[:4] != b"\xff\xff\xff\xff":
+        return "utf-16"  # Excel's "Unicode text" export
     if b"\x00" not in head:
         return "csv"
     return "arrow stream"  # 0xFFFFFFFF then a length (older streams: the length alone)
