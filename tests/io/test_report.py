@@ -677,3 +677,73 @@ def test_report_renders_in_headless_chromium(chromium, full_report, tmp_path):
     assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (1280, 4000)
+
+
+# ----------------------------------------------------------------------------- names are data
+
+HOSTILE_NAMES = ("[/]", "[us]", r"$\cmd$", "$x$", "\x1b[31mred", "\x1b]8;;u\x07l", "<b>&", "a_b^c")
+
+
+def test_names_are_data_in_the_report(tmp_path: Path):
+    """Issue 20 item 5: "$\\cmd$" in a borrower or generation name made matplotlib raise and
+    left no report; control characters reached the page. Every name the report shows, in
+    tables and in chart labels, is shown as written."""
+    directory = write_results_dir(tmp_path / "r")
+    summary = json.loads((directory / "summary.json").read_text())
+    losses = pq.read_table(directory / "losses.parquet").column("loss_usd").to_numpy()
+    contributions = pq.read_table(directory / "contributions.parquet")
+    n = contributions.num_rows
+    names = [f"{HOSTILE_NAMES[i % len(HOSTILE_NAMES)]}{i // len(HOSTILE_NAMES)}" for i in range(n)]
+    for column in ("loan_id", "borrower_id", "borrower_type", "gpu_generation"):
+        index = contributions.schema.get_field_index(column)
+        contributions = contributions.set_column(index, column, pa.array(names))
+    sensitivities = pq.read_table(directory / "sensitivities.parquet")
+    parameters = [f"generations.{names[i % n]}.depreciation" for i in range(sensitivities.num_rows)]
+    sensitivities = sensitivities.set_column(0, "parameter", pa.array(parameters))
+    group = next(iter(summary["book"]["by_generation"].values()))
+    summary["book"]["by_generation"] = {name: group for name in HOSTILE_NAMES}
+    summary["stress"] = {name: summary["stress"]["gpu_crash"] for name in HOSTILE_NAMES}
+    design = {
+        "target_loss_usd": 1e8,
+        "loss_usd": 1.1e8,
+        "central_loss_usd": 1e6,
+        "distance": 3.1,
+        "likelihood_ratio": 0.008,
+        "converged": True,
+        "paths": {f"rent:{name}": [1.0, 0.8, 0.7] for name in HOSTILE_NAMES},
+        "central_paths": {f"rent:{name}": [1.0, 0.9, 0.85] for name in HOSTILE_NAMES},
+        "loss_by_generation": {name: 1e7 for name in HOSTILE_NAMES},
+        "loss_by_borrower_type": {"miner": 1.1e8},
+    }
+    text = render_report(summary, losses, contributions, sensitivities, reverse_stress=design)
+    assert "\x1b" not in text and "\x07" not in text
+    for name in HOSTILE_NAMES:
+        shown = html.escape(name.replace("\x1b", "\\x1b").replace("\x07", "\\x07"))
+        assert f">{shown}<" in text, name  # the book's generations and the stresses
+        assert f">rent:{shown}<" not in text  # factor names are chart titles, not tables
+    assert len(_image_sources(text)) == 8  # every chart drew, the reverse stress's included
+
+
+def test_report_ignores_a_usetex_matplotlibrc(tmp_path: Path):
+    """Labels are escaped for mathtext; a matplotlibrc asking for LaTeX must not apply."""
+    import matplotlib
+
+    directory = write_results_dir(tmp_path / "r", sensitivities=False)
+    with matplotlib.rc_context({"text.usetex": True}):
+        text = render_report_from_dir(directory).read_text(encoding="utf-8")
+    assert len(_image_sources(text)) == 6
+
+
+def test_unreadable_summaries_are_refused_naming_the_file(tmp_path: Path):
+    directory = write_results_dir(tmp_path / "r", contributions=False, sensitivities=False)
+    summary = directory / "summary.json"
+    summary.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ReportError, match=r"summary\.json: nested too deeply"):
+        render_report_from_dir(directory)
+    summary.write_bytes(b'{"metadata": "caf\xe9"}')
+    with pytest.raises(ReportError, match=r"summary\.json: is not UTF-8 text"):
+        render_report_from_dir(directory)
+    summary.unlink()
+    os.mkfifo(summary)  # opening it for reading used to wait for a writer
+    with pytest.raises(ReportError, match=r"summary\.json: is not a regular file"):
+        render_report_from_dir(directory)

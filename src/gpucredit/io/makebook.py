@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from gpucredit.io.book import write_book
+from gpucredit.io.names import terminal
 from gpucredit.portfolio.makebook import EXAMPLE_LOANS, EXAMPLE_SEED, make_book
 
 EXAMPLE_BOOK = Path(__file__).resolve().parents[1] / "data" / "example_book.parquet"
@@ -22,7 +23,7 @@ def main(argv: list[str]) -> None:
     seed = int(argv[1]) if len(argv) > 1 else EXAMPLE_SEED
     out = Path(argv[2]) if len(argv) > 2 else EXAMPLE_BOOK
     write_book(make_book(n_loans, seed), out)
-    print(f"wrote {out} ({n_loans} loans, seed {seed})")
+    print(f"wrote {terminal(out)} ({n_loans} loans, seed {seed})")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 import io
 import json
 import math
@@ -27,10 +26,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gpucredit.io import names
 from gpucredit.io.files import write_atomically
+from gpucredit.io.text_files import TextFileError, read_text_file
 from gpucredit.portfolio.risk import LossHistogram
 from gpucredit.portfolio.sensitivities import parameter_moves
 
@@ -78,7 +80,7 @@ class ReportError(Exception):
 
 
 def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
+    return names.html(value)
 
 
 def _num(value: object) -> float | None:
@@ -760,7 +762,7 @@ def _grouped_bars(labels: Sequence[str], el: np.ndarray, es: np.ndarray, es_labe
     h = 0.38
     ax.barh(y - h / 2, el / 1e6, height=h, color=C_EL, label="EL")
     ax.barh(y + h / 2, es / 1e6, height=h, color=C_ES, label=es_label)
-    ax.set_yticks(y, labels=[str(s) for s in labels], fontsize=8)
+    ax.set_yticks(y, labels=[names.mathtext(s) for s in labels], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("$M")
     ax.set_title(title, fontsize=11)
@@ -794,7 +796,7 @@ def _contributions(contributions: pa.Table | None) -> str:
     ]
 
     def group_block(key: str, heading: str, top: int | None) -> str:
-        names, (count, bal, g_el, g_es) = _group_sum(_column(contributions, key), balance, el, es)
+        groups, (count, bal, g_el, g_es) = _group_sum(_column(contributions, key), balance, el, es)
         order = np.argsort(-(g_es if es_cols else g_el), kind="stable")
         shown = order[:top] if top is not None else order
         label_of = {"borrower_id": "borrower", "borrower_type": "borrower type"}
@@ -805,12 +807,12 @@ def _contributions(contributions: pa.Table | None) -> str:
             else f"EL and {es_label} contributions by {what}"
         )
         fig = _grouped_bars(
-            [names[i] for i in shown], g_el[shown], g_es[shown], es_label, chart_title
+            [groups[i] for i in shown], g_el[shown], g_es[shown], es_label, chart_title
         )
         chart = _figure_html(fig, chart_title)
         rows = [
             [
-                str(names[i]),
+                str(groups[i]),
                 fmt_int(count[i]),
                 fmt_usd(bal[i]),
                 _share(bal[i], total_balance),
@@ -897,7 +899,7 @@ def _sensitivities(sensitivities: pa.Table | None) -> str:
     vals = impact[order] / 1e6
     ax.barh(y, vals, color=[C_POS if v > 0 else C_NEG for v in vals], height=0.6)
     ax.axvline(0, color="#333333", linewidth=0.8)
-    ax.set_yticks(y, labels=labels, fontsize=8)
+    ax.set_yticks(y, labels=[names.mathtext(s) for s in labels], fontsize=8)
     ax.invert_yaxis()
     ax.grid(False, axis="y")
     ax.set_xlabel(f"Change in {measure} ($M)")
@@ -1029,12 +1031,12 @@ def _book(summary: dict) -> str:
             + _table([heading, "Loans", "Exposure", "Share", "GPUs", "LTV", "DSCR"], rows)
         )
         if key == "by_generation":
-            names = list(groups)
-            exposure = np.array([_num(_get(groups[n], "exposure_usd")) or 0.0 for n in names])
+            generations = list(groups)
+            exposure = np.array([_num(_get(groups[n], "exposure_usd")) or 0.0 for n in generations])
             fig, ax = _new_figure(10, 3.2)
-            x = np.arange(len(names))
+            x = np.arange(len(generations))
             ax.bar(x, exposure / 1e6, color=C_BAR, width=0.6)
-            ax.set_xticks(x, labels=[str(n) for n in names], fontsize=9)
+            ax.set_xticks(x, labels=[names.mathtext(n) for n in generations], fontsize=9)
             ax.set_ylabel("Exposure ($M)")
             ax.set_title("Exposure by GPU generation", fontsize=11)
             ax.grid(False, axis="x")
@@ -1077,11 +1079,11 @@ def _reverse_stress(design: dict | None) -> str:
     paths = design.get("paths") or {}
     central = design.get("central_paths") or {}
     if paths:
-        names = list(paths)
+        factors = list(paths)
         columns = 4
-        rows = -(-len(names) // columns)
+        rows = -(-len(factors) // columns)
         fig = Figure(figsize=(12, 2.3 * rows), layout="constrained")
-        for k, name in enumerate(names):
+        for k, name in enumerate(factors):
             ax = fig.add_subplot(rows, columns, k + 1)
             _style_axes(ax)
             values = np.asarray(paths[name], dtype=float)
@@ -1095,7 +1097,7 @@ def _reverse_stress(design: dict | None) -> str:
                     linestyle="--",
                     label="central",
                 )
-            ax.set_title(name, fontsize=9)
+            ax.set_title(names.mathtext(name), fontsize=9)
             if k == 0:
                 ax.legend(fontsize=8)
         parts.append(
@@ -1232,21 +1234,24 @@ def render_report(
         losses = None
     book = _book_name(summary)
     nav = "".join(f'<a href="#{a}">{_esc(t)}</a>' for a, t in _SECTIONS)
-    body = [
-        _header(summary, when),
-        f"<nav>{nav}</nav>",
-        _headline(summary),
-        _loss_distribution(summary, losses),
-        _calibration(summary),
-        _contributions(contributions),
-        _sensitivities(sensitivities),
-        _stress(summary),
-        _book(summary),
-        _reverse_stress(reverse_stress),
-        _metadata(summary),
-        f"<footer>gpucredit {_esc(fmt_general(_get(summary, 'metadata', 'version')))} \u2014 "
-        f"generated {_esc(when.strftime('%Y-%m-%d %H:%M:%S UTC'))}</footer>",
-    ]
+    # Names in labels are escaped for mathtext (io/names.py); LaTeX would need other escapes,
+    # so a matplotlibrc asking for usetex is overridden here.
+    with rc_context({"text.usetex": False}):
+        body = [
+            _header(summary, when),
+            f"<nav>{nav}</nav>",
+            _headline(summary),
+            _loss_distribution(summary, losses),
+            _calibration(summary),
+            _contributions(contributions),
+            _sensitivities(sensitivities),
+            _stress(summary),
+            _book(summary),
+            _reverse_stress(reverse_stress),
+            _metadata(summary),
+            f"<footer>gpucredit {_esc(fmt_general(_get(summary, 'metadata', 'version')))} "
+            f"\u2014 generated {_esc(when.strftime('%Y-%m-%d %H:%M:%S UTC'))}</footer>",
+        ]
     title = f"gpucredit report \u2014 {book}" if book else "gpucredit report"
     return (
         "<!DOCTYPE html>\n"
@@ -1268,16 +1273,18 @@ def _check_columns(table: pa.Table | None, required: Sequence[str], what: str) -
 
 
 def _read_summary(path: Path) -> dict:
+    if not path.exists():
+        raise ReportError(f"{path}: file not found (summary.json is required)")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ReportError(f"{path}: file not found (summary.json is required)") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ReportError(f"{path}: cannot read: {error}") from None
+        text = read_text_file(path)  # a FIFO or a device is refused, not waited on
+    except TextFileError as error:
+        raise ReportError(f"{path}: {error}") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         raise ReportError(f"{path}: not valid JSON: {error}") from None
+    except RecursionError:  # json recurses into nested arrays and objects
+        raise ReportError(f"{path}: nested too deeply to be a results file") from None
     if not isinstance(document, dict):
         raise ReportError(f"{path}: expected a JSON object, got {type(document).__name__}")
     return document
