@@ -790,3 +790,11 @@ def test_a_message_lists_at_most_100_problems(tmp_path):
         load_assumptions(write(tmp_path, text))
     assert len(info.value.problems) == 250
     assert "250 problem(s)" in str(info.value) and "... and 150 more" in str(info.value)
+
+
+def test_matrix_text_shows_generation_names_as_written(tmp_path):
+    """A generation's name is the user's: control characters in it never reach the terminal."""
+    text = NEW_GENERATION.replace("GB300", '"G\\u001b[2J"')
+    matrix = assembled_matrix_text(load_assumptions(write(tmp_path, text)))
+    assert "\x1b" not in matrix and "rent:G\\x1b[2J" in matrix
+    assert len({len(line) for line in matrix.splitlines()}) == 1  # columns still line up

@@ -14,6 +14,7 @@ import importlib.resources
 import tomllib
 from pathlib import Path
 
+from gpucredit.io.names import terminal
 from gpucredit.io.text_files import TextFileError, read_text_file
 from gpucredit.portfolio.assumptions import Assumptions, apply_layer
 from gpucredit.portfolio.document import AssumptionsError
@@ -69,8 +70,9 @@ def _parse(text: str, source: str) -> dict:
 
 
 def assembled_matrix_text(assumptions: Assumptions) -> str:
-    """The correlation matrix [K, K] as text, factor names labelling rows and columns."""
-    names = assumptions.factor_names
+    """The correlation matrix [K, K] as text, factor names labelling rows and columns (shown
+    as written: a generation's name is the user's, io/names.py)."""
+    names = [terminal(name) for name in assumptions.factor_names]
     sigma = assumptions.correlation_matrix()
     label_width = max(len(name) for name in names)
     widths = [max(len(name), 6) for name in names]
