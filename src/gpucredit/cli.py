@@ -11,7 +11,6 @@ import functools
 import json
 import math
 import sys
-import time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -152,61 +151,6 @@ def main():
 # ----------------------------------------------------------------------------- run
 
 
-class Progress:
-    """A bar with scenarios/s and ETA on a terminal, plain log lines otherwise, or nothing."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-        self._bar = None
-        self._last_log = 0.0
-        self._start = time.perf_counter()
-
-    def __enter__(self):
-        if not self.quiet and self.tty:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(
-                TextColumn("scenarios"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                transient=True,
-            )
-            self._bar.__enter__()
-            self._task = self._bar.add_task("pass 1", total=None, rate="")
-        return self
-
-    def __exit__(self, *exc):
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        rate = done / elapsed
-        if self._bar is not None:
-            self._bar.update(self._task, completed=done, total=total, rate=f"{rate:,.0f}/s")
-        elif time.perf_counter() - self._last_log > 5.0 or done == total:
-            self._last_log = time.perf_counter()
-            eta = (total - done) / rate if rate > 0 else float("nan")
-            click.echo(
-                f"pass 1: {done:,}/{total:,} scenarios, {rate:,.0f}/s, eta {eta:,.0f} s", err=True
-            )
-
-    def note(self, message: str) -> None:
-        if not self.quiet:
-            click.echo(message, err=True)
-
-
 @main.command()
 @click.argument("book", required=False, type=click.Path(dir_okay=False))
 @click.option(
@@ -319,6 +263,7 @@ def run(
     """Simulate BOOK (default: the embedded example) and report EL, VaR and ES."""
     if workers is not None and scheduler is not None:
         raise click.UsageError("--workers and --scheduler are mutually exclusive")
+    from gpucredit.io.progress import RunProgress
     from gpucredit.io.results import (
         Checkpoint,
         prepare_output_dir,
@@ -380,7 +325,7 @@ def run(
         if not quiet:
             click.echo(f"importance sampling: shift |z*| = {point.distance:.3f}", err=True)
         config = dataclasses.replace(config, normal_shift=normal_shift)
-    with Progress(quiet) as progress:
+    with RunProgress(quiet) as progress:
         progress.note(
             f"gpucredit {__version__}: {len(loans):,} loans, {config.scenarios:,} scenarios, "
             f"{config.mode} mode, seed {config.seed}"
