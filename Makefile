@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/gpucredit run --out results --stress paper-metrics
+	$(BIN)/gpucredit run --out results --stress next-gen-glut --stress crypto-winter \
+		--stress liquidity-freeze --stress rate-shock --stress paper-metrics
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -693,7 +693,9 @@ def test_run_result_answers_a_notebook_user(assumptions):
         BOOK, assumptions, scenarios=512, backend="numpy", el_sensitivity_scenarios=64
     )
     assert (result.el, result.el_se) == (result.measures.el, result.measures.el_se)
-    assert result.es_se(0.99) == result.measures.at(0.99).es_se
+    # 512 scenarios: 0.16 tail scenarios a batch at 99%, too few for an honest interval
+    assert np.isnan(result.es_se(0.99)) and np.isfinite(result.measures.at(0.99).es_se)
+    assert "run at least 10,000 scenarios" in result.warnings[0]
     assert result.exposure_usd == pytest.approx(BOOK.balance_usd.sum())
     measures = result.to_arrow("measures").to_pydict()
     assert measures["measure"] == ["el", "var", "es", "var", "es"]
