@@ -1076,8 +1076,8 @@ def markdown(report: dict) -> str:
         + " (max relative error against the NumPy reference).",
         "",
         "| case | loans | scenarios | loan-periods/s | seconds | compile s | peak RSS MiB"
-        " | device MiB | roofline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | device MiB | roofline | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["cases"]:
         c = r["case"]
@@ -1086,7 +1086,7 @@ def markdown(report: dict) -> str:
         )
         name += f" {c['mode']}" + (" 1 period" if c.get("periods") == 1 else "")
         if "error" in r:
-            lines.append(f"| {name} | {c['loans']:,} | {c['scenarios']:,} | {r['error']} |||||")
+            lines.append(f"| {name} | {c['loans']:,} | {c['scenarios']:,} | {r['error']} ||||||")
             continue
         if c["kind"] == "gradient":
             name += f" (×{r['gradient_over_forward']:.2f} tail fwd)"
@@ -1095,7 +1095,7 @@ def markdown(report: dict) -> str:
             f"| {name} | {c['loans']:,} | {c['scenarios']:,} | {_si(r['loan_periods_per_s'])}"
             f" | {r['seconds']:.2f} | {r['compile_seconds']:.1f} | {r['peak_rss_mib']:.0f}"
             f" | {r.get('peak_device_mib', 0) or 0:.0f}"
-            f" | {'' if frac is None else f'{100 * frac:.1f}%'} |"
+            f" | {'' if frac is None else f'{100 * frac:.1f}%'} | {_load_range(r)} |"
         )
     roof = summary.get("roofline", {})
     flops, peak = roof.get("flops_per_loan_period", {}), roof.get("peak", {})
@@ -1197,6 +1197,12 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _load_range(r: dict) -> str:
+    """The 1-minute load average when the case started → ended ('' if not recorded)."""
+    before, after = r.get("load_average_before"), r.get("load_average_after")
+    return "" if before is None or after is None else f"{before:.1f} → {after:.1f}"
 
 
 def _fmt(x: float | None) -> str:
