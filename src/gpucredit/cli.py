@@ -6,6 +6,7 @@ Each command imports what it needs when it runs: importing this module (for `--h
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -119,14 +120,60 @@ def friendly_errors(command):
             sys.exit(130)
         except Exception as error:
             if isinstance(error, _loaded(BAD_INPUT_ERRORS)):
-                click.echo(f"error: {error}", err=True)
+                _error(error)
                 sys.exit(EXIT_BAD_INPUT)
             if isinstance(error, (RunFailure, *_loaded(RUN_FAILURE_ERRORS))):
-                click.echo(f"error: {error}", err=True)
+                _error(error)
                 sys.exit(1)
+            # Not a bug of ours but of the environment or the input: a file that cannot be
+            # read or written, a request larger than memory, input nested too deep.
+            if isinstance(error, OSError):
+                where = f"{error.filename}: " if error.filename else ""
+                _error(f"{where}{error.strerror or error}")
+                sys.exit(EXIT_BAD_INPUT)
+            if isinstance(error, MemoryError):
+                _error("not enough memory: lower --scenarios or --chunk-size")
+                sys.exit(EXIT_BAD_INPUT)
+            if isinstance(error, RecursionError):
+                _error("the input is nested too deeply to read")
+                sys.exit(EXIT_BAD_INPUT)
             raise
 
     return wrapper
+
+
+def _error(error) -> None:
+    """`error: ...` on stderr, every name in it shown as written (control characters escaped)."""
+    from gpucredit.io.names import terminal
+
+    click.echo(f"error: {terminal(error, keep_newlines=True)}", err=True)
+
+
+def _shown(path) -> str:
+    """A path for the terminal (control characters in it escaped)."""
+    from gpucredit.io.names import terminal
+
+    return terminal(path)
+
+
+def _out_option(ctx, param, value):
+    """--out: an empty path would write into the current directory; refuse it."""
+    if value is not None and not str(value).strip():
+        raise click.BadParameter("must not be empty: give a directory, e.g. --out results")
+    return value
+
+
+def _json_safe(value):
+    """`value` with every infinity and NaN as None: JSON has neither (null instead)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if hasattr(value, "item") and callable(value.item):  # a NumPy scalar
+        return _json_safe(value.item())
+    return value
 
 
 def _book_and_assumptions(book_path, assumptions_path, repair_correlation):
@@ -208,7 +255,11 @@ def main():
     "and the paper-vs-path loans) and its year-1 pass.",
 )
 @click.option(
-    "--out", type=click.Path(file_okay=False), default="results", help="Directory for the results."
+    "--out",
+    type=click.Path(file_okay=False),
+    default="results",
+    callback=_out_option,
+    help="Directory for the results (its result files are replaced only when the run completes).",
 )
 @click.option(
     "--importance-sampling",
@@ -225,6 +276,24 @@ def main():
 @click.option(
     "--scheduler",
     help="Run on the Dask cluster at this address, e.g. tcp://host:8786 (default: none).",
+)
+@click.option(
+    "--tls-ca-file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="With a tls:// --scheduler: the CA certificate that signed the cluster's "
+    "(default: Dask's config, distributed.comm.tls.ca-file).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, exists=True),
+    help="With a tls:// --scheduler: this client's certificate "
+    "(default: Dask's config, distributed.comm.tls.client.cert).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, exists=True),
+    help="With a tls:// --scheduler: this client's private key "
+    "(default: Dask's config, distributed.comm.tls.client.key).",
 )
 @click.option(
     "--keep-losses/--tails-only",
@@ -257,16 +326,30 @@ def run(
     resume,
     workers,
     scheduler,
+    tls_ca_file,
+    tls_cert,
+    tls_key,
     keep_losses,
     quiet,
 ):
     """Simulate BOOK (default: the embedded example) and report EL, VaR and ES."""
     if workers is not None and scheduler is not None:
         raise click.UsageError("--workers and --scheduler are mutually exclusive")
+    tls = {
+        "distributed.comm.tls.ca-file": tls_ca_file,
+        "distributed.comm.tls.client.cert": tls_cert,
+        "distributed.comm.tls.client.key": tls_key,
+    }
+    tls = {key: value for key, value in tls.items() if value is not None}
+    if tls and scheduler is None:
+        raise click.UsageError("--tls-ca-file, --tls-cert and --tls-key go with --scheduler")
     from gpucredit.io.progress import RunProgress
     from gpucredit.io.results import (
+        RESULT_FILES,
         Checkpoint,
+        OutputLock,
         prepare_output_dir,
+        refuse_overwriting_inputs,
         write_results,
     )
     from gpucredit.io.summary_text import print_run_summary
@@ -294,61 +377,86 @@ def run(
     )
     for a in (assumptions, *(case.assumptions for case in cases)):
         check_schedules(loans, a)  # before the output directory exists
-    out_dir = prepare_output_dir(Path(out))
-    checkpoint = Checkpoint(
-        out_dir,
-        loans,
-        assumptions,
-        config.scenarios,
-        config.seed,
-        config.mode,
-        config.backend,
-        config.precision,
-        resume,
-        chunk_size=config.chunk_size,
-        importance_sampling=config.importance_sampling,
-    )
-    if config.importance_sampling:
-        from gpucredit.portfolio.engine import PILOT_MAX_SCENARIOS, importance_shift
-        from gpucredit.portfolio.reverse_stress import ReverseStressError
-
-        level = max(config.alphas)
-        if not quiet:
-            click.echo(f"importance sampling: design point of VaR {level:g} (pilot run)", err=True)
-        try:
-            normal_shift, point = importance_shift(
-                loans, assumptions, config.seed, level,
-                min(config.scenarios, PILOT_MAX_SCENARIOS), config.backend, config.precision,
-            )  # fmt: skip
-        except ReverseStressError as error:
-            raise RunFailure(f"importance sampling: {error}") from None
-        if not quiet:
-            click.echo(f"importance sampling: shift |z*| = {point.distance:.3f}", err=True)
-        config = dataclasses.replace(config, normal_shift=normal_shift)
-    with RunProgress(quiet) as progress:
-        progress.note(
-            f"gpucredit {__version__}: {len(loans):,} loans, {config.scenarios:,} scenarios, "
-            f"{config.mode} mode, seed {config.seed}"
-            + (", importance sampling" if config.importance_sampling else "")
-            + ("" if config.keep_losses else ", tails-only pass 1")
-        )
-        result = simulate(
+    out_dir = Path(out)
+    inputs = {"book": book, "assumptions file": assumptions_path}
+    refuse_overwriting_inputs(out_dir, inputs, RESULT_FILES)
+    out_dir = prepare_output_dir(out_dir)
+    # The directory is this run's until it ends: a second run into it is refused.
+    with OutputLock(out_dir):
+        Checkpoint.preflight(out_dir, resume)  # before the importance-sampling pilot
+        if config.importance_sampling:
+            config = _importance_shift(loans, assumptions, config, quiet)
+        checkpoint = Checkpoint(
+            out_dir,
             loans,
             assumptions,
-            config,
-            stress=cases,
-            progress=progress,
-            checkpoint=checkpoint,
-            workers=workers,
-            scheduler=scheduler,
+            config.scenarios,
+            config.seed,
+            config.mode,
+            config.backend,
+            config.precision,
+            resume,
+            chunk_size=config.chunk_size,
+            importance_sampling=config.importance_sampling,
+            normal_shift=config.normal_shift,
+            alphas=config.alphas,
         )
-    if result.sensitivities is None and not no_sensitivities and not quiet:
-        click.echo(f"sensitivities: {result.metadata['sensitivities_of']}", err=True)
-    written = write_results(result, out_dir, loans, assumptions)
-    checkpoint.clear()
+        with RunProgress(quiet) as progress:
+            progress.note(
+                f"gpucredit {__version__}: {len(loans):,} loans, {config.scenarios:,} scenarios, "
+                f"{config.mode} mode, seed {config.seed}"
+                + (", importance sampling" if config.importance_sampling else "")
+                + ("" if config.keep_losses else ", tails-only pass 1")
+            )
+            with _dask_config(tls):
+                result = simulate(
+                    loans,
+                    assumptions,
+                    config,
+                    stress=cases,
+                    progress=progress,
+                    checkpoint=checkpoint,
+                    workers=workers,
+                    scheduler=scheduler,
+                )
+        if result.sensitivities is None and not no_sensitivities and not quiet:
+            click.echo(f"sensitivities: {result.metadata['sensitivities_of']}", err=True)
+        written = write_results(result, out_dir, loans, assumptions)
+        checkpoint.clear()
     print_run_summary(result)
     if not quiet:
-        click.echo(f"results: {', '.join(str(p) for p in written)}", err=True)
+        click.echo(f"results: {', '.join(_shown(p) for p in written)}", err=True)
+
+
+def _importance_shift(loans, assumptions, config, quiet):
+    """`config` with the importance-sampling shift: the design point of the largest α's VaR,
+    found on a pilot run with its own seed."""
+    from gpucredit.portfolio.engine import PILOT_MAX_SCENARIOS, importance_shift
+    from gpucredit.portfolio.reverse_stress import ReverseStressError
+
+    level = max(config.alphas)
+    if not quiet:
+        click.echo(f"importance sampling: design point of VaR {level:g} (pilot run)", err=True)
+    try:
+        normal_shift, point = importance_shift(
+            loans, assumptions, config.seed, level,
+            min(config.scenarios, PILOT_MAX_SCENARIOS), config.backend, config.precision,
+        )  # fmt: skip
+    except ReverseStressError as error:
+        raise RunFailure(f"importance sampling: {error}") from None
+    if not quiet:
+        click.echo(f"importance sampling: shift |z*| = {point.distance:.3f}", err=True)
+    return dataclasses.replace(config, normal_shift=normal_shift)
+
+
+def _dask_config(settings: dict):
+    """Dask's configuration with `settings` (the TLS files) for the run; nothing to do (and
+    Dask not imported) without them."""
+    if not settings:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.config.set(settings)
 
 
 # ----------------------------------------------------------------------------- others
@@ -375,7 +483,8 @@ def validate(book, assumptions_path, repair_correlation, as_json):
     summary = book_summary(loans, assumptions)
     flagged = paper_vs_path(loans, loan_arrays(loans, assumptions), assumptions)
     if as_json:
-        click.echo(json.dumps(summary | {"paper_vs_path": flagged}, indent=2))
+        document = _json_safe(summary | {"paper_vs_path": flagged})  # null, never Infinity
+        click.echo(json.dumps(document, indent=2, allow_nan=False))
     else:
         print_book_summary(summary)
         print_paper_vs_path(flagged, total_loans=len(loans))
@@ -412,6 +521,7 @@ def assumptions(matrix, assumptions_path, repair_correlation):
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
+    callback=_out_option,
     required=True,
     help="File to write; its extension names the format: .parquet, .arrow or .feather "
     "(Arrow IPC), .csv, or .xlsx (the extra excel).",
@@ -428,7 +538,7 @@ def make_book_command(n_loans, seed, out):
         path = write_book(make_book(n_loans, seed), out)
     except OSError as error:
         raise RunFailure(f"cannot write {out}: {error.strerror or error}") from None
-    click.echo(f"wrote {n_loans:,} loans to {path}")
+    click.echo(f"wrote {n_loans:,} loans to {_shown(path)}")
 
 
 @main.command()
@@ -437,6 +547,7 @@ def make_book_command(n_loans, seed, out):
     "--template",
     "template_path",
     type=click.Path(dir_okay=False),
+    callback=_out_option,
     help="Write a one-loan example book to this file, in the format its extension names "
     "(.parquet, .arrow, .feather, .csv, .xlsx) (default: none, print the schema).",
 )
@@ -454,7 +565,7 @@ def schema(markdown, template_path):
             path = write_template(template_path)
         except OSError as error:
             raise RunFailure(f"cannot write {template_path}: {error.strerror or error}") from None
-        click.echo(f"wrote a one-loan template book to {path}")
+        click.echo(f"wrote a one-loan template book to {_shown(path)}")
         return
     if markdown:
         click.echo(schema_markdown(), nl=False)
@@ -477,7 +588,7 @@ def report(directory):
     from gpucredit.io.report import render_report_from_dir
 
     path = render_report_from_dir(Path(directory))
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {_shown(path)}")
 
 
 @main.command("reverse-stress")
@@ -507,6 +618,7 @@ def report(directory):
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
+    callback=_out_option,
     default="results",
     help="Directory for reverse_stress.json (its report is re-rendered when there is one).",
 )
@@ -515,17 +627,34 @@ def reverse_stress(
     book, assumptions_path, repair_correlation, loss_usd, alpha, scenarios, seed, out
 ):
     """The most likely systematic scenario in which BOOK loses --loss (or its VaR at --alpha)."""
-    from gpucredit.io.results import prepare_output_dir, write_json
-    from gpucredit.io.summary_text import print_design_point
-    from gpucredit.portfolio.engine import simulate
+    from gpucredit.io.results import (
+        REPORT_FILE,
+        REVERSE_STRESS_FILE,
+        OutputLock,
+        prepare_output_dir,
+        refuse_overwriting_inputs,
+    )
     from gpucredit.portfolio.loans import check_schedules
-    from gpucredit.portfolio.reverse_stress import ReverseStressError, find_design_point
 
     if loss_usd is not None and alpha is not None:
         raise click.UsageError("give --loss or --alpha, not both")
     loans, assumptions = _book_and_assumptions(book, assumptions_path, repair_correlation)
     check_schedules(loans, assumptions)  # before the output directory exists
-    out_dir = prepare_output_dir(Path(out))
+    out_dir = Path(out)
+    inputs = {"book": book, "assumptions file": assumptions_path}
+    refuse_overwriting_inputs(out_dir, inputs, (REVERSE_STRESS_FILE, REPORT_FILE))
+    out_dir = prepare_output_dir(out_dir)
+    with OutputLock(out_dir):  # never while a run writes into the directory
+        _reverse_stress(loans, assumptions, out_dir, loss_usd, alpha, scenarios, seed)
+
+
+def _reverse_stress(loans, assumptions, out_dir, loss_usd, alpha, scenarios, seed):
+    """The design point of `loss_usd` (or of the VaR at `alpha`), written to out_dir."""
+    from gpucredit.io.results import REVERSE_STRESS_FILE, SUMMARY_FILE, input_hashes, write_json
+    from gpucredit.io.summary_text import print_design_point
+    from gpucredit.portfolio.engine import simulate
+    from gpucredit.portfolio.reverse_stress import ReverseStressError, find_design_point
+
     if loss_usd is None:
         alpha = alpha or 0.999
         plain = simulate(
@@ -545,8 +674,10 @@ def reverse_stress(
         point = find_design_point(loans, assumptions, loss_usd)
     except ReverseStressError as error:
         raise RunFailure(str(error)) from None
-    write_json(out_dir / "reverse_stress.json", point.to_dict())
-    if (out_dir / "summary.json").exists():
+    # The book and assumptions it is of: a run's report shows it only when they are the run's.
+    metadata = {"version": __version__} | input_hashes(loans, assumptions)
+    write_json(out_dir / REVERSE_STRESS_FILE, point.to_dict() | {"metadata": metadata})
+    if (out_dir / SUMMARY_FILE).exists():
         from gpucredit.io.report import render_report_from_dir
 
         render_report_from_dir(out_dir)
@@ -558,6 +689,7 @@ def reverse_stress(
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
+    callback=_out_option,
     default="validation",
     help="Directory for validation.html and validation.json.",
 )
@@ -589,7 +721,7 @@ def validate_model(quick, out, seed):
     click.echo(
         f"validate-model: {len(result.checks) - len(result.failed)}/{len(result.checks)} checks "
         f"{verdict} in {result.metadata['elapsed_seconds']:.0f} s; "
-        f"{', '.join(str(p) for p in written)}"
+        f"{', '.join(_shown(p) for p in written)}"
     )
     if not result.passed:
         sys.exit(1)
@@ -600,6 +732,7 @@ def validate_model(quick, out, seed):
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
+    callback=_out_option,
     default="bench/results",
     help="Directory for <device>.json and <device>.md.",
 )
@@ -619,7 +752,7 @@ def bench_command(quick, out, name):
         raise RunFailure(str(error)) from None
     failed = [r for r in report["cases"] if "error" in r and "skipped" not in r["error"]]
     if failed:
-        raise RunFailure(f"{len(failed)} benchmark case(s) failed; see {out}")
+        raise RunFailure(f"{len(failed)} benchmark case(s) failed; see {_shown(out)}")
 
 
 if __name__ == "__main__":

@@ -383,12 +383,14 @@ def _damaged_checkpoint(small_book: Path, out: Path) -> Path:
     from gpucredit.io.book import read_book
     from gpucredit.io.results import Checkpoint
     from gpucredit.kernels.outputs import ChunkOutput
+    from gpucredit.portfolio.config import RunConfig
 
     assumptions = default_assumptions()
     book = read_book(small_book, assumptions)
+    alphas = RunConfig.resolve(assumptions).alphas
     checkpoint = Checkpoint(
         out, book, assumptions, 640, assumptions.seed, "conditional", "numpy", "float32", False,
-        chunk_size=64,
+        chunk_size=64, alphas=alphas,
     )  # fmt: skip
     n = len(book)
     checkpoint.save(0, ChunkOutput(np.zeros(64), np.zeros(n), np.zeros(n), np.zeros(n)))

@@ -18,6 +18,8 @@ from __future__ import annotations
 import sys
 import time
 
+from gpucredit.io.names import terminal
+
 LOG_INTERVAL_SECONDS = 5.0  # plain-text mode: at most one line a phase this often
 
 
@@ -78,6 +80,7 @@ class RunProgress:
 
     def phase(self, name: str, total: int) -> None:
         """A new phase starts (its total may be 0 until its first update)."""
+        name = terminal(name)  # a stress case's name is data: no control sequences
         self._phase, self._phase_start, self._last_log = name, time.perf_counter(), 0.0
         if self._bars is not None:
             self._task = self._bars.add_task(name, total=total or None, rate="")
@@ -103,9 +106,11 @@ class RunProgress:
             )
 
     def note(self, message: str) -> None:
-        """A line of text (names in it are printed as they are, never as markup)."""
+        """A line of text (names in it are printed as they are, never as markup, and their
+        control characters escaped)."""
         if self.quiet:
             return
+        message = terminal(message, keep_newlines=True)
         if self._bars is not None:
             self._bars.console.print(message, markup=False, highlight=False)
         else:

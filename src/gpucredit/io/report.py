@@ -48,9 +48,11 @@ REVERSE_STRESS_FILE = "reverse_stress.json"
 
 TOP_BORROWERS = 20
 TOP_SENSITIVITIES = 15
+CONCENTRATION_TOP = 10  # the "top-10 borrowers' share" a credit committee asks for
 PAPER_VS_PATH_ROWS = 50  # flagged loans listed (the largest balances first)
 PAPER_METRICS_STRESS = "paper-metrics"  # built-in stress: the PD anchor "today"
 DASH = "\u2014"
+NOT_AVAILABLE = "n/a"  # a standard error or interval the run withheld (interval_available)
 
 CONTRIBUTION_COLUMNS = (
     "loan_id",
@@ -116,6 +118,17 @@ def fmt_usd(value: object, signed: bool = False) -> str:
     else:
         body = f"${a:,.0f}"
     return sign + body
+
+
+def fmt_per_unit(value: object) -> str:
+    """A derivative in USD per unit of a parameter: signed, separators, "M" from a million
+    up, and no "$" (it is not an amount of money)."""
+    x = _num(value)
+    if x is None:
+        return DASH
+    sign = "+" if x > 0 else "-" if x < 0 else ""
+    a = abs(x)
+    return sign + (f"{a / 1e6:,.2f}M" if a >= 1e6 else f"{a:,.0f}")
 
 
 def fmt_int(value: object) -> str:
@@ -189,9 +202,18 @@ def _interval(values: object) -> str:
 # ----------------------------------------------------------------------------- html pieces
 
 
+def _cell(cell: str | tuple[str, str]) -> str:
+    """A cell's escaped HTML; a (value, change) pair puts the change on a second, smaller
+    line, which keeps tables of stressed values narrow."""
+    if isinstance(cell, tuple):
+        value, change = cell
+        return f'{_esc(value)}<br><span class="delta">{_esc(change)}</span>'
+    return _esc(cell)
+
+
 def _table(
     header: Sequence[str],
-    rows: Iterable[Sequence[str]],
+    rows: Iterable[Sequence[str | tuple[str, str]]],
     numeric_from: int = 1,
     caption: str | None = None,
     css_class: str = "",
@@ -211,7 +233,7 @@ def _table(
         out.append("<tr>")
         for j, cell in enumerate(row):
             cls = ' class="num"' if j >= numeric_from else ""
-            out.append(f"<td{cls}>{_esc(cell)}</td>")
+            out.append(f"<td{cls}>{_cell(cell)}</td>")
         out.append("</tr>")
     out.append("</tbody></table></div>")
     return "".join(out)
@@ -312,37 +334,67 @@ def _header(summary: dict, generated_at: dt.datetime) -> str:
     return f'<header><h1>{_esc(title)}</h1><div class="facts">{cells}</div></header>'
 
 
-def _measure_rows(measures: object, alphas: list[tuple[str, float | None]]) -> list[list[str]]:
+def _of_exposure(value: object, exposure: float | None) -> str:
+    x = _num(value)
+    return DASH if x is None or not exposure else fmt_pct(x / exposure, 2)
+
+
+def _measure_rows(
+    measures: object, alphas: list[tuple[str, float | None]], exposure: float | None = None
+) -> list[list[str]]:
+    el = _get(measures, "el")
     rows = [
         [
             "Expected loss (EL)",
-            fmt_usd(_get(measures, "el")),
+            fmt_usd(el),
+            _of_exposure(el, exposure),
             fmt_usd(_get(measures, "el_se")),
             _interval(_get(measures, "el_ci")),
         ],
-        ["Standard deviation", fmt_usd(_get(measures, "std")), DASH, DASH],
+        ["Standard deviation", fmt_usd(_get(measures, "std")), DASH, DASH, DASH],
     ]
     for key, alpha in alphas:
         t = _get(measures, "tail", key)
         label = alpha_label(alpha if alpha is not None else key)
+        # summary.json nulls the standard error and interval when too few tail scenarios per
+        # batch make them unreliable: say "n/a" (not a dash, which reads as "missing").
+        available = _get(t, "interval_available") is not False
         for name, short in (("Value at risk", "var"), ("Expected shortfall", "es")):
+            value = _get(t, short)
             rows.append(
                 [
                     f"{name} {label}",
-                    fmt_usd(_get(t, short)),
-                    fmt_usd(_get(t, f"{short}_se")),
-                    _interval(_get(t, f"{short}_ci")),
+                    fmt_usd(value),
+                    _of_exposure(value, exposure),
+                    fmt_usd(_get(t, f"{short}_se")) if available else NOT_AVAILABLE,
+                    _interval(_get(t, f"{short}_ci")) if available else NOT_AVAILABLE,
                 ]
             )
     return rows
 
 
+def _run_warnings(summary: dict) -> list[str]:
+    """summary.json's "warnings" (older runs: the measures' interval_warnings)."""
+    found = summary.get("warnings")
+    if not isinstance(found, list):
+        found = _get(summary, "measures", "interval_warnings")
+    return [str(w) for w in found if w is not None] if isinstance(found, list) else []
+
+
 def _headline(summary: dict) -> str:
     measures = summary.get("measures")
     alphas = _alphas(summary)
+    exposure = _num(_get(summary, "book", "exposure_usd"))
+    warnings = _run_warnings(summary)
+    warning_html = ""
+    if warnings:
+        items = "".join(f"<li>{_esc(w)}</li>" for w in warnings)
+        warning_html = (
+            f'<div class="warn" role="note"><strong>Warning</strong><ul>{items}</ul></div>'
+        )
     table = _table(
-        ["Measure", "Estimate", "Std. error", "95% interval"],
-        _measure_rows(measures, alphas),
+        ["Measure", "Estimate", "% of exposure", "Std. error", "95% interval"],
+        _measure_rows(measures, alphas, exposure),
         css_class="headline",
     )
     n = _get(measures, "n_scenarios")
@@ -351,10 +403,18 @@ def _headline(summary: dict) -> str:
     note = (
         f"{fmt_int(n)} scenarios, effective sample size {fmt_int(ess)}; standard errors from "
         f"batch means over {fmt_int(batches)} batches (i.i.d. EL standard error "
-        f"{fmt_usd(_get(measures, 'el_se_iid'))})."
+        f"{fmt_usd(_get(measures, 'el_se_iid'))}). % of exposure: of the book's exposure "
+        f"today, {fmt_usd(exposure)}."
     )
+    if any(_get(measures, "tail", key, "interval_available") is False for key, _ in alphas):
+        note += (
+            f" {NOT_AVAILABLE}: too few tail scenarios per batch for a standard error "
+            "(see the warning)."
+        )
     return _section(
-        "headline", "Headline risk measures", table + f'<p class="note">{_esc(note)}</p>'
+        "headline",
+        "Headline risk measures",
+        warning_html + table + f'<p class="note">{_esc(note)}</p>',
     )
 
 
@@ -871,6 +931,142 @@ def _contributions(contributions: pa.Table | None) -> str:
     return _section("contributions", title, "".join(parts))
 
 
+def _loss_by_period(summary: dict) -> str:
+    """Expected loss by default period: summary.json's "loss_by_period"
+    (portfolio/periods.py), estimated on the run's first scenarios."""
+    title = "Loss by period"
+    table = summary.get("loss_by_period")
+    el = np.array([_num(v) for v in _get(table, "el_usd") or []], dtype=float)
+    if not isinstance(table, dict) or el.size == 0 or not np.isfinite(el).all():
+        return _section(
+            "periods",
+            title,
+            '<p class="note">Loss by period: not computed in this run (the engine reports the '
+            "loss over the whole horizon; summary.json has no loss_by_period).</p>",
+        )
+    se = np.array([_num(v) for v in table.get("el_se_usd") or []], dtype=float)
+    if se.shape != el.shape:
+        se = np.full_like(el, np.nan)
+    steps = int(_num(table.get("steps_per_year")) or 1)
+    periods = np.arange(1, el.size + 1)
+    fig, ax = _new_figure(10, 3.4)
+    ax.bar(periods, el / 1e6, color=C_EL, width=0.7, label="EL of the period")
+    ax.errorbar(
+        periods, el / 1e6, yerr=1.96 * np.nan_to_num(se) / 1e6, fmt="none",
+        ecolor="#333333", elinewidth=1.0, capsize=3, label="95% interval",
+    )  # fmt: skip
+    ax.set_xticks(periods, labels=[f"{t / steps:g}" for t in periods], fontsize=8)
+    ax.set_xlabel("End of the default period (years from today)")
+    ax.set_ylabel("Expected loss ($M)")
+    ax.set_title("Expected loss by default period", fontsize=11)
+    ax.grid(False, axis="x")
+    _millions_formatter(ax, "y")
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    n = table.get("scenarios")
+    chart = _figure_html(
+        fig,
+        "Expected loss by default period",
+        f"Expected loss from defaults in each period (blue bars), with its 95% interval "
+        f"(black), over the run's first {fmt_int(n)} scenarios.",
+    )
+    # By year: the periods of each year added up (a year's standard error is not the sum of
+    # its periods', so none is shown).
+    total = float(el.sum())
+    years = (periods - 1) // steps + 1
+    rows, cumulative = [], 0.0
+    for year in np.unique(years):
+        value = float(el[years == year].sum())
+        cumulative += value
+        rows.append(
+            [
+                f"Year {year}",
+                fmt_usd(value),
+                _share(value, total),
+                fmt_usd(cumulative),
+                _share(cumulative, total),
+            ]
+        )
+    by_year = _table(
+        ["Default year", "EL", "Share of EL", "Cumulative EL", "Cumulative share"],
+        rows,
+        css_class="compact",
+    )
+    run_el = _num(_get(summary, "measures", "el"))
+    note = (
+        f'<p class="note">Estimated with the float64 NumPy reference on the run&rsquo;s first '
+        f"{_esc(fmt_int(n))} scenarios (same seed and mode; plain Monte Carlo), each period "
+        "the difference of the loss over the first t and t&minus;1 periods, so the periods add "
+        f"up to that sample&rsquo;s EL, {_esc(fmt_usd(table.get('el_total_usd')))} (the "
+        f"run&rsquo;s EL: {_esc(fmt_usd(run_el))}). A loan&rsquo;s loss is counted in the "
+        "period it defaults in, discounted as the run discounts.</p>"
+    )
+    return _section("periods", title, chart + by_year + note)
+
+
+def _hhi(values: np.ndarray) -> float | None:
+    """Herfindahl-Hirschman index Σ s² of the shares of `values` (None if they sum to 0)."""
+    total = float(values.sum())
+    if not total or not math.isfinite(total):
+        return None
+    shares = values / total
+    return float(np.sum(shares * shares))
+
+
+def _concentration(contributions: pa.Table | None) -> str:
+    """Single-name concentration by borrower: the top 10's and the largest's share of
+    exposure, EL and ES (highest level), and each one's HHI."""
+    title = "Concentration by borrower"
+    if contributions is None:
+        return _section("concentration", title, _not_computed("Loan contributions"))
+    measures = [("Exposure (balance)", _column(contributions, "balance_usd"))]
+    measures.append(("EL", _column(contributions, "expected_loss_usd")))
+    es_cols = _alpha_columns(contributions, "es_")
+    if es_cols:
+        es_col, es_alpha = es_cols[-1]
+        measures.append((f"ES {alpha_label(es_alpha)}", _column(contributions, es_col)))
+    borrowers = _column(contributions, "borrower_id")
+    rows = []
+    n_borrowers = 0
+    for label, values in measures:
+        _, (_, by_borrower) = _group_sum(borrowers, values)
+        n_borrowers = by_borrower.size
+        total = float(by_borrower.sum())
+        ranked = np.sort(by_borrower)[::-1]
+        hhi = _hhi(by_borrower)
+        rows.append(
+            [
+                label,
+                fmt_usd(total),
+                _share(float(ranked[:CONCENTRATION_TOP].sum()), total),
+                _share(float(ranked[:1].sum()), total),
+                DASH if hhi is None else f"{10_000 * hhi:,.0f}",
+                DASH if not hhi else f"{1 / hhi:,.1f}",
+            ]
+        )
+    table = _table(
+        [
+            "Measure",
+            "Total",
+            f"Top {CONCENTRATION_TOP} borrowers' share",
+            "Largest borrower's share",
+            "HHI (0\u201310,000)",
+            "Equivalent borrowers (1/HHI)",
+        ],
+        rows,
+        css_class="compact",
+    )
+    note = (
+        f'<p class="note">{n_borrowers:,} borrowers; each ranked by the measure itself (the '
+        f"top {CONCENTRATION_TOP} by EL need not be the top {CONCENTRATION_TOP} by ES). "
+        "EL and ES are the borrowers&rsquo; Euler contributions (a borrower&rsquo;s loans "
+        "added up). HHI = \u03a3 s<sub>b</sub>\u00b2 over the borrowers&rsquo; shares, "
+        "\u00d7 10,000: 10,000 is a single borrower, 10,000/n is n equal ones; 1/HHI is that "
+        "number of equal borrowers. ES more concentrated than exposure means a few names "
+        "carry the tail.</p>"
+    )
+    return _section("concentration", title, table + note)
+
+
 def _sensitivities(sensitivities: pa.Table | None) -> str:
     title = "Sensitivities"
     if sensitivities is None:
@@ -905,28 +1101,45 @@ def _sensitivities(sensitivities: pa.Table | None) -> str:
     ax.set_xlabel(f"Change in {measure} ($M)")
     ax.set_title(f"Largest {len(order)} sensitivities of {measure}", fontsize=11)
     _millions_formatter(ax)
+    # Name the colours the bars use (C_POS, C_NEG), so the caption stays true.
     caption = (
-        f"Tornado chart: change in {measure} for a 100% move of each parameter "
-        f"(\u2202{measure}/\u2202\u03b8 \u00d7 \u03b8, first order). Correlation entries and "
-        f"zero-valued parameters, labelled (\u0394=0.1), show \u2202{measure}/\u2202\u03b8 "
-        f"\u00d7 0.1 instead: an absolute move of 0.1. Red raises the risk measure, blue lowers it."
+        f"Tornado chart: change in {measure}, in USD, for a 100% move of each parameter "
+        f"(\u0394\u03b8 = \u03b8, so \u0394{measure} \u2248 \u2202{measure}/\u2202\u03b8 "
+        f"\u00d7 \u03b8, first order). Correlation entries and zero-valued parameters, "
+        f"labelled (\u0394=0.1), move by an absolute 0.1 instead (\u2202{measure}/\u2202\u03b8 "
+        f"\u00d7 0.1). Vermillion bars raise {measure}, blue bars lower it."
     )
     chart = _figure_html(fig, f"Tornado chart of {measure} sensitivities", caption)
 
-    header = ["Parameter", "Value", "dEL/d\u03b8"]
-    header += [f"dES {alpha_label(a)}/d\u03b8" for _, a in es_cols]
-    header += [f"\u0394{measure}", "Move"]
+    # Derivatives are USD per unit of the parameter, not USD: no "$" on them, the unit in
+    # the header; the move and the USD change it gives sit beside them.
+    header = ["Parameter", "Value \u03b8", "\u2202EL/\u2202\u03b8"]
+    header += [f"\u2202ES {alpha_label(a)}/\u2202\u03b8" for _, a in es_cols]
+    header += ["Move \u0394\u03b8", f"\u0394{measure} (USD)"]
     es_values = [_column(sensitivities, c) for c, _ in es_cols]
     rows = []
     for i in order:
-        row = [str(parameter[i]), fmt_general(float(value[i])), fmt_usd(d_el[i], signed=True)]
-        row += [fmt_usd(v[i], signed=True) for v in es_values]
-        row += [fmt_usd(impact[i], signed=True), "+0.1 absolute" if small[i] else "+100%"]
+        row = [str(parameter[i]), fmt_general(float(value[i])), fmt_per_unit(d_el[i])]
+        row += [fmt_per_unit(v[i]) for v in es_values]
+        move = f"{moves[i]:+.4g}" + (" (absolute)" if small[i] else " (100%)")
+        row += [move, fmt_usd(impact[i], signed=True)]
         rows.append(row)
-    table = _table(header, rows, caption=f"Top {len(order)} by |\u0394{measure}|")
+    table = _table(
+        header,
+        rows,
+        caption=(
+            f"Top {len(order)} by |\u0394{measure}|. \u2202/\u2202\u03b8 columns: USD per unit "
+            f"of the parameter (M = million); \u0394{measure} = \u2202{measure}/\u2202\u03b8 "
+            "\u00d7 \u0394\u03b8, in USD."
+        ),
+        css_class="sens",
+    )
     note = (
         f'<p class="note">Pathwise derivatives by automatic differentiation with common random '
-        f"numbers, in USD per unit of the parameter; {sensitivities.num_rows:,} parameters.</p>"
+        f"numbers, in USD per unit of the parameter (a correlation entry or a rate in decimal: "
+        f"per 1.0 of it); {sensitivities.num_rows:,} parameters. The move \u0394\u03b8 is 100% "
+        f"of the parameter's value (\u03b8 to 2\u03b8), or an absolute 0.1 for correlation "
+        f"entries and zero-valued parameters.</p>"
     )
     return _section("sensitivities", title, chart + table + note)
 
@@ -938,55 +1151,104 @@ def _stress(summary: dict) -> str:
         return _section("stress", title, '<p class="note">No stress scenarios in this run.</p>')
     alphas = _alphas(summary)
     base = summary.get("measures")
-    header = ["Scenario", "EL", "\u0394EL"]
+    header = ["Scenario", "EL"]
     for key, alpha in alphas:
         label = alpha_label(alpha if alpha is not None else key)
-        header += [f"VaR {label}", f"\u0394VaR {label}", f"ES {label}", f"\u0394ES {label}"]
+        header += [f"VaR {label}", f"ES {label}"]
 
-    def delta(change: object, base_value: object) -> str:
+    def moved(value: object, change: object, base_value: object) -> tuple[str, str]:
+        """The stressed value over its change against the base (relative in brackets)."""
         d, b = _num(change), _num(base_value)
         if d is None:
-            return DASH
+            return (fmt_usd(value), DASH)
         rel = f" ({fmt_pct(d / b, signed=True)})" if b else ""
-        return fmt_usd(d, signed=True) + rel
+        return (fmt_usd(value), fmt_usd(d, signed=True) + rel)
 
-    rows = [
-        ["Base", fmt_usd(_get(base, "el")), DASH]
+    rows: list[list[str | tuple[str, str]]] = [
+        ["Base", fmt_usd(_get(base, "el"))]
         + [
             cell
             for key, _ in alphas
             for cell in (
                 fmt_usd(_get(base, "tail", key, "var")),
-                DASH,
                 fmt_usd(_get(base, "tail", key, "es")),
-                DASH,
             )
         ]
     ]
+    # The chart: each stress's relative change in EL and in ES at the highest level.
+    top_key, top_alpha = alphas[-1] if alphas else (None, None)
+    es_label = f"ES {alpha_label(top_alpha if top_alpha is not None else top_key)}"
+    chart_names, el_moves, es_moves = [], [], []
     descriptions = []
     for name, item in stress.items():
         m = _get(item, "measures")
         change = _get(item, "change")
-        row = [str(name), fmt_usd(_get(m, "el")), delta(_get(change, "el"), _get(base, "el"))]
+        row: list[str | tuple[str, str]] = [
+            str(name),
+            moved(_get(m, "el"), _get(change, "el"), _get(base, "el")),
+        ]
         for key, _ in alphas:
             row += [
-                fmt_usd(_get(m, "tail", key, "var")),
-                delta(_get(change, f"var_{key}"), _get(base, "tail", key, "var")),
-                fmt_usd(_get(m, "tail", key, "es")),
-                delta(_get(change, f"es_{key}"), _get(base, "tail", key, "es")),
+                moved(
+                    _get(m, "tail", key, "var"),
+                    _get(change, f"var_{key}"),
+                    _get(base, "tail", key, "var"),
+                ),
+                moved(
+                    _get(m, "tail", key, "es"),
+                    _get(change, f"es_{key}"),
+                    _get(base, "tail", key, "es"),
+                ),
             ]
         rows.append(row)
+        chart_names.append(str(name))
+        el_moves.append(_relative(_get(change, "el"), _get(base, "el")))
+        es_moves.append(
+            _relative(_get(change, f"es_{top_key}"), _get(base, "tail", top_key, "es"))
+            if top_key is not None
+            else math.nan
+        )
         desc = _get(item, "description")
         descriptions.append(
             f"<dt>{_esc(name)}</dt><dd>{_esc(desc if desc is not None else DASH)}</dd>"
         )
-    body = _table(header, rows, css_class="wide")
+    table = _table(header, rows, css_class="stress")
+    chart = _stress_chart(chart_names, np.array(el_moves), np.array(es_moves), es_label)
+    body = f'<div class="side">{table}{chart}</div>'
     body += (
-        '<p class="note">Each stress reuses the base run\'s random numbers; changes are '
-        "stress minus base (relative change in brackets).</p>"
+        '<p class="note">Each stress reuses the base run\'s random numbers. Each cell shows the '
+        "stressed value and, below it, the change against the base run (stress minus base; "
+        "relative change in brackets).</p>"
     )
     body += f'<dl class="stress">{"".join(descriptions)}</dl>'
     return _section("stress", title, body)
+
+
+def _relative(change: object, base_value: object) -> float:
+    d, b = _num(change), _num(base_value)
+    return d / b if d is not None and b else math.nan
+
+
+def _stress_chart(names_: list[str], el: np.ndarray, es: np.ndarray, es_label: str) -> str:
+    """Horizontal bars: each stress's change in EL and in ES, % of the base value."""
+    fig, ax = _new_figure(4.8, 1.1 + 0.55 * len(names_))
+    y = np.arange(len(names_))
+    h = 0.38
+    # A missing change draws no bar (nan -> 0) rather than failing the chart.
+    ax.barh(y - h / 2, np.nan_to_num(100 * el), height=h, color=C_EL, label="EL")
+    ax.barh(y + h / 2, np.nan_to_num(100 * es), height=h, color=C_ES, label=es_label)
+    ax.axvline(0, color="#333333", linewidth=0.8)
+    ax.set_yticks(y, labels=[names.mathtext(n) for n in names_], fontsize=8)
+    ax.invert_yaxis()
+    ax.grid(False, axis="y")
+    ax.set_xlabel("Change against the base run (%)")
+    ax.set_title("Stress: change in EL and " + names.mathtext(es_label), fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    caption = (
+        f"Each stress scenario's change in EL (blue) and in {es_label} (vermillion), as a % of "
+        "the base run's value."
+    )
+    return _figure_html(fig, "Stress scenarios: change in EL and ES", caption)
 
 
 def _book(summary: dict) -> str:
@@ -1169,6 +1431,16 @@ table.wide th, table.calib th { white-space:normal; vertical-align:bottom; }
 table.wide td { white-space:normal; }
 table.wide td:first-child { white-space:nowrap; }
 .scroll { overflow-x:auto; }
+.side { display:flex; flex-wrap:wrap; gap:0 28px; align-items:flex-start; }
+.side > * { min-width:0; }
+table.stress td { vertical-align:top; }
+table.stress td:first-child { white-space:normal; }
+.delta { font-size:11.5px; color:var(--muted); }
+table.sens th { white-space:normal; vertical-align:bottom; }
+table.sens td:first-child { white-space:normal; overflow-wrap:anywhere; }
+.warn { border-left:4px solid #D55E00; background:#fff6ef; padding:8px 14px; margin:10px 0;
+  font-size:13px; max-width:900px; }
+.warn ul { margin:4px 0 0; padding-left:18px; }
 figure { margin:10px 0 16px; }
 figure img { display:block; max-width:100%; height:auto; }
 figcaption { font-size:12px; color:var(--muted); margin-top:4px; max-width:900px; }
@@ -1187,8 +1459,10 @@ footer { margin-top:40px; font-size:11px; color:var(--muted); }
 _SECTIONS = (
     ("headline", "Headline"),
     ("losses", "Loss distribution"),
+    ("periods", "Loss by period"),
     ("calibration", "Calibration"),
     ("contributions", "Contributions"),
+    ("concentration", "Concentration"),
     ("sensitivities", "Sensitivities"),
     ("stress", "Stress"),
     ("book", "Today's book"),
@@ -1242,8 +1516,10 @@ def render_report(
             f"<nav>{nav}</nav>",
             _headline(summary),
             _loss_distribution(summary, losses),
+            _loss_by_period(summary),
             _calibration(summary),
             _contributions(contributions),
+            _concentration(contributions),
             _sensitivities(sensitivities),
             _stress(summary),
             _book(summary),
@@ -1323,6 +1599,14 @@ def _read_losses(path: Path) -> np.ndarray:
         raise ReportError(f"{path}: loss_usd is not numeric: {error}") from None
 
 
+def _same_inputs(design: dict, summary: dict) -> bool:
+    """Whether reverse_stress.json is of the run's book and assumptions (their hashes, which
+    `gpucredit reverse-stress` writes in its metadata; a file without them cannot be tied)."""
+    keys = ("book_sha256", "assumptions_sha256")
+    tied = [_get(design, "metadata", key) for key in keys]
+    return None not in tied and tied == [_get(summary, "metadata", key) for key in keys]
+
+
 def render_report_from_dir(directory: Path) -> Path:
     """Read summary.json, losses.parquet (tails-only runs: tail_losses.parquet and summary's
     loss_histogram) and, when present, contributions.parquet and sensitivities.parquet from
@@ -1348,6 +1632,8 @@ def render_report_from_dir(directory: Path) -> Path:
     )
     design_path = directory / REVERSE_STRESS_FILE
     design = _read_summary(design_path) if design_path.exists() else None
+    if design is not None and not _same_inputs(design, summary):
+        design = None  # another book's or assumptions' reverse stress: never mixed in
     text = render_report(
         summary,
         losses,

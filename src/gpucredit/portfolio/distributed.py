@@ -40,6 +40,14 @@ The cutting and folding are `runner`'s, written once: this module only says wher
   (its jit cache then serves every later task). Tasks carry only the plugin's name, the task
   function (pickled by reference) and its item: ``(first, count, ...)`` or a chunk of tail
   indices.
+* Trust: whoever reaches a scheduler can run code on its workers, and tasks and results
+  travel pickled. The local cluster (``workers=N``) therefore listens on 127.0.0.1 only and
+  speaks TLS with credentials made for it (`Security.temporary`: a client or process without
+  them is refused); an existing cluster is reached with the security of Dask's
+  configuration (``distributed.comm.tls.*``; a ``tls://`` address needs it). Before Dask
+  connects, the address is checked to greet as a Dask server (`_check_greeting`): Dask reads
+  the first 8 bytes it receives as a message length, so an HTTP server's reply would make it
+  try to allocate exabytes.
 * Losing a worker: the scheduler reruns the tasks it held on the others (or on the
   replacement its nanny starts); tasks are pure functions of their arguments, so the result is
   unchanged. ``retries`` covers tasks that raise.
@@ -47,6 +55,8 @@ The cutting and folding are `runner`'s, written once: this module only says wher
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
 import uuid
 import weakref
@@ -63,6 +73,16 @@ CONNECT_TIMEOUT = "5s"
 
 WORKER_WAIT_SECONDS = 60.0
 """How long `DaskRunner` waits for the first worker of an existing cluster."""
+
+MAX_GREETING_BYTES = 1 << 24
+"""A Dask server's first message (its handshake) is a few hundred bytes: anything announcing
+more than this is not Dask."""
+
+TLS_HELP = (
+    "--tls-ca-file, --tls-cert and --tls-key (or Dask's configuration: "
+    "distributed.comm.tls.ca-file, distributed.comm.tls.client.cert, "
+    "distributed.comm.tls.client.key)"
+)
 
 
 class SchedulerUnreachable(EngineError):
@@ -159,9 +179,13 @@ class DaskRunner:
             self.client, self.address = client, client.scheduler.address
         elif scheduler is not None:
             self.address = scheduler
+            security = _configured_security(scheduler)
+            _check_greeting(scheduler, security, connect_timeout)
             try:
-                self.client = Client(scheduler, timeout=connect_timeout, set_as_default=False)
-            except (OSError, TimeoutError, ValueError) as error:
+                self.client = Client(
+                    scheduler, timeout=connect_timeout, security=security, set_as_default=False
+                )
+            except (OSError, TimeoutError, ValueError, TypeError) as error:
                 raise SchedulerUnreachable(
                     f"cannot reach the Dask scheduler at {scheduler} "
                     f"(within {connect_timeout}): {_describe_error(error)}"
@@ -178,13 +202,17 @@ class DaskRunner:
         else:
             if workers < 1:
                 raise EngineError(f"workers must be at least 1, got {workers}")
+            security = _temporary_security()
             cluster = LocalCluster(
                 n_workers=workers,
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
+                host="127.0.0.1",  # never reachable from another machine
+                protocol="tls://",
+                security=security,
             )
-            self.client = Client(cluster, set_as_default=False)
+            self.client = Client(cluster, security=security, set_as_default=False)
             self._owned += [self.client, cluster]
             self.address = cluster.scheduler_address
         self._finalizer = weakref.finalize(self, _close_all, list(self._owned))
@@ -281,6 +309,90 @@ class DaskRunner:
             fn, *args, pure=False, retries=self.retries, workers=[worker],
             allow_other_workers=True,
         )  # fmt: skip
+
+
+def _temporary_security():
+    """TLS credentials made for one local cluster: only its scheduler, workers and this client
+    hold them, so another process on the machine cannot connect and run code."""
+    from distributed.security import Security
+
+    try:
+        return Security.temporary()
+    except ImportError:  # pragma: no cover - cryptography is in the dist extra
+        raise EngineError(
+            "a local Dask cluster needs the cryptography package for its TLS credentials: "
+            "pip install 'gpucredit[dist]'"
+        ) from None
+
+
+def _configured_security(scheduler: str):
+    """The security of Dask's configuration (distributed.comm.tls.*, which --tls-ca-file,
+    --tls-cert and --tls-key set); a tls:// address without credentials is refused."""
+    from distributed.security import Security
+
+    security = Security()
+    if scheduler.startswith("tls://") and not (security.tls_ca_file and security.tls_client_cert):
+        raise EngineError(
+            f"the Dask scheduler at {scheduler} speaks TLS: give the cluster's CA certificate "
+            f"and this client's certificate and key with {TLS_HELP}"
+        )
+    return security
+
+
+def _check_greeting(address: str, security, timeout: str) -> None:
+    """Raise `SchedulerUnreachable` unless the server at `address` greets as Dask does.
+
+    A Dask server sends its handshake as soon as it accepts a connection, prefixed by its
+    length in 8 bytes. Dask's client trusts that length: an HTTP server's bytes read as one
+    of exabytes, which it would try to allocate. So read those 8 bytes first, here, within
+    `timeout`: nothing (a server waiting for a request) or an absurd length is refused."""
+    from dask.utils import parse_timedelta
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location)
+    except ValueError as error:
+        raise SchedulerUnreachable(f"not a scheduler address: {address} ({error})") from None
+    if scheme not in ("tcp", "tls"):  # inproc, ucx, ...: Dask's own checks
+        return
+    seconds = parse_timedelta(timeout)
+    prefix = f"cannot reach the Dask scheduler at {address} (within {timeout})"
+    try:
+        with socket.create_connection((host, port), timeout=seconds) as raw:
+            connection = raw
+            if scheme == "tls":
+                context = security.get_connection_args("client")["ssl_context"]
+                hostname = host if context.check_hostname else None
+                connection = context.wrap_socket(raw, server_hostname=hostname)
+            with connection:
+                greeting = _read_exactly(connection, 8)
+    except TimeoutError:
+        greeting = b""
+    except OSError as error:  # refused, unreachable, TLS handshake failed
+        raise SchedulerUnreachable(f"{prefix}: {_describe_error(error)}") from None
+    if len(greeting) < 8:
+        raise SchedulerUnreachable(
+            f"{prefix}: the server there did not greet as a Dask scheduler does (is it another "
+            "service, e.g. a web server or the dashboard's port?)"
+        )
+    (length,) = struct.unpack("<Q", greeting)
+    if length > MAX_GREETING_BYTES:
+        raise SchedulerUnreachable(
+            f"{prefix}: the server there is not a Dask scheduler (it sent {greeting!r})"
+        )
+
+
+def _read_exactly(connection: socket.socket, count: int) -> bytes:
+    """Up to `count` bytes (fewer when the peer closes first); TimeoutError past the socket's
+    timeout."""
+    data = b""
+    while len(data) < count:
+        block = connection.recv(count - len(data))
+        if not block:
+            break
+        data += block
+    return data
 
 
 def _close_all(resources: list) -> None:
