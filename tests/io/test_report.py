@@ -25,8 +25,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SECTION_HEADINGS = (
     "Headline risk measures",
     "Loss distribution",
+    "Loss by period",
     "Calibration",
     "Risk contributions",
+    "Concentration by borrower",
     "Sensitivities",
     "Stress scenarios",
     "Today&#x27;s book",
@@ -37,7 +39,9 @@ SECTION_HEADINGS = (
 # ----------------------------------------------------------------------------- fixture writer
 
 
-def _measures(losses: np.ndarray, scale: float = 1.0) -> dict:
+def _measures(losses: np.ndarray, scale: float = 1.0, unavailable: tuple = ()) -> dict:
+    """Measures as summary.json has them; at the levels in `unavailable` too few tail
+    scenarios per batch: no standard error or interval (null), interval_available false."""
     losses = losses * scale
     el, std = float(losses.mean()), float(losses.std())
     se = std / np.sqrt(losses.size) * 1.3
@@ -54,7 +58,11 @@ def _measures(losses: np.ndarray, scale: float = 1.0) -> dict:
             "es_se": 0.03 * es,
             "es_ci": [0.94 * es, 1.06 * es],
             "tail_scenarios_per_batch": losses.size * (1 - alpha) / 32,
+            "interval_available": alpha not in unavailable,
         }
+        if alpha in unavailable:
+            tail[repr(alpha)] |= {"var_se": None, "var_ci": [None, None]}
+            tail[repr(alpha)] |= {"es_se": None, "es_ci": [None, None]}
     return {
         "n_scenarios": int(losses.size),
         "effective_sample_size": float(losses.size),
@@ -124,6 +132,34 @@ def calibration_summary(flagged: int = 3, loan_id: str = "L0001") -> dict:
 
 
 GENERATIONS = ("A100", "H100", "H200", "B200")
+WARNING = (
+    "VaR and ES at 99.9%: 0.62 tail scenarios per batch of the standard errors (fewer than "
+    "5), so no standard error or interval is reported; run at least 161,000 scenarios"
+)
+# The built-in stresses' names and how much each scales the base losses (a wide table).
+STRESSES = {
+    "gpu_crash": 1.6,
+    "next-gen-glut": 2.4,
+    "crypto-winter": 1.2,
+    "liquidity-freeze": 3.1,
+    "rate-shock": 1.05,
+}
+
+
+def loss_by_period_summary(el_total: float, periods: int = 12, scenarios: int = 2048) -> dict:
+    """summary.json's "loss_by_period" (portfolio/periods.py): a hump over 12 quarters."""
+    weights = np.array([t * np.exp(-t / 4) for t in range(1, periods + 1)])
+    el = el_total * weights / weights.sum()
+    return {
+        "scenarios": scenarios,
+        "steps_per_year": 4,
+        "period": list(range(1, periods + 1)),
+        "year_end": [t / 4 for t in range(1, periods + 1)],
+        "el_usd": el.tolist(),
+        "el_se_usd": (0.05 * el).tolist(),
+        "cumulative_el_usd": np.cumsum(el).tolist(),
+        "el_total_usd": float(el.sum()),
+    }
 
 
 def write_results_dir(
@@ -142,12 +178,19 @@ def write_results_dir(
     n_scenarios = 20_000
     losses = rng.lognormal(mean=np.log(40e6), sigma=0.8, size=n_scenarios)
     losses[rng.random(n_scenarios) < 0.05] = 0.0
-    base = _measures(losses)
-    stressed = _measures(losses, scale=1.6)
-    change = {"el": stressed["el"] - base["el"]}
-    for key in base["tail"]:
-        for m in ("var", "es"):
-            change[f"{m}_{key}"] = stressed["tail"][key][m] - base["tail"][key][m]
+    base = _measures(losses, unavailable=(0.999,))
+    stress = {}
+    for name, scale in STRESSES.items():
+        stressed = _measures(losses, scale=scale)
+        change = {"el": stressed["el"] - base["el"]}
+        for key in base["tail"]:
+            for m in ("var", "es"):
+                change[f"{m}_{key}"] = stressed["tail"][key][m] - base["tail"][key][m]
+        stress[name] = {
+            "description": f"{name}: GPU prices fall 40% <immediately> & rents follow",
+            "measures": stressed,
+            "change": change,
+        }
     generations = ("A100", "H100", "H200", "B200")
     types = ("neocloud", "miner")
     by = {
@@ -182,13 +225,9 @@ def write_results_dir(
             "loan_periods_per_second": 6.1e5,
         },
         "measures": base,
-        "stress": {
-            "gpu_crash": {
-                "description": "GPU prices fall 40% <immediately> & rents follow",
-                "measures": stressed,
-                "change": change,
-            }
-        },
+        "warnings": [WARNING],
+        "stress": stress,
+        "loss_by_period": loss_by_period_summary(0.97 * base["el"]),
         "book": {
             "source": "demo_book.parquet",
             "loans": 32,
@@ -275,8 +314,8 @@ def test_report_is_self_contained_with_every_section(full_report: Path):
     assert all(p > 0 for p in positions), dict(zip(SECTION_HEADINGS, positions, strict=True))
     assert positions == sorted(positions), "sections out of order"
     images = _image_sources(text)
-    # histogram, tail, 3 contribution charts, tornado, exposure by generation
-    assert len(images) == 7
+    # histogram, tail, loss by period, 3 contribution charts, tornado, stress, exposure
+    assert len(images) == 9
     for src in images:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -290,7 +329,7 @@ def test_report_is_self_contained_with_every_section(full_report: Path):
     assert re.search(r"\$\d{1,3}(,\d{3})*\.\d\dM", text)
     assert "not computed" not in text
     assert "100% move" in text and "(Δ=0.1)" in text  # tornado caption
-    assert text.count("+0.1 absolute") >= 1  # correlation or zero-valued rows in the table
+    assert text.count("+0.1 (absolute)") >= 1  # correlation or zero-valued rows in the table
     assert "gpu_crash" in text
     # every metadata field is listed
     for key in ("book_sha256", "loan_periods_per_second", "el_sensitivity_scenarios", "copula"):
@@ -304,7 +343,7 @@ def test_missing_optional_tables_say_not_computed(tmp_path: Path):
     text = render_report_from_dir(directory).read_text(encoding="utf-8")
     assert "Loan contributions: not computed" in text
     assert "Parameter sensitivities: not computed" in text
-    assert len(_image_sources(text)) == 3  # histogram, tail, exposure
+    assert len(_image_sources(text)) == 5  # histogram, tail, loss by period, stress, exposure
 
 
 def test_missing_summary_raises_report_error_naming_it(tmp_path: Path):
@@ -485,7 +524,7 @@ def test_tails_only_report_draws_the_merged_histogram_and_the_tail(tmp_path: Pat
     positions = [text.find(f">{h}</h2>") for h in SECTION_HEADINGS]
     assert all(p > 0 for p in positions) and positions == sorted(positions)
     assert _image_sources(text)[:2] == _image_sources(full)[:2]  # histogram and tail charts
-    assert len(_image_sources(text)) == 7
+    assert len(_image_sources(text)) == 9
     assert "Tails-only run: merged from the per-batch histograms" in text
     assert "Median (within one histogram bin)" in text and f"{losses.size:,} simulated" in text
     (directory / "tail_losses.parquet").unlink()
@@ -542,10 +581,26 @@ window.addEventListener("load", function () {
       var s = d.closest("section");
       return (s ? s.id : "?") + ": " + d.scrollWidth + " > " + d.clientWidth + " px";
     });
+  // Each section's box, and how far right anything inside it reaches (a table clipped by
+  // its scroll box still reaches past the section's edge).
+  var sections = Array.prototype.map.call(document.querySelectorAll("section"), function (s) {
+    var r = s.getBoundingClientRect();
+    var reach = r.right;
+    Array.prototype.forEach.call(s.querySelectorAll("*"), function (e) {
+      var b = e.getBoundingClientRect();
+      if (b.width > 0 && b.height > 0) { reach = Math.max(reach, b.right); }
+    });
+    return {id: s.id, left: r.left + window.scrollX, top: r.top + window.scrollY,
+            width: r.width, height: r.height, reach: reach};
+  });
+  var page = {innerWidth: window.innerWidth,
+              scrollWidth: document.documentElement.scrollWidth,
+              scrollHeight: document.documentElement.scrollHeight};
   var out = document.createElement("pre");
   out.id = "report-probe";
   out.textContent = JSON.stringify({problems: __problems, images: images, svgs: svgs,
-                                    resources: resources, overflow: overflow});
+                                    resources: resources, overflow: overflow,
+                                    sections: sections, page: page});
   document.body.appendChild(out);
 });
 </script>"""
@@ -601,13 +656,15 @@ def _console_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if re.search(r":CONSOLE[:(]", line)]
 
 
-def _probe(binary: str, tmp: Path, report_text: str, name: str, extra_body: str = "") -> tuple:
+def _probe(
+    binary: str, tmp: Path, report_text: str, name: str, extra_body: str = "", width: int = 1280
+) -> tuple:
     page = report_text.replace("<head>", "<head>" + PROBE, 1)
     page = page.replace("</main>", extra_body + "</main>", 1)
     path = tmp / f"{name}.html"
     path.write_text(page, encoding="utf-8")
     done = _chromium(
-        binary, tmp / f"profile-{name}", path.as_uri(), "--window-size=1280,4000", "--dump-dom"
+        binary, tmp / f"profile-{name}", path.as_uri(), f"--window-size={width},4000", "--dump-dom"
     )
     match = re.search(r'<pre id="report-probe">(.*?)</pre>', done.stdout, re.DOTALL)
     assert match, f"probe produced no verdict (rc {done.returncode}): {done.stderr[-2000:]}"
@@ -656,7 +713,7 @@ def test_report_renders_in_headless_chromium(chromium, full_report, tmp_path):
     verdict, console = _probe(chromium, tmp_path, text, "probed")
     assert verdict["problems"] == []
     assert console == []
-    assert len(verdict["images"]) == 7
+    assert len(verdict["images"]) == 9
     assert _bad_images(verdict) == []
     assert all(s["width"] > 0 and s["height"] > 0 for s in verdict["svgs"])
     assert [r for r in verdict["resources"] if not r.startswith("data:")] == []
@@ -721,7 +778,7 @@ def test_names_are_data_in_the_report(tmp_path: Path):
         shown = html.escape(name.replace("\x1b", "\\x1b").replace("\x07", "\\x07"))
         assert f">{shown}<" in text, name  # the book's generations and the stresses
         assert f">rent:{shown}<" not in text  # factor names are chart titles, not tables
-    assert len(_image_sources(text)) == 8  # every chart drew, the reverse stress's included
+    assert len(_image_sources(text)) == 10  # every chart drew, the reverse stress's included
 
 
 def test_report_ignores_a_usetex_matplotlibrc(tmp_path: Path):
@@ -731,7 +788,7 @@ def test_report_ignores_a_usetex_matplotlibrc(tmp_path: Path):
     directory = write_results_dir(tmp_path / "r", sensitivities=False)
     with matplotlib.rc_context({"text.usetex": True}):
         text = render_report_from_dir(directory).read_text(encoding="utf-8")
-    assert len(_image_sources(text)) == 6
+    assert len(_image_sources(text)) == 8
 
 
 def test_unreadable_summaries_are_refused_naming_the_file(tmp_path: Path):
@@ -747,3 +804,190 @@ def test_unreadable_summaries_are_refused_naming_the_file(tmp_path: Path):
     os.mkfifo(summary)  # opening it for reading used to wait for a writer
     with pytest.raises(ReportError, match=r"summary\.json: is not a regular file"):
         render_report_from_dir(directory)
+
+
+# ----------------------------------------------------------------------------- issue 17 item 8
+
+
+def _full_inputs(tmp_path: Path) -> tuple[dict, np.ndarray, pa.Table, pa.Table]:
+    directory = write_results_dir(tmp_path / "r")
+    summary = json.loads((directory / "summary.json").read_text())
+    losses = pq.read_table(directory / "losses.parquet").column("loss_usd").to_numpy()
+    contributions = pq.read_table(directory / "contributions.parquet")
+    sensitivities = pq.read_table(directory / "sensitivities.parquet")
+    return summary, losses, contributions, sensitivities
+
+
+def _cells(section: str) -> list[list[str]]:
+    """The text of every body row's cells (tags stripped, entities decoded)."""
+    rows = re.findall(r"<tr>(.*?)</tr>", section, re.DOTALL)
+    out = []
+    for row in rows:
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row, re.DOTALL)
+        if cells:
+            out.append([html.unescape(re.sub(r"<[^>]+>", " ", c)).strip() for c in cells])
+    return out
+
+
+def test_headline_shows_share_of_exposure_warnings_and_withheld_intervals(tmp_path: Path):
+    summary, losses, _, _ = _full_inputs(tmp_path)
+    section = _section_of(render_report(summary, losses, None, None), "headline")
+    # The warning is visible before the table, escaped, as summary.json words it.
+    assert section.index('<div class="warn"') < section.index("<table")
+    assert html.escape(WARNING) in section
+    assert ">% of exposure</th>" in section
+    rows = {r[0]: r for r in _cells(section)}
+    el, exposure = summary["measures"]["el"], summary["book"]["exposure_usd"]
+    assert rows["Expected loss (EL)"][2] == f"{100 * el / exposure:.2f}%"
+    es = summary["measures"]["tail"]["0.999"]["es"]
+    assert rows["Expected shortfall 99.9%"][2] == f"{100 * es / exposure:.2f}%"
+    # 99.9%: interval withheld (n/a); 99%: shown.
+    assert rows["Value at risk 99.9%"][3:] == ["n/a", "n/a"]
+    assert rows["Expected shortfall 99.9%"][3:] == ["n/a", "n/a"]
+    assert rows["Value at risk 99%"][3] != "n/a" and "–" in rows["Value at risk 99%"][4]
+    assert "n/a: too few tail scenarios per batch" in section
+    # No warnings, no box; no exposure, a dash.
+    summary["warnings"] = []
+    del summary["book"]
+    section = _section_of(render_report(summary, losses, None, None), "headline")
+    assert 'class="warn"' not in section
+    assert {r[0]: r for r in _cells(section)}["Expected loss (EL)"][2] == "—"
+
+
+def test_loss_by_period_section_shows_the_chart_years_and_the_sample(tmp_path: Path):
+    summary, losses, _, _ = _full_inputs(tmp_path)
+    section = _section_of(render_report(summary, losses, None, None), "periods")
+    assert len(_image_sources(section)) == 1
+    table = summary["loss_by_period"]
+    el = np.array(table["el_usd"])
+    rows = _cells(section)
+    assert [r[0] for r in rows] == ["Year 1", "Year 2", "Year 3"]
+    assert rows[0][1] == f"${el[:4].sum() / 1e6:,.2f}M"
+    assert rows[-1][3] == f"${el.sum() / 1e6:,.2f}M" and rows[-1][4] == "100.0%"
+    assert "first 2,048 scenarios" in section and "blue bars" in section
+    # Absent (an engine that does not compute it yet, or an older run): said, not faked.
+    for value in (None, {"el_usd": []}, {"el_usd": [1.0, None]}):
+        summary["loss_by_period"] = value
+        section = _section_of(render_report(summary, losses, None, None), "periods")
+        assert "Loss by period: not computed in this run" in section and "<img" not in section
+
+
+def test_concentration_gives_top_ten_shares_and_hhi_by_borrower(tmp_path: Path):
+    summary, losses, contributions, _ = _full_inputs(tmp_path)
+    section = _section_of(render_report(summary, losses, contributions, None), "concentration")
+    rows = {r[0]: r for r in _cells(section)}
+    borrowers = np.array(contributions.column("borrower_id").to_pylist())
+    for label, column in (
+        ("Exposure (balance)", "balance_usd"),
+        ("EL", "expected_loss_usd"),
+        ("ES 99.9%", "es_0.999_usd"),
+    ):
+        values = contributions.column(column).to_numpy()
+        totals = np.array([values[borrowers == b].sum() for b in np.unique(borrowers)])
+        shares = np.sort(totals / totals.sum())[::-1]
+        hhi = float(np.sum(shares**2))
+        assert rows[label][2] == f"{100 * shares[:10].sum():.1f}%", label
+        assert rows[label][3] == f"{100 * shares[0]:.1f}%", label
+        assert rows[label][4] == f"{10_000 * hhi:,.0f}", label
+        assert rows[label][5] == f"{1 / hhi:,.1f}", label
+    assert "24 borrowers" in section
+    section = _section_of(render_report(summary, losses, None, None), "concentration")
+    assert "Loan contributions: not computed" in section
+
+
+def test_sensitivities_carry_units_moves_and_a_true_caption(tmp_path: Path):
+    from gpucredit.io import report
+
+    summary, losses, _, sensitivities = _full_inputs(tmp_path)
+    section = _section_of(render_report(summary, losses, None, sensitivities), "sensitivities")
+    assert "USD per unit of the parameter" in section
+    assert ">Move Δθ</th>" in section and ">ΔES 99.9% (USD)</th>" in section
+    rows = _cells(section)
+    values = dict(
+        zip(
+            sensitivities.column("parameter").to_pylist(),
+            sensitivities.column("value").to_pylist(),
+            strict=True,
+        )
+    )
+    for row in rows:
+        parameter, value, d_el, *_, move, delta = row
+        assert not d_el.startswith(("$", "+$", "-$"))  # a derivative is not an amount of money
+        small = parameter.startswith("correlation.") or values[parameter] == 0
+        assert move == ("+0.1 (absolute)" if small else f"{values[parameter]:+.4g} (100%)")
+        assert delta.startswith(("+$", "-$", "$"))
+    # The caption names the colours the bars are drawn in, and no other.
+    caption = re.search(r"<figcaption>(.*?)</figcaption>", section).group(1)
+    assert (report.C_POS, report.C_NEG) == ("#D55E00", "#0072B2")
+    assert "Vermillion bars raise" in caption and "blue bars lower" in caption
+    assert "Red" not in caption and "red " not in caption
+
+
+def test_stress_has_a_chart_beside_a_narrow_table(tmp_path: Path):
+    summary, losses, _, _ = _full_inputs(tmp_path)
+    section = _section_of(render_report(summary, losses, None, None), "stress")
+    side = section[section.index('<div class="side">') :]
+    assert side.index('<table class="stress">') < side.index("<figure>")
+    header = re.findall(r"<th(?: [^>]*)?>(.*?)</th>", section)
+    assert header == ["Scenario", "EL", "VaR 99%", "ES 99%", "VaR 99.9%", "ES 99.9%"]
+    rows = {r[0]: r for r in _cells(section)}
+    assert set(rows) == {"Base", *STRESSES}
+    base_el = summary["measures"]["el"]
+    stressed_el = summary["stress"]["next-gen-glut"]["measures"]["el"]
+    change = stressed_el - base_el
+    assert rows["next-gen-glut"][1] == (
+        f"${stressed_el / 1e6:,.2f}M  +${change / 1e6:,.2f}M (+{100 * change / base_el:.1f}%)"
+    )
+    caption = re.search(r"<figcaption>(.*?)</figcaption>", section).group(1)
+    assert "EL (blue)" in caption and "ES 99.9% (vermillion)" in caption
+
+
+# Every section the full report has, by anchor, and the widths a committee reads it at.
+SECTION_ANCHORS = (
+    "headline", "losses", "periods", "calibration", "contributions", "concentration",
+    "sensitivities", "stress", "book", "reverse-stress", "metadata",
+)  # fmt: skip
+SCREEN_WIDTHS = (1280, 1920)
+
+
+@pytest.mark.parametrize("width", SCREEN_WIDTHS)
+def test_every_section_is_visible_and_fits_the_page(chromium, full_report, tmp_path, width):
+    """Issue 17 item 8: at 1,280 and 1,920 px every section renders with a real size, nothing
+    in it reaches past its right edge (no table clipped behind a scroll bar, no page-wide
+    horizontal scroll), and a screenshot of the whole page shows ink in every section."""
+    from PIL import Image
+
+    verdict, _ = _probe(chromium, tmp_path, full_report.read_text(encoding="utf-8"), "s", "", width)
+    page = verdict["page"]
+    assert page["innerWidth"] == width and page["scrollWidth"] <= width, page
+    assert verdict["overflow"] == []
+    sections = {s["id"]: s for s in verdict["sections"]}
+    assert tuple(sections) == SECTION_ANCHORS
+    for anchor, box in sections.items():
+        assert box["height"] >= 40 and box["width"] >= 600, (anchor, box)
+        assert box["reach"] <= box["left"] + box["width"] + 1, (anchor, box)
+
+    height = min(int(page["scrollHeight"]) + 10, 16_000)
+    screenshot = tmp_path / f"report-{width}.png"
+    done = _chromium(
+        chromium,
+        tmp_path / "profile-sections",
+        full_report.as_uri(),
+        f"--screenshot={screenshot}",
+        f"--window-size={width},{height}",
+    )
+    assert screenshot.exists(), f"no screenshot (rc {done.returncode}): {done.stderr[-2000:]}"
+    with Image.open(screenshot) as image:
+        assert image.size == (width, height)
+        pixels = np.asarray(image.convert("L"))
+    sizes = {}
+    for anchor, box in sections.items():
+        top, left = int(box["top"]), int(box["left"])
+        if top >= height:
+            continue  # below a 16,000 px screenshot (not reached by this report)
+        crop = pixels[top : min(height, top + int(box["height"])), left : left + int(box["width"])]
+        ink = float(np.mean(crop < 200))
+        sizes[anchor] = (int(box["width"]), int(box["height"]), round(ink, 3))
+        assert ink > 0.005, (anchor, sizes[anchor])
+    assert set(sizes) == set(SECTION_ANCHORS)
+    print(f"\n{width} px: page {width}x{height}; section (width, height, ink): {sizes}")

@@ -4,12 +4,15 @@ Everything is inline: the styles, and every chart as a base64 PNG drawn with mat
 canvas (no pyplot state, no display). The page has no script, no external stylesheet, font
 or image, so it opens offline, in a mail attachment or behind a proxy, exactly as written.
 
-Sections, in order: header, headline measures, loss distribution (histogram and tail),
-calibration (model vs input PDs, paper vs path), contributions, sensitivities, stress,
-today's book, reverse stress, run metadata. Any value of summary.json may be null; it is
-shown as an em dash. Missing contributions or sensitivities tables, or a summary without
-"calibration" (older runs, or run with --no-calibration), make their sections say "not
-computed".
+Sections, in order: header, headline measures (with % of exposure and the run's warnings),
+loss distribution (histogram and tail), loss by period, calibration (model vs input PDs,
+paper vs path), contributions, concentration by borrower (top-10 share, HHI), sensitivities
+(with their units and moves), stress (table and chart side by side when the page is wide
+enough), today's book, reverse stress, run metadata. Any value of summary.json may be null;
+it is shown as an em dash ("n/a" for an interval the run withheld). Missing contributions or
+sensitivities tables, or a summary without "calibration" or "loss_by_period" (older runs,
+or run with --no-calibration), make their sections say "not computed". No table is wider
+than the page at 1,280 px (tests/io/test_report.py checks it in headless Chromium).
 """
 
 from __future__ import annotations
@@ -1231,7 +1234,8 @@ def _relative(change: object, base_value: object) -> float:
 
 def _stress_chart(names_: list[str], el: np.ndarray, es: np.ndarray, es_label: str) -> str:
     """Horizontal bars: each stress's change in EL and in ES, % of the base value."""
-    fig, ax = _new_figure(4.8, 1.1 + 0.55 * len(names_))
+    # Narrow, to sit beside the table where the page is wide (main widens from 1,700 px).
+    fig, ax = _new_figure(4.2, 1.1 + 0.5 * len(names_))
     y = np.arange(len(names_))
     h = 0.38
     # A missing change draws no bar (nan -> 0) rather than failing the chart.
@@ -1404,6 +1408,7 @@ _CSS = """
 body { margin:0; color:var(--ink); background:#fff;
   font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif; }
 main { max-width:1180px; margin:0 auto; padding:24px 32px 64px; }
+@media (min-width:1700px) { main { max-width:1640px; } }
 header { border-bottom:3px solid var(--accent); padding-bottom:12px; margin-bottom:8px; }
 h1 { font-size:24px; margin:0 0 12px; color:var(--accent); }
 h2 { font-size:19px; margin:36px 0 10px; padding-bottom:4px; border-bottom:1px solid var(--rule); }
