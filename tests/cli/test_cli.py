@@ -444,3 +444,84 @@ def test_an_undefined_floating_schedule_is_a_clear_error(tmp_path):
         assert lines[0].startswith(f"error: {book}: loan_id=") and "column rate" in lines[0]
         assert "rate.level -0.9" in lines[0] and "annuity is undefined" in lines[0]
         assert "Traceback" not in result.output and not out.exists()
+
+
+# ----------------------------------------------------------------------------- issue 20
+
+
+def test_a_second_run_into_a_held_directory_is_refused_with_the_holders_pid(small_book, tmp_path):
+    from gpucredit.io.results import OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out):
+        result = CliRunner().invoke(main, ["run", str(small_book), *RUN_ARGS, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert f"in use by another gpucredit run (pid {os.getpid()})" in result.output
+    assert not (out / "summary.json").exists() and not (out / ".checkpoint").exists()
+
+
+def test_a_run_without_resume_over_an_interrupted_run_is_refused(small_book, tmp_path):
+    out = tmp_path / "out"
+    checkpoint = _damaged_checkpoint(small_book, out)  # an intact one-chunk checkpoint
+    saved = sorted(p.name for p in checkpoint.iterdir())
+    result = CliRunner().invoke(main, ["run", str(small_book), *RUN_ARGS, "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "pass --resume to continue it, or remove" in result.output
+    assert sorted(p.name for p in checkpoint.iterdir()) == saved  # nothing deleted
+
+
+def test_the_input_book_is_never_overwritten_and_out_may_not_be_empty(small_book, tmp_path):
+    directory = tmp_path / "d"
+    directory.mkdir()
+    book = directory / "losses.parquet"
+    book.write_bytes(small_book.read_bytes())
+    result = CliRunner().invoke(main, ["run", str(book), *RUN_ARGS, "--out", str(directory)])
+    assert result.exit_code == 1, result.output
+    assert "would overwrite the input book" in result.output
+    assert book.read_bytes() == small_book.read_bytes()
+    assert sorted(p.name for p in directory.iterdir()) == ["losses.parquet"]
+    for command in (["run", str(small_book), *RUN_ARGS], ["reverse-stress", "--loss", "1e6"]):
+        result = CliRunner().invoke(main, [*command, "--out", ""])
+        assert result.exit_code == 2 and "must not be empty" in result.output
+
+
+def test_a_reverse_stress_of_another_book_is_not_drawn_into_the_report(small_book, tmp_path):
+    """reverse_stress.json records its book and assumptions; a run's report shows it only
+    when they are the run's."""
+    out = tmp_path / "out"
+    result = invoke("reverse-stress", str(small_book), "--loss", "5e7", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    design = json.loads((out / "reverse_stress.json").read_text())
+    assert len(design["metadata"]["book_sha256"]) == 64
+    assert invoke("run", str(small_book), *RUN_ARGS, "--out", str(out)).exit_code == 0
+    assert "Not computed: run" not in (out / "report.html").read_text()  # its own: shown
+
+    other = tmp_path / "other.parquet"
+    write_book(make_book(12, seed=9), other)
+    assert invoke("run", str(other), *RUN_ARGS, "--out", str(out)).exit_code == 0
+    assert "Not computed: run" in (out / "report.html").read_text()  # another book's
+    assert (out / "reverse_stress.json").exists()  # not this run's to delete
+
+
+def test_validate_json_prints_null_never_infinity(small_book, monkeypatch):
+    import gpucredit.portfolio.summary as summary
+
+    original = summary.book_summary
+    monkeypatch.setattr(
+        summary, "book_summary", lambda *a: original(*a) | {"dscr": float("inf"), "x": [np.nan]}
+    )
+    result = invoke("validate", str(small_book), "--json")
+    assert result.exit_code == 0, result.output
+    assert "Infinity" not in result.output and "NaN" not in result.output
+    document = json.loads(result.output)
+    assert document["dscr"] is None and document["x"] == [None]
+
+
+def test_names_in_errors_reach_the_terminal_escaped(tmp_path):
+    path = tmp_path / "\x1b]0;pwned\x07book.parquet"
+    path.write_bytes(b"not a book")
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b]0;pwned\\x07book.parquet" in result.output

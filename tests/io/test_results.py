@@ -1,16 +1,29 @@
-"""The results directory's checkpoint in tails-only mode: batches saved as they finish,
-read back exactly, and a resumed run that recomputes only the missing ones."""
+"""The results directory's checkpoint: batches saved as they finish, read back exactly, and a
+resumed run that recomputes only the missing ones; files of another run, damaged or
+impossible ones refused; the lock on a results directory; results written as one
+transaction."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_book
 from gpucredit.io.assumptions import default_assumptions
-from gpucredit.io.results import Checkpoint, ResultsError
+from gpucredit.io.results import (
+    LOCK_FILE,
+    RESULT_FILES,
+    Checkpoint,
+    OutputLock,
+    ResultsError,
+    _checksum,
+    refuse_overwriting_inputs,
+    write_results,
+)
 from gpucredit.kernels.outputs import ChunkOutput
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.risk import largest_losses
@@ -239,3 +252,203 @@ def test_an_intact_checkpoint_still_reads_back(tmp_path):
     assert list(done) == [0] and isinstance(done[0], ChunkOutput)
     np.testing.assert_array_equal(done[0].losses_usd, np.arange(64.0))
     assert done[0].log_weights is None
+
+
+# ----------------------------------------------------------------------------- one run's files only
+# (issue 20, item 1)
+
+
+def _resave(path, checkpoint: Checkpoint, kind: str, first: int, **changes):
+    """Rewrite a saved file with `changes` to its arrays and a checksum that matches them:
+    the contents checks, not the checksum, must refuse it."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k not in ("run_id", "checksum")}
+    arrays |= changes
+    checksum = _checksum(checkpoint.run_id, kind, first, arrays)
+    np.savez(path, run_id=checkpoint.run_id, checksum=checksum, **arrays)
+
+
+def test_a_chunk_of_another_run_is_refused(tmp_path):
+    """Chunks copied from a run with another seed (or any other setting) are not mixed in."""
+    book, assumptions = random_book(8, 4), default_assumptions()
+    other = Checkpoint(
+        tmp_path / "other", book, assumptions, SCENARIOS, 3, "conditional", "numpy", "float64",
+        False, chunk_size=64,
+    )  # fmt: skip
+    n = len(book)
+    other.save(64, ChunkOutput(np.arange(64.0), np.ones(n), np.ones(n), np.ones(n)))
+    _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    copied = tmp_path / ".checkpoint" / "chunk-000000000064.npz"
+    copied.write_bytes((tmp_path / "other" / ".checkpoint" / copied.name).read_bytes())
+    with pytest.raises(ResultsError, match="written by another run") as caught:
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()
+    assert str(copied) in str(caught.value)
+
+
+def test_a_chunk_moved_to_another_place_or_edited_fails_its_checksum(tmp_path):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    saved = tmp_path / ".checkpoint" / "chunk-000000000000.npz"
+    moved = saved.with_name("chunk-000000000064.npz")
+    saved.rename(moved)
+    with pytest.raises(ResultsError, match="checksum"):
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()
+    moved.rename(saved)
+    with np.load(saved) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["losses_usd"] = arrays["losses_usd"] * 2  # the old checksum kept
+    np.savez(saved, **arrays)
+    with pytest.raises(ResultsError, match="checksum"):
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        (dict(losses_usd=np.full(64, -1e12)), "negative"),
+        (dict(losses_usd=np.zeros(64, np.int8)), "dtype int8"),
+        (dict(losses_usd=np.zeros(64, np.complex128)), "dtype complex128"),
+        (dict(losses_usd=np.full(64, np.nan)), "not finite"),
+        (dict(losses_usd=np.full(64, np.inf)), "not finite"),
+        (dict(loan_loss_sum_usd=-np.ones(4)), "negative"),
+        (dict(losses_usd=np.zeros(10)), "this run's chunks"),
+    ],
+)
+def test_impossible_chunk_values_are_refused_even_with_a_matching_checksum(
+    tmp_path, changes, problem
+):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    checkpoint = _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    path = tmp_path / ".checkpoint" / "chunk-000000000000.npz"
+    _resave(path, checkpoint, "chunk", 0, **changes)
+    with pytest.raises(ResultsError, match=problem):
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("loss_sum_usd", -5e15, "negative"),
+        ("loss_sum_usd", 5e15, "mean above"),
+        ("loss_sum_usd", 0.0, "below the sum"),
+        ("count", 10**9, "count"),
+        ("es_usd", None, "VaR <= ES"),
+    ],
+)
+def test_batch_statistics_inconsistent_with_their_losses_are_refused(
+    tmp_path, name, value, problem
+):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    checkpoint = _checkpoint(tmp_path, book, assumptions, resume=False)
+    simulate(book, assumptions, keep_losses=False, checkpoint=checkpoint, **KWARGS)
+    path = sorted((tmp_path / ".checkpoint").glob("batch-*.npz"))[2]
+    first = int(path.stem.split("-")[1])
+    with np.load(path) as data:
+        values = data[name]
+    changed = np.zeros_like(values) if value is None else np.array(value, values.dtype)
+    _resave(path, checkpoint, "batch", first, **{name: changed})
+    with pytest.raises(ResultsError, match=problem) as caught:
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()
+    assert str(path) in str(caught.value)
+
+
+def test_a_run_without_resume_over_an_interrupted_one_is_refused(tmp_path):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    with pytest.raises(ResultsError, match="pass --resume to continue it, or remove"):
+        _checkpoint(tmp_path, book, assumptions, resume=False)
+    assert (tmp_path / ".checkpoint" / "chunk-000000000000.npz").exists()  # nothing deleted
+
+
+def test_clear_deletes_only_the_files_of_its_run(tmp_path):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    checkpoint = _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    stranger = tmp_path / ".checkpoint" / "notes.txt"
+    stranger.write_text("not gpucredit's")
+    checkpoint.clear()
+    assert [p.name for p in (tmp_path / ".checkpoint").iterdir()] == ["notes.txt"]
+    resumed = _saved_chunk_checkpoint(tmp_path / "again", book, assumptions)
+    resumed = _checkpoint(tmp_path / "again", book, assumptions, resume=True)
+    resumed.done()
+    resumed.clear()  # a resumed run owns what it resumed
+    assert not (tmp_path / "again" / ".checkpoint").exists()
+
+
+def test_the_output_lock_refuses_a_second_run_and_survives_a_dead_holder(tmp_path):
+    with OutputLock(tmp_path):
+        with pytest.raises(ResultsError, match=f"another gpucredit run \\(pid {os.getpid()}\\)"):
+            OutputLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK_FILE).exists()  # released on exit
+    (tmp_path / LOCK_FILE).write_text("999999999\n")  # a killed run's file: no flock held
+    with OutputLock(tmp_path):
+        assert (tmp_path / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+# ----------------------------------------------------------------------------- one transaction
+# (issue 20, item 3)
+
+
+@pytest.fixture(scope="module")
+def two_runs():
+    book, assumptions = random_book(8, 6), default_assumptions()
+    kwargs = dict(scenarios=256, backend="numpy", chunk_size=64, sensitivities=False)
+    first = simulate(book, assumptions, seed=1, **kwargs)
+    second = simulate(book, assumptions, seed=2, keep_losses=False, **kwargs)
+    return book, assumptions, first, second
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", ["report", "summary"])
+def test_a_failure_part_way_leaves_the_previous_results_intact(
+    tmp_path, monkeypatch, two_runs, failure
+):
+    """Disk full at report.html, or an infinity in summary.json after losses.parquet: the
+    directory keeps the earlier run's files, all of them, and nothing of the failed one."""
+    import gpucredit.io.report as report
+    import gpucredit.io.results as results
+
+    book, assumptions, first, second = two_runs
+    written = write_results(first, tmp_path, book, assumptions)
+    assert {p.name for p in written} >= {"losses.parquet", "summary.json", "report.html"}
+    before = _snapshot(tmp_path)
+    if failure == "report":
+
+        def full(directory):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(report, "render_report_from_dir", full)
+    else:
+        original = results.write_json
+
+        def infinite(path, document):
+            return original(path, document | {"oops": float("inf")})
+
+        monkeypatch.setattr(results, "write_json", infinite)
+    with pytest.raises(ResultsError):
+        write_results(second, tmp_path, book, assumptions)
+    assert _snapshot(tmp_path) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
+def test_every_parquet_file_names_its_run(tmp_path, two_runs):
+    book, assumptions, first, _ = two_runs
+    write_results(first, tmp_path, book, assumptions)
+    summary = json.loads((tmp_path / "summary.json").read_text())["metadata"]
+    for name in ("losses.parquet", "contributions.parquet"):
+        metadata = pq.read_schema(tmp_path / name).metadata
+        assert metadata[b"gpucredit.run_id"].decode() == summary["run_id"]
+        assert metadata[b"gpucredit.seed"] == b"1"
+        assert metadata[b"gpucredit.version"].decode() == summary["version"]
+        assert metadata[b"gpucredit.book_sha256"].decode() == summary["book_sha256"]
+
+
+def test_an_output_directory_holding_an_input_is_refused(tmp_path):
+    book_file = tmp_path / "losses.parquet"
+    book_file.write_bytes(b"the user's book")
+    with pytest.raises(ResultsError, match="would overwrite the input book"):
+        refuse_overwriting_inputs(tmp_path, {"book": str(book_file)}, RESULT_FILES)
+    refuse_overwriting_inputs(tmp_path / "elsewhere", {"book": str(book_file)}, RESULT_FILES)
+    assert book_file.read_bytes() == b"the user's book"

@@ -440,3 +440,78 @@ def test_runner_needs_exactly_one_target():
 
     with pytest.raises(EngineError, match="exactly one"):
         DaskRunner(workers=2, scheduler=UNREACHABLE)
+
+
+# ----------------------------------------------------------------------------- security (issue 20)
+
+
+@pytest.fixture(scope="module")
+def tls_runner():
+    """A runner's own local cluster (one worker): TLS with temporary credentials."""
+    with DaskRunner(workers=1) as runner:
+        yield runner
+
+
+def test_the_local_cluster_is_tls_on_localhost_and_refuses_strangers(tls_runner):
+    from distributed import Client
+    from distributed.security import Security
+
+    assert tls_runner.address.startswith("tls://127.0.0.1:")
+    workers = tls_runner.client.scheduler_info(n_workers=-1)["workers"]
+    assert workers and all(w.startswith("tls://127.0.0.1:") for w in workers)
+    plain = tls_runner.address.replace("tls://", "tcp://")
+    with pytest.raises((OSError, TimeoutError)):
+        Client(plain, timeout="3s", set_as_default=False)
+    with pytest.raises((OSError, TimeoutError)):  # credentials of another CA
+        Client(tls_runner.address, security=Security.temporary(), timeout="3s")
+
+
+def test_cli_reaches_a_tls_scheduler_with_credential_files(tls_runner, tmp_path):
+    security = tls_runner.client.security
+    files = {}
+    for option, pem in (
+        ("--tls-ca-file", security.tls_ca_file),
+        ("--tls-cert", security.tls_client_cert),
+        ("--tls-key", security.tls_client_key),
+    ):
+        files[option] = tmp_path / option.strip("-")
+        files[option].write_text(pem)
+    args = ["run", "--scheduler", tls_runner.address, "--backend", "numpy"]
+    args += ["--scenarios", "256", "--no-sensitivities", "--no-calibration", "--quiet"]
+    refused = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2, refused.output
+    assert "speaks TLS" in refused.output and "--tls-ca-file" in refused.output
+    tls = [str(x) for option, path in files.items() for x in (option, path)]
+    result = CliRunner().invoke(main, [*args, *tls, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("reply", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_a_server_that_is_not_dask_is_refused_quickly(tmp_path, reply):
+    """An HTTP server waits for a request (nothing comes) or answers text, which Dask would
+    read as a message length of exabytes: refused before Dask reads anything."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve():
+        connection, _ = server.accept()
+        if reply:
+            connection.sendall(reply)
+        time.sleep(4)
+        connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    address = f"tcp://127.0.0.1:{port}"
+    start = time.monotonic()
+    args = ["run", "--scheduler", address, "--scenarios", "64", "--quiet"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
+    server.close()
+    assert result.exit_code == 2, result.output
+    assert time.monotonic() - start < 20
+    assert f"error: cannot reach the Dask scheduler at {address}" in result.output
+    assert "not a Dask scheduler" in result.output or "did not greet" in result.output
+    assert "Traceback" not in result.output
