@@ -452,3 +452,14 @@ def test_an_output_directory_holding_an_input_is_refused(tmp_path):
         refuse_overwriting_inputs(tmp_path, {"book": str(book_file)}, RESULT_FILES)
     refuse_overwriting_inputs(tmp_path / "elsewhere", {"book": str(book_file)}, RESULT_FILES)
     assert book_file.read_bytes() == b"the user's book"
+
+
+@pytest.mark.parametrize("name", ["run.json", "chunk-000000000000.npz"])
+def test_a_fifo_in_the_checkpoint_is_refused_not_waited_on(tmp_path, name):
+    book, assumptions = random_book(8, 4), default_assumptions()
+    _saved_chunk_checkpoint(tmp_path, book, assumptions)
+    path = tmp_path / ".checkpoint" / name
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(ResultsError, match="not a regular file"):
+        _checkpoint(tmp_path, book, assumptions, resume=True).done()

@@ -389,6 +389,8 @@ class Checkpoint:
             )
 
     def _check_identity(self, identity_path: Path, out_dir: Path) -> None:
+        if not identity_path.is_file():  # a FIFO or device would block the read
+            raise self._damaged(identity_path, "not a regular file")
         try:
             saved = json.loads(identity_path.read_text())
         except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
