@@ -86,9 +86,10 @@ TRANSCENDENTAL_FLOPS = 15
 DIVISION_FLOPS = 4
 # Memory traffic per loan-period of the JAX engine as XLA runs it: the per-period [S, b]
 # temporaries a fusion writes and the next reads (pass 1 keeps 6 arrays, pass 2 7, each written
-# once and read about twice), 4 bytes each in float32. An ideal fused kernel (forward.cu)
-# keeps the loan's state in registers and reads only the per-loan terms, amortised over the
-# scenarios: ~0 bytes of DRAM traffic per loan-period, so it is compute-bound.
+# once and read about twice; `bench/hlo_profile.py` lists them), 4 bytes each in float32. An
+# ideal fused kernel (forward.cu) keeps the loan's state in registers and reads only the
+# per-loan terms, amortised over the scenarios: ~0 bytes of DRAM traffic per loan-period, so
+# it is compute-bound.
 XLA_TEMPORARIES_PER_PERIOD = {"pass1": 6, "pass2": 7}
 
 
