@@ -84,10 +84,10 @@ def refusal(path) -> BookError:
 
 # (column, bad value, words of the rule)
 BAD_VALUES = [
-    ("balance_usd", 0.0, "must be > 0"),
-    ("balance_usd", -5.0, "must be > 0"),
-    ("gpu_count", 0, "must be > 0"),
-    ("maturity_years", 0.0, "must be > 0"),
+    ("balance_usd", 0.0, "must be in (0, 1e11] (USD: 1e11 is $100 bn"),
+    ("balance_usd", -5.0, "must be in (0, 1e11]"),
+    ("gpu_count", 0, "must be in [1, 1e7] (GPUs"),
+    ("maturity_years", 0.0, "must be in (0, 100] (years), got 0"),
     ("pd_annual", 1.3, "must be in (0, 1), got 1.3"),
     ("pd_annual", 0.0, "must be in (0, 1)"),
     ("collateral_share", 1.2, "must be in [0, 1]"),
@@ -95,23 +95,36 @@ BAD_VALUES = [
     ("utilization", 1.5, "must be in [0, 1]"),
     ("liquidation_cost", -0.01, "must be in [0, 1]"),
     ("asset_correlation", 1.0, "must be in [0, 1)"),
-    ("contract_rate_usd_per_hour", -1.0, "must be >= 0"),
-    ("contract_years_remaining", -1.0, "must be >= 0"),
-    ("power_kw_per_gpu", -0.5, "must be >= 0"),
-    ("other_opex_usd_per_gpu_hour", -0.1, "must be >= 0"),
-    ("other_income_usd_per_year", -1.0, "must be >= 0"),
+    ("contract_rate_usd_per_hour", -1.0, "must be in [0, 100] (USD per GPU-hour"),
+    ("contract_years_remaining", -1.0, "must be in [0, 100] (years)"),
+    ("power_kw_per_gpu", -0.5, "must be in [0, 10] (kW per GPU"),
+    ("other_opex_usd_per_gpu_hour", -0.1, "must be in [0, 100] (USD per GPU-hour"),
+    ("other_income_usd_per_year", -1.0, "must be in [0, 1e12] (USD a year"),
     ("other_income_usd_per_year", float("inf"), "must be a finite number"),
     ("other_income_btc_share", 1.1, "must be in [0, 1]"),
     ("other_income_btc_share", -0.2, "must be in [0, 1]"),
-    ("cash_usd", -1.0, "must be >= 0"),
-    ("btc_units", -1.0, "must be >= 0"),
-    ("eth_units", -1.0, "must be >= 0"),
+    ("cash_usd", -1.0, "must be in [0, 1e12] (USD"),
+    ("btc_units", -1.0, "must be in [0, 2.1e7] (BTC"),
+    ("eth_units", -1.0, "must be in [0, 1.5e8] (ETH"),
     ("rate", -5.0, "must be in (-1, 1)"),
     ("rate", -1.0, "must be in (-1, 1)"),
     ("rate", 8.0, "must be in (-1, 1)"),
-    ("maturity_years", 1e300, "must be <= 100"),
-    ("maturity_years", 100.5, "must be <= 100"),
-    ("contract_years_remaining", 1e300, "must be <= 100"),
+    ("maturity_years", 1e300, "must be in (0, 100] (years), got 1e+300"),
+    ("maturity_years", 100.5, "must be in (0, 100]"),
+    ("contract_years_remaining", 1e300, "must be in [0, 100]"),
+    # Issue 20 item 5/6: unit slips and sizes no book holds, refused with the range and why.
+    ("balance_usd", 1e300, "must be in (0, 1e11] (USD: 1e11 is $100 bn, more than any GPU loan)"),
+    ("gpu_count", 1e300, "must be in [1, 1e7] (GPUs: 1e7 is more than any one fleet)"),
+    ("gpu_count", 0.5, "must be a whole number, got 0.5"),
+    ("gpu_count", 1024.5, "must be a whole number, got 1024.5"),
+    ("btc_units", 1e300, "must be in [0, 2.1e7] (BTC: 21 million is every bitcoin"),
+    ("eth_units", 1e9, "must be in [0, 1.5e8] (ETH"),
+    ("other_opex_usd_per_gpu_hour", 1e300, "must be in [0, 100] (USD per GPU-hour"),
+    ("contract_rate_usd_per_hour", 1e300, "must be in [0, 100] (USD per GPU-hour"),
+    ("contract_rate_usd_per_hour", 250.0, "must be in [0, 100] (USD per GPU-hour: a B200 rents"),
+    ("power_kw_per_gpu", 910.0, "must be in [0, 10] (kW per GPU"),
+    ("cash_usd", 1e300, "must be in [0, 1e12]"),
+    ("other_income_usd_per_year", 1e13, "must be in [0, 1e12]"),
     ("rate", float("nan"), "must be a finite number, got nan"),
     ("balance_usd", float("inf"), "must be a finite number, got inf"),
     ("pd_annual", None, "must not be null"),
@@ -314,12 +327,21 @@ def test_accepted_types_strings_dictionary_and_integers(tmp_path):
     assert book.gpu_count.dtype == np.float64 and book.gpu_count[0] == 1024.0
 
 
-def test_unknown_columns_are_ignored(tmp_path):
+def test_unknown_columns_are_refused_with_the_nearest_name(tmp_path):
+    """Issue 20 item 6: a misspelled optional column (`utilisation`) was ignored and its
+    default used; now every unknown column is refused, with the nearest known name."""
     columns = good_columns()
+    columns["utilisation"] = columns.pop("utilization")
+    columns["Balance_USD"] = columns["balance_usd"]
     columns["internal_rating"] = ["BB"] * 4
     path = write_parquet(tmp_path, columns)
 
-    assert len(read_book(path, ASSUMPTIONS)) == 4
+    message = str(refusal(path))
+
+    assert f"{path}: column utilisation: unknown column: did you mean utilization?" in message
+    assert "column Balance_USD: unknown column: did you mean balance_usd?" in message
+    assert "column internal_rating: unknown column: remove or rename it" in message
+    assert len(refusal(path).problems) == 3
 
 
 # ----------------------------------------------------------------------------- files
@@ -528,9 +550,10 @@ def test_every_source_reads_the_same_book(tmp_path, source):
 # is a missing value.
 SAME_ERRORS = [
     ("pd_annual", 1.3, "must be in (0, 1), got 1.3"),
-    ("balance_usd", -5.0, "must be > 0, got -5"),
+    ("balance_usd", -5.0, "must be in (0, 1e11] (USD: 1e11 is $100 bn, more than any GPU"),
     ("rate", 8.0, "must be in (-1, 1) (a yearly rate or spread as a fraction"),
-    ("maturity_years", 100.5, "must be <= 100 (years), got 100.5"),
+    ("maturity_years", 100.5, "must be in (0, 100] (years), got 100.5"),
+    ("gpu_count", 0.5, "must be a whole number, got 0.5"),
     ("utilization", 1.5, "must be in [0, 1], got 1.5"),
     ("rate_type", "flaoting", "must be one of fixed, floating, got 'flaoting'"),
     ("gpu_generation", "V100", "must be one of the assumptions' generations"),
@@ -740,10 +763,74 @@ def test_pandas_object_columns_are_coerced_cell_by_cell():
     assert book.loan_id.tolist() == ["11", "12", "13", "14"]
 
 
-def test_pandas_index_and_unknown_columns_are_ignored():
+def test_pandas_index_is_ignored_and_unknown_columns_refused(tmp_path):
     frame = pd.DataFrame(good_columns()).set_index("loan_id", drop=False)
-    frame["internal_rating"] = ["BB", None, 3, 4.5]  # unconvertible, but not ours
     assert len(read_book(frame, ASSUMPTIONS)) == 4
+    # The index pandas stores in a Parquet file (__index_level_0__) is not the user's data.
+    path = tmp_path / "indexed.parquet"
+    pq.write_table(pa.Table.from_pandas(frame.reset_index(drop=True).iloc[[3, 1, 2, 0]]), path)
+    assert "__index_level_0__" in pq.read_schema(path).names
+    assert len(read_book(path, ASSUMPTIONS)) == 4
+    frame["internal_rating"] = ["BB", None, 3, 4.5]  # unconvertible, and not ours
+    with pytest.raises(BookError, match="column internal_rating: unknown column"):
+        read_book(frame, ASSUMPTIONS)
+
+
+@pytest.mark.parametrize("source", ["pandas", "csv", "xlsx"])
+def test_a_column_named_twice_is_refused_from_every_source(tmp_path, source):
+    """Issue 20 item 9: a DataFrame with a repeated column name raised a KeyError traceback."""
+    columns = good_columns()
+    frame = pd.DataFrame(columns)
+    frame = pd.concat([frame, frame[["utilization"]].rename(columns={"utilization": "x"})], axis=1)
+    frame.columns = [*columns, "utilization"]
+    if source == "csv":
+        frame.to_csv(tmp_path / "book.csv", index=False)
+        book_source = tmp_path / "book.csv"
+    elif source == "xlsx":
+        pytest.importorskip("openpyxl")
+        frame.to_excel(tmp_path / "book.xlsx", index=False)
+        book_source = tmp_path / "book.xlsx"
+    else:
+        book_source = frame
+    with pytest.raises(BookError) as caught:
+        read_book(book_source, ASSUMPTIONS)
+    assert caught.value.problems[-1].rule == "the column appears 2 times; keep one"
+    assert [p.column for p in caught.value.problems] == ["utilization"]
+
+
+@pytest.mark.parametrize(
+    ("column", "other"),
+    [("borrower_type", "miner"), ("pd_annual", 0.05), ("asset_correlation", 0.3)],
+)
+def test_a_borrower_stating_two_types_pds_or_correlations_is_refused(tmp_path, column, other):
+    """Issue 20 item 6: one borrower_id with different types, PDs or correlations was accepted;
+    the loan that differs is named with the borrower's first loan."""
+    columns = good_columns()  # borrowers NC-0000 (rows 1-2) and NC-0001 (rows 3-4)
+    columns[column][3] = other
+    error = refusal(write_parquet(tmp_path, columns))
+    first = _format(good_columns()[column][2])
+    assert str(error).endswith(
+        f"loan_id=L000004, column {column}: borrower 'NC-0001' has {column} {first} on "
+        f"loan_id=L000003 (row 3) but {_format(other)} here: every loan of a borrower must "
+        f"state the same {column}"
+    )
+    assert len(error.problems) == 1
+
+
+def _format(value) -> str:
+    return repr(value) if isinstance(value, str) else format(value, ".10g")
+
+
+def test_a_misspelled_column_in_a_loan_tape_is_refused(tmp_path):
+    columns = good_columns()
+    columns["utilisation"] = columns.pop("utilization")
+    path = tmp_path / "book.csv"
+    pd.DataFrame(columns).to_csv(path, index=False)
+    assert "column utilisation: unknown column: did you mean utilization?" in str(refusal(path))
+    pytest.importorskip("openpyxl")
+    path = tmp_path / "book.xlsx"
+    pd.DataFrame(columns).to_excel(path, index=False)
+    assert "column utilisation: unknown column: did you mean utilization?" in str(refusal(path))
 
 
 def test_a_frame_missing_columns_is_refused_like_a_file():

@@ -11,8 +11,10 @@ one pass.
 
 from __future__ import annotations
 
+import difflib
 import importlib.resources
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +55,8 @@ WRITE_FORMATS = {
     ".xlsx": "excel",
 }
 READABLE = "Parquet, Arrow IPC/Feather, CSV (UTF-8 text) or Excel .xlsx"
+# Not the user's data: the index pandas stores in a Parquet or Arrow file (ignored).
+PANDAS_INDEX = re.compile(r"__index_level_\d+__")
 
 
 @dataclass(frozen=True)
@@ -139,8 +143,14 @@ def _validate(opened: _Opened, assumptions) -> Book:
     file, schema = opened.name, opened.schema
     problems: list[BookProblem] = []
 
-    # Schema: which used columns are present, once, with a usable type.
+    # Schema: which used columns are present, once, with a usable type; no unknown column
+    # (a misspelled optional one would silently take its default).
     counts = Counter(schema.names)
+    for name in counts:
+        # An unnamed column (a spreadsheet's blank one) cannot be a misspelling: ignored.
+        ignored = not name.strip() or PANDAS_INDEX.fullmatch(name)
+        if name not in BOOK_SCHEMA_BY_NAME and not ignored:
+            problems.append(BookProblem(file, None, name, unknown_column_rule(name)))
     for name in REQUIRED_COLUMNS:
         if name not in counts:
             problems.append(BookProblem(file, None, name, "required column is missing"))
@@ -187,6 +197,17 @@ def _validate(opened: _Opened, assumptions) -> Book:
     if problems:
         raise BookError(problems)
     return _build_book(file, columns, n_rows, assumptions)
+
+
+def unknown_column_rule(name: str) -> str:
+    """What an unknown column is told, with the nearest book column when one is close.
+
+    >>> unknown_column_rule("utilisation")
+    'unknown column: did you mean utilization? (`gpucredit schema` lists the columns)'
+    """
+    nearest = difflib.get_close_matches(name.strip().lower(), BOOK_COLUMNS, n=1, cutoff=0.6)
+    hint = f"did you mean {nearest[0]}?" if nearest else "remove or rename it"
+    return f"unknown column: {hint} (`gpucredit schema` lists the columns)"
 
 
 def _open_file(source: Path) -> _Opened:
@@ -314,7 +335,9 @@ def _open_memory(source) -> _Opened:
     if isinstance(source, pa.Table):
         return _Opened(name, source.schema, _table_batches(source))
     if package == "pandas" and hasattr(source, "columns"):
-        return _open_cells(name, {str(k): source[k] for k in source.columns}, len(source))
+        # By position: a name the frame repeats is one column each (refused by validation).
+        cells = [(str(k), source.iloc[:, j]) for j, k in enumerate(source.columns)]
+        return _open_cells(name, cells, len(source))
     if hasattr(source, "__arrow_c_stream__"):  # polars, duckdb, ... (Arrow PyCapsule API)
         table = pa.RecordBatchReader.from_stream(source).read_all()
         return _Opened(name, table.schema, _table_batches(table))
@@ -322,8 +345,8 @@ def _open_memory(source) -> _Opened:
         table = source.to_arrow()
         return _Opened(name, table.schema, _table_batches(table))
     if isinstance(source, Mapping):
-        columns = {str(k): v for k, v in source.items()}
-        n_rows = max((len(v) for v in columns.values()), default=0)
+        columns = [(str(k), v) for k, v in source.items()]
+        n_rows = max((len(v) for _, v in columns), default=0)
         return _open_cells(name, columns, n_rows)
     raise TypeError(
         "read_book takes a path (Parquet, Arrow, CSV, Excel), a pyarrow Table, a pandas or "
@@ -331,16 +354,19 @@ def _open_memory(source) -> _Opened:
     )
 
 
-def _open_cells(name: str, columns: dict, n_rows: int) -> _Opened:
-    """Columns of Python values (pandas Series, lists): each book column converted by Arrow
-    when that gives its schema type, else coerced cell by cell (naming each bad cell)."""
+def _open_cells(name: str, columns: list[tuple[str, object]], n_rows: int) -> _Opened:
+    """Columns of Python values (pandas Series, lists), as (name, values): each book column
+    converted by Arrow when that gives its schema type, else coerced cell by cell (naming each
+    bad cell); an unknown column is kept by name only (validation refuses it)."""
     from gpucredit.io.tapes import coerce_cells
 
     names, arrays, bad_cells = [], [], []
-    for column_name, values in columns.items():
+    for column_name, values in columns:
         column = BOOK_SCHEMA_BY_NAME.get(column_name)
         if column is None:
-            continue  # unknown columns are ignored
+            names.append(column_name)
+            arrays.append(pa.nulls(n_rows))
+            continue
         try:
             array = pa.Array.from_pandas(values) if hasattr(values, "dtype") else pa.array(values)
         except (pa.ArrowException, TypeError, ValueError):
@@ -462,25 +488,70 @@ def _check_values(
         if len(rows):
             report(column, rows, "must not be null", show_value=False)
 
+    clean = {}  # per column: the cells that broke no rule (for the rules across rows)
     for name, values in columns.items():
         column = BOOK_SCHEMA_BY_NAME[name]
         present = np.ones(len(values), dtype=bool)
         present[nulls[name]] = False
+        clean[name] = present.copy()
         if column.non_empty:
             report(name, np.flatnonzero(values == ""), "must not be empty", show_value=False)
+            clean[name] &= values != ""
         if column.allowed or column.allowed_are_generations:
             allowed = np.array(column.allowed or generations, dtype=object)
             bad = present & ~np.isin(values, allowed)
             report(name, np.flatnonzero(bad), column.allowed_rule(generations))
+            clean[name] &= ~bad
         if column.unique:
             problems += _duplicate_problems(file, name, values)
         if column.type == "number":
             finite = np.isfinite(values)
             report(name, np.flatnonzero(~finite & present), "must be a finite number")
-            for rule in column.rules:
+            clean[name] &= finite
+            for rule in column.rules:  # the first rule a cell breaks is the one named
                 with np.errstate(invalid="ignore"):
-                    bad = finite & ~rule.good(values)
+                    bad = clean[name] & ~rule.good(values)
                 report(name, np.flatnonzero(bad), rule.text)
+                clean[name] &= ~bad
+    problems += _borrower_problems(file, columns, clean, who)
+    return problems
+
+
+def _borrower_problems(file: str, columns, clean, who) -> list[BookProblem]:
+    """A borrower's type, PD and correlation are one value each (BookColumn.per_borrower):
+    a loan that states another value than its borrower's first loan is named with both rows.
+    Cells that broke another rule (`clean` False) are left out: each is named once."""
+    borrowers = columns.get("borrower_id")
+    if borrowers is None:
+        return []
+    problems = []
+    for column in BOOK_SCHEMA:
+        if not column.per_borrower or column.name not in columns:
+            continue
+        values = columns[column.name]
+        usable = clean["borrower_id"] & clean[column.name]
+        rows = np.flatnonzero(usable)
+        if len(rows) == 0:
+            continue
+        _, first, inverse = np.unique(
+            borrowers[rows].astype(str), return_index=True, return_inverse=True
+        )
+        first_row = rows[first[inverse]]  # each usable row's borrower's first usable row
+        differs = np.flatnonzero(values[rows] != values[first_row])
+        for k in differs[:MAX_ROWS_PER_RULE]:
+            row, other = int(rows[k]), int(first_row[k])
+            named = who(other)
+            where = f"loan_id={named} (row {other + 1})" if named else f"row {other + 1}"
+            rule = (
+                f"borrower {borrowers[row]!r} has {column.name} {_format_value(values[other])} "
+                f"on {where} but {_format_value(values[row])} here: every loan of a borrower "
+                f"must state the same {column.name}"
+            )
+            problems.append(BookProblem(file, who(row), column.name, rule, row=row + 1))
+        if len(differs) > MAX_ROWS_PER_RULE:
+            more = len(differs) - MAX_ROWS_PER_RULE
+            rule = f"a borrower's loans disagree: and {more} more rows"
+            problems.append(BookProblem(file, None, column.name, rule))
     return problems
 
 

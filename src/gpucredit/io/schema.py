@@ -17,7 +17,10 @@ from gpucredit.portfolio.book import BOOK_SCHEMA, FROM_GENERATION, BookColumn, u
 HEADER = ("Column", "Type", "Unit", "Default", "Rule", "Meaning")
 
 INTRO = """\
-One row per loan. Every column the model reads is below; unknown columns are ignored.
+One row per loan. Every column the model reads is below; a column it does not know is
+refused with the nearest known name (`utilisation`: did you mean utilization?), so a
+misspelled optional column never silently takes its default (unnamed columns and the index
+pandas stores are ignored).
 
 **Sources.** `gpucredit run BOOK`, `gpucredit validate BOOK` and `read_book(source)` read
 Parquet, Arrow IPC (file, Feather v2 or stream), CSV (UTF-8, header row, delimiter `,` `;`
@@ -33,8 +36,11 @@ Excel cells (and the object columns of a pandas DataFrame) are coerced to the co
 numbers as written (`1e6`, ` 0.08 `), booleans `true`/`false`, `yes`/`no` or `1`/`0`; a cell
 that cannot be is refused with its value and the type expected.
 
-**Rules.** No nulls (an empty number cell is a null); every number finite; a column named
-twice is refused; absent optional columns take the default shown. A bad book is refused
+**Rules.** No nulls (an empty number cell is a null); every number finite and in the
+plausible range shown (generous: it catches unit slips such as 8 for 8% or cents for dollars,
+and sizes no book holds); a column named twice is refused; a borrower's type, PD and asset
+correlation are the same on each of its loans (a loan that differs is named with the
+borrower's first loan); absent optional columns take the default shown. A bad book is refused
 before any simulation with every problem listed (file, `loan_id` or row, column, rule; at
 most 20 rows per rule, the rest counted); the command line exits with status 2.
 

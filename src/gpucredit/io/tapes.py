@@ -3,7 +3,7 @@ optional extra `excel`), each book column coerced to its schema type (docs/schem
 
 A cell that cannot be coerced is not guessed at: it is listed as a bad cell (column, row,
 what it must be and the value found), left null, and read_book reports it with the loan's id
-beside the other problems. Unknown columns are kept as read and ignored later.
+beside the other problems. Unknown columns are kept (read_book refuses them by name).
 
 >>> tape = read_csv_tape(Path("book.csv"))  # doctest: +SKIP
 >>> tape.table.schema.field("balance_usd").type, tape.bad_cells  # doctest: +SKIP
@@ -131,7 +131,10 @@ def read_excel_tape(path: Path) -> Tape:
     for k, name in enumerate(header):
         column = BOOK_SCHEMA_BY_NAME.get(name)
         if column is None:
-            continue  # unknown and unnamed columns are ignored
+            if name:  # an unknown column is kept by name (validation refuses it)
+                names.append(name)
+                arrays.append(pa.nulls(len(body)))
+            continue  # an unnamed column (a spreadsheet's blank one) is ignored
         array, bad = coerce_cells(column, [row[k] if k < len(row) else None for row in body])
         names.append(name)  # a repeated name is kept: validation refuses it
         arrays.append(array)

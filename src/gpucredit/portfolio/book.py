@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,18 +29,47 @@ class ValueRule:
     good: Callable[[np.ndarray], np.ndarray]
 
 
-POSITIVE = ValueRule("must be > 0", lambda x: x > 0)
-NON_NEGATIVE = ValueRule("must be >= 0", lambda x: x >= 0)
-FRACTION = ValueRule("must be in [0, 1]", lambda x: (x >= 0) & (x <= 1))
-PROBABILITY = ValueRule("must be in (0, 1)", lambda x: (x > 0) & (x < 1))
-CORRELATION = ValueRule("must be in [0, 1)", lambda x: (x >= 0) & (x < 1))
+def in_range(interval: str, meaning: str) -> ValueRule:
+    """A plausible range, written "(0, 1e11]" ("(" and ")" exclude their end), with what the
+    number means so that a refusal says why. The ranges are generous: they catch unit slips
+    (a percentage for a fraction, cents for dollars) and sizes no book holds, not unusual
+    loans.
+
+    >>> in_range("(0, 1]", "a fraction").text
+    'must be in (0, 1] (a fraction)'
+    """
+    low, high = (float(end) for end in interval[1:-1].split(","))
+    low_open, high_open = interval[0] == "(", interval[-1] == ")"
+
+    def good(x: np.ndarray) -> np.ndarray:
+        above = x > low if low_open else x >= low
+        below = x < high if high_open else x <= high
+        return above & below
+
+    text = f"must be in {interval} ({meaning})" if meaning else f"must be in {interval}"
+    return ValueRule(text, good)
+
+
+WHOLE = ValueRule("must be a whole number", lambda x: x == np.floor(x))
+FRACTION = in_range("[0, 1]", "")
+PROBABILITY = in_range("(0, 1)", "")
+CORRELATION = in_range("[0, 1)", "")
 # Bounded to catch percentages (8 for 8%) and so that a fixed-rate annuity's 1 + q stays > 0
 # (q = rate x period length; rate <= -1 made its schedule NaN).
-RATE = ValueRule(
-    "must be in (-1, 1) (a yearly rate or spread as a fraction, e.g. 0.08 for 8%)",
-    lambda x: (x > -1) & (x < 1),
-)
-AT_MOST_MAX_YEARS = ValueRule(f"must be <= {MAX_YEARS} (years)", lambda x: x <= MAX_YEARS)
+RATE = in_range("(-1, 1)", "a yearly rate or spread as a fraction, e.g. 0.08 for 8%")
+MATURITY_YEARS = in_range(f"(0, {MAX_YEARS}]", "years")
+CONTRACT_YEARS = in_range(f"[0, {MAX_YEARS}]", "years")
+# Money and sizes: far above any real loan, far below what overflows the model's arithmetic
+# (a balance of 1e300 made the schedules infinite).
+BALANCE_USD = in_range("(0, 1e11]", "USD: 1e11 is $100 bn, more than any GPU loan")
+CASH_USD = in_range("[0, 1e12]", "USD: 1e12 is $1 trillion")
+INCOME_USD_PER_YEAR = in_range("[0, 1e12]", "USD a year: 1e12 is $1 trillion")
+GPU_COUNT = in_range("[1, 1e7]", "GPUs: 1e7 is more than any one fleet")
+RENT_USD_PER_GPU_HOUR = in_range("[0, 100]", "USD per GPU-hour: a B200 rents at about 4.5")
+OPEX_USD_PER_GPU_HOUR = in_range("[0, 100]", "USD per GPU-hour: more than any GPU rents for")
+POWER_KW_PER_GPU = in_range("[0, 10]", "kW per GPU: a B200 draws about 1.3 with cooling")
+BTC_UNITS = in_range("[0, 2.1e7]", "BTC: 21 million is every bitcoin there will ever be")
+ETH_UNITS = in_range("[0, 1.5e8]", "ETH: about 120 million exist")
 
 
 @dataclass(frozen=True)
@@ -49,8 +79,8 @@ class BookColumn:
     io/book.py validates every book with these fields and docs/schema.md is rendered from
     them (`gpucredit schema`), so the rules are written once, here. Example:
 
-    >>> BOOK_SCHEMA_BY_NAME["pd_annual"].rule_summary()
-    'in (0, 1)'
+    >>> BOOK_SCHEMA_BY_NAME["utilization"].rule_summary()
+    'in [0, 1]'
     """
 
     name: str
@@ -63,6 +93,7 @@ class BookColumn:
     allowed_are_generations: bool = False  # one of the assumptions' GPU generations
     non_empty: bool = False  # strings: "" refused
     unique: bool = False  # no two rows share a value
+    per_borrower: bool = False  # every loan of one borrower_id states the same value
 
     @property
     def required(self) -> bool:
@@ -88,6 +119,8 @@ class BookColumn:
         parts += [rule.text.removeprefix("must be ") for rule in self.rules]
         if self.type == "boolean":
             parts.append("true or false")
+        if self.per_borrower:
+            parts.append("the same for every loan of a borrower_id")
         return "; ".join(parts)
 
 
@@ -109,8 +142,9 @@ BOOK_SCHEMA: tuple[BookColumn, ...] = (
     BookColumn(
         "borrower_type", "string", "", REQUIRED,
         "The kind of borrower, for reporting and calibration by type.", allowed=BORROWER_TYPES,
+        per_borrower=True,
     ),
-    _number("balance_usd", "USD", REQUIRED, "Outstanding principal today.", POSITIVE),
+    _number("balance_usd", "USD", REQUIRED, "Outstanding principal today.", BALANCE_USD),
     BookColumn(
         "rate_type", "string", "", REQUIRED,
         "fixed: `rate` is the coupon; floating: `rate` is a spread over the base rate.",
@@ -121,8 +155,7 @@ BOOK_SCHEMA: tuple[BookColumn, ...] = (
         "Fixed coupon, or the spread over the base rate when floating (0.08 for 8%).", RATE,
     ),
     _number(
-        "maturity_years", "years", REQUIRED, "Time to final maturity from today.",
-        POSITIVE, AT_MOST_MAX_YEARS,
+        "maturity_years", "years", REQUIRED, "Time to final maturity from today.", MATURITY_YEARS,
     ),
     BookColumn(
         "amortization", "string", "", REQUIRED,
@@ -134,10 +167,11 @@ BOOK_SCHEMA: tuple[BookColumn, ...] = (
         "The financed GPUs' generation (rents, resale prices and power follow it).",
         allowed_are_generations=True,
     ),
-    _number("gpu_count", "GPUs", REQUIRED, "GPUs in the financed fleet.", POSITIVE),
-    _number(
-        "pd_annual", "fraction per year", REQUIRED,
-        "The lender's annual probability of default for the borrower.", PROBABILITY,
+    _number("gpu_count", "GPUs", REQUIRED, "GPUs in the financed fleet.", WHOLE, GPU_COUNT),
+    BookColumn(
+        "pd_annual", "number", "fraction per year", REQUIRED,
+        "The lender's annual probability of default for the borrower.", rules=(PROBABILITY,),
+        per_borrower=True,
     ),
     _number(
         "collateral_share", "fraction", 1.0,
@@ -150,12 +184,12 @@ BOOK_SCHEMA: tuple[BookColumn, ...] = (
     ),
     _number(
         "contract_rate_usd_per_hour", "USD per GPU-hour", 0.0,
-        "Rent the contracts pay per contracted GPU.", NON_NEGATIVE,
+        "Rent the contracts pay per contracted GPU.", RENT_USD_PER_GPU_HOUR,
     ),
     _number(
         "contract_years_remaining", "years", 0.0,
         "Years the contracts still run; after that every GPU earns spot rent.",
-        NON_NEGATIVE, AT_MOST_MAX_YEARS,
+        CONTRACT_YEARS,
     ),
     _number(
         "utilization", "fraction", 0.70, "Share of the uncontracted GPUs rented at spot.",
@@ -163,19 +197,19 @@ BOOK_SCHEMA: tuple[BookColumn, ...] = (
     ),
     _number(
         "power_kw_per_gpu", "kW per GPU, incl. PUE", FROM_GENERATION,
-        "Facility power drawn per GPU (every GPU draws power, used or not).", NON_NEGATIVE,
+        "Facility power drawn per GPU (every GPU draws power, used or not).",
+        POWER_KW_PER_GPU,
     ),
     _number(
         "other_opex_usd_per_gpu_hour", "USD per GPU-hour", 0.0,
-        "Operating costs other than power.", NON_NEGATIVE,
+        "Operating costs other than power.", OPEX_USD_PER_GPU_HOUR,
     ),
-    _number("cash_usd", "USD", 0.0, "Cash available to service the debt today.", NON_NEGATIVE),
+    _number("cash_usd", "USD", 0.0, "Cash available to service the debt today.", CASH_USD),
     _number(
-        "btc_units", "BTC", 0.0, "Bitcoin the borrower holds (counts as liquidity).",
-        NON_NEGATIVE,
+        "btc_units", "BTC", 0.0, "Bitcoin the borrower holds (counts as liquidity).", BTC_UNITS,
     ),
     _number(
-        "eth_units", "ETH", 0.0, "Ether the borrower holds (counts as liquidity).", NON_NEGATIVE,
+        "eth_units", "ETH", 0.0, "Ether the borrower holds (counts as liquidity).", ETH_UNITS,
     ),
     BookColumn(
         "crypto_pledged", "boolean", "", False,
@@ -185,15 +219,16 @@ BOOK_SCHEMA: tuple[BookColumn, ...] = (
         "liquidation_cost", "fraction", 0.05,
         "Cost of seizing and selling the collateral, as a share of its value.", FRACTION,
     ),
-    _number(
-        "asset_correlation", "", 0.15,
-        "Vasicek asset correlation with the credit cycle.", CORRELATION,
+    BookColumn(
+        "asset_correlation", "number", "", 0.15,
+        "The borrower's Vasicek asset correlation with the credit cycle.",
+        rules=(CORRELATION,), per_borrower=True,
     ),
     _number(
         "other_income_usd_per_year", "USD per year", 0.0,
         "Income outside the financed fleet, net of its costs, committed to this debt "
         "(a miner's mining revenue, an enterprise's operating cash flow).",
-        NON_NEGATIVE,
+        INCOME_USD_PER_YEAR,
     ),
     _number(
         "other_income_btc_share", "fraction", 0.0,
@@ -326,7 +361,7 @@ def feature_book(
     borrower = np.array([f"B{rng.integers(0, n_borrowers):04d}" for _ in range(n_loans)])
     miner = rng.random(n_loans) < 0.4
     contracted = rng.random(n_loans) < 0.5
-    return uniform_book(
+    book = uniform_book(
         n_loans,
         source,
         borrower_id=borrower,
@@ -358,4 +393,14 @@ def feature_book(
             miner | (rng.random(n_loans) < 0.3), rng.uniform(0.0, 0.4, n_loans) * balance, 0.0
         ),
         other_income_btc_share=np.where(miner, rng.uniform(0.5, 1.0, n_loans), 0.0),
+    )
+    # A borrower's type, PD and correlation are its first loan's (read_book refuses a
+    # borrower_id that states two); drawn per loan above so the other columns keep their draws.
+    _, first = np.unique(borrower, return_index=True)
+    first_of = first[np.unique(borrower, return_inverse=True)[1]]
+    return dataclasses.replace(
+        book,
+        borrower_type=book.borrower_type[first_of],
+        pd_annual=book.pd_annual[first_of],
+        asset_correlation=book.asset_correlation[first_of],
     )
