@@ -81,12 +81,13 @@ def compile_chunk(loans: int, scenarios: int, mode: str, one_period: bool) -> tu
     from gpucredit.kernels.jax_args import _params_arg, _statics
     from gpucredit.portfolio.loans import loan_arrays
 
-    books = Path(tempfile.mkdtemp(prefix="gpucredit-hlo-"))
-    benchmark.ensure_books(books, [loans])
     assumptions = default_assumptions()
     if one_period:
         assumptions = dataclasses.replace(assumptions, horizon_years=1.0, steps_per_year=1)
-    arrays = loan_arrays(read_book(benchmark._book_path(books, loans), assumptions), assumptions)
+    with tempfile.TemporaryDirectory(prefix="gpucredit-hlo-") as tmp:
+        benchmark.ensure_books(Path(tmp), [loans])
+        book = read_book(benchmark._book_path(Path(tmp), loans), assumptions)
+    arrays = loan_arrays(book, assumptions)
     blocks = jax_engine.prepare_loans(arrays, "float32")
     lowered = jax_forward._chunk_losses_jit.lower(
         _params_arg(assumptions.params), assumptions.grid(mode), _statics(blocks),
