@@ -90,3 +90,35 @@ def test_unreachable_loss_is_a_clear_error():
     exposure = float(book.balance_usd.sum()) * 2
     with pytest.raises(ReverseStressError, match="out of reach"):
         find_design_point(book, assumptions, exposure)
+
+
+def test_an_absurd_target_is_refused_quickly_without_nan():
+    """Issue 20 item 5: `reverse-stress --loss 1e30` searched 200 iterations into NaN."""
+    import time
+
+    book = uniform_book(1)
+    started = time.perf_counter()
+    with pytest.raises(ReverseStressError, match="out of reach"):
+        find_design_point(book, default_assumptions(), 1e30)
+    assert time.perf_counter() - started < 60
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(ReverseStressError, match="positive number"):
+            find_design_point(book, default_assumptions(), bad)
+
+
+@pytest.mark.parametrize(
+    ("z", "loss", "converged", "match"),
+    [
+        # Issue 20 item 5: --importance-sampling on a one-loan book shifted to |z*| = 18,716.
+        (np.full((12, 13), 18716 / np.sqrt(156)), 1e6, True, "18,716.0 standard deviations"),
+        (np.full((12, 13), 1.0), float("nan"), True, "not finite"),
+        (np.full((12, 13), np.nan), 1e6, True, "not finite"),
+        (np.full((12, 13), 0.2), 1e6, False, "did not converge"),
+    ],
+)
+def test_a_design_point_that_is_not_one_is_refused(z, loss, converged, match):
+    from gpucredit.portfolio.reverse_stress import _refuse_implausible
+
+    with pytest.raises(ReverseStressError, match=match):
+        _refuse_implausible(1e6, z, loss, converged)
+    _refuse_implausible(1e6, np.full((12, 13), 0.2), 1e6, True)  # |z| = 2.5: a design point

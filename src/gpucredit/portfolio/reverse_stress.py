@@ -27,6 +27,16 @@ class ReverseStressError(ValueError):
     """No design point: the target loss is out of reach or the search did not converge."""
 
 
+# A design point farther than this from the central scenario is refused: |z*| = 12 has a
+# likelihood ratio exp(-72) ~ 5e-32 (a probability below 1e-30 by FORM, Φ(-12) ~ 2e-33), far
+# beyond any loss a book could be sized for, and importance sampling shifted there weights
+# every scenario by about exp(-72), so every loss underflows.
+MAX_DISTANCE = 12.0
+# The search has diverged once an iterate is this far out (it may wander to |z| ~ 100 on a
+# strongly curved limit state and still converge, so only far beyond that).
+DIVERGED_DISTANCE = 1e3
+
+
 @dataclass(frozen=True)
 class DesignPoint:
     """The most likely scenario with loss >= target (docs/spec.md §2 factors, one scenario)."""
@@ -104,6 +114,12 @@ def _hlrf(value, value_and_grad, z, max_iterations: int, tolerance: float):
         g, grad = value_and_grad(z)
         g = float(g)
         norm2 = float(jnp.sum(grad * grad))
+        if not (np.isfinite(g) and np.isfinite(norm2)) or np.linalg.norm(z) > DIVERGED_DISTANCE:
+            raise ReverseStressError(
+                "the search for the design point diverged (the loss or its gradient is not "
+                "finite, or the shocks grew beyond any plausible scenario): the target loss "
+                "may be out of reach of the book"
+            )
         if norm2 == 0.0:
             raise ReverseStressError(
                 "the loss does not respond to the systematic shocks at this point: the "
@@ -149,6 +165,29 @@ def _onto_limit_state(limit_state, z, target: float, steps: int = 60):
     return high * z
 
 
+def _refuse_implausible(target: float, z: np.ndarray, loss: float, converged: bool) -> None:
+    """A design point is refused, before anything samples around it, when it is not one: the
+    search did not converge, the loss there is not finite, or it lies beyond MAX_DISTANCE."""
+    distance = float(np.linalg.norm(z))
+    if not (np.isfinite(distance) and np.isfinite(loss)):
+        raise ReverseStressError(
+            f"no design point for a loss of {target:,.6g} USD: the loss at the end of the "
+            "search is not finite; the target loss may be out of reach of the book"
+        )
+    if distance > MAX_DISTANCE:
+        raise ReverseStressError(
+            f"the design point for a loss of {target:,.6g} USD lies |z*| = {distance:,.1f} "
+            f"standard deviations from the central scenario (more than {MAX_DISTANCE:g}: a "
+            "probability below 1e-30); no plausible scenario loses that much"
+        )
+    if not converged:
+        raise ReverseStressError(
+            f"the search for the design point of a loss of {target:,.6g} USD did not converge "
+            f"(|z| = {distance:.2f}); the loss may respond too little to the systematic shocks "
+            "near the target"
+        )
+
+
 def find_design_point(
     book: Book,
     assumptions: Assumptions,
@@ -163,8 +202,8 @@ def find_design_point(
     blocks = jax_engine.prepare_loans(loans, jnp.float64, 512)
     chi2 = grid.chi2_slots
     target = float(target_loss_usd)
-    if not target > 0:
-        raise ReverseStressError(f"the target loss must be positive, got {target}")
+    if not (target > 0 and np.isfinite(target)):
+        raise ReverseStressError(f"the target loss must be a positive number, got {target}")
 
     def limit_state(z):  # G(z) = 1 − L̄(z)/X: the target is reached where G <= 0
         loss = jax_engine.loss_given_normals(params, grid, blocks, _normals(z, chi2))[0]
@@ -190,6 +229,8 @@ def find_design_point(
     per_loan = np.asarray(
         jax_engine.loss_given_normals(params, grid, blocks, normals, per_loan=True)
     )[0]
+
+    _refuse_implausible(target, z_star, float(per_loan.sum()), converged)
 
     def split(column: np.ndarray) -> dict[str, float]:
         return {str(k): float(per_loan[column == k].sum()) for k in sorted(set(column))}
