@@ -122,3 +122,19 @@ def test_a_design_point_that_is_not_one_is_refused(z, loss, converged, match):
     with pytest.raises(ReverseStressError, match=match):
         _refuse_implausible(1e6, z, loss, converged)
     _refuse_implausible(1e6, np.full((12, 13), 0.2), 1e6, True)  # |z| = 2.5: a design point
+
+
+def test_a_target_many_times_the_central_loss_is_found_on_the_log_loss():
+    """The float64 pilot of random_book(3, 40) (2,048 scenarios) sets a VaR 99.9% some 40
+    times the central loss: the plain limit state 1 − L̄/X is so curved there that HL-RF's
+    linearised steps overshoot to |z| ~ 70 and back, once landing where no loan loses (zero
+    gradient: "the loss does not respond"). The search on ln L̄ finds the design point, the
+    same one the float32 pilot's search finds."""
+    from gpucredit.portfolio.engine import importance_shift
+
+    assumptions = default_assumptions()
+    book = random_book(3, 40)
+    _, point64 = importance_shift(book, assumptions, 0, 0.999, 2048, "jax", "float64")
+    assert point64.converged and point64.target_loss_usd > 30 * point64.central_loss_usd
+    assert point64.loss_usd == pytest.approx(point64.target_loss_usd, rel=1e-8)
+    assert 2.5 < point64.distance < 4.5

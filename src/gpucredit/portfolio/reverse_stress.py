@@ -205,24 +205,53 @@ def find_design_point(
     if not (target > 0 and np.isfinite(target)):
         raise ReverseStressError(f"the target loss must be a positive number, got {target}")
 
+    def loss_at(z):
+        return jax_engine.loss_given_normals(params, grid, blocks, _normals(z, chi2))[0]
+
     def limit_state(z):  # G(z) = 1 − L̄(z)/X: the target is reached where G <= 0
-        loss = jax_engine.loss_given_normals(params, grid, blocks, _normals(z, chi2))[0]
-        return 1.0 - loss / target
+        return 1.0 - loss_at(z) / target
+
+    def log_limit_state(z):  # ln X − ln L̄(z): the same zero set, far less curved in the tail
+        return jnp.log(target) - jnp.log(loss_at(z))
 
     value = jax.jit(limit_state)
     value_and_grad = jax.jit(jax.value_and_grad(limit_state))
-    z = jnp.zeros((grid.periods, grid.n_factors), jnp.float64)
-    g0 = value(z)
+
+    def converged_at(z) -> bool:
+        g, grad = value_and_grad(z)
+        # KKT: at the design point z* is parallel to ∇L̄ = −∇G (the clipped ratios make L̄
+        # only piecewise smooth, so HL-RF can stall a little short; the radial step closes
+        # the gap).
+        norms = jnp.linalg.norm(grad) * jnp.linalg.norm(z) + 1e-300
+        alignment = float(-jnp.sum(grad * z) / norms)
+        return abs(float(g)) < 1e-6 and alignment > 0.99
+
+    def search(g, g_and_grad):
+        z, iterations = _hlrf(g, g_and_grad, z0, max_iterations, tolerance)
+        return _onto_limit_state(lambda x: float(value(x)), z, target), iterations
+
+    z0 = jnp.zeros((grid.periods, grid.n_factors), jnp.float64)
+    g0 = value(z0)
     central_loss = target * (1.0 - float(g0))
-    iterations = 0
+    z, iterations, converged = z0, 0, True
     if float(g0) > 0:  # else the central scenario already loses X: z* = 0
-        z, iterations = _hlrf(value, value_and_grad, z, max_iterations, tolerance)
-        z = _onto_limit_state(lambda x: float(value(x)), z, target)
-    g, grad = value_and_grad(z)
-    # KKT: at the design point z* is parallel to ∇L̄ = −∇G (the clipped ratios make L̄ only
-    # piecewise smooth, so HL-RF can stall a little short; the radial step closes the gap).
-    alignment = float(-jnp.sum(grad * z) / (jnp.linalg.norm(grad) * jnp.linalg.norm(z) + 1e-300))
-    converged = float(g0) <= 0 or (abs(float(g)) < 1e-6 and alignment > 0.99)
+        plain_error = None
+        try:
+            z, iterations = search(value, value_and_grad)
+            converged = converged_at(z)
+        except ReverseStressError as error:
+            plain_error, converged = error, False
+        if not converged and central_loss > 0:
+            # The plain limit state is strongly curved when X is many times the central loss:
+            # its linearised steps overshoot, and can land where no loan loses (a zero
+            # gradient). Searching again on ln L̄, which grows about linearly in the shocks,
+            # finds the same point; searches that converge above keep their numbers.
+            z, iterations = search(
+                jax.jit(log_limit_state), jax.jit(jax.value_and_grad(log_limit_state))
+            )
+            converged = converged_at(z)
+        elif plain_error is not None:
+            raise plain_error
 
     z_star = np.asarray(z)
     normals = _normals(jnp.asarray(z_star), chi2)
