@@ -40,3 +40,11 @@ def small_book() -> Book:
 def assumptions() -> Assumptions:
     """The default assumptions (immutable: a test that needs others derives them)."""
     return default_assumptions()
+
+
+@pytest.fixture(scope="session")
+def loans(assumptions):
+    """The prepared loan arrays of `random_book(7, 40)` under the default assumptions."""
+    from gpucredit.portfolio.loans import loan_arrays
+
+    return loan_arrays(random_book(7, 40), assumptions)

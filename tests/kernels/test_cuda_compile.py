@@ -23,7 +23,6 @@ import pytest
 from scipy.special import ndtri
 from tests.conftest import random_book
 
-from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import cupy_engine, reference
 from gpucredit.portfolio.loans import loan_arrays
 
@@ -298,11 +297,6 @@ def _emulated_chunk(emulator, params, grid, prepared, first, count, per_block=No
         _emulated_launch(binary, folder),
         per_block=per_block,
     )
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
 
 
 def _check_against_reference(

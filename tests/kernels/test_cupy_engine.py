@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from tests.conftest import random_book
 
-from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import cupy_engine, reference
 from gpucredit.portfolio.backends import CupyBackend
 from gpucredit.portfolio.loans import loan_arrays
@@ -25,16 +24,6 @@ pytestmark = [
 
 SEED = 11
 COUNT = 128
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
-
-
-@pytest.fixture(scope="module")
-def loans(assumptions):
-    return loan_arrays(random_book(7, 40), assumptions)
 
 
 def _host(x) -> np.ndarray:

@@ -30,16 +30,6 @@ COUNT = 128  # scenarios per chunk in most tests
 BLOCK = 64
 
 
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
-
-
-@pytest.fixture(scope="module")
-def loans(assumptions):
-    return loan_arrays(random_book(7, 40), assumptions)
-
-
 def _blocks(loans, dtype, block_size=BLOCK):
     return jax_engine.prepare_loans(loans, dtype, block_size)
 

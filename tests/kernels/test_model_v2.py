@@ -8,16 +8,10 @@ import numpy as np
 import pytest
 from scipy.special import ndtr, ndtri
 
-from gpucredit.io.assumptions import default_assumptions
 from gpucredit.kernels import reference as ref
 from gpucredit.portfolio.assumptions import with_overrides
 from gpucredit.portfolio.book import feature_book, uniform_book
 from gpucredit.portfolio.loans import loan_arrays
-
-
-@pytest.fixture(scope="module")
-def assumptions():
-    return default_assumptions()
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def book(assumptions):
 
 
 @pytest.fixture(scope="module")
-def loans(book, assumptions):
+def example_loans(book, assumptions):
     return loan_arrays(book, assumptions)
 
 
@@ -123,8 +123,8 @@ def test_pledged_gpus_are_at_most_15_percent_of_each_financed_fleet(book, assump
     assert np.all(pledged <= 0.15 * assumptions.params.financed_fleet_gpus)
 
 
-def test_origination_dscr_and_ltv(book, loans, assumptions):
-    dscr, ltv = _origination(book, loans, assumptions)
+def test_origination_dscr_and_ltv(book, example_loans, assumptions):
+    dscr, ltv = _origination(book, example_loans, assumptions)
     assert dscr.min() >= 1.2 and dscr.max() <= 2.0
     assert ltv.min() >= 0.5 and ltv.max() <= 0.8
     assert 1.4 < np.median(dscr) < 1.7 and 0.6 < np.median(ltv) < 0.7
@@ -184,10 +184,10 @@ def test_enterprises_are_serviced_by_operating_cash_flow(book):
     assert book.other_income_usd_per_year[book.borrower_type == "neocloud"].max() == 0
 
 
-def test_few_central_paths_miss_debt_service_or_refinancing(book, loans, assumptions):
+def test_few_central_paths_miss_debt_service_or_refinancing(book, example_loans, assumptions):
     """Paper vs path (docs/spec.md §4): on the central path the input PD is the model's
     hazard wherever the path pays; the example keeps the loans where it does not few."""
-    refs = pd_references(assumptions.params, assumptions.grid(), loans, "expected")
+    refs = pd_references(assumptions.params, assumptions.grid(), example_loans, "expected")
     misses = (refs.central_min_liquidity_coverage < 1) | (refs.central_refinancing_coverage < 1)
     assert misses.sum() <= 0.05 * len(book)
     assert book.balance_usd[misses].sum() <= 0.05 * book.balance_usd.sum()
