@@ -374,6 +374,7 @@ def run(
         keep_losses=keep_losses,
         calibration=not no_calibration,
         importance_sampling=importance_sampling,
+        loans=len(loans),
     )
     for a in (assumptions, *(case.assumptions for case in cases)):
         check_schedules(loans, a)  # before the output directory exists

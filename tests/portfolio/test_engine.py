@@ -124,7 +124,14 @@ def test_summary_is_json(result):
     summary = result.summary()
     text = json.dumps(summary, allow_nan=False)  # no default= hook: plain Python types only
     back = json.loads(text)
-    assert set(back) == {"metadata", "measures", "stress", "calibration", "warnings"}
+    assert set(back) == {
+        "metadata",
+        "measures",
+        "stress",
+        "calibration",
+        "loss_by_period",
+        "warnings",
+    }
     assert back["measures"]["el"] == result.measures.el
     for alpha in (0.99, 0.999):
         tail = back["measures"]["tail"][alpha_key(alpha)]
@@ -761,6 +768,7 @@ def test_a_phase_aware_progress_sees_every_phase_of_the_run(assumptions):
     simulate(BOOK, assumptions, stress=(case,), progress=Recorder(), **settings)
     assert list(seen) == [
         "pass 1", "contributions", "calibration (year 1)", "sensitivities", "stress paper-metrics",
+        "loss by period",
     ]  # fmt: skip
     for name, updates in seen.items():
         assert updates and updates[-1][0] == updates[-1][1] > 0, name

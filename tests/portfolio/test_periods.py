@@ -45,3 +45,33 @@ def test_loss_by_period_is_json_ready_and_sums_to_the_sample_el(book_and_assumpt
     assert table["cumulative_el_usd"][-1] == pytest.approx(table["el_total_usd"], rel=1e-12)
     assert all(se >= 0 for se in table["el_se_usd"])
     assert loss_by_period(book, assumptions, seed=3, run_scenarios=1) is None
+
+
+def test_a_large_book_takes_fewer_scenarios_within_the_budget(book_and_assumptions):
+    """The reference costs loans x T(T+1)/2 per scenario: a large book gets fewer scenarios
+    (never under PERIOD_MIN_SCENARIOS), a small one the full PERIOD_MAX_SCENARIOS."""
+    from gpucredit.portfolio import periods
+
+    book, assumptions = book_and_assumptions
+    T = assumptions.periods
+    per_scenario = len(book) * T * (T + 1) // 2
+    budget = periods.PERIOD_BUDGET_LOAN_PERIODS
+    expected = min(2_048, max(periods.PERIOD_MIN_SCENARIOS, budget // per_scenario))
+    original = periods.cumulative_loss_by_period
+    seen = []
+
+    def recording(book, assumptions, seed, scenarios, mode=None, progress=None):
+        seen.append(scenarios)
+        return np.zeros((T + 1, scenarios))
+
+    periods.cumulative_loss_by_period = recording
+    try:
+        periods.loss_by_period(book, assumptions, seed=3, run_scenarios=100_000)
+        periods.PERIOD_BUDGET_LOAN_PERIODS = per_scenario * 200
+        periods.loss_by_period(book, assumptions, seed=3, run_scenarios=100_000)
+        periods.PERIOD_BUDGET_LOAN_PERIODS = 1
+        periods.loss_by_period(book, assumptions, seed=3, run_scenarios=100_000)
+    finally:
+        periods.cumulative_loss_by_period = original
+        periods.PERIOD_BUDGET_LOAN_PERIODS = budget
+    assert seen == [expected, 200, periods.PERIOD_MIN_SCENARIOS]

@@ -38,6 +38,7 @@ from gpucredit.portfolio.contributions import (
     tail_contributions,
 )
 from gpucredit.portfolio.loans import loan_arrays
+from gpucredit.portfolio.periods import loss_by_period
 from gpucredit.portfolio.reverse_stress import DesignPoint, find_design_point
 from gpucredit.portfolio.risk import (
     LossHistogram,
@@ -112,6 +113,7 @@ class RunResult:
     calibration: dict | None = None  # portfolio.calibration.calibration_table (None: not run)
     config: RunConfig | None = None  # the settings it ran with
     exposure_usd: float = float("nan")  # Σ balance_usd of the book
+    loss_by_period: dict | None = None  # portfolio.periods.loss_by_period (None: not run)
 
     @property
     def el(self) -> float:
@@ -258,6 +260,7 @@ class RunResult:
                 for s in self.stress
             },
             "calibration": self.calibration,
+            "loss_by_period": self.loss_by_period,
             "warnings": self.warnings,
         }
 
@@ -344,12 +347,14 @@ def simulate(
     sensitivities are weighted.
     `calibration` adds the calibration table (portfolio/calibration.py): a year-1 pass over
     the run's first `YEAR_ONE_MAX_SCENARIOS` scenarios gives each loan's year-1 default rate.
+    `loss_by_period` adds the expected loss by default period (portfolio/periods.py, the
+    NumPy reference on the run's first scenarios).
     """
     from gpucredit.kernels.jax_setup import configure_jax  # float64, XLA flags: before any JAX
 
     configure_jax()
     if config is None:
-        config = RunConfig.resolve(assumptions, **settings)
+        config = RunConfig.resolve(assumptions, loans=len(book), **settings)
     elif settings:
         raise TypeError(f"simulate takes a RunConfig or its keywords, not both: {sorted(settings)}")
     if config.importance_sampling and config.normal_shift is None:
@@ -450,6 +455,12 @@ def simulate(
         cluster = runner.describe()
     finally:
         runner.close()
+    by_period = None
+    if c.loss_by_period:
+        by_period = loss_by_period(
+            book, assumptions, seed, scenarios, mode,
+            progress=phase_progress(progress, "loss by period", 0),
+        )  # fmt: skip
 
     if pass1.losses_usd is None:
         largest, histogram = pass1.tail, pass1.histogram
@@ -506,6 +517,7 @@ def simulate(
         calibration=calibration_table_,
         config=config,
         exposure_usd=float(np.sum(book.balance_usd)),
+        loss_by_period=by_period,
     )
 
 
