@@ -871,3 +871,8 @@ def test_write_book_refuses_an_unknown_extension(tmp_path, name):
     with pytest.raises(BookFormatError, match="use one of .parquet, .arrow, .feather"):
         write_book(pa.table(good_columns()), tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mapping_with_columns_of_different_lengths_is_refused():
+    with pytest.raises(BookError, match="these have fewer: borrower_id \\(1\\)"):
+        read_book({"loan_id": ["a", "b"], "borrower_id": ["x"]}, ASSUMPTIONS)

@@ -346,7 +346,12 @@ def _open_memory(source) -> _Opened:
         return _Opened(name, table.schema, _table_batches(table))
     if isinstance(source, Mapping):
         columns = [(str(k), v) for k, v in source.items()]
-        n_rows = max((len(v) for _, v in columns), default=0)
+        lengths = {k: len(v) for k, v in columns}
+        n_rows = max(lengths.values(), default=0)
+        short = [f"{k} ({n})" for k, n in lengths.items() if n != n_rows]
+        if short:  # a table's columns have one length
+            rule = f"every column must have {n_rows} values; these have fewer: {', '.join(short)}"
+            raise BookError([BookProblem(name, None, None, rule)])
         return _open_cells(name, columns, n_rows)
     raise TypeError(
         "read_book takes a path (Parquet, Arrow, CSV, Excel), a pyarrow Table, a pandas or "
