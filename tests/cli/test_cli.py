@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 
 from gpucredit.cli import main
 from gpucredit.io.book import write_book
+from gpucredit.io.results import summary_schema
 from gpucredit.portfolio.makebook import make_book
 
 
@@ -158,7 +160,8 @@ def test_run_writes_every_result_file(small_book, tmp_path):
     assert len(summary["metadata"]["book_sha256"]) == 64
     assert len(summary["metadata"]["book_file_sha256"]) == 64
     losses = pq.read_table(out / "losses.parquet").column("loss_usd").to_numpy()
-    assert summary["measures"]["el"] == pytest.approx(losses.mean(), rel=1e-12)
+    assert summary["measures"]["el_usd"] == pytest.approx(losses.mean(), rel=1e-12)
+    jsonschema.validate(summary, summary_schema())  # the CLI run's too
     # The calibration table, in summary.json, the terminal and the report.
     calibration = summary["calibration"]
     assert calibration["book"]["loans"] == 40
@@ -208,7 +211,7 @@ def test_run_tails_only_writes_the_tail_and_the_same_numbers(small_book, tmp_pat
     losses = pq.read_table(full / "losses.parquet").column("loss_usd").to_numpy()
     tail = pq.read_table(tails / "tail_losses.parquet").to_pydict()
     np.testing.assert_array_equal(losses[tail["scenario"]], tail["loss_usd"])
-    assert min(tail["loss_usd"]) <= summary["measures"]["tail"]["0.99"]["var"]
+    assert min(tail["loss_usd"]) <= summary["measures"]["tail"]["99"]["var_usd"]
     assert len(tail["scenario"]) >= 0.01 * 640 + 2
 
     (tails / "report.html").unlink()

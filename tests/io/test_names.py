@@ -173,17 +173,17 @@ def test_run_summary_prints_names_as_written(capsys, name):
 
 @pytest.mark.parametrize("name", HOSTILE)
 def test_book_summary_and_paper_vs_path_print_names_as_written(capsys, name):
-    group = {"loans": 1, "exposure_usd": 1e6, "gpus": 10.0, "ltv": 0.5, "dscr": 1.2}
+    group = {"loans": 1, "exposure_usd": 1e6, "gpus": 10, "ltv": 0.5, "dscr": 1.2}
     summary_text.print_book_summary(
         {
             "source": f"/books/{name}.parquet",
             "loans": 1,
             "borrowers": 1,
             "exposure_usd": 1e6,
-            "gpus": 10.0,
+            "gpus": 10,
             "ltv": 0.5,
             "dscr": 1.2,
-            "share_dscr_below_1": 0.0,
+            "dscr_below_1_share": 0.0,
             "by_generation": {name: group},
             "by_borrower_type": {name: group},
         }

@@ -18,7 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from gpucredit.io.report import ReportError, render_report, render_report_from_dir
-from gpucredit.portfolio.risk import LossHistogram, largest_losses, tail_size
+from gpucredit.portfolio.risk import (
+    SUMMARY_FORMAT_VERSION,
+    LossHistogram,
+    alpha_label,
+    largest_losses,
+    tail_size,
+)
 
 ALPHAS = (0.99, 0.999)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,29 +55,29 @@ def _measures(losses: np.ndarray, scale: float = 1.0, unavailable: tuple = ()) -
     for alpha in ALPHAS:
         var = float(np.quantile(losses, alpha, method="inverted_cdf"))
         es = float(losses[losses >= var].mean())
-        tail[repr(alpha)] = {
+        tail[alpha_label(alpha)] = {
             "alpha": alpha,
-            "var": var,
-            "var_se": 0.02 * var,
-            "var_ci": [0.96 * var, 1.04 * var],
-            "es": es,
-            "es_se": 0.03 * es,
-            "es_ci": [0.94 * es, 1.06 * es],
+            "var_usd": var,
+            "var_se_usd": 0.02 * var,
+            "var_ci_usd": [0.96 * var, 1.04 * var],
+            "es_usd": es,
+            "es_se_usd": 0.03 * es,
+            "es_ci_usd": [0.94 * es, 1.06 * es],
             "tail_scenarios_per_batch": losses.size * (1 - alpha) / 32,
             "interval_available": alpha not in unavailable,
         }
         if alpha in unavailable:
-            tail[repr(alpha)] |= {"var_se": None, "var_ci": [None, None]}
-            tail[repr(alpha)] |= {"es_se": None, "es_ci": [None, None]}
+            tail[alpha_label(alpha)] |= {"var_se_usd": None, "var_ci_usd": [None, None]}
+            tail[alpha_label(alpha)] |= {"es_se_usd": None, "es_ci_usd": [None, None]}
     return {
         "n_scenarios": int(losses.size),
         "effective_sample_size": float(losses.size),
         "n_batches": 32,
-        "el": el,
-        "el_se": se,
-        "el_se_iid": se / 1.3,
-        "el_ci": [el - 1.96 * se, el + 1.96 * se],
-        "std": std,
+        "el_usd": el,
+        "el_se_usd": se,
+        "el_se_iid_usd": se / 1.3,
+        "el_ci_usd": [el - 1.96 * se, el + 1.96 * se],
+        "std_usd": std,
         "tail": tail,
     }
 
@@ -90,8 +96,8 @@ def _calibration_row(loans: int, exposure: float, pd: float, ratio: float) -> di
         "year_one_ratio": ratio,
         "mean_lgd": 0.4,
         "el_share": 0.4 * model_year_one * 2,
-        "es_0.99_share": 0.31,
-        "es_0.999_share": 0.42,
+        "es_99_share": 0.31,
+        "es_99_9_share": 0.42,
     }
 
 
@@ -182,10 +188,11 @@ def write_results_dir(
     stress = {}
     for name, scale in STRESSES.items():
         stressed = _measures(losses, scale=scale)
-        change = {"el": stressed["el"] - base["el"]}
+        change = {"el_usd": stressed["el_usd"] - base["el_usd"]}
         for key in base["tail"]:
             for m in ("var", "es"):
-                change[f"{m}_{key}"] = stressed["tail"][key][m] - base["tail"][key][m]
+                moved = stressed["tail"][key][f"{m}_usd"] - base["tail"][key][f"{m}_usd"]
+                change[f"{m}_{key}_usd"] = moved
         stress[name] = {
             "description": f"{name}: GPU prices fall 40% <immediately> & rents follow",
             "measures": stressed,
@@ -194,11 +201,12 @@ def write_results_dir(
     generations = ("A100", "H100", "H200", "B200")
     types = ("neocloud", "miner")
     by = {
-        g: {"loans": 8, "exposure_usd": 1e8 * (i + 1), "gpus": 5000.0, "ltv": 0.7, "dscr": 1.3}
+        g: {"loans": 8, "exposure_usd": 1e8 * (i + 1), "gpus": 5000, "ltv": 0.7, "dscr": 1.3}
         for i, g in enumerate(generations)
     }
     by["B200"]["dscr"] = None  # any value may be null
     summary = {
+        "format_version": SUMMARY_FORMAT_VERSION,
         "metadata": {
             "version": "0.1.0",
             "seed": 42,
@@ -227,19 +235,19 @@ def write_results_dir(
         "measures": base,
         "warnings": [WARNING],
         "stress": stress,
-        "loss_by_period": loss_by_period_summary(0.97 * base["el"]),
+        "loss_by_period": loss_by_period_summary(0.97 * base["el_usd"]),
         "book": {
             "source": "demo_book.parquet",
             "loans": 32,
             "borrowers": 12,
             "exposure_usd": 1e9,
-            "gpus": 20000.0,
+            "gpus": 20000,
             "ltv": 0.68,
             "dscr": 1.41,
-            "share_dscr_below_1": 0.12,
+            "dscr_below_1_share": 0.12,
             "by_generation": by,
             "by_borrower_type": {
-                t: {"loans": 16, "exposure_usd": 5e8, "gpus": 1e4, "ltv": 0.7, "dscr": None}
+                t: {"loans": 16, "exposure_usd": 5e8, "gpus": 10000, "ltv": 0.7, "dscr": None}
                 for t in types
             },
         },
@@ -263,11 +271,11 @@ def write_results_dir(
             "borrower_type": [types[i % 2] for i in range(n_loans)],
             "gpu_generation": [generations[i % 4] for i in range(n_loans)],
             "balance_usd": rng.uniform(1e7, 6e7, n_loans),
-            "expected_loss_usd": el / el.sum() * base["el"],
+            "expected_loss_usd": el / el.sum() * base["el_usd"],
             "horizon_pd": rng.uniform(0.01, 0.2, n_loans),
             "mean_lgd": rng.uniform(0.2, 0.6, n_loans),
-            "es_0.99_usd": es99 / es99.sum() * base["tail"]["0.99"]["es"],
-            "es_0.999_usd": es999 / es999.sum() * base["tail"]["0.999"]["es"],
+            "es_99_usd": es99 / es99.sum() * base["tail"]["99"]["es_usd"],
+            "es_99_9_usd": es999 / es999.sum() * base["tail"]["99_9"]["es_usd"],
         }
         pq.write_table(pa.table(table), directory / "contributions.parquet")
     if sensitivities:
@@ -282,8 +290,8 @@ def write_results_dir(
             "parameter": params,
             "value": value,
             "d_el_usd": rng.normal(0, 5e6, n),
-            "d_es_0.99_usd": rng.normal(0, 2e7, n),
-            "d_es_0.999_usd": rng.normal(0, 4e7, n),
+            "d_es_99_usd": rng.normal(0, 2e7, n),
+            "d_es_99_9_usd": rng.normal(0, 4e7, n),
         }
         pq.write_table(pa.table(table), directory / "sensitivities.parquet")
     return directory
@@ -372,7 +380,10 @@ def test_unreadable_inputs_raise_report_error_naming_the_file(tmp_path: Path):
 def test_all_null_summary_still_renders():
     summary = {
         "metadata": {"seed": None, "alphas": [0.99], "elapsed_seconds": None},
-        "measures": {"el": None, "tail": {"0.99": {"alpha": 0.99, "var": None, "es": None}}},
+        "measures": {
+            "el_usd": None,
+            "tail": {"99": {"alpha": 0.99, "var_usd": None, "es_usd": None}},
+        },
         "stress": None,
         "book": None,
     }
@@ -478,12 +489,12 @@ def test_calibration_compares_the_paper_metrics_stress_with_the_base_run(tmp_pat
     summary, losses = _summary_for_calibration(tmp_path)
     base = summary["measures"]
     stressed = json.loads(json.dumps(base))
-    stressed["el"] = base["el"] * 1.25
-    stressed["tail"]["0.999"]["es"] = base["tail"]["0.999"]["es"] * 1.1
+    stressed["el_usd"] = base["el_usd"] * 1.25
+    stressed["tail"]["99_9"]["es_usd"] = base["tail"]["99_9"]["es_usd"] * 1.1
     summary["stress"]["paper-metrics"] = {
         "description": "The infrastructure view",
         "measures": stressed,
-        "change": {"el": stressed["el"] - base["el"]},
+        "change": {"el_usd": stressed["el_usd"] - base["el_usd"]},
     }
     for calibration in (calibration_summary(), None):
         summary["calibration"] = calibration
@@ -491,9 +502,9 @@ def test_calibration_compares_the_paper_metrics_stress_with_the_base_run(tmp_pat
         line = section[section.index("Infrastructure view") :]
         line = line[: line.index("</p>")]
         assert "paper-metrics" in line and "anchor &ldquo;today&rdquo;" in line
-        el_base = f"${base['el'] / 1e6:,.2f}M"
-        assert f"EL {el_base} → ${stressed['el'] / 1e6:,.2f}M (+25.0%)" in line
-        es_base = f"${base['tail']['0.999']['es'] / 1e6:,.2f}M"
+        el_base = f"${base['el_usd'] / 1e6:,.2f}M"
+        assert f"EL {el_base} → ${stressed['el_usd'] / 1e6:,.2f}M (+25.0%)" in line
+        es_base = f"${base['tail']['99_9']['es_usd'] / 1e6:,.2f}M"
         assert f"ES 99.9% {es_base} → " in line and "(+10.0%)" in line
     # The stress also keeps its row in the stress table.
     assert ">paper-metrics</td>" in render_report(summary, losses, None, None)
@@ -791,6 +802,19 @@ def test_report_ignores_a_usetex_matplotlibrc(tmp_path: Path):
     assert len(_image_sources(text)) == 8
 
 
+def test_a_summary_of_another_format_version_is_refused(tmp_path: Path):
+    """summary.json of version 1 (keys without _usd, tails keyed "0.99") would render as
+    dashes: refused, saying what to do."""
+    directory = write_results_dir(tmp_path / "r", contributions=False, sensitivities=False)
+    path = directory / "summary.json"
+    summary = json.loads(path.read_text())
+    for version in (1, None):
+        summary["format_version"] = version
+        path.write_text(json.dumps(summary))
+        with pytest.raises(ReportError, match=r"summary\.json: format_version .*rerun"):
+            render_report_from_dir(directory)
+
+
 def test_unreadable_summaries_are_refused_naming_the_file(tmp_path: Path):
     directory = write_results_dir(tmp_path / "r", contributions=False, sensitivities=False)
     summary = directory / "summary.json"
@@ -837,9 +861,9 @@ def test_headline_shows_share_of_exposure_warnings_and_withheld_intervals(tmp_pa
     assert html.escape(WARNING) in section
     assert ">% of exposure</th>" in section
     rows = {r[0]: r for r in _cells(section)}
-    el, exposure = summary["measures"]["el"], summary["book"]["exposure_usd"]
+    el, exposure = summary["measures"]["el_usd"], summary["book"]["exposure_usd"]
     assert rows["Expected loss (EL)"][2] == f"{100 * el / exposure:.2f}%"
-    es = summary["measures"]["tail"]["0.999"]["es"]
+    es = summary["measures"]["tail"]["99_9"]["es_usd"]
     assert rows["Expected shortfall 99.9%"][2] == f"{100 * es / exposure:.2f}%"
     # 99.9%: interval withheld (n/a); 99%: shown.
     assert rows["Value at risk 99.9%"][3:] == ["n/a", "n/a"]
@@ -880,7 +904,7 @@ def test_concentration_gives_top_ten_shares_and_hhi_by_borrower(tmp_path: Path):
     for label, column in (
         ("Exposure (balance)", "balance_usd"),
         ("EL", "expected_loss_usd"),
-        ("ES 99.9%", "es_0.999_usd"),
+        ("ES 99.9%", "es_99_9_usd"),
     ):
         values = contributions.column(column).to_numpy()
         totals = np.array([values[borrowers == b].sum() for b in np.unique(borrowers)])
@@ -932,8 +956,8 @@ def test_stress_has_a_chart_beside_a_narrow_table(tmp_path: Path):
     assert header == ["Scenario", "EL", "VaR 99%", "ES 99%", "VaR 99.9%", "ES 99.9%"]
     rows = {r[0]: r for r in _cells(section)}
     assert set(rows) == {"Base", *STRESSES}
-    base_el = summary["measures"]["el"]
-    stressed_el = summary["stress"]["next-gen-glut"]["measures"]["el"]
+    base_el = summary["measures"]["el_usd"]
+    stressed_el = summary["stress"]["next-gen-glut"]["measures"]["el_usd"]
     change = stressed_el - base_el
     assert rows["next-gen-glut"][1] == (
         f"${stressed_el / 1e6:,.2f}M  +${change / 1e6:,.2f}M (+{100 * change / base_el:.1f}%)"

@@ -35,7 +35,7 @@ def test_year_one_pass_is_the_runs_first_year(assumptions):
         longer.calibration["book"]["model_pd_horizon"]
         > (longer.calibration["book"]["model_default_rate_year_one"])
     )
-    assert "es_0.99_share" not in longer.calibration["book"]  # no contributions, no ES shares
+    assert "es_99_share" not in longer.calibration["book"]  # no contributions, no ES shares
 
 
 def test_table_arithmetic_by_hand(assumptions):
@@ -62,7 +62,7 @@ def test_table_arithmetic_by_hand(assumptions):
     assert miners["year_one_ratio"] == pytest.approx(0.04 / 0.03)
     assert miners["mean_lgd"] == pytest.approx(16.0 / (4.0 / 0.4 + 12.0 / 0.5))
     assert miners["el_share"] == pytest.approx(16.0 / 400.0)
-    assert miners["es_0.99_share"] == pytest.approx(80.0 / 400.0)
+    assert miners["es_99_share"] == pytest.approx(80.0 / 400.0)
     assert table["by_borrower_type"]["neocloud"]["mean_lgd"] is None  # never defaults
     assert table["book"]["el_share"] == pytest.approx(22.0 / 1000.0)
 

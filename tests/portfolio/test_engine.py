@@ -22,7 +22,7 @@ from gpucredit.portfolio.engine import RunResult, simulate
 from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.risk import (
     LossHistogram,
-    alpha_key,
+    alpha_label,
     batch_tail_size,
     largest_losses,
     risk_measures,
@@ -125,6 +125,7 @@ def test_summary_is_json(result):
     text = json.dumps(summary, allow_nan=False)  # no default= hook: plain Python types only
     back = json.loads(text)
     assert set(back) == {
+        "format_version",
         "metadata",
         "measures",
         "stress",
@@ -132,14 +133,22 @@ def test_summary_is_json(result):
         "loss_by_period",
         "warnings",
     }
-    assert back["measures"]["el"] == result.measures.el
+    assert back["format_version"] == 2
+    assert back["measures"]["el_usd"] == result.measures.el
     for alpha in (0.99, 0.999):
-        tail = back["measures"]["tail"][alpha_key(alpha)]
-        assert tail["var"] == result.var(alpha) and tail["es"] == result.es(alpha)
+        tail = back["measures"]["tail"][alpha_label(alpha)]
+        assert tail["var_usd"] == result.var(alpha) and tail["es_usd"] == result.es(alpha)
+        assert tail["alpha"] == alpha
     stress = back["stress"]["liquidity-freeze"]
     assert stress["description"]
-    assert set(stress["change"]) == {"el", "var_0.99", "es_0.99", "var_0.999", "es_0.999"}
-    assert stress["change"]["el"] > 0
+    assert set(stress["change"]) == {
+        "el_usd",
+        "var_99_usd",
+        "es_99_usd",
+        "var_99_9_usd",
+        "es_99_9_usd",
+    }
+    assert stress["change"]["el_usd"] > 0
 
 
 def test_summary_is_json_with_too_few_scenarios_for_standard_errors(assumptions):
@@ -149,7 +158,7 @@ def test_summary_is_json_with_too_few_scenarios_for_standard_errors(assumptions)
     )
     summary = small.summary()
     json.dumps(summary, allow_nan=False)
-    assert summary["measures"]["el_se"] is None
+    assert summary["measures"]["el_se_usd"] is None
 
 
 def test_jax_summary_is_json(assumptions):

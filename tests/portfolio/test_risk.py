@@ -24,6 +24,8 @@ from gpucredit.portfolio.risk import (
     RiskMeasures,
     TailMeasures,
     alpha_key,
+    alpha_label,
+    alpha_of_label,
     batch_bounds,
     batch_count,
     batch_statistics,
@@ -375,18 +377,32 @@ def test_batch_means_by_hand():
 def test_to_dict_is_json():
     rm = risk_measures(np.arange(1000.0), alphas=(0.99, 0.999))
     d = json.loads(json.dumps(rm.to_dict(), allow_nan=False))
-    assert set(d["tail"]) == {"0.99", "0.999"}
+    assert set(d["tail"]) == {"99", "99_9"}
     assert alpha_key(0.99) == "0.99" and alpha_key(np.float64(0.999)) == "0.999"
-    assert d["tail"]["0.99"]["var"] == 989.0
+    assert d["tail"]["99"]["var_usd"] == 989.0 and d["tail"]["99_9"]["alpha"] == 0.999
     # 1,000 scenarios: 0.31 tail scenarios a batch at 99%, too few for an interval
-    assert d["tail"]["0.99"]["es_ci"] == [None, None]
-    assert d["tail"]["0.99"]["interval_available"] is False and len(d["interval_warnings"]) == 2
+    assert d["tail"]["99"]["es_ci_usd"] == [None, None]
+    assert d["tail"]["99"]["interval_available"] is False and len(d["interval_warnings"]) == 2
     wide = risk_measures(np.arange(20_000.0), alphas=(0.99,)).to_dict()
-    assert wide["tail"]["0.99"]["es_ci"] == list(
+    assert wide["tail"]["99"]["es_ci_usd"] == list(
         risk_measures(np.arange(20_000.0), alphas=(0.99,)).at(0.99).es_ci
     )
-    assert d["el"] == pytest.approx(499.5)
+    assert d["el_usd"] == pytest.approx(499.5)
+    assert {"el_se_usd", "el_se_iid_usd", "el_ci_usd", "std_usd"} <= set(d)
     assert d["n_batches"] == 32 and d["n_scenarios"] == 1000
+
+
+def test_alpha_labels_are_names_and_invert():
+    """The label of a confidence level in every output name: SQL- and attribute-friendly."""
+    labels = {0.99: "99", 0.999: "99_9", 0.9995: "99_95", 0.95: "95", 0.5: "50"}
+    for alpha, label in labels.items():
+        assert alpha_label(alpha) == label and alpha_label(np.float64(alpha)) == label
+        assert alpha_of_label(label) == alpha
+        assert f"es_{label}_usd".isidentifier()
+    assert alpha_of_label(alpha_label(0.99999)) == 0.99999
+    for bad in ("0.99", "", "_9", "99_", "99_9_9", "nan"):
+        with pytest.raises(ValueError):
+            alpha_of_label(bad)
 
 
 def test_small_samples_never_crash():
@@ -395,7 +411,7 @@ def test_small_samples_never_crash():
         assert math.isnan(rm.el_se) and math.isnan(rm.at(0.99).es_se)
         assert rm.var(0.99) == S - 1
         d = json.loads(json.dumps(rm.to_dict(), allow_nan=False))
-        assert d["tail"]["0.99"]["es_se"] is None
+        assert d["tail"]["99"]["es_se_usd"] is None
     rm = risk_measures(np.arange(40.0))  # batches of one or two scenarios
     assert math.isfinite(rm.el_se) and math.isfinite(rm.at(0.999).es_se)
     # a batch with zero total weight gives nan, not an error
@@ -665,8 +681,9 @@ def test_too_few_tail_scenarios_report_no_interval_and_say_what_to_raise():
     m = risk_measures(losses, alphas=(0.99, 0.999))
     available = {t.alpha: t.interval_available for t in m.tail}
     assert available == {0.99: False, 0.999: False}  # 0.63 and 0.06 tail scenarios a batch
-    d = m.to_dict()["tail"]["0.999"]
-    assert d["interval_available"] is False and d["es_se"] is None and d["var_ci"] == [None, None]
+    d = m.to_dict()["tail"]["99_9"]
+    assert d["interval_available"] is False and d["es_se_usd"] is None
+    assert d["var_ci_usd"] == [None, None]
     assert math.isfinite(m.at(0.999).es_se)  # the raw batch-means number is kept
     warnings = m.interval_warnings()
     assert len(warnings) == 2 and "run at least 96,000 scenarios" in warnings[1]

@@ -191,7 +191,7 @@ def test_every_parameter_is_present_and_finite(run, assumptions):
         assert sens.d_expected_loss[row] >= 0
     assert sens.d_expected_shortfall["0.99"][sens.parameter.index("credit.persistence")] > 0
     cols = sens.columns()
-    assert {"parameter", "value", "d_el_usd", "d_es_0.99_usd", "d_es_0.999_usd"} <= set(cols)
+    assert {"parameter", "value", "d_el_usd", "d_es_99_usd", "d_es_99_9_usd"} <= set(cols)
     largest = sens.largest(0.99, 5)
     assert len(largest) == 5 and all(p in sens.parameter for p, *_ in largest)
 

@@ -184,8 +184,8 @@ def test_stress_runs_report_every_case(stressed_run, base):
     assert [s.name for s in stressed_run.stress] == list(BUILTINS)
     for s in stressed_run.stress:
         deltas = s.deltas(stressed_run.measures)
-        assert set(deltas) == {"el", "var_0.99", "es_0.99"}
-        assert math.isclose(deltas["el"], s.measures.el - stressed_run.measures.el)
+        assert set(deltas) == {"el_usd", "var_99_usd", "es_99_usd"}
+        assert math.isclose(deltas["el_usd"], s.measures.el - stressed_run.measures.el)
 
 
 def test_stresses_do_not_touch_the_base_run(stressed_run, base):
@@ -240,8 +240,8 @@ def test_paper_metrics_only_moves_the_anchor(base, cases):
 def test_adverse_stresses_raise_expected_loss(stressed_run, name):
     result = next(s for s in stressed_run.stress if s.name == name)
     deltas = result.deltas(stressed_run.measures)
-    assert deltas["el"] > 0, (name, deltas)
-    assert deltas["es_0.99"] >= 0, (name, deltas)
+    assert deltas["el_usd"] > 0, (name, deltas)
+    assert deltas["es_99_usd"] >= 0, (name, deltas)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "jax"])

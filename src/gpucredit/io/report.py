@@ -36,7 +36,12 @@ from matplotlib.figure import Figure
 from gpucredit.io import names
 from gpucredit.io.files import write_atomically
 from gpucredit.io.text_files import TextFileError, read_text_file
-from gpucredit.portfolio.risk import LossHistogram
+from gpucredit.portfolio.risk import (
+    SUMMARY_FORMAT_VERSION,
+    LossHistogram,
+    alpha_label,
+    alpha_of_label,
+)
 from gpucredit.portfolio.sensitivities import parameter_moves
 
 __all__ = ["ReportError", "render_report", "render_report_from_dir"]
@@ -185,7 +190,7 @@ def fmt_seconds(value: object) -> str:
     return f"{hours:.0f} h {minutes:.0f} min"
 
 
-def alpha_label(alpha: object) -> str:
+def percent_label(alpha: object) -> str:
     """0.99 -> "99%", 0.999 -> "99.9%"."""
     x = _num(alpha)
     if x is None:
@@ -297,12 +302,20 @@ def _alphas(summary: dict) -> list[tuple[str, float | None]]:
     if not keys:
         meta_alphas = _get(summary, "metadata", "alphas")
         if isinstance(meta_alphas, list):
-            keys = [repr(float(a)) for a in meta_alphas if _num(a) is not None]
+            keys = [alpha_label(a) for a in meta_alphas if _num(a) is not None]
     pairs = []
     for key in keys:
         alpha = _num(_get(tail, key, "alpha")) if isinstance(tail, dict) else None
-        pairs.append((key, alpha if alpha is not None else _num(key)))
+        pairs.append((key, alpha if alpha is not None else _label_alpha(key)))
     return sorted(pairs, key=lambda p: (p[1] is None, p[1] if p[1] is not None else 0.0))
+
+
+def _label_alpha(label: str) -> float | None:
+    """The confidence level of a `risk.alpha_label` ("99_9" -> 0.999), or None."""
+    try:
+        return alpha_of_label(label)
+    except ValueError:
+        return None
 
 
 def _book_name(summary: dict) -> str | None:
@@ -345,32 +358,32 @@ def _of_exposure(value: object, exposure: float | None) -> str:
 def _measure_rows(
     measures: object, alphas: list[tuple[str, float | None]], exposure: float | None = None
 ) -> list[list[str]]:
-    el = _get(measures, "el")
+    el = _get(measures, "el_usd")
     rows = [
         [
             "Expected loss (EL)",
             fmt_usd(el),
             _of_exposure(el, exposure),
-            fmt_usd(_get(measures, "el_se")),
-            _interval(_get(measures, "el_ci")),
+            fmt_usd(_get(measures, "el_se_usd")),
+            _interval(_get(measures, "el_ci_usd")),
         ],
-        ["Standard deviation", fmt_usd(_get(measures, "std")), DASH, DASH, DASH],
+        ["Standard deviation", fmt_usd(_get(measures, "std_usd")), DASH, DASH, DASH],
     ]
     for key, alpha in alphas:
         t = _get(measures, "tail", key)
-        label = alpha_label(alpha if alpha is not None else key)
+        label = percent_label(alpha if alpha is not None else key)
         # summary.json nulls the standard error and interval when too few tail scenarios per
         # batch make them unreliable: say "n/a" (not a dash, which reads as "missing").
         available = _get(t, "interval_available") is not False
         for name, short in (("Value at risk", "var"), ("Expected shortfall", "es")):
-            value = _get(t, short)
+            value = _get(t, f"{short}_usd")
             rows.append(
                 [
                     f"{name} {label}",
                     fmt_usd(value),
                     _of_exposure(value, exposure),
-                    fmt_usd(_get(t, f"{short}_se")) if available else NOT_AVAILABLE,
-                    _interval(_get(t, f"{short}_ci")) if available else NOT_AVAILABLE,
+                    fmt_usd(_get(t, f"{short}_se_usd")) if available else NOT_AVAILABLE,
+                    _interval(_get(t, f"{short}_ci_usd")) if available else NOT_AVAILABLE,
                 ]
             )
     return rows
@@ -406,7 +419,7 @@ def _headline(summary: dict) -> str:
     note = (
         f"{fmt_int(n)} scenarios, effective sample size {fmt_int(ess)}; standard errors from "
         f"batch means over {fmt_int(batches)} batches (i.i.d. EL standard error "
-        f"{fmt_usd(_get(measures, 'el_se_iid'))}). % of exposure: of the book's exposure "
+        f"{fmt_usd(_get(measures, 'el_se_iid_usd'))}). % of exposure: of the book's exposure "
         f"today, {fmt_usd(exposure)}."
     )
     if any(_get(measures, "tail", key, "interval_available") is False for key, _ in alphas):
@@ -451,7 +464,7 @@ class _Losses:
         # The median within one bin: the middle of the bin holding the (n/2)-th loss.
         middle = int(np.searchsorted(np.cumsum(histogram.counts), n / 2.0))
         median = (middle + 0.5) * histogram.bin_width_usd if n else None
-        return cls(n, histogram, largest, _num(_get(summary, "measures", "el")), median, None)
+        return cls(n, histogram, largest, _num(_get(summary, "measures", "el_usd")), median, None)
 
 
 def _histogram_bars(histogram: LossHistogram, bars: int = 120):
@@ -471,15 +484,15 @@ def _loss_distribution(summary: dict, view: _Losses | None) -> str:
         return _section("losses", "Loss distribution", _not_computed("Scenario losses"))
     measures = summary.get("measures")
     alphas = _alphas(summary)
-    el = _num(_get(measures, "el"))
+    el = _num(_get(measures, "el_usd"))
     if el is None:
         el = view.mean_usd
     markers: list[tuple[str, float, str, str]] = [] if el is None else [("EL", el, C_EL, "-")]
     styles = ["--", ":", "-."]
     for i, (key, alpha) in enumerate(alphas):
-        label = alpha_label(alpha if alpha is not None else key)
-        var = _num(_get(measures, "tail", key, "var"))
-        es = _num(_get(measures, "tail", key, "es"))
+        label = percent_label(alpha if alpha is not None else key)
+        var = _num(_get(measures, "tail", key, "var_usd"))
+        es = _num(_get(measures, "tail", key, "es_usd"))
         if var is None and alpha is not None and view.all_usd is not None:
             var = float(np.quantile(view.all_usd, alpha, method="inverted_cdf"))
         ls = styles[i % len(styles)]
@@ -567,7 +580,7 @@ def _loss_distribution(summary: dict, view: _Losses | None) -> str:
 
 
 def _es_share_keys(rows: Iterable[object]) -> list[tuple[str, float | None]]:
-    """(row key "es_<alpha>_share", alpha) of every ES share in the calibration rows, in
+    """(row key "es_<alpha label>_share", alpha) of every ES share in the calibration rows, in
     increasing alpha."""
     found: dict[str, float | None] = {}
     for row in rows:
@@ -575,7 +588,7 @@ def _es_share_keys(rows: Iterable[object]) -> list[tuple[str, float | None]]:
             continue
         for key in row:
             if isinstance(key, str) and key.startswith("es_") and key.endswith("_share"):
-                found.setdefault(key, _num(key[len("es_") : -len("_share")]))
+                found.setdefault(key, _label_alpha(key[len("es_") : -len("_share")]))
     return sorted(found.items(), key=lambda p: (p[1] is None, p[1] or 0.0, p[0]))
 
 
@@ -601,7 +614,7 @@ def _calibration_table(
         "EL, % of exposure",
     ]
     header += [
-        f"ES {alpha_label(alpha if alpha is not None else key)}, % of exposure"
+        f"ES {percent_label(alpha if alpha is not None else key)}, % of exposure"
         for key, alpha in es_keys
     ]
 
@@ -648,10 +661,10 @@ def _paper_metrics_line(summary: dict) -> str:
             text += f" ({fmt_pct(a / b - 1.0, signed=True)})"
         return text
 
-    parts = [f"EL {move(_get(base, 'el'), _get(stressed, 'el'))}"]
+    parts = [f"EL {move(_get(base, 'el_usd'), _get(stressed, 'el_usd'))}"]
     if key is not None:
-        label = alpha_label(alpha if alpha is not None else key)
-        es_move = move(_get(base, "tail", key, "es"), _get(stressed, "tail", key, "es"))
+        label = percent_label(alpha if alpha is not None else key)
+        es_move = move(_get(base, "tail", key, "es_usd"), _get(stressed, "tail", key, "es_usd"))
         parts.append(f"ES {label} {es_move}")
     return (
         '<p class="note"><strong>Infrastructure view</strong> (stress '
@@ -791,11 +804,12 @@ def _calibration(summary: dict) -> str:
 
 
 def _alpha_columns(table: pa.Table, prefix: str) -> list[tuple[str, float]]:
-    """Columns named prefix<alpha>_usd, as (column, alpha), in increasing alpha."""
+    """Columns named prefix<alpha label>_usd (es_99_9_usd), as (column, alpha), in increasing
+    alpha."""
     out = []
     for name in table.column_names:
         if name.startswith(prefix) and name.endswith("_usd"):
-            alpha = _num(name[len(prefix) : -len("_usd")])
+            alpha = _label_alpha(name[len(prefix) : -len("_usd")])
             if alpha is not None:
                 out.append((name, alpha))
     return sorted(out, key=lambda p: p[1])
@@ -845,7 +859,7 @@ def _contributions(contributions: pa.Table | None) -> str:
     if es_cols:
         es_col, es_alpha = es_cols[-1]
         es = _column(contributions, es_col)
-        es_label = f"ES {alpha_label(es_alpha)}"
+        es_label = f"ES {percent_label(es_alpha)}"
     else:
         es = np.zeros_like(el)
         es_label = "ES (not computed)"
@@ -994,7 +1008,7 @@ def _loss_by_period(summary: dict) -> str:
         rows,
         css_class="compact",
     )
-    run_el = _num(_get(summary, "measures", "el"))
+    run_el = _num(_get(summary, "measures", "el_usd"))
     note = (
         f'<p class="note">Estimated with the float64 NumPy reference on the run&rsquo;s first '
         f"{_esc(fmt_int(n))} scenarios (same seed and mode; plain Monte Carlo), each period "
@@ -1026,7 +1040,7 @@ def _concentration(contributions: pa.Table | None) -> str:
     es_cols = _alpha_columns(contributions, "es_")
     if es_cols:
         es_col, es_alpha = es_cols[-1]
-        measures.append((f"ES {alpha_label(es_alpha)}", _column(contributions, es_col)))
+        measures.append((f"ES {percent_label(es_alpha)}", _column(contributions, es_col)))
     borrowers = _column(contributions, "borrower_id")
     rows = []
     n_borrowers = 0
@@ -1081,7 +1095,7 @@ def _sensitivities(sensitivities: pa.Table | None) -> str:
     if es_cols:
         col, alpha = es_cols[-1]
         d_es = _column(sensitivities, col)
-        measure = f"ES {alpha_label(alpha)}"
+        measure = f"ES {percent_label(alpha)}"
     else:
         d_es = d_el
         measure = "EL"
@@ -1117,7 +1131,7 @@ def _sensitivities(sensitivities: pa.Table | None) -> str:
     # Derivatives are USD per unit of the parameter, not USD: no "$" on them, the unit in
     # the header; the move and the USD change it gives sit beside them.
     header = ["Parameter", "Value \u03b8", "\u2202EL/\u2202\u03b8"]
-    header += [f"\u2202ES {alpha_label(a)}/\u2202\u03b8" for _, a in es_cols]
+    header += [f"\u2202ES {percent_label(a)}/\u2202\u03b8" for _, a in es_cols]
     header += ["Move \u0394\u03b8", f"\u0394{measure} (USD)"]
     es_values = [_column(sensitivities, c) for c, _ in es_cols]
     rows = []
@@ -1156,7 +1170,7 @@ def _stress(summary: dict) -> str:
     base = summary.get("measures")
     header = ["Scenario", "EL"]
     for key, alpha in alphas:
-        label = alpha_label(alpha if alpha is not None else key)
+        label = percent_label(alpha if alpha is not None else key)
         header += [f"VaR {label}", f"ES {label}"]
 
     def moved(value: object, change: object, base_value: object) -> tuple[str, str]:
@@ -1168,19 +1182,19 @@ def _stress(summary: dict) -> str:
         return (fmt_usd(value), fmt_usd(d, signed=True) + rel)
 
     rows: list[list[str | tuple[str, str]]] = [
-        ["Base", fmt_usd(_get(base, "el"))]
+        ["Base", fmt_usd(_get(base, "el_usd"))]
         + [
             cell
             for key, _ in alphas
             for cell in (
-                fmt_usd(_get(base, "tail", key, "var")),
-                fmt_usd(_get(base, "tail", key, "es")),
+                fmt_usd(_get(base, "tail", key, "var_usd")),
+                fmt_usd(_get(base, "tail", key, "es_usd")),
             )
         ]
     ]
     # The chart: each stress's relative change in EL and in ES at the highest level.
     top_key, top_alpha = alphas[-1] if alphas else (None, None)
-    es_label = f"ES {alpha_label(top_alpha if top_alpha is not None else top_key)}"
+    es_label = f"ES {percent_label(top_alpha if top_alpha is not None else top_key)}"
     chart_names, el_moves, es_moves = [], [], []
     descriptions = []
     for name, item in stress.items():
@@ -1188,26 +1202,26 @@ def _stress(summary: dict) -> str:
         change = _get(item, "change")
         row: list[str | tuple[str, str]] = [
             str(name),
-            moved(_get(m, "el"), _get(change, "el"), _get(base, "el")),
+            moved(_get(m, "el_usd"), _get(change, "el_usd"), _get(base, "el_usd")),
         ]
         for key, _ in alphas:
             row += [
                 moved(
-                    _get(m, "tail", key, "var"),
-                    _get(change, f"var_{key}"),
-                    _get(base, "tail", key, "var"),
+                    _get(m, "tail", key, "var_usd"),
+                    _get(change, f"var_{key}_usd"),
+                    _get(base, "tail", key, "var_usd"),
                 ),
                 moved(
-                    _get(m, "tail", key, "es"),
-                    _get(change, f"es_{key}"),
-                    _get(base, "tail", key, "es"),
+                    _get(m, "tail", key, "es_usd"),
+                    _get(change, f"es_{key}_usd"),
+                    _get(base, "tail", key, "es_usd"),
                 ),
             ]
         rows.append(row)
         chart_names.append(str(name))
-        el_moves.append(_relative(_get(change, "el"), _get(base, "el")))
+        el_moves.append(_relative(_get(change, "el_usd"), _get(base, "el_usd")))
         es_moves.append(
-            _relative(_get(change, f"es_{top_key}"), _get(base, "tail", top_key, "es"))
+            _relative(_get(change, f"es_{top_key}_usd"), _get(base, "tail", top_key, "es_usd"))
             if top_key is not None
             else math.nan
         )
@@ -1270,7 +1284,7 @@ def _book(summary: dict) -> str:
             ["GPUs", fmt_int(book.get("gpus"))],
             ["LTV (exposure-weighted)", fmt_pct(book.get("ltv"))],
             ["DSCR (exposure-weighted)", fmt_float(book.get("dscr"))],
-            ["Exposure with DSCR below 1", fmt_pct(book.get("share_dscr_below_1"))],
+            ["Exposure with DSCR below 1", fmt_pct(book.get("dscr_below_1_share"))],
         ],
         css_class="compact",
     )
@@ -1623,6 +1637,12 @@ def render_report_from_dir(directory: Path) -> Path:
     """
     directory = Path(directory)
     summary = _read_summary(directory / SUMMARY_FILE)
+    version = summary.get("format_version")
+    if version != SUMMARY_FORMAT_VERSION:  # another layout's keys would render as dashes
+        raise ReportError(
+            f"{directory / SUMMARY_FILE}: format_version {version}, this gpucredit reads "
+            f"{SUMMARY_FORMAT_VERSION} (rerun gpucredit run to rewrite the results)"
+        )
     losses, tail_losses = None, None
     if _get(summary, "metadata", "keep_losses") is False:  # a tails-only run
         _summary_histogram(summary)

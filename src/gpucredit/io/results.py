@@ -8,6 +8,7 @@ interrupted run resume, and the lock that keeps two runs out of one directory.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import os
 import re
@@ -67,6 +68,16 @@ RESULT_FILES = (
     REPORT_FILE,
     SUMMARY_FILE,
 )
+
+
+def summary_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of summary.json, shipped as
+    gpucredit/data/summary.schema.json; docs/spec.md (Results) describes the layout::
+
+        jsonschema.validate(json.loads(Path("results/summary.json").read_text()), summary_schema())
+    """
+    schema = importlib.resources.files("gpucredit") / "data" / "summary.schema.json"
+    return json.loads(schema.read_text(encoding="utf-8"))
 
 
 class ResultsError(Exception):

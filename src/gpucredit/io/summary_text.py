@@ -10,7 +10,7 @@ from rich.table import Table
 
 from gpucredit.io.names import rich_text
 from gpucredit.portfolio.engine import RunResult
-from gpucredit.portfolio.risk import alpha_key
+from gpucredit.portfolio.risk import alpha_key, alpha_of_label
 
 
 def usd_millions(value: float | None) -> str:
@@ -149,12 +149,13 @@ def _times(value: object) -> str:
 
 
 def _es_shares(row: dict) -> list[tuple[str, object]]:
-    """("ES 99.9%", share) of every es_<alpha>_share key of a calibration row, by alpha."""
+    """("ES 99.9%", share) of every es_<alpha label>_share key (es_99_9_share) of a
+    calibration row, by alpha."""
     out = []
     for key, value in row.items():
         if key.startswith("es_") and key.endswith("_share"):
             try:
-                alpha = float(key[len("es_") : -len("_share")])
+                alpha = alpha_of_label(key[len("es_") : -len("_share")])
             except ValueError:
                 continue
             out.append((alpha, f"ES {percent(alpha)}", value))
@@ -258,7 +259,7 @@ def print_book_summary(summary: dict) -> None:
             f"borrowers, exposure ${usd_millions(summary['exposure_usd'])}m on "
             f"{summary['gpus']:,.0f} GPUs; LTV {_ltv(summary['ltv'])}, debt-service coverage "
             f"{_dscr(summary['dscr'])} (exposure-weighted); "
-            f"{summary['share_dscr_below_1']:.1%} of exposure below 1.0x"
+            f"{summary['dscr_below_1_share']:.1%} of exposure below 1.0x"
         )
     )
     for title, key in (("generation", "by_generation"), ("borrower type", "by_borrower_type")):

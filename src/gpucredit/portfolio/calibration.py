@@ -18,6 +18,7 @@ from gpucredit.kernels.params import LoanArrays
 from gpucredit.kernels.reference import pd_references
 from gpucredit.portfolio.assumptions import Assumptions
 from gpucredit.portfolio.book import Book
+from gpucredit.portfolio.risk import alpha_label
 
 YEAR_ONE_MAX_SCENARIOS = 100_000  # the year-1 pass runs on the run's first scenarios, at most
 
@@ -55,7 +56,8 @@ def calibration_table(
     year 2 cannot default in year 3), so that "model / input" compares like with like.
     Default rates and PDs are loan-count averages (a default rate counts obligor-loans); EL
     and ES are shares of exposure (balance_usd); mean LGD is Σ EL / Σ expected defaulted
-    exposure of the group.
+    exposure of the group. ES shares are keyed ``es_<alpha_label>_share`` (``es_99_9_share``;
+    `expected_shortfall_usd` is keyed by `risk.alpha_key`).
     """
     m = assumptions.steps_per_year
     input_year_one = 1.0 - (1.0 - book.pd_annual) ** _active_years(loans, m, m)
@@ -83,7 +85,9 @@ def calibration_table(
             "el_share": loss / exposure if exposure > 0 else None,
         }
         for key, values in shortfall.items():
-            out[f"es_{key}_share"] = float(values[mask].sum()) / exposure if exposure > 0 else None
+            out[f"es_{alpha_label(float(key))}_share"] = (
+                float(values[mask].sum()) / exposure if exposure > 0 else None
+            )
         return out
 
     def grouped(column: np.ndarray) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpucredit.portfolio.book import Book
-from gpucredit.portfolio.risk import LossTail, tail_sets
+from gpucredit.portfolio.risk import LossTail, alpha_label, tail_sets
 from gpucredit.portfolio.runner import LocalRunner, ProgressCallback, Runner, owner_of
 
 
@@ -33,7 +33,8 @@ class Contributions:
     mean_lgd: np.ndarray  # [N] fraction of exposure at default (nan: never defaults)
 
     def columns(self) -> dict[str, np.ndarray]:
-        """Flat columns for a table: es_0.99_usd etc."""
+        """Flat columns for a table: the ES shares named by `risk.alpha_label`
+        (``es_99_usd``, ``es_99_9_usd``)."""
         cols = {
             "loan_id": self.loan_id,
             "borrower_id": self.borrower_id,
@@ -45,7 +46,7 @@ class Contributions:
             "mean_lgd": self.mean_lgd,
         }
         for key, values in self.expected_shortfall_usd.items():
-            cols[f"es_{key}_usd"] = values
+            cols[f"es_{alpha_label(float(key))}_usd"] = values
         return cols
 
     def by(self, column: str) -> dict[str, dict[str, float]]:
@@ -54,7 +55,9 @@ class Contributions:
         names, inverse = np.unique(groups, return_inverse=True)
         out: dict[str, dict[str, float]] = {}
         measures = {"expected_loss_usd": self.expected_loss_usd, "balance_usd": self.balance_usd}
-        measures |= {f"es_{k}_usd": v for k, v in self.expected_shortfall_usd.items()}
+        measures |= {
+            f"es_{alpha_label(float(k))}_usd": v for k, v in self.expected_shortfall_usd.items()
+        }
         for field, values in measures.items():
             sums = np.bincount(inverse, weights=values, minlength=len(names))
             for name, total in zip(names, sums, strict=True):

@@ -41,10 +41,11 @@ from gpucredit.portfolio.loans import loan_arrays
 from gpucredit.portfolio.periods import loss_by_period
 from gpucredit.portfolio.reverse_stress import DesignPoint, find_design_point
 from gpucredit.portfolio.risk import (
+    SUMMARY_FORMAT_VERSION,
     LossHistogram,
     LossTail,
     RiskMeasures,
-    alpha_key,
+    alpha_label,
     batch_count,
     largest_losses,
     risk_measures,
@@ -73,11 +74,12 @@ class StressResult:
     measures: RiskMeasures
 
     def deltas(self, base: RiskMeasures) -> dict[str, float]:
-        out = {"el": self.measures.el - base.el}
+        """Stressed minus base, USD: ``el_usd``, ``var_99_usd``, ``es_99_9_usd``, ..."""
+        out = {"el_usd": self.measures.el - base.el}
         for t in self.measures.tail:
-            key = alpha_key(t.alpha)
-            out[f"var_{key}"] = t.var - base.var(t.alpha)
-            out[f"es_{key}"] = t.es - base.es(t.alpha)
+            label = alpha_label(t.alpha)
+            out[f"var_{label}_usd"] = t.var - base.var(t.alpha)
+            out[f"es_{label}_usd"] = t.es - base.es(t.alpha)
         return out
 
 
@@ -247,8 +249,9 @@ class RunResult:
 
     def summary(self) -> dict:
         """JSON-ready: every measure with its standard error and interval, stress deltas and
-        the run's metadata."""
+        the run's metadata (summary.json less what `io.results.write_results` adds)."""
         return {
+            "format_version": SUMMARY_FORMAT_VERSION,
             "metadata": self.metadata,
             "measures": self.measures.to_dict(),
             "stress": {

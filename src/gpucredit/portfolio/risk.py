@@ -49,12 +49,15 @@ __all__ = [
     "HISTOGRAM_BINS",
     "MAX_BATCH_SCENARIOS",
     "MIN_BATCHES",
+    "SUMMARY_FORMAT_VERSION",
     "BatchStatistics",
     "LossHistogram",
     "LossTail",
     "RiskMeasures",
     "TailMeasures",
     "alpha_key",
+    "alpha_label",
+    "alpha_of_label",
     "batch_bounds",
     "batch_count",
     "batch_statistics",
@@ -279,10 +282,34 @@ def tail_coefficients(
 # --------------------------------------------------------------------------- reports
 
 
+SUMMARY_FORMAT_VERSION = 2
+"""The layout of summary.json (its "format_version"; src/gpucredit/data/summary.schema.json
+describes it). 2: every money key ends in _usd and every share in _share, tail measures keyed
+by `alpha_label` ("99", "99_9"), whole counts as integers. Here, not in the engine, so that
+the report reads it without importing the engine."""
+
+
 def alpha_key(alpha: float) -> str:
-    """The string key of a confidence level in `RiskMeasures.to_dict`: ``0.99 -> "0.99"``
-    (the shortest repr of the float)."""
+    """The string key of a confidence level in the run's in-memory dicts (contributions,
+    sensitivities, tail sets): ``0.99 -> "0.99"`` (the shortest repr of the float)."""
     return repr(float(alpha))
+
+
+def alpha_label(alpha: float) -> str:
+    """The label of a confidence level in every output name and key: the level in percent
+    with "_" for its decimal point, ``0.99 -> "99"``, ``0.999 -> "99_9"`` (so ``es_99_9_usd``
+    is a column SQL and pandas attribute access take unquoted). `alpha_of_label` inverts it."""
+    # Rounded to 10 decimals of a percent: 100 * 0.999 is 99.89999999999999 in floats.
+    percent = f"{round(100.0 * float(alpha), 10):.10f}".rstrip("0").rstrip(".")
+    return percent.replace(".", "_")
+
+
+def alpha_of_label(label: str) -> float:
+    """The confidence level of an `alpha_label`: ``"99_9" -> 0.999``; ValueError if it is not
+    one."""
+    if not label or not all(part.isdigit() for part in label.split("_", 1)):
+        raise ValueError(f"not a confidence-level label: {label!r}")
+    return round(float(label.replace("_", ".")) / 100.0, 12)
 
 
 def _json_float(x: float) -> float | None:
@@ -330,12 +357,12 @@ class TailMeasures:
         shown = self.reported()
         return {
             "alpha": self.alpha,
-            "var": _json_float(self.var),
-            "var_se": _json_float(shown.var_se),
-            "var_ci": [_json_float(v) for v in shown.var_ci],
-            "es": _json_float(self.es),
-            "es_se": _json_float(shown.es_se),
-            "es_ci": [_json_float(v) for v in shown.es_ci],
+            "var_usd": _json_float(self.var),
+            "var_se_usd": _json_float(shown.var_se),
+            "var_ci_usd": [_json_float(v) for v in shown.var_ci],
+            "es_usd": _json_float(self.es),
+            "es_se_usd": _json_float(shown.es_se),
+            "es_ci_usd": [_json_float(v) for v in shown.es_ci],
             "tail_scenarios_per_batch": _json_float(self.tail_scenarios_per_batch),
             "interval_available": self.interval_available,
         }
@@ -406,18 +433,19 @@ class RiskMeasures:
 
     def to_dict(self) -> dict:
         """JSON-ready (``json.dumps(..., allow_nan=False)`` works): non-finite numbers become
-        None, intervals become two-element lists, and the per-level measures sit under
-        ``"tail"`` keyed by `alpha_key` (``"0.99"``)."""
+        None, intervals become two-element lists, money is in keys ending ``_usd``, and the
+        per-level measures sit under ``"tail"`` keyed by `alpha_label` (``"99"``, ``"99_9"``),
+        each with its ``alpha``."""
         return {
             "n_scenarios": int(self.n_scenarios),
             "effective_sample_size": _json_float(self.effective_sample_size),
             "n_batches": int(self.n_batches),
-            "el": _json_float(self.el),
-            "el_se": _json_float(self.el_se),
-            "el_se_iid": _json_float(self.el_se_iid),
-            "el_ci": [_json_float(v) for v in self.el_ci],
-            "std": _json_float(self.std),
-            "tail": {alpha_key(t.alpha): t.to_dict() for t in self.tail},
+            "el_usd": _json_float(self.el),
+            "el_se_usd": _json_float(self.el_se),
+            "el_se_iid_usd": _json_float(self.el_se_iid),
+            "el_ci_usd": [_json_float(v) for v in self.el_ci],
+            "std_usd": _json_float(self.std),
+            "tail": {alpha_label(t.alpha): t.to_dict() for t in self.tail},
             "interval_warnings": self.interval_warnings(),
         }
 

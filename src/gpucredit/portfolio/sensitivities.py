@@ -14,7 +14,7 @@ import numpy as np
 
 from gpucredit.kernels.params import ModelParams
 from gpucredit.portfolio.assumptions import Assumptions, parameter_paths, parameter_value
-from gpucredit.portfolio.risk import LossTail, alpha_key, tail_sets
+from gpucredit.portfolio.risk import LossTail, alpha_key, alpha_label, tail_sets
 from gpucredit.portfolio.runner import LocalRunner, ProgressCallback, Runner, owner_of
 
 
@@ -34,8 +34,9 @@ class Sensitivities:
             "value": self.value,
             "d_el_usd": self.d_expected_loss,
         }
+        # Named by `alpha_label`: d_es_99_usd, d_es_99_9_usd.
         for key, values in self.d_expected_shortfall.items():
-            cols[f"d_es_{key}_usd"] = values
+            cols[f"d_es_{alpha_label(float(key))}_usd"] = values
         return cols
 
     def move_sizes(self) -> np.ndarray:

@@ -38,7 +38,7 @@ def book_summary(book: Book, assumptions: Assumptions) -> dict:
             out[str(name)] = {
                 "loans": int(mask.sum()),
                 "exposure_usd": float(exposure[mask].sum()),
-                "gpus": float(book.gpu_count[mask].sum()),
+                "gpus": int(book.gpu_count[mask].sum()),  # whole GPUs (book rule)
                 "other_income_usd_per_year": float(book.other_income_usd_per_year[mask].sum()),
                 "ltv": weighted(ltv, mask),
                 "dscr": weighted(dscr, mask),
@@ -51,10 +51,10 @@ def book_summary(book: Book, assumptions: Assumptions) -> dict:
         "loans": len(book),
         "borrowers": int(loans.n_borrowers),
         "exposure_usd": float(exposure.sum()),
-        "gpus": float(book.gpu_count.sum()),
+        "gpus": int(book.gpu_count.sum()),
         "ltv": weighted(ltv, everything),
         "dscr": weighted(dscr, everything),
-        "share_dscr_below_1": float(exposure[dscr < 1.0].sum() / exposure.sum()),
+        "dscr_below_1_share": float(exposure[dscr < 1.0].sum() / exposure.sum()),
         "by_generation": group(book.gpu_generation),
         "by_borrower_type": group(book.borrower_type),
     }

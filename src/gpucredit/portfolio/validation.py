@@ -829,8 +829,9 @@ def invariance_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
     )
     m_a = risk_measures(base_run, None, s.euler_alphas, N_BATCHES).to_dict()
     m_b = risk_measures(other, None, s.euler_alphas, N_BATCHES).to_dict()
-    flat_a = [m_a["el"]] + [m_a["tail"][k][f] for k in m_a["tail"] for f in ("var", "es")]
-    flat_b = [m_b["el"]] + [m_b["tail"][k][f] for k in m_b["tail"] for f in ("var", "es")]
+    fields = ("var_usd", "es_usd")
+    flat_a = [m_a["el_usd"]] + [m_a["tail"][k][f] for k in m_a["tail"] for f in fields]
+    flat_b = [m_b["el_usd"]] + [m_b["tail"][k][f] for k in m_b["tail"] for f in fields]
     checks.append(
         relative_agreement_check(
             "Chunk-size invariance of EL, VaR, ES",
