@@ -463,3 +463,14 @@ def test_a_fifo_in_the_checkpoint_is_refused_not_waited_on(tmp_path, name):
     os.mkfifo(path)
     with pytest.raises(ResultsError, match="not a regular file"):
         _checkpoint(tmp_path, book, assumptions, resume=True).done()
+
+
+def test_write_results_takes_a_str_path_and_refuses_an_empty_one(tmp_path):
+    """A notebook user writes `write_results(result, "results", ...)`: a str works like a
+    Path (the directory is created); '' is refused, never the current directory."""
+    book, assumptions = random_book(2, 6), default_assumptions()
+    result = simulate(book, assumptions, scenarios=64, backend="numpy", sensitivities=False)
+    written = write_results(result, str(tmp_path / "new" / "results"), book, assumptions)
+    assert (tmp_path / "new" / "results" / "summary.json") in written
+    with pytest.raises(ResultsError, match="must not be empty"):
+        write_results(result, "", book, assumptions)

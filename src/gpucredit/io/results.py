@@ -241,13 +241,21 @@ def input_hashes(book: Book, assumptions: Assumptions) -> dict[str, str]:
 
 
 def write_results(
-    result: RunResult, directory: Path, book: Book, assumptions: Assumptions
+    result: RunResult, directory: str | Path, book: Book, assumptions: Assumptions
 ) -> list[Path]:
-    """Write every result file of a run into `directory` as one transaction: each file goes
-    into a staging directory first, and only when all are complete are they moved in (and
-    the files of an earlier run this one has no counterpart for removed), so a failure
-    part-way leaves the previous results as they were. Returns the paths written."""
+    """Write every result file of a run into `directory` (a str or Path, created if need
+    be) as one transaction: each file goes into a staging directory first, and only when all
+    are complete are they moved in (and the files of an earlier run this one has no
+    counterpart for removed), so a failure part-way leaves the previous results as they
+    were. Returns the paths written::
+
+        write_results(simulate(book, assumptions), "results", book, assumptions)
+    """
     from gpucredit.io.report import render_report_from_dir
+
+    if not str(directory).strip():  # Path("") would be the current directory
+        raise ResultsError("the output directory must not be empty")
+    directory = prepare_output_dir(Path(directory))
 
     run_id = uuid.uuid4().hex
     summary = result.summary()
