@@ -60,6 +60,7 @@ from gpucredit.kernels.params import (
     LoanArrays,
     ModelGrid,
     ModelParams,
+    refuse_offtakers,
     safe_log_ratio,
 )
 
@@ -173,6 +174,7 @@ def prepare_loans_cupy(loans: LoanArrays, dtype=np.float32, threads: int = MAX_T
     whole tiles of `threads` loans (threads: a multiple of 32, at most 256; a smaller book
     uses fewer). Pure NumPy: nothing touches the GPU until the first chunk."""
     dt = _float_dtype(dtype)
+    refuse_offtakers(loans, "CuPy")
     threads = int(threads)
     if threads % WARP or not WARP <= threads <= MAX_THREADS:
         raise ValueError(f"threads must be a multiple of 32 in [32, {MAX_THREADS}], got {threads}")

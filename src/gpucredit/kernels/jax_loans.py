@@ -29,6 +29,7 @@ from gpucredit.kernels.params import (
     THRESHOLD_LIMIT,
     LoanArrays,
     ModelGrid,
+    refuse_offtakers,
     safe_log_ratio,
 )
 from gpucredit.kernels.reference import require_pd_references
@@ -115,6 +116,7 @@ def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dt}")
     require_pd_references(loans)
+    refuse_offtakers(loans, "JAX")
     n_loans = len(np.asarray(loans.gpu_count))
     periods = np.asarray(loans.balance_usd).shape[1] - 1
     # b: block_size, or for a book smaller than that the next power of two >= N.

@@ -88,6 +88,10 @@ class ModelParams(NamedTuple):
     refi_ltv: float  # lambda
     coverage_floor: float
     coverage_cap: float
+    # rho_o of the offtakers' default (docs/spec.md §4a). A leaf like the others, but no
+    # sensitivity is reported for it: the offtakers' default periods are held fixed under
+    # differentiation (an indicator's pathwise derivative is 0), so its gradient is 0.
+    offtaker_correlation: float = 0.25
 
 
 PD_ANCHORS = ("expected", "today")
@@ -122,6 +126,16 @@ class ModelGrid(NamedTuple):
     def slots_per_period(self) -> int:
         """K + nu: the stream-0 counters b used by one period (docs/spec.md §8)."""
         return self.n_factors + self.chi2_slots
+
+
+def refuse_offtakers(loans: LoanArrays, backend: str) -> None:
+    """The guard of a backend that does not compute docs/spec.md §4a yet: a book naming
+    offtakers is refused rather than run on a different model than the reference's."""
+    if loans.offtaker is not None:
+        raise NotImplementedError(
+            f"the {backend} backend does not compute offtakers yet (docs/spec.md §4a); run "
+            "this book on the NumPy reference or without the offtaker column"
+        )
 
 
 def launch_period(years_from_now: float, steps_per_year: int) -> int:
@@ -164,6 +178,10 @@ class LoanArrays(NamedTuple):
     installment_usd: np.ndarray  # [N, T + 1] I_i(t) (index 0 unused, 0)
     balloon_usd: np.ndarray  # [N] Bal_i (0 when none or when t_M > T)
     n_borrowers: int
+    # Offtakers (docs/spec.md §4a): None (a book naming none) or the index of each loan's
+    # offtaker, 0-based order of first appearance, -1 for none, and each offtaker's annual PD.
+    offtaker: np.ndarray | None = None  # [N] int
+    offtaker_pd_annual: np.ndarray | None = None  # [J] p_j
     # The PD anchor's reference coverage (docs/spec.md §4), computed once per run from the
     # base assumptions (`kernels.anchor.pd_references`) and held fixed: stresses, importance
     # sampling and sensitivities move the scenario paths, not these.
