@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from scipy.special import ndtr, ndtri
 
-from conftest import random_book
+from conftest import OFFTAKER_PDS, offtaker_book
 from gpucredit.kernels import reference as ref
-from gpucredit.kernels.params import refuse_offtakers
 from gpucredit.kernels.rng import (
     STREAM_OFFTAKERS,
     offtaker_uniforms_np,
@@ -24,22 +23,6 @@ from gpucredit.portfolio.loans import loan_arrays
 
 SEED = 5
 SCENARIOS = np.arange(64, dtype=np.uint32)
-OFFTAKERS = ("Lab A", "Hyperscaler B", "Lab C")
-OFFTAKER_PDS = {"Lab A": 0.15, "Hyperscaler B": 0.02, "Lab C": 0.6}
-
-
-def offtaker_book(seed: int = 7, n_loans: int = 40):
-    """random_book with every contracted loan but every fifth naming one of three offtakers."""
-    book = random_book(seed, n_loans)
-    names = np.array(
-        [
-            "" if book.contracted_share[i] == 0 or i % 5 == 4 else OFFTAKERS[i % 3]
-            for i in range(n_loans)
-        ],
-        dtype=object,
-    )
-    pds = np.array([OFFTAKER_PDS.get(name, 0.0) for name in names])
-    return dataclasses.replace(book, offtaker=names, offtaker_pd_annual=pds)
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +179,6 @@ def test_offtaker_uniforms_are_stream_two():
     )
     assert STREAM_OFFTAKERS == 2
     np.testing.assert_array_equal(u, uniform_from_bits(x0, np.float64))
-
-
-def test_backends_without_offtakers_refuse_a_book_naming_them(offtaker_loans):
-    with pytest.raises(NotImplementedError, match="does not compute offtakers yet"):
-        refuse_offtakers(offtaker_loans, "CuPy")
-    refuse_offtakers(offtaker_loans._replace(offtaker=None, offtaker_pd_annual=None), "CuPy")
 
 
 # --------------------------------------------------------------------------- JAX

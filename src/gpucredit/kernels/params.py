@@ -128,16 +128,6 @@ class ModelGrid(NamedTuple):
         return self.n_factors + self.chi2_slots
 
 
-def refuse_offtakers(loans: LoanArrays, backend: str) -> None:
-    """The guard of a backend that does not compute docs/spec.md §4a yet: a book naming
-    offtakers is refused rather than run on a different model than the reference's."""
-    if loans.offtaker is not None:
-        raise NotImplementedError(
-            f"the {backend} backend does not compute offtakers yet (docs/spec.md §4a); run "
-            "this book on the NumPy reference or without the offtaker column"
-        )
-
-
 def launch_period(years_from_now: float, steps_per_year: int) -> int:
     """The period t with (t-1)Δ < τ <= tΔ, with docs/spec.md's 1e-9-year tolerance."""
     return int(np.ceil((years_from_now - TIME_TOL_YEARS) * steps_per_year))
