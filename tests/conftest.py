@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from gpucredit.io.assumptions import default_assumptions
@@ -16,6 +19,24 @@ def random_book(seed: int, n_loans: int) -> Book:
     """A small book covering every amortization, rate type, contract expiry, maturity before
     and after a 3-year horizon, and miners with pledged and unpledged crypto."""
     return feature_book(n_loans, seed, source="<random>")
+
+
+OFFTAKERS = ("Lab A", "Hyperscaler B", "Lab C")
+OFFTAKER_PDS = {"Lab A": 0.15, "Hyperscaler B": 0.02, "Lab C": 0.6}
+
+
+def offtaker_book(seed: int = 7, n_loans: int = 40):
+    """random_book with every contracted loan but every fifth naming one of three offtakers."""
+    book = random_book(seed, n_loans)
+    names = np.array(
+        [
+            "" if book.contracted_share[i] == 0 or i % 5 == 4 else OFFTAKERS[i % 3]
+            for i in range(n_loans)
+        ],
+        dtype=object,
+    )
+    pds = np.array([OFFTAKER_PDS.get(name, 0.0) for name in names])
+    return dataclasses.replace(book, offtaker=names, offtaker_pd_annual=pds)
 
 
 # A small JAX float32 run that exercises chunk and batch edges: a short last chunk, batches of

@@ -537,9 +537,15 @@ def test_parameter_paths_cover_every_sensitivity():
     assert ("crypto.btc.vol", "btc_vol", ()) in paths
     assert ("model.beta_liquidity", "beta_liquidity", ()) in paths
     assert ("rate.mean_reversion", "rate_mean_reversion", ()) in paths
-    # every ModelParams leaf named, except the ones docs/spec.md §7 leaves out
+    # every ModelParams leaf named, except the ones docs/spec.md §7 leaves out and ρ_o
+    # (§4a: the offtakers' default periods are held fixed, so there is no ∂/∂ρ_o)
     fields = {field for _, field, _ in paths}
-    assert set(ModelParams._fields) - fields == {"haircut_max", "coverage_floor", "coverage_cap"}
+    assert set(ModelParams._fields) - fields == {
+        "haircut_max",
+        "coverage_floor",
+        "coverage_cap",
+        "offtaker_correlation",
+    }
     assert ("credit.persistence", "credit_persistence", ()) in paths
     assert ("crypto.btc.hashprice_drift", "btc_hashprice_drift", ()) in paths
     assert ("generations.H200.financed_fleet_gpus", "financed_fleet_gpus", (2,)) in paths

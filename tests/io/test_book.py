@@ -65,6 +65,9 @@ def good_columns(n_loans: int = 4) -> dict[str, list]:
         "asset_correlation": [0.15] * n_loans,
         "other_income_usd_per_year": [2.0e6] * n_loans,
         "other_income_btc_share": [0.8] * n_loans,
+        # Offtakers (docs/spec.md §4a): one lab behind every loan but the third of each four.
+        "offtaker": ["" if k % 4 == 2 else "Lab A" for k in range(n_loans)],
+        "offtaker_pd_annual": [0.0 if k % 4 == 2 else 0.02 for k in range(n_loans)],
     }
 
 
@@ -128,6 +131,9 @@ BAD_VALUES = [
     ("rate", float("nan"), "must be a finite number, got nan"),
     ("balance_usd", float("inf"), "must be a finite number, got inf"),
     ("pd_annual", None, "must not be null"),
+    ("offtaker_pd_annual", 1.0, "must be in [0, 1) (an annual probability of default"),
+    ("offtaker_pd_annual", -0.1, "must be in [0, 1)"),
+    ("offtaker_pd_annual", None, "required where offtaker names one (offtaker 'Lab A' has no PD)"),
     ("crypto_pledged", None, "must not be null"),
     ("borrower_type", None, "must not be null"),
     ("rate_type", "flaoting", "must be one of fixed, floating, got 'flaoting'"),
@@ -876,3 +882,63 @@ def test_write_book_refuses_an_unknown_extension(tmp_path, name):
 def test_a_mapping_with_columns_of_different_lengths_is_refused():
     with pytest.raises(BookError, match="these have fewer: borrower_id \\(1\\)"):
         read_book({"loan_id": ["a", "b"], "borrower_id": ["x"]}, ASSUMPTIONS)
+
+
+# ----------------------------------------------------------------------------- offtakers
+
+
+def test_offtakers_are_indexed_by_first_appearance_and_none_is_minus_one(tmp_path):
+    """docs/spec.md §4a: offtaker j = 0-based order of first appearance; null or "" = none."""
+    columns = good_columns(5)
+    columns["offtaker"] = ["Lab B", None, "Lab A", "Lab B", ""]
+    columns["offtaker_pd_annual"] = [0.03, None, 0.0, 0.03, 0.5]
+    book = read_book(write_parquet(tmp_path, columns), ASSUMPTIONS)
+    index, names, pds = book.offtaker_index()
+    assert index.tolist() == [0, -1, 1, 0, -1]
+    assert names == ("Lab B", "Lab A")
+    assert pds.tolist() == [0.03, 0.0]
+    assert book.offtaker.tolist() == ["Lab B", "", "Lab A", "Lab B", ""]
+    assert book.offtaker_pd_annual.tolist() == [0.03, 0.0, 0.0, 0.03, 0.5]
+
+
+def test_a_book_without_offtaker_columns_has_none(tmp_path):
+    columns = good_columns()
+    del columns["offtaker"], columns["offtaker_pd_annual"]
+    index, names, pds = read_book(write_parquet(tmp_path, columns), ASSUMPTIONS).offtaker_index()
+    assert index.tolist() == [-1] * 4 and names == () and pds.shape == (0,)
+
+
+def test_an_offtaker_named_without_a_pd_column_is_refused(tmp_path):
+    columns = good_columns()
+    del columns["offtaker_pd_annual"]
+    error = refusal(write_parquet(tmp_path, columns))
+    assert [str(p).split(": ", 1)[1] for p in error.problems] == [
+        "loan_id=L000001, column offtaker_pd_annual: required where offtaker names one "
+        "(offtaker 'Lab A' has no PD)",
+        "loan_id=L000002, column offtaker_pd_annual: required where offtaker names one "
+        "(offtaker 'Lab A' has no PD)",
+        "loan_id=L000004, column offtaker_pd_annual: required where offtaker names one "
+        "(offtaker 'Lab A' has no PD)",
+    ]
+
+
+def test_an_offtaker_stating_two_pds_is_refused(tmp_path):
+    columns = good_columns()
+    columns["offtaker_pd_annual"][1] = 0.05
+    error = refusal(write_parquet(tmp_path, columns))
+    assert str(error).endswith(
+        "loan_id=L000002, column offtaker_pd_annual: offtaker 'Lab A' has offtaker_pd_annual "
+        "0.02 on loan_id=L000001 (row 1) but 0.05 here: every loan of an offtaker must state "
+        "the same offtaker_pd_annual"
+    )
+    assert len(error.problems) == 1
+
+
+def test_offtakers_from_a_csv_tape_with_empty_cells(tmp_path):
+    columns = good_columns()
+    columns["offtaker_pd_annual"] = [0.02, 0.02, None, 0.02]
+    path = tmp_path / "book.csv"
+    pd.DataFrame(columns).to_csv(path, index=False)
+    book = read_book(path, ASSUMPTIONS)
+    assert book.offtaker.tolist() == ["Lab A", "Lab A", "", "Lab A"]
+    assert book.offtaker_pd_annual.tolist() == [0.02, 0.02, 0.0, 0.02]

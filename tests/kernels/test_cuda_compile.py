@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.special import ndtri
-from tests.conftest import random_book
+from tests.conftest import offtaker_book, random_book
 
 from gpucredit.kernels import cupy_engine, reference
 from gpucredit.portfolio.loans import loan_arrays
@@ -198,20 +198,20 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared, Ke
 template <class real, bool kLoss>
 static void run(const std::string& dir) {
     std::ifstream meta(dir + "/launch.txt");
-    long long gx, gy, threads, shared, ints[8];
+    long long gx, gy, threads, shared, ints[9];
     meta >> gx >> gy >> threads >> shared;
     for (auto& v : ints) meta >> v;
-    std::vector<std::vector<char>> a(11);
-    for (int k = 0; k < 11; ++k) a[k] = load(dir + "/a" + std::to_string(k) + ".bin");
+    std::vector<std::vector<char>> a(12);
+    for (int k = 0; k < 12; ++k) a[k] = load(dir + "/a" + std::to_string(k) + ".bin");
     launch(gx, gy, threads, shared, [&] {
         forward_kernel<real, kLoss>(
             (const real*)a[0].data(), (const real*)a[1].data(), (const int*)a[2].data(),
             (const real*)a[3].data(), (const real*)a[4].data(), (const real*)a[5].data(),
-            (const real*)a[6].data(), (const double*)a[7].data(),
-            (unsigned long long*)a[8].data(), (real*)a[9].data(), (real*)a[10].data(),
-            ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7]);
+            (const real*)a[6].data(), (const int*)a[7].data(), (const double*)a[8].data(),
+            (unsigned long long*)a[9].data(), (real*)a[10].data(), (real*)a[11].data(),
+            ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7], ints[8]);
     });
-    for (int k = 8; k < 11; ++k) save(dir + "/a" + std::to_string(k) + ".out", a[k]);
+    for (int k = 9; k < 12; ++k) save(dir + "/a" + std::to_string(k) + ".out", a[k]);
 }
 
 int main(int argc, char** argv) {
@@ -257,7 +257,7 @@ def emulator(tmp_path_factory):
 
 def _emulated_launch(binary: Path, folder: Path):
     def launch(loss_pass, dtype, grid_dims, threads, shared_bytes, args):
-        arrays, ints = args[:11], args[11:]
+        arrays, ints = args[:12], args[12:]
         for k, array in enumerate(arrays):
             np.ascontiguousarray(array).tofile(folder / f"a{k}.bin")
         (folder / "launch.txt").write_text(
@@ -271,7 +271,7 @@ def _emulated_launch(binary: Path, folder: Path):
             timeout=300,
         )
         assert result.returncode == 0, result.stderr
-        for k in (8, 9, 10):
+        for k in (9, 10, 11):
             out = np.fromfile(folder / f"a{k}.out", dtype=arrays[k].dtype)
             np.copyto(arrays[k], out.reshape(arrays[k].shape))
 
@@ -285,6 +285,7 @@ def _emulated_chunk(emulator, params, grid, prepared, first, count, per_block=No
         params, grid, SEED, first, count, prepared.n_borrowers, dt
     )
     dev = cupy_engine.device_tables(params, grid, prepared, np)
+    periods = cupy_engine.offtaker_periods_input(params, grid, prepared, SEED, first, table)
     return cupy_engine.run_passes(
         params,
         grid,
@@ -296,6 +297,7 @@ def _emulated_chunk(emulator, params, grid, prepared, first, count, per_block=No
         np,
         _emulated_launch(binary, folder),
         per_block=per_block,
+        offtaker_periods=None if periods is None else np.asarray(periods, np.int32),
     )
 
 
@@ -366,6 +368,9 @@ def _v2_case(assumptions, case: str):
         loans = reference.with_pd_references(params, grid, loans)
     elif case == "strong-cycle":
         params = params._replace(credit_persistence=0.95)
+    elif case == "offtakers":  # docs/spec.md §4a: three offtakers, one very likely to fail
+        loans = loan_arrays(offtaker_book(5, 45), assumptions)
+        assert loans.offtaker is not None
     else:
         raise AssertionError(case)
     return params, loans
@@ -380,6 +385,9 @@ def _v2_case(assumptions, case: str):
         ("fleet-edges", "sampled", np.float64),
         ("income-and-cycle", "conditional", np.float32),
         ("strong-cycle", "sampled", np.float64),
+        ("offtakers", "conditional", np.float64),
+        ("offtakers", "sampled", np.float64),
+        ("offtakers", "conditional", np.float32),
     ],
 )
 def test_emulated_kernel_matches_reference_model_v2(emulator, assumptions, case, mode, dtype):

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from tests.conftest import random_book
+from tests.conftest import offtaker_book, random_book
 
 from gpucredit.kernels import cupy_engine, reference
 from gpucredit.portfolio.backends import CupyBackend
@@ -115,6 +115,8 @@ def _v2_case(assumptions, loans, case: str):
         share = np.where(loans.other_income_usd_per_year > 0, 1.0, loans.other_income_btc_share)
         loans = loans._replace(other_income_btc_share=share)
         return params, reference.with_pd_references(params, grid, loans)
+    if case == "offtakers":  # docs/spec.md §4a: contracts stop after their offtaker's default
+        return params, loan_arrays(offtaker_book(), assumptions)
     raise AssertionError(case)
 
 
@@ -127,6 +129,9 @@ def _v2_case(assumptions, loans, case: str):
         ("fleet-edges", "sampled", np.float64),
         ("income-and-cycle", "conditional", np.float64),
         ("income-and-cycle", "conditional", np.float32),
+        ("offtakers", "conditional", np.float64),
+        ("offtakers", "sampled", np.float64),
+        ("offtakers", "conditional", np.float32),
     ],
 )
 def test_model_v2_cases_match_reference(assumptions, loans, case, mode, dtype):

@@ -151,6 +151,23 @@ def test_two_workers_give_the_single_process_numbers(
     assert not any(name in names for names in plugins.values() for name in registered)
 
 
+def test_offtaker_events_are_the_same_on_two_workers(cluster, assumptions):
+    """docs/spec.md §4a: each scenario's offtaker events come from stream 2 and its own index,
+    so a book naming offtakers gives the single-process numbers on a cluster too."""
+    address, _ = cluster
+    names = np.where(np.arange(12) % 3 == 0, "", np.where(np.arange(12) % 2, "Lab A", "Lab B"))
+    pds = np.where(names == "Lab A", 0.3, np.where(names == "Lab B", 0.1, 0.0))
+    book = dataclasses.replace(
+        JAX_BOOK,
+        contracted_share=np.full(12, 0.8),
+        contract_years_remaining=np.full(12, 3.0),
+        offtaker=names.astype(object),
+        offtaker_pd_annual=pds,
+    )
+    single = simulate(book, assumptions, **SMALL_JAX_RUN)
+    assert_same_run(single, simulate(book, assumptions, scheduler=address, **SMALL_JAX_RUN))
+
+
 def assert_same_tails_run(a, b):
     """Everything but the per-scenario losses identical (b may be tails-only)."""
     np.testing.assert_array_equal(a.tail.indices, b.tail.indices)

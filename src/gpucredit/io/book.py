@@ -490,7 +490,7 @@ def _check_values(
     # Nulls next; the other rules then skip those rows so each bad cell is named once.
     for column, rows in nulls.items():
         rows = np.setdiff1d(rows, uncoerced.get(column, []))
-        if len(rows):
+        if len(rows) and not BOOK_SCHEMA_BY_NAME[column].nullable:
             report(column, rows, "must not be null", show_value=False)
 
     clean = {}  # per column: the cells that broke no rule (for the rules across rows)
@@ -519,6 +519,40 @@ def _check_values(
                 report(name, np.flatnonzero(bad), rule.text)
                 clean[name] &= ~bad
     problems += _borrower_problems(file, columns, clean, who)
+    problems += _offtaker_problems(file, columns, nulls, clean, who)
+    return problems
+
+
+def _offtaker_problems(file: str, columns, nulls, clean, who) -> list[BookProblem]:
+    """A loan naming an offtaker needs its PD (docs/spec.md §4a: the column absent or the cell
+    null is refused), and every loan naming one offtaker states the same PD (named with the
+    offtaker's first loan). Cells that broke another rule are left out."""
+    names = columns.get("offtaker")
+    if names is None:
+        return []
+    named = np.array([isinstance(v, str) and v != "" for v in names], dtype=bool)
+    named &= clean["offtaker"]
+    pds = columns.get("offtaker_pd_annual")
+    missing = named.copy()
+    if pds is not None:
+        missing[:] = False
+        missing[nulls["offtaker_pd_annual"]] = True
+        missing &= named
+    problems = []
+    rule = "required where offtaker names one (offtaker {!r} has no PD)"
+    for row in np.flatnonzero(missing)[:MAX_ROWS_PER_RULE]:
+        text = rule.format(names[row])
+        problems.append(BookProblem(file, who(row), "offtaker_pd_annual", text, row=int(row) + 1))
+    if np.count_nonzero(missing) > MAX_ROWS_PER_RULE:
+        more = np.count_nonzero(missing) - MAX_ROWS_PER_RULE
+        text = f"required where offtaker names one: and {more} more rows"
+        problems.append(BookProblem(file, None, "offtaker_pd_annual", text))
+    if pds is None:
+        return problems
+    usable = named & ~missing & clean["offtaker_pd_annual"]
+    problems += _same_value_problems(
+        file, "offtaker", names, "offtaker_pd_annual", pds, usable, who, "an offtaker"
+    )
     return problems
 
 
@@ -533,30 +567,40 @@ def _borrower_problems(file: str, columns, clean, who) -> list[BookProblem]:
     for column in BOOK_SCHEMA:
         if not column.per_borrower or column.name not in columns:
             continue
-        values = columns[column.name]
         usable = clean["borrower_id"] & clean[column.name]
-        rows = np.flatnonzero(usable)
-        if len(rows) == 0:
-            continue
-        _, first, inverse = np.unique(
-            borrowers[rows].astype(str), return_index=True, return_inverse=True
+        values = columns[column.name]
+        problems += _same_value_problems(
+            file, "borrower", borrowers, column.name, values, usable, who, "a borrower"
         )
-        first_row = rows[first[inverse]]  # each usable row's borrower's first usable row
-        differs = np.flatnonzero(values[rows] != values[first_row])
-        for k in differs[:MAX_ROWS_PER_RULE]:
-            row, other = int(rows[k]), int(first_row[k])
-            named = who(other)
-            where = f"loan_id={named} (row {other + 1})" if named else f"row {other + 1}"
-            rule = (
-                f"borrower {borrowers[row]!r} has {column.name} {_format_value(values[other])} "
-                f"on {where} but {_format_value(values[row])} here: every loan of a borrower "
-                f"must state the same {column.name}"
-            )
-            problems.append(BookProblem(file, who(row), column.name, rule, row=row + 1))
-        if len(differs) > MAX_ROWS_PER_RULE:
-            more = len(differs) - MAX_ROWS_PER_RULE
-            rule = f"a borrower's loans disagree: and {more} more rows"
-            problems.append(BookProblem(file, None, column.name, rule))
+    return problems
+
+
+def _same_value_problems(
+    file: str, key: str, keys, name: str, values, usable, who, owner: str
+) -> list[BookProblem]:
+    """Rows (among `usable`) whose `values` differ from the first usable row with the same
+    `keys` entry (a borrower_id or an offtaker), each named with that first row."""
+    rows = np.flatnonzero(usable)
+    if len(rows) == 0:
+        return []
+    _, first, inverse = np.unique(keys[rows].astype(str), return_index=True, return_inverse=True)
+    first_row = rows[first[inverse]]  # each usable row's key's first usable row
+    differs = np.flatnonzero(values[rows] != values[first_row])
+    problems = []
+    for k in differs[:MAX_ROWS_PER_RULE]:
+        row, other = int(rows[k]), int(first_row[k])
+        named = who(other)
+        where = f"loan_id={named} (row {other + 1})" if named else f"row {other + 1}"
+        rule = (
+            f"{key} {keys[row]!r} has {name} {_format_value(values[other])} "
+            f"on {where} but {_format_value(values[row])} here: every loan of {owner} "
+            f"must state the same {name}"
+        )
+        problems.append(BookProblem(file, who(row), name, rule, row=row + 1))
+    if len(differs) > MAX_ROWS_PER_RULE:
+        more = len(differs) - MAX_ROWS_PER_RULE
+        rule = f"{owner}'s loans disagree: and {more} more rows"
+        problems.append(BookProblem(file, None, name, rule))
     return problems
 
 
@@ -589,8 +633,16 @@ def _build_book(file: str, columns: dict[str, np.ndarray], n_rows: int, assumpti
             fields[name] = np.array([power[g] for g in columns["gpu_generation"]], dtype=np.float64)
         elif name in BOOL_COLUMNS:
             fields[name] = np.full(n_rows, bool(OPTIONAL_DEFAULTS[name]), dtype=bool)
+        elif name in STRING_COLUMNS:
+            fields[name] = np.full(n_rows, OPTIONAL_DEFAULTS[name], dtype=object)
         else:
             fields[name] = np.full(n_rows, float(OPTIONAL_DEFAULTS[name]), dtype=np.float64)
+    # Nullable columns: a null offtaker is none (""), a null PD of a loan with none is 0.
+    fields["offtaker"] = np.array(
+        [v if isinstance(v, str) else "" for v in fields["offtaker"]], dtype=object
+    )
+    no_pd = np.isnan(fields["offtaker_pd_annual"])
+    fields["offtaker_pd_annual"] = np.where(no_pd, 0.0, fields["offtaker_pd_annual"])
     return Book(source=file, **fields)
 
 

@@ -36,7 +36,9 @@ Excel cells (and the object columns of a pandas DataFrame) are coerced to the co
 numbers as written (`1e6`, ` 0.08 `), booleans `true`/`false`, `yes`/`no` or `1`/`0`; a cell
 that cannot be is refused with its value and the type expected.
 
-**Rules.** No nulls (an empty number cell is a null); every number finite and in the
+**Rules.** No nulls (an empty number cell is a null) except in the two offtaker columns,
+where a null or empty `offtaker` names none and `offtaker_pd_annual` is needed only on the
+rows that name one (one PD per offtaker); every number finite and in the
 plausible range shown (generous: it catches unit slips such as 8 for 8% or cents for dollars,
 and sizes no book holds); a column named twice is refused; a borrower's type, PD and asset
 correlation are the same on each of its loans (a loan that differs is named with the
@@ -53,6 +55,8 @@ def default_text(column: BookColumn) -> str:
     """The default as documented: "required", "the generation's", "0.7", "false"."""
     if column.required or column.default == FROM_GENERATION:
         return str(column.default)
+    if column.default == "":
+        return "none"
     if isinstance(column.default, bool):
         return "true" if column.default else "false"
     return format(column.default, "g")

@@ -8,7 +8,9 @@ Threefry numbers (`kernels.rng`), in float32 or float64:
   `jax_engine.factor_paths_jax`, `rng.default_uniforms_jax`): one jitted call returns the
   factor table [S, T, W] (W = 3G + 7: R_g, P_g, ln P_g, BTC, ETH, power, r, Z, DF and other
   income's BTC index X_btc(t)/X_btc(0) e^{η tΔ}; Z is the AR(1) credit cycle) and, in
-  sampled mode, the default uniforms [S, B]. They reach CuPy through DLPack
+  sampled mode, the default uniforms [S, B]; for a book naming offtakers a second call
+  (`offtaker_periods_input`) gives their default periods τ_j [S, J] from the table's Z(t) and
+  stream 2 (docs/spec.md §4a), with the JAX kernels' own function. They reach CuPy through DLPack
   (`cupy.from_dlpack`, no host round trip). They are small next to the loan work.
 - The PD anchor's references (LC^ref(t), CC^ref(t), RF^ref, docs/spec.md §4) come with the
   book (LoanArrays, computed once per run and held fixed); `loan_tables` folds them with
@@ -96,7 +98,7 @@ _DEFAULT_SHARED_LIMIT = 48 * 1024
 # factor table's columns after the 3G generation columns (F_COUNT).
 _MODEL_SLOTS = 8
 _LOAN_REAL_SLOTS = 18
-_LOAN_INT_SLOTS = 4
+_LOAN_INT_SLOTS = 5
 _PERIOD_SLOTS = 4
 _MARKET_COLUMNS = 7
 
@@ -283,6 +285,7 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
     ints[1] = np.asarray(loans.borrower)
     ints[2] = maturity
     ints[3] = np.asarray(loans.contract_periods)
+    ints[4] = -1 if loans.offtaker is None else np.asarray(loans.offtaker)  # LI_OFFTAKER
 
     # base(t) = Φ⁻¹(p^Δ) + β_L ln LC^ref(t) + β_C ln CC^ref(t) (+ β_R ln RF^ref at t_M).
     hazard_base = (
@@ -316,6 +319,7 @@ def loan_tables(params: ModelParams, grid: ModelGrid, prepared: CupyLoans) -> Lo
     loan_int = np.zeros((_LOAN_INT_SLOTS, prepared.n_pad), np.int64)
     loan_int[:, real] = ints[:, src]
     loan_int[0] = prepared.generation  # padding keeps its run's generation
+    loan_int[4, ~real] = -1  # padding names no offtaker
     loan_period = np.zeros((_PERIOD_SLOTS, periods, prepared.n_pad))
     loan_period[2] = LOG_BIG  # padding: B = 0
     loan_period[:, :, real] = per_period[:, :, src]
@@ -469,6 +473,50 @@ def _random_inputs_jit():
     return inputs
 
 
+@functools.cache
+def _offtaker_periods_jit():
+    import jax
+
+    from gpucredit.kernels.jax_factors import _cast_params
+    from gpucredit.kernels.jax_step import _offtaker_default_periods
+    from gpucredit.kernels.rng import offtaker_uniforms_jax_at
+
+    jnp = jax.numpy
+
+    @functools.partial(jax.jit, static_argnames=("grid", "count"))
+    def periods(params, grid, pd_annual, seed, first_scenario, count, credit):
+        dtype = credit.dtype
+        scenarios = first_scenario + jnp.arange(count, dtype=jnp.uint32)
+        uniforms = offtaker_uniforms_jax_at(seed, scenarios, pd_annual.shape[0], dtype)
+        p = _cast_params(params, dtype)
+        return _offtaker_default_periods(p, grid, pd_annual, credit.T, uniforms)
+
+    return periods
+
+
+def offtaker_periods_input(
+    params, grid: ModelGrid, prepared: CupyLoans, seed: int, first_scenario: int, table
+):
+    """τ_j [count, J] int32 of docs/spec.md §4a as a JAX array (the JAX kernels' own function,
+    `jax_step._offtaker_default_periods`, on the factor table's credit column Z(t) and the
+    stream-2 uniforms), or None for a book naming no offtaker."""
+    loans = prepared.loans
+    if loans.offtaker is None:
+        return None
+    import jax.numpy as jnp
+
+    credit = jnp.asarray(table)[:, :, 3 * grid.n_generations + 4]  # [S, T] F_CREDIT
+    return _offtaker_periods_jit()(
+        _params_f64(params),
+        grid,
+        jnp.asarray(np.asarray(loans.offtaker_pd_annual, np.float64)),
+        np.uint32(int(seed)),
+        np.uint32(int(first_scenario)),
+        int(credit.shape[0]),
+        credit,
+    )
+
+
 def _uniform_count(grid: ModelGrid, n_borrowers: int) -> int:
     """Sampled mode: the borrower count rounded up to a power of two (one compile per size
     class, as the JAX engine); 0 in conditional mode."""
@@ -583,9 +631,11 @@ def run_passes(
     xp,
     launch,
     per_block: int | None = None,
+    offtaker_periods=None,
 ):
     """Both kernel passes on one chunk's random inputs (table [S, T, 3G + 7], uniforms
-    [S, B'] or [1, 1], `xp` arrays of the kernel dtype).
+    [S, B'] or [1, 1], `xp` arrays of the kernel dtype; offtaker_periods [S, J] int32 `xp`
+    array of a book naming offtakers, else None).
 
     `launch(loss_pass, dtype, grid_dims, threads, shared_bytes, args)` runs forward_kernel
     (CuPy on a GPU; the tests also plug in a CPU emulation). Returns (losses [S] float64,
@@ -609,6 +659,11 @@ def run_passes(
     scenario_loss = xp.zeros((tiles, count), dtype=dt)
     partials = xp.zeros((groups, 3, n_pad) if loan_sums else (1,), dtype=dt)
     dummy = xp.zeros((1,), dtype=dt)
+    o_stride = 0
+    if offtaker_periods is None:
+        offtaker_periods = xp.zeros((1, 1), dtype=xp.int32)
+    else:
+        o_stride = int(offtaker_periods.shape[1])
     ints = (
         np.int32(count),
         np.int32(periods),
@@ -616,6 +671,7 @@ def run_passes(
         np.int32(n_pad),
         np.int32(per_block),
         np.int32(uniforms.shape[1]),
+        np.int32(o_stride),
         np.int32(grid.mode == "sampled"),
         np.int32(loan_sums),
     )
@@ -626,7 +682,7 @@ def run_passes(
         (groups, tiles),
         threads,
         shared,
-        (*common, dummy, uniforms, dev.qscale, volume, dummy, dummy, *ints),
+        (*common, dummy, uniforms, offtaker_periods, dev.qscale, volume, dummy, dummy, *ints),
     )
     haircut = xp.ascontiguousarray(haircut_from_volume(params, dev.tables, volume, xp).astype(dt))
     launch(
@@ -635,7 +691,17 @@ def run_passes(
         (groups, tiles),
         threads,
         shared,
-        (*common, haircut, uniforms, dev.qscale, volume, scenario_loss, partials, *ints),
+        (
+            *common,
+            haircut,
+            uniforms,
+            offtaker_periods,
+            dev.qscale,
+            volume,
+            scenario_loss,
+            partials,
+            *ints,
+        ),
     )
     losses = scenario_loss.sum(axis=0, dtype=xp.float64)
     if not loan_sums:
@@ -658,7 +724,12 @@ def _forward(params, grid, prepared: CupyLoans, seed, first_scenario, count, loa
     )
     table = _to_cupy(table_jax, dt)
     uniforms = _to_cupy(uniforms_jax, dt)
-    return run_passes(params, grid, prepared, dev, table, uniforms, loan_sums, cp, _cupy_launch)
+    periods_jax = offtaker_periods_input(params, grid, prepared, seed, first_scenario, table_jax)
+    periods = None if periods_jax is None else _to_cupy(periods_jax, cp.int32)
+    return run_passes(
+        params, grid, prepared, dev, table, uniforms, loan_sums, cp, _cupy_launch,
+        offtaker_periods=periods,
+    )  # fmt: skip
 
 
 def chunk_losses_cupy(

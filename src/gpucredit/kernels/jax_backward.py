@@ -32,9 +32,14 @@ from gpucredit.kernels.jax_loans import (
     prepare_loans,
 )
 from gpucredit.kernels.jax_setup import configure_jax
-from gpucredit.kernels.jax_step import _haircut, _liquidation_supply, _revalue_block
+from gpucredit.kernels.jax_step import (
+    _haircut,
+    _liquidation_supply,
+    _offtaker_default_periods,
+    _revalue_block,
+)
 from gpucredit.kernels.params import LoanArrays, ModelGrid, ModelParams
-from gpucredit.kernels.rng import shock_normals_jax_at
+from gpucredit.kernels.rng import offtaker_uniforms_jax_at, shock_normals_jax_at
 
 __all__ = ["schedule_tangent", "weighted_loss_gradient"]
 
@@ -65,7 +70,9 @@ def schedule_tangent(
     return tuple((getattr(up, k) - getattr(down, k)) / (2 * step) for k in SCHEDULE_LEAVES)
 
 
-def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True):
+def _loss_gradient(
+    params, grid, blocks, normals, coefficients, remat_steps=True, offtaker_uniforms=None
+):
     """Σ_j c_j L_j and its reverse-mode gradient, in one backward sweep over the loan blocks.
 
     L = F₂(θ, H(θ, Q)) with Q = F₁(θ): F₁ is pass 1 (the liquidation volume), H the haircut,
@@ -81,7 +88,9 @@ def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True
     Same gradient as jax.grad of the loss (tests), about 40% less work.
 
     params: float64 ModelParams; blocks: LoanBlocks (dtype of the computation; its
-    SCHEDULE_LEAVES are differentiated too); normals [S, T, K + ν]; coefficients [S] float64.
+    SCHEDULE_LEAVES are differentiated too); normals [S, T, K + ν]; coefficients [S] float64;
+    offtaker_uniforms [S, J] or None: the offtakers' default periods, computed from them and
+    held fixed (docs/spec.md §4a), switch contracts off in both passes.
     Returns (value float64, ModelParams of gradients, {SCHEDULE_LEAVES name: gradient}).
     """
     dtype = blocks.dtype
@@ -96,6 +105,11 @@ def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True
         return p, paths, discount
 
     (p, paths, discount), upstream_vjp = jax.vjp(upstream, params)
+    taus = None
+    if offtaker_uniforms is not None:
+        taus = _offtaker_default_periods(
+            p, grid, blocks.offtaker_pd_annual, paths.credit, offtaker_uniforms.astype(dtype)
+        )
     schedule = {k: getattr(blocks, k) for k in SCHEDULE_LEAVES}
 
     def schedule_terms(leaves):
@@ -108,7 +122,7 @@ def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True
 
     # 1. pass 1 forward, the haircut (conditional mode: the expected volume is Q itself)
     def volume_block(volume, block_terms):
-        block = _revalue_block(p, grid, block_terms, paths, None, None, None)
+        block = _revalue_block(p, grid, block_terms, paths, None, None, None, offtaker_periods=taus)
         return volume + block.volume, None
 
     volume0 = jnp.zeros((grid.periods, n_scen, grid.n_generations), dtype)
@@ -122,8 +136,9 @@ def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True
     def loss_block(carry, block_terms):
         total, weights = carry
         outcome, ys = _revalue_block(
-            p, grid, block_terms, paths, None, haircut, discount, ("recovery_weights",)
-        )
+            p, grid, block_terms, paths, None, haircut, discount, ("recovery_weights",),
+            offtaker_periods=taus,
+        )  # fmt: skip
         return (total + jnp.sum(outcome.loss, axis=1), weights + ys["recovery_weights"]), None
 
     (losses, recovery_weights), _ = lax.scan(
@@ -139,7 +154,7 @@ def _loss_gradient(params, grid, blocks, normals, coefficients, remat_steps=True
         def both_passes(p, paths, discount, leaves):
             outcome, ys = _revalue_block(
                 p, grid, block_terms._replace(**leaves), paths, None, haircut, discount,
-                ("volume",), remat_steps,
+                ("volume",), remat_steps, taus,
             )  # fmt: skip
             return ys["volume"], jnp.sum(outcome.loss, axis=1)
 
@@ -178,8 +193,11 @@ def _weighted_loss_gradient_jit(
         seed, scenarios, grid.periods, grid.slots_per_period, blocks.dtype
     )
     normals = _shifted(normals, normal_shift, grid)
+    offtakers = None
+    if blocks.n_offtakers:
+        offtakers = offtaker_uniforms_jax_at(seed, scenarios, blocks.n_offtakers, blocks.dtype)
     value, grads, schedule_bar = _loss_gradient(
-        params, grid, blocks, normals, coefficients, remat_steps
+        params, grid, blocks, normals, coefficients, remat_steps, offtakers
     )
     if tangent is None:
         return value, grads

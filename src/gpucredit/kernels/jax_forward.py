@@ -36,9 +36,15 @@ from gpucredit.kernels.jax_args import (
 from gpucredit.kernels.jax_factors import _cast_params, _paths, _shifted, correlated_shocks_jax
 from gpucredit.kernels.jax_loans import LoanBlocks, _book_gpus, _loan_terms
 from gpucredit.kernels.jax_setup import configure_jax
-from gpucredit.kernels.jax_step import DefaultDraws, _haircut, _liquidation_supply, _revalue_block
+from gpucredit.kernels.jax_step import (
+    DefaultDraws,
+    _haircut,
+    _liquidation_supply,
+    _offtaker_default_periods,
+    _revalue_block,
+)
 from gpucredit.kernels.params import ModelGrid, ModelParams
-from gpucredit.kernels.rng import shock_normals_jax, shock_normals_jax_at
+from gpucredit.kernels.rng import offtaker_uniforms_jax_at, shock_normals_jax, shock_normals_jax_at
 
 __all__ = ["chunk_losses", "chunk_outcomes", "loan_losses_at", "loss_given_normals", "losses_at"]
 
@@ -52,9 +58,11 @@ def _simulate(
     output: str,
     scenario_weights=None,
     valid_count=None,
+    offtaker_uniforms=None,
 ):
     """From the chunk's random numbers (the normals [S, T, K + ν]; in sampled mode `draws`, from
-    which each block draws its default uniforms), by `output`:
+    which each block draws its default uniforms; for a book naming offtakers their stream-2
+    uniforms [S, J], None: no offtaker defaults), by `output`:
     "total": loss per scenario [S]; "per_loan": loss per scenario and loan [S, NB b];
     "outcomes": (loss [S], and summed over the scenarios, per loan [NB b]: loss, default
     probability, defaulted exposure), each scenario weighted by `scenario_weights` [S]
@@ -68,13 +76,20 @@ def _simulate(
     if grid.discount:
         discount = jnp.exp(-jnp.cumsum(paths.rate * grid.dt_years, axis=0))  # [T, S] DF(t)
     n_scen = normals.shape[0]
+    offtaker_periods = None  # [S, J] τ_j (docs/spec.md §4a), the same in both passes
+    if offtaker_uniforms is not None:
+        offtaker_periods = _offtaker_default_periods(
+            p, grid, blocks.offtaker_pd_annual, paths.credit, offtaker_uniforms.astype(dtype)
+        )
 
     # Pass 1: the liquidation volumes (Q, expected) [T, S, G], summed over the blocks; in
     # sampled mode also each block's default periods [S, b] (uint8: S N bytes per chunk),
     # which pass 2 prices instead of recomputing the hazards and the uniforms.
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def volume_block(volumes, block_terms):
-        block = _revalue_block(p, grid, block_terms, paths, draws, None, None)
+        block = _revalue_block(
+            p, grid, block_terms, paths, draws, None, None, offtaker_periods=offtaker_periods
+        )
         volume, expected = volumes
         return (volume + block.volume, expected + block.expected_volume), block.default_period
 
@@ -88,7 +103,10 @@ def _simulate(
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def loss_block(total, xs):
         block_terms, default_period = xs  # default_period: [S, b] or None (conditional)
-        outcome = _revalue_block(p, grid, block_terms, paths, default_period, haircut, discount)
+        outcome = _revalue_block(
+            p, grid, block_terms, paths, default_period, haircut, discount,
+            offtaker_periods=offtaker_periods,
+        )  # fmt: skip
         total = total + jnp.sum(outcome.loss, axis=1)
         if output == "per_loan":
             return total, outcome.loss  # [S, b]
@@ -133,15 +151,25 @@ def _chunk_losses_jit(
         seed, first_scenario, count, grid.periods, grid.slots_per_period, dtype
     )
     normals = _shifted(normals, normal_shift, grid)
+    scenarios = jnp.asarray(first_scenario).astype(jnp.uint32) + jnp.arange(count, dtype=jnp.uint32)
     draws = None
     if grid.mode == "sampled":
-        scenarios = jnp.asarray(first_scenario).astype(jnp.uint32) + jnp.arange(
-            count, dtype=jnp.uint32
-        )
         draws = DefaultDraws(jnp.asarray(seed).astype(jnp.uint32), scenarios)
     if scenario_weights is not None:
         scenario_weights = scenario_weights.astype(dtype)
-    return _simulate(params, grid, blocks, normals, draws, output, scenario_weights, valid_count)
+    offtakers = _offtaker_uniforms(blocks, seed, scenarios)
+    return _simulate(
+        params, grid, blocks, normals, draws, output, scenario_weights, valid_count, offtakers
+    )
+
+
+def _offtaker_uniforms(blocks: LoanBlocks, seed, scenarios):
+    """Stream-2 uniforms [S, J] of a book naming offtakers (docs/spec.md §4a), else None."""
+    if not blocks.n_offtakers:
+        return None
+    return offtaker_uniforms_jax_at(
+        jnp.asarray(seed).astype(jnp.uint32), scenarios, blocks.n_offtakers, blocks.dtype
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "output"))
@@ -153,7 +181,8 @@ def _losses_at_jit(params, grid, blocks, seed, scenarios, output, normal_shift=N
     draws = None
     if grid.mode == "sampled":
         draws = DefaultDraws(jnp.asarray(seed).astype(jnp.uint32), scenarios.astype(jnp.uint32))
-    return _simulate(params, grid, blocks, normals, draws, output)
+    offtakers = _offtaker_uniforms(blocks, seed, scenarios.astype(jnp.uint32))
+    return _simulate(params, grid, blocks, normals, draws, output, offtaker_uniforms=offtakers)
 
 
 def chunk_losses(

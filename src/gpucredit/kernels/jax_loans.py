@@ -82,6 +82,8 @@ class LoanBlocks(NamedTuple):
     ln_liquidity_reference: jax.Array  # [NB, T, b] ln LC^ref_i(t) (docs/spec.md §4)
     ln_collateral_reference: jax.Array  # [NB, T, b] ln CC^ref_i(t)
     ln_refinancing_reference: jax.Array  # [NB, b] ln RF^ref_i
+    offtaker: jax.Array  # [NB, b] int32 offtaker index j (docs/spec.md §4a), -1: none
+    offtaker_pd_annual: jax.Array  # [J] float64 p_j; J = 0 for a book naming none
     n_loans: int | None  # N real loans (None inside jit)
     n_borrowers: int | None  # B (None inside jit)
 
@@ -97,6 +99,11 @@ class LoanBlocks(NamedTuple):
     @property
     def periods(self) -> int:
         return int(self.balance_before_usd.shape[1])
+
+    @property
+    def n_offtakers(self) -> int:
+        """J (static: its shape): 0 keeps the kernels' path without offtakers."""
+        return int(self.offtaker_pd_annual.shape[0])
 
 
 def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -> LoanBlocks:
@@ -174,6 +181,12 @@ def prepare_loans(loans: LoanArrays, dtype=jnp.float32, block_size: int = 512) -
         ln_liquidity_reference=per_period(f64(loans.ln_liquidity_reference)[:, 1:]),
         ln_collateral_reference=per_period(f64(loans.ln_collateral_reference)[:, 1:]),
         ln_refinancing_reference=per_loan(loans.ln_refinancing_reference),
+        offtaker=per_loan(
+            np.full(n_loans, -1) if loans.offtaker is None else loans.offtaker, -1, np.int32
+        ),
+        offtaker_pd_annual=jnp.asarray(
+            np.zeros(0) if loans.offtaker_pd_annual is None else _f64(loans.offtaker_pd_annual)
+        ),
         n_loans=n_loans,
         n_borrowers=int(loans.n_borrowers),
     )
@@ -213,6 +226,12 @@ class _LoanTerms(NamedTuple):
     ln_collateral_reference: jax.Array  # [NB, T, b] ln CC^ref(t)
     active: jax.Array  # [NB, T, b] bool t <= t_M
     at_refinancing: jax.Array  # [NB, T, b] bool t == t_M and Bal > 0
+    # Offtakers (docs/spec.md §4a): after the default of loan i's offtaker its contracted
+    # GPUs earn spot rent, NOI += contract_rent_hours R − contract_income. [NB, T, 0] (unused)
+    # for a book naming none.
+    offtaker: jax.Array  # [NB, b] int32, -1: none
+    contract_income_usd: jax.Array  # [NB, T, b] n N_h k_i(t) R^c
+    contract_rent_hours: jax.Array  # [NB, T, b] n N_h k_i(t) u
 
 
 def _book_gpus(blocks: LoanBlocks, grid: ModelGrid, dtype) -> jax.Array:
@@ -247,6 +266,11 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
     per_rate = blocks.is_floating.astype(f64)[:, None, :] * dt * balance
     volume = jax.nn.one_hot(blocks.generation, grid.n_generations, dtype=f64)
     volume = volume * blocks.pledged_gpus.astype(f64)[..., None]  # [NB, b, G] n a one-hot
+    if blocks.n_offtakers:
+        contract_income = n_t * hours * k * contract[:, None, :]
+        contract_rent_hours = n_t * hours * k * util[:, None, :]
+    else:
+        contract_income = contract_rent_hours = jnp.zeros((k.shape[0], grid.periods, 0), f64)
     return _LoanTerms(
         generation=blocks.generation,
         borrower=blocks.borrower,
@@ -277,6 +301,9 @@ def _loan_terms(blocks: LoanBlocks, grid: ModelGrid, dtype) -> _LoanTerms:
         ln_collateral_reference=cast(blocks.ln_collateral_reference),
         active=t <= blocks.maturity_period[:, None, :],
         at_refinancing=(t == blocks.maturity_period[:, None, :]) & blocks.has_balloon[:, None, :],
+        offtaker=blocks.offtaker,
+        contract_income_usd=cast(contract_income),
+        contract_rent_hours=cast(contract_rent_hours),
     )
 
 

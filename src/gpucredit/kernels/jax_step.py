@@ -24,8 +24,10 @@ from jax import lax
 
 from gpucredit.kernels.jax_factors import _Paths
 from gpucredit.kernels.jax_loans import _LoanTerms
-from gpucredit.kernels.params import LOG_BIG, ModelGrid, ModelParams
+from gpucredit.kernels.params import LOG_BIG, THRESHOLD_LIMIT, ModelGrid, ModelParams
 from gpucredit.kernels.rng import default_uniforms_of
+
+NEVER = np.int32(2**30)  # τ_j of an offtaker that does not default within the horizon
 
 
 class DefaultDraws(NamedTuple):
@@ -120,6 +122,28 @@ def _haircut(p: ModelParams, grid: ModelGrid, supply: jax.Array) -> jax.Array:
     return jnp.minimum(p.haircut_max, p.haircut_base + p.haircut_slope * powered)
 
 
+def _offtaker_default_periods(p: ModelParams, grid: ModelGrid, pd_annual, credit, uniforms):
+    """τ_j(ω) [S, J] int32 of docs/spec.md §4a (NEVER: none within the horizon): the first t
+    with 1 − Π_{u≤t}(1 − h^o_j(u)) >= U_j. pd_annual [J] float64, credit Z(t) [T, S], uniforms
+    [S, J], p in the computation's dtype. Held fixed under differentiation (an indicator's
+    pathwise derivative is 0): no gradient flows through Z or p here."""
+    dtype = credit.dtype
+    credit = lax.stop_gradient(credit)
+    rho = lax.stop_gradient(p.offtaker_correlation)
+    pd_period = 1.0 - (1.0 - pd_annual.astype(jnp.float64)) ** grid.dt_years
+    threshold = jnp.clip(
+        jax.scipy.special.ndtri(pd_period), -THRESHOLD_LIMIT, THRESHOLD_LIMIT
+    ).astype(dtype)  # [J]; a PD of 1 (a stress) gives h^o = 1, of 0 gives h^o = 0
+    scale = np.sqrt(0.5).astype(dtype) / jnp.sqrt(1 - rho)
+    survival = jnp.ones(uniforms.shape, dtype)
+    tau = jnp.full(uniforms.shape, NEVER, jnp.int32)
+    for t in range(1, grid.periods + 1):  # T is small: unrolled, as the reference's loop
+        hazard = 0.5 * _erfc((jnp.sqrt(rho) * credit[t - 1][:, None] - threshold) * scale)
+        survival = survival * (1 - hazard)
+        tau = jnp.where((tau == NEVER) & (1 - survival >= uniforms), t, tau)
+    return tau
+
+
 def _revalue_block(
     p: ModelParams,
     grid: ModelGrid,
@@ -130,6 +154,7 @@ def _revalue_block(
     discount,
     extras: tuple[str, ...] = (),
     remat_steps: bool = True,
+    offtaker_periods=None,
 ):
     """One block of loans over the T periods.
 
@@ -147,6 +172,8 @@ def _revalue_block(
         block's loans of generation g, so that ∂(Σ_i DF d_i LGD_i)/∂H_g(t) = P_g(t) R_g(t).
     remat_steps: recompute each period's intermediates in the backward pass from the carry
     (jax.checkpoint) instead of storing them as [T, S, b] stacks.
+    offtaker_periods: [S, J] int32 τ_j (`_offtaker_default_periods`), or None for a book
+    naming no offtaker: a loan's contract stops paying after its offtaker's τ (§4a).
     """
     dtype = terms.threshold.dtype
     gen = terms.generation
@@ -177,6 +204,11 @@ def _revalue_block(
         + p.beta_collateral * terms.ln_collateral_reference
     )  # [T, b]
     scale = terms.inv_sqrt_one_minus_rho * np.sqrt(0.5).astype(dtype)
+    contract_until = None  # [S, b] the last period each loan's contract pays
+    if offtaker_periods is not None:
+        has = terms.offtaker >= 0
+        tau = jnp.take(offtaker_periods, jnp.maximum(terms.offtaker, 0), axis=1)
+        contract_until = jnp.where(has, tau, NEVER)
     if "recovery_weights" in extras:
         n_gen = terms.volume_weights.shape[-1]
         recovery_weights = jax.nn.one_hot(gen, n_gen, dtype=dtype) * terms.recovery_gpus[:, None]
@@ -219,6 +251,10 @@ def _revalue_block(
             - terms.power_kwh_per_period * f.power[:, None]
             + terms.btc_income_usd * f.btc_income_index[:, None]
         )
+        if contract_until is not None:  # after the offtaker's default: spot rent instead
+            lost = t > contract_until
+            switch = period.contract_rent_hours * rent_g - period.contract_income_usd
+            noi = noi + jnp.where(lost, switch, 0)
         debt_service = (
             period.debt_service_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
         )
@@ -355,3 +391,5 @@ class _PeriodTerms(NamedTuple):
     ln_gpus_per_balance: jax.Array
     active: jax.Array
     at_refinancing: jax.Array
+    contract_income_usd: jax.Array  # [T, b], or [T, 0] for a book naming no offtaker
+    contract_rent_hours: jax.Array

@@ -88,6 +88,10 @@ class ModelParams(NamedTuple):
     refi_ltv: float  # lambda
     coverage_floor: float
     coverage_cap: float
+    # rho_o of the offtakers' default (docs/spec.md §4a). A leaf like the others, but no
+    # sensitivity is reported for it: the offtakers' default periods are held fixed under
+    # differentiation (an indicator's pathwise derivative is 0), so its gradient is 0.
+    offtaker_correlation: float = 0.25
 
 
 PD_ANCHORS = ("expected", "today")
@@ -164,6 +168,10 @@ class LoanArrays(NamedTuple):
     installment_usd: np.ndarray  # [N, T + 1] I_i(t) (index 0 unused, 0)
     balloon_usd: np.ndarray  # [N] Bal_i (0 when none or when t_M > T)
     n_borrowers: int
+    # Offtakers (docs/spec.md §4a): None (a book naming none) or the index of each loan's
+    # offtaker, 0-based order of first appearance, -1 for none, and each offtaker's annual PD.
+    offtaker: np.ndarray | None = None  # [N] int
+    offtaker_pd_annual: np.ndarray | None = None  # [J] p_j
     # The PD anchor's reference coverage (docs/spec.md §4), computed once per run from the
     # base assumptions (`kernels.anchor.pd_references`) and held fixed: stresses, importance
     # sampling and sensitivities move the scenario paths, not these.

@@ -23,7 +23,7 @@ from gpucredit.kernels.params import (
     ModelGrid,
     ModelParams,
 )
-from gpucredit.kernels.rng import default_uniforms_np, shock_normals_np
+from gpucredit.kernels.rng import default_uniforms_np, offtaker_uniforms_np, shock_normals_np
 
 
 class FactorPaths(NamedTuple):
@@ -211,13 +211,18 @@ def period_metrics(
     paths: FactorPaths,
     t: int,
     cash_before: np.ndarray,
+    contract_live: np.ndarray | None = None,
 ) -> PeriodMetrics:
-    """Cash flows and clipped coverage ratios of period t (docs/spec.md §3) given Cash(t − 1)."""
+    """Cash flows and clipped coverage ratios of period t (docs/spec.md §3) given Cash(t − 1).
+    `contract_live` [S, N] bool: False where the loan's offtaker defaulted before t (§4a);
+    None: every contract pays (no offtaker, the central path)."""
     dt = grid.dt_years
     hours = HOURS_PER_YEAR * dt
     g = loans.generation
     n = loans.gpu_count
     k = loans.contracted_share * (t <= loans.contract_periods)
+    if contract_live is not None:
+        k = k * contract_live  # [S, N]: the contract stops after the offtaker's default
     revenue = (
         n
         * hours
@@ -343,6 +348,38 @@ def require_pd_references(loans: LoanArrays) -> None:
         )
 
 
+NEVER = np.iinfo(np.int64).max  # τ_j when offtaker j does not default within the horizon
+
+
+def offtaker_default_periods(
+    params: ModelParams, grid: ModelGrid, loans: LoanArrays, credit: np.ndarray, uniforms
+) -> np.ndarray:
+    """τ_j(ω) [S, J] of docs/spec.md §4a: the first period t with 1 − Π_{u≤t}(1 − h^o_j(u))
+    >= U_j, NEVER if none. `credit` [S, T+1] is Z(t) (index 0 unused), `uniforms` [S, J] the
+    stream-2 uniforms. An offtaker PD of 1 (a stress) gives h^o = 1: τ_j = 1 everywhere."""
+    pd_period = 1.0 - (1.0 - np.asarray(loans.offtaker_pd_annual)) ** grid.dt_years  # [J]
+    threshold = ndtri(pd_period)  # Φ⁻¹(p^Δ_j): −inf for a PD of 0 (never defaults)
+    rho = params.offtaker_correlation
+    n_scen = credit.shape[0]
+    tau = np.full((n_scen, len(pd_period)), NEVER, dtype=np.int64)
+    survival = np.ones((n_scen, len(pd_period)))
+    for t in range(1, grid.periods + 1):
+        h = ndtr((threshold - np.sqrt(rho) * credit[:, t, None]) / np.sqrt(1.0 - rho))
+        survival = survival * (1.0 - h)
+        tau = np.where((tau == NEVER) & (1.0 - survival >= uniforms), t, tau)
+    return tau
+
+
+def contract_live_periods(loans: LoanArrays, default_periods: np.ndarray | None) -> np.ndarray:
+    """[S, N] the last period each loan's contract can pay given its offtaker's τ (§4a):
+    τ_{j(i)}, or NEVER for a loan with no offtaker (or a book naming none)."""
+    if default_periods is None:
+        return np.full((1, len(loans.gpu_count)), NEVER, dtype=np.int64)
+    has = loans.offtaker >= 0
+    tau = default_periods[:, np.where(has, loans.offtaker, 0)]
+    return np.where(has[None, :], tau, NEVER)
+
+
 class LoanOutcomes(NamedTuple):
     """Per scenario and loan [S, N]: what contributions and the results tables need."""
 
@@ -358,9 +395,10 @@ def revalue(
     loans: LoanArrays,
     paths: FactorPaths,
     default_uniforms: np.ndarray | None = None,
+    offtaker_uniforms: np.ndarray | None = None,
 ) -> np.ndarray:
     """Loss per scenario and loan [S, N] (docs/spec.md §3-6)."""
-    return loan_outcomes(params, grid, loans, paths, default_uniforms).loss_usd
+    return loan_outcomes(params, grid, loans, paths, default_uniforms, offtaker_uniforms).loss_usd
 
 
 def liquidation_supply(
@@ -392,12 +430,22 @@ def loan_outcomes(
     loans: LoanArrays,
     paths: FactorPaths,
     default_uniforms: np.ndarray | None = None,
+    offtaker_uniforms: np.ndarray | None = None,
 ) -> LoanOutcomes:
     """Loss, default probability and defaulted exposure per scenario and loan (docs/spec.md
-    §3-6). `default_uniforms` [S, B] (one per borrower) are needed in sampled mode only; the
-    PD references come with `loans` (`with_pd_references`)."""
+    §3-6). `default_uniforms` [S, B] (one per borrower) are needed in sampled mode only,
+    `offtaker_uniforms` [S, J] (stream 2) in either mode when the book names offtakers (§4a);
+    the PD references come with `loans` (`with_pd_references`)."""
     require_pd_references(loans)
     n_scen = paths.credit.shape[0]
+    default_periods = None
+    if loans.offtaker is not None:
+        if offtaker_uniforms is None:
+            raise ValueError("the book names offtakers: offtaker_uniforms [S, J] are needed")
+        default_periods = offtaker_default_periods(
+            params, grid, loans, paths.credit, offtaker_uniforms
+        )
+    live_through = contract_live_periods(loans, default_periods)  # [S or 1, N]
     dt = grid.dt_years
     n = loans.gpu_count
     pd_period = 1.0 - (1.0 - loans.pd_annual) ** dt
@@ -414,7 +462,8 @@ def loan_outcomes(
     collateral = np.zeros_like(hazard)
     crypto = np.zeros_like(hazard)
     for t in range(1, grid.periods + 1):
-        m = period_metrics(params, grid, loans, paths, t, cash)
+        live = None if default_periods is None else t <= live_through
+        m = period_metrics(params, grid, loans, paths, t, cash, live)
         crypto[t] = m.crypto_usd
         collateral[t] = m.collateral_usd
         shift = params.beta_liquidity * (
@@ -528,6 +577,11 @@ def simulate_outcomes(
     uniforms = (
         default_uniforms_np(seed, scenarios, loans.n_borrowers) if grid.mode == "sampled" else None
     )
-    return loan_outcomes(params, grid, loans, paths, uniforms)._replace(
+    offtaker = (
+        None
+        if loans.offtaker is None
+        else offtaker_uniforms_np(seed, scenarios, len(loans.offtaker_pd_annual))
+    )
+    return loan_outcomes(params, grid, loans, paths, uniforms, offtaker)._replace(
         log_likelihood_ratio=log_weight
     )

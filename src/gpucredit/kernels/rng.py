@@ -6,8 +6,9 @@ counter (c0, c1) = (a, b), all uint32; only the first output word x0 is used.
   uniform  u = (floor(x0 / 2^8) + 0.5) / 2^24               in (0, 1), on a 24-bit grid
   normal   z = Phi^-1(u), computed symmetrically (see `normal_from_bits`)
 
-Streams: `STREAM_SHOCKS` = 0 (factor shocks, a = scenario, b = (t - 1) * slots + slot) and
-`STREAM_DEFAULTS` = 1 (default uniforms, a = scenario, b = borrower index). Every draw is a
+Streams: `STREAM_SHOCKS` = 0 (factor shocks, a = scenario, b = (t - 1) * slots + slot),
+`STREAM_DEFAULTS` = 1 (default uniforms, a = scenario, b = borrower index) and
+`STREAM_OFFTAKERS` = 2 (offtaker uniforms, a = scenario, b = offtaker index). Every draw is a
 pure function of (seed, stream, a, b), so any scenario can be regenerated from its index
 alone, whatever the chunking, the backend or the number of workers.
 
@@ -27,12 +28,15 @@ import scipy.special
 
 __all__ = [
     "STREAM_DEFAULTS",
+    "STREAM_OFFTAKERS",
     "STREAM_SHOCKS",
     "default_uniforms_jax",
     "default_uniforms_jax_at",
     "default_uniforms_of",
     "default_uniforms_np",
     "normal_from_bits",
+    "offtaker_uniforms_jax_at",
+    "offtaker_uniforms_np",
     "shock_normals_jax",
     "shock_normals_jax_at",
     "shock_normals_np",
@@ -43,6 +47,7 @@ __all__ = [
 
 STREAM_SHOCKS = 0  # factor shocks: a = scenario, b = (t - 1) * slots + slot
 STREAM_DEFAULTS = 1  # default uniforms: a = scenario, b = borrower index
+STREAM_OFFTAKERS = 2  # offtaker uniforms: a = scenario, b = offtaker index (docs/spec.md §4a)
 
 _ROTATIONS = (13, 15, 26, 6, 17, 29, 16, 24)  # Threefry-2x32 rotation constants
 _PARITY = 0x1BD11BDA  # key-schedule parity constant
@@ -253,6 +258,18 @@ def default_uniforms_np(seed: int, scenarios, n_borrowers: int) -> np.ndarray:
     return uniform_from_bits(x0, np.float64)
 
 
+def offtaker_uniforms_np(seed: int, scenarios, n_offtakers: int) -> np.ndarray:
+    """Offtaker uniforms U_j(omega) (stream 2, docs/spec.md §4a) for the given scenarios.
+
+    Returns [S, J] float64; entry [s, j] uses counter (a, b) = (scenarios[s], j).
+    """
+    _check_u32(int(seed), "seed")
+    scen = _scenarios_np(scenarios)
+    b = np.arange(n_offtakers, dtype=np.uint32)
+    x0, _ = threefry2x32_np(seed, STREAM_OFFTAKERS, scen[:, None], b[None, :])
+    return uniform_from_bits(x0, np.float64)
+
+
 # --------------------------------------------------------------------------- streams, JAX
 
 
@@ -390,3 +407,18 @@ def default_uniforms_jax_at(seed, scenarios, n_borrowers: int, dtype=jnp.float32
     if isinstance(scenarios, np.ndarray | list | tuple):
         scenarios = _scenarios_np(scenarios)
     return _default_uniforms_at(_seed_arg(seed), scenarios, int(n_borrowers), dt)
+
+
+@functools.partial(jax.jit, static_argnames=("n_offtakers", "dtype"))
+def _offtaker_uniforms_at(seed, scenarios, n_offtakers: int, dtype):
+    scen = _as_u32_jax(scenarios)
+    b = jnp.arange(n_offtakers, dtype=jnp.uint32)
+    x0, _ = threefry2x32_jax(seed, STREAM_OFFTAKERS, scen[:, None], b[None, :])
+    return uniform_from_bits(x0, dtype)
+
+
+def offtaker_uniforms_jax_at(seed, scenarios, n_offtakers: int, dtype=jnp.float32) -> jax.Array:
+    """Offtaker uniforms (stream 2, docs/spec.md §4a) [S, J] for an [S] scenario index array,
+    bit for bit those of `offtaker_uniforms_np`; callable inside a traced function."""
+    dt = _check_jax_dtype(dtype)
+    return _offtaker_uniforms_at(_seed_arg(seed), scenarios, int(n_offtakers), dt)

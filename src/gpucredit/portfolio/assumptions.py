@@ -278,6 +278,7 @@ def _build(doc: dict, repair: bool, problems: Problems) -> Assumptions | None:
         refi_ltv=float(model["refi_ltv"]),
         coverage_floor=float(model["coverage_floor"]),
         coverage_cap=float(model["coverage_cap"]),
+        offtaker_correlation=float(model["offtaker_correlation"]),
     )
     sim = doc["simulation"]
     launches = doc.get("launches", [])

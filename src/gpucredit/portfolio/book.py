@@ -54,6 +54,7 @@ WHOLE = ValueRule("must be a whole number", lambda x: x == np.floor(x))
 FRACTION = in_range("[0, 1]", "")
 PROBABILITY = in_range("(0, 1)", "")
 CORRELATION = in_range("[0, 1)", "")
+OFFTAKER_PD = in_range("[0, 1)", "an annual probability of default; 0 never defaults")
 # Bounded to catch percentages (8 for 8%) and so that a fixed-rate annuity's 1 + q stays > 0
 # (q = rate x period length; rate <= -1 made its schedule NaN).
 RATE = in_range("(-1, 1)", "a yearly rate or spread as a fraction, e.g. 0.08 for 8%")
@@ -94,6 +95,8 @@ class BookColumn:
     non_empty: bool = False  # strings: "" refused
     unique: bool = False  # no two rows share a value
     per_borrower: bool = False  # every loan of one borrower_id states the same value
+    per_offtaker: bool = False  # every loan naming one offtaker states the same value (and one)
+    nullable: bool = False  # null (or, for strings, empty) means "none" instead of refused
 
     @property
     def required(self) -> bool:
@@ -121,6 +124,10 @@ class BookColumn:
             parts.append("true or false")
         if self.per_borrower:
             parts.append("the same for every loan of a borrower_id")
+        if self.per_offtaker:
+            parts.append("required where `offtaker` names one; the same for each of its loans")
+        elif self.nullable:
+            parts.append("null or empty: none")
         return "; ".join(parts)
 
 
@@ -234,6 +241,16 @@ BOOK_SCHEMA: tuple[BookColumn, ...] = (
         "other_income_btc_share", "fraction", 0.0,
         "Share of the other income that moves with BTC and the hashprice trend.", FRACTION,
     ),
+    BookColumn(
+        "offtaker", "string", "", "",
+        "The contracts' counterparty (docs/spec.md §4a); its default ends every contract it "
+        "signed. None named: the contracts cannot fail.", nullable=True,
+    ),
+    BookColumn(
+        "offtaker_pd_annual", "number", "fraction per year", 0.0,
+        "The offtaker's annual probability of default.", rules=(OFFTAKER_PD,),
+        per_offtaker=True, nullable=True,
+    ),
 )  # fmt: skip
 BOOK_SCHEMA_BY_NAME = {column.name: column for column in BOOK_SCHEMA}
 
@@ -281,6 +298,8 @@ class Book:
     asset_correlation: np.ndarray
     other_income_usd_per_year: np.ndarray  # OI_i, net of its own costs, committed to the loan
     other_income_btc_share: np.ndarray  # share of OI_i moving with BTC and the hashprice trend
+    offtaker: np.ndarray  # the contracts' counterparty, "" = none (docs/spec.md §4a)
+    offtaker_pd_annual: np.ndarray  # its annual PD (0 where there is none)
 
     def __len__(self) -> int:
         return len(self.loan_id)
@@ -295,6 +314,23 @@ class Book:
         _, first, inverse = np.unique(self.borrower_id, return_index=True, return_inverse=True)
         order = np.argsort(np.argsort(first))  # rank of each unique id by first appearance
         return order[inverse].astype(np.int64), len(first)
+
+    def offtaker_index(self) -> tuple[np.ndarray, tuple[str, ...], np.ndarray]:
+        """([N] int, names [J], PDs [J]): each loan's offtaker as its 0-based order of first
+        appearance in the book, -1 for none (docs/spec.md §4a), and each offtaker's annual PD
+        (its first loan's; read_book refuses an offtaker stating two)."""
+        index = np.full(len(self), -1, dtype=np.int64)
+        names: dict[str, int] = {}
+        first_row: list[int] = []
+        for row, name in enumerate(self.offtaker):
+            if name is None or name == "":
+                continue
+            if name not in names:
+                names[name] = len(names)
+                first_row.append(row)
+            index[row] = names[name]
+        pds = np.asarray(self.offtaker_pd_annual, dtype=np.float64)[np.array(first_row, int)]
+        return index, tuple(names), pds
 
     def subset(self, rows: np.ndarray) -> Book:
         """The loans at `rows` (positions), as a new Book."""
@@ -316,7 +352,14 @@ UNIFORM_LOAN = dict(
     pd_annual=0.05,
     **(OPTIONAL_DEFAULTS | {"power_kw_per_gpu": 0.91}),
 )
-STRING_FIELDS = ("borrower_id", "borrower_type", "rate_type", "amortization", "gpu_generation")
+STRING_FIELDS = (
+    "borrower_id",
+    "borrower_type",
+    "rate_type",
+    "amortization",
+    "gpu_generation",
+    "offtaker",
+)
 
 
 def uniform_book(n: int, source: str = "<uniform>", **columns) -> Book:

@@ -176,6 +176,7 @@ KEYS: dict[str, tuple[str, Check]] = {
     "rate.mean": _YEARLY_RATE,
     "rate.vol": _number("[0, 0.1]", "yearly volatility in rate units: 0.01 is 1 point", 100),
     "model.pd_anchor": ("str", _one_of(*PD_ANCHORS)),
+    "model.offtaker_correlation": _number("[0, 1)", "an asset correlation"),
     "model.beta_liquidity": _BETA,
     "model.beta_collateral": _BETA,
     "model.beta_refinancing": _BETA,

@@ -79,6 +79,7 @@ def _book_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
         assumptions.periods,
     )
     borrower, n_borrowers = book.borrower_index()
+    offtaker, _, offtaker_pd = book.offtaker_index()
     f64 = lambda column: np.asarray(column, dtype=np.float64)  # noqa: E731
     return LoanArrays(
         generation=book.generation_index(assumptions.generations),
@@ -112,4 +113,7 @@ def _book_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:
         installment_usd=installment,
         balloon_usd=balloon,
         n_borrowers=n_borrowers,
+        # A book naming no offtaker carries None: the kernels then take their former path.
+        offtaker=offtaker if len(offtaker_pd) else None,
+        offtaker_pd_annual=offtaker_pd if len(offtaker_pd) else None,
     )

@@ -278,6 +278,9 @@ def make_book(n_loans: int, seed: int = 0) -> pa.Table:
         "asset_correlation": np.round(rho_b[b], 3)[order],
         "other_income_usd_per_year": other_income_usd_per_year[order],
         "other_income_btc_share": other_income_btc_share[order],
+        # No offtaker named yet: the contracts cannot fail (docs/spec.md §4a).
+        "offtaker": pa.array([""] * n_loans, type=pa.string()),
+        "offtaker_pd_annual": np.zeros(n_loans),
     }
     return pa.table(columns)
 

@@ -42,13 +42,16 @@
 // V = 2 volumes in sampled mode (realised, expected), 1 in conditional mode):
 //   model        [M_COUNT]                  run constants (M_* below)
 //   loan_real    [L_COUNT, n_pad]           per-loan constants (L_* below)
-//   loan_int     [LI_COUNT, n_pad]          generation, borrower, t_M, last contracted period
+//   loan_int     [LI_COUNT, n_pad]          generation, borrower, t_M, last contracted period,
+//                                           offtaker index (-1: none)
 //   loan_period  [P_COUNT, T, n_pad]        B(t-1), I(t), ln(n a / B(t-1)), base(t), t = 1..T
 //   factors      [S, T, W]                  per scenario and period t = 1..T: R_g (G), P_g (G),
 //                                           ln P_g (G), then F_* below (BTC, ETH, power, r(t),
 //                                           Z(t), DF(t), BTC income index)
 //   haircut      [S, T, G]                  H_g(t) (pass 2)
 //   uniforms     [S, u_stride]              U_b (sampled mode)
+//   offtaker_periods [S, o_stride] int      τ_j, the offtakers' default periods (docs/spec.md
+//                                           §4a; o_stride = 0: the book names none)
 //   qscale       [G]                        fixed-point scale 2^e_g of the volumes (pass 1)
 //   volume       [V, S, T, G] uint64        volumes in fixed point, zeroed by the caller
 //                                           (pass 1): [0] Σ n a d(t), [1] Σ n a S(t-1) h(t)
@@ -97,7 +100,8 @@
 #define LI_BORROWER 1
 #define LI_MATURITY 2         // t_M (0: padding, never active)
 #define LI_CONTRACT 3         // k(t) = contracted_share for t <= this
-#define LI_COUNT 4
+#define LI_OFFTAKER 4         // j (docs/spec.md §4a), -1: none; the contract stops after τ_j
+#define LI_COUNT 5
 
 // loan_period[]
 #define P_BALANCE 0           // B(t - 1)
@@ -151,6 +155,7 @@ __global__ void __launch_bounds__(GPUCREDIT_MAX_THREADS) forward_kernel(
     const real* __restrict__ factors,
     const real* __restrict__ haircut,
     const real* __restrict__ uniforms,
+    const int* __restrict__ offtaker_periods,
     const double* __restrict__ qscale,
     unsigned long long* __restrict__ volume,
     real* __restrict__ scenario_loss,
@@ -161,6 +166,7 @@ __global__ void __launch_bounds__(GPUCREDIT_MAX_THREADS) forward_kernel(
     const int n_pad,
     const int per_block,
     const int u_stride,
+    const int o_stride,
     const int sampled,
     const int want_loan_sums)
 {
@@ -216,6 +222,7 @@ __global__ void __launch_bounds__(GPUCREDIT_MAX_THREADS) forward_kernel(
     const int borrower = loan_int[LI_BORROWER * n_pad + i];
     const int maturity = loan_int[LI_MATURITY * n_pad + i];
     const int contract = loan_int[LI_CONTRACT * n_pad + i];
+    const int offtaker = loan_int[LI_OFFTAKER * n_pad + i];
 
     const real* balance_t = loan_period + (long long)P_BALANCE * T * n_pad + i;
     const real* installment_t = loan_period + (long long)P_INSTALLMENT * T * n_pad + i;
@@ -243,6 +250,12 @@ __global__ void __launch_bounds__(GPUCREDIT_MAX_THREADS) forward_kernel(
         __syncthreads();
 
         const real u = sampled ? uniforms[s * (long long)u_stride + borrower] : real(1);
+        // The contract pays through its own end and its offtaker's default period τ_j.
+        int contract_end = contract;
+        if (o_stride > 0 && offtaker >= 0) {
+            const int tau = offtaker_periods[s * (long long)o_stride + offtaker];
+            contract_end = tau < contract_end ? tau : contract_end;
+        }
         real cash = cash0;
         real survival = real(1);
         bool defaulted = false;
@@ -266,7 +279,7 @@ __global__ void __launch_bounds__(GPUCREDIT_MAX_THREADS) forward_kernel(
             const real ln_gpus = ln_gpus_t[o];
             const real base = base_t[o];
 
-            const bool contracted = t <= contract;
+            const bool contracted = t <= contract_end;
             const real noi = (contracted ? income_c : income_f)
                 + (contracted ? rent_hours_c : rent_hours_f) * rent - power_kwh * power
                 + btc_income * btc_index;
