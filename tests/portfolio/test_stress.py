@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from conftest import random_book
+from conftest import offtaker_book, random_book
 from gpucredit.io.assumptions import AssumptionsError, default_assumptions, loads_assumptions
+from gpucredit.kernels import reference
 from gpucredit.portfolio.backends import NumpyBackend
 from gpucredit.portfolio.engine import simulate
 from gpucredit.portfolio.loans import loan_arrays
@@ -19,6 +20,8 @@ from gpucredit.portfolio.stress import (
     BUILTIN_STRESSES,
     MAX_JUMP,
     StressCase,
+    contracted_revenue_by_offtaker,
+    defaulted_offtakers,
     stress_case,
     stress_names,
 )
@@ -86,8 +89,8 @@ def stressed_run(base, cases):
 
 
 def test_builtin_names(base):
-    assert tuple(BUILTIN_STRESSES) == BUILTINS
-    assert stress_names(base) == BUILTINS
+    assert tuple(BUILTIN_STRESSES) == (*BUILTINS, "largest-offtaker-default")
+    assert stress_names(base) == (*BUILTINS, "largest-offtaker-default")
 
 
 @pytest.mark.parametrize("name", BUILTINS)
@@ -277,7 +280,7 @@ def test_user_stress_wins_over_a_builtin_of_the_same_name():
     s = stress_case(a, "rate-shock").assumptions
     assert s.params.rate_level == 0.10
     assert s.params.rate_mean == a.params.rate_mean
-    assert stress_names(a) == (*BUILTINS, "rate-shock")
+    assert stress_names(a) == (*BUILTINS, "largest-offtaker-default", "rate-shock")
 
 
 # --------------------------------------------------------------------------- refusals
@@ -322,3 +325,71 @@ def test_stress_that_changes_the_random_numbers_is_refused(table, key):
 def test_invalid_stress_overrides_are_refused_when_loaded():
     with pytest.raises(AssumptionsError, match="haircut_max"):
         loads_assumptions('[[stress]]\nname = "bad"\n[stress.model]\nhaircut_max = 1.5\n')
+
+
+# --------------------------------------------------------------------------- offtakers
+
+
+def _offtaker_case(names):
+    listed = ", ".join(f'"{n}"' for n in names)
+    a = loads_assumptions(f'[[stress]]\nname = "labs-fail"\nofftakers_default = [{listed}]\n')
+    return a, stress_case(a, "labs-fail")
+
+
+def test_offtakers_default_is_the_contracts_ending_after_period_one():
+    """docs/spec.md §4a: a listed offtaker defaults in period 1 of every scenario: its loans
+    lose their contracts after period 1, exactly (the other offtakers as in the base run)."""
+    book = offtaker_book()
+    a, case = _offtaker_case(["Lab A"])
+    assert case.offtakers_default == ("Lab A",)
+    for x, y in zip(case.assumptions.params, a.params, strict=True):  # a book event:
+        assert np.array_equal(np.asarray(x), np.asarray(y))  # no assumption moves
+    stressed = loan_arrays(book, a, offtakers_default=defaulted_offtakers(case, book))
+    base = loan_arrays(book, a)
+    lab_a = book.offtaker_index()[1].index("Lab A")
+    by_hand = base._replace(
+        contract_periods=np.where(
+            base.offtaker == lab_a, np.minimum(base.contract_periods, 1), base.contract_periods
+        ),
+        offtaker_pd_annual=np.where(np.arange(3) == lab_a, 0.0, base.offtaker_pd_annual),
+    )
+    scenarios = np.arange(32)
+    grid = a.grid()
+    got = reference.simulate_chunk(a.params, grid, stressed, SEED, scenarios)
+    want = reference.simulate_chunk(a.params, grid, by_hand, SEED, scenarios)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-6)
+    base_loss = reference.simulate_chunk(a.params, grid, base, SEED, scenarios)
+    assert got.sum() > base_loss.sum()
+
+
+def test_offtaker_stress_runs_through_simulate():
+    book = offtaker_book()
+    a, case = _offtaker_case(["Lab A", "Lab C"])
+    result = simulate(
+        book, a, scenarios=256, seed=SEED, backend="numpy", alphas=(0.99,),
+        contributions=False, sensitivities=False, stress=(case,),
+    )  # fmt: skip
+    (stressed,) = result.stress
+    assert stressed.measures.el > result.measures.el
+
+
+def test_an_offtaker_no_loan_names_is_refused():
+    _, case = _offtaker_case(["Lab Z"])
+    with pytest.raises(AssumptionsError, match="no loan of the book names offtaker 'Lab Z'"):
+        defaulted_offtakers(case, offtaker_book())
+
+
+def test_offtakers_default_must_be_a_list_of_names():
+    with pytest.raises(AssumptionsError, match="offtakers_default: must be a list of offtaker"):
+        loads_assumptions('[[stress]]\nname = "x"\nofftakers_default = "Lab A"\n')
+
+
+def test_largest_offtaker_default_picks_the_most_contracted_revenue(base):
+    book = offtaker_book()
+    revenue = contracted_revenue_by_offtaker(book)
+    assert set(revenue) == {"Lab A", "Hyperscaler B", "Lab C"}
+    case = stress_case(base, "largest-offtaker-default")
+    assert case.description.startswith("The offtaker behind the most contracted revenue")
+    assert defaulted_offtakers(case, book) == (max(revenue, key=revenue.get),)
+    with pytest.raises(AssumptionsError, match="the book names no offtaker"):
+        defaulted_offtakers(case, BOOK)

@@ -50,6 +50,7 @@ class Stress:
     name: str
     overrides: dict
     description: str = ""
+    offtakers_default: tuple[str, ...] = ()  # default in period 1 (docs/spec.md §4a)
 
 
 @dataclass(frozen=True)
@@ -304,6 +305,7 @@ def _build(doc: dict, repair: bool, problems: Problems) -> Assumptions | None:
                 name=stress["name"],
                 overrides=_stress_overrides(stress),
                 description=stress.get("description", ""),
+                offtakers_default=tuple(stress.get("offtakers_default", ())),
             )
             for stress in doc.get("stress", [])
         ),
@@ -313,7 +315,8 @@ def _build(doc: dict, repair: bool, problems: Problems) -> Assumptions | None:
 
 
 def _stress_overrides(stress: dict) -> dict:
-    return {k: copy.deepcopy(v) for k, v in stress.items() if k not in ("name", "description")}
+    not_overrides = ("name", "description", "offtakers_default")
+    return {k: copy.deepcopy(v) for k, v in stress.items() if k not in not_overrides}
 
 
 def apply_layer(base: dict, layer: dict, source: str, repair: bool) -> Assumptions:

@@ -228,7 +228,7 @@ SECTIONS = (
     "correlation",
 )
 TOP_LEVEL_KEYS = (*SECTIONS, "stress")
-STRESS_KEYS = ("name", "description", *SECTIONS)
+STRESS_KEYS = ("name", "description", "offtakers_default", *SECTIONS)
 FLAT_SECTIONS = {
     "simulation": SIMULATION_KEYS,
     "credit": CREDIT_KEYS,
@@ -420,6 +420,12 @@ def _check_sections(doc: dict, allowed, base_generations, path: str, problems: P
                 _check_correlation(value, key_path, problems)
         elif key in ("name", "description"):  # stress tables only
             _check_leaf(value, "str", _non_empty if key == "name" else None, key_path, problems)
+        elif key == "offtakers_default":  # stress tables only; the names are the book's
+            names_ok = isinstance(value, list) and all(
+                isinstance(v, str) and v.strip() for v in value
+            )
+            if not names_ok:
+                problems.add(key_path, "must be a list of offtaker names (non-empty strings)")
 
 
 def _check_stresses(stresses, base_generations, problems: Problems) -> None:

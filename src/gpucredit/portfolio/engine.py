@@ -62,7 +62,7 @@ from gpucredit.portfolio.runner import (
     run_tails_pass1,
 )
 from gpucredit.portfolio.sensitivities import Sensitivities, tail_sensitivities
-from gpucredit.portfolio.stress import StressCase
+from gpucredit.portfolio.stress import StressCase, defaulted_offtakers
 
 
 @dataclass(frozen=True)
@@ -381,7 +381,12 @@ def simulate(
             run,
             params=case.assumptions.params,
             grid=case.assumptions.grid(mode),
-            loans=loan_arrays(book, case.assumptions, base=assumptions),
+            loans=loan_arrays(
+                book,
+                case.assumptions,
+                base=assumptions,
+                offtakers_default=defaulted_offtakers(case, book),
+            ),  # fmt: skip
         )
         for case in stress
     ]

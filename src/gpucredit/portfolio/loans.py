@@ -37,10 +37,17 @@ def check_schedules(book: Book, assumptions: Assumptions) -> None:
 
 
 def loan_arrays(
-    book: Book, assumptions: Assumptions, base: Assumptions | None = None
+    book: Book,
+    assumptions: Assumptions,
+    base: Assumptions | None = None,
+    offtakers_default: tuple[str, ...] = (),
 ) -> LoanArrays:
     """The book as float64 arrays plus the balance schedules on the assumptions' grid
     (`check_schedules` first) and the PD references of `assumptions.pd_anchor`.
+
+    `offtakers_default` (a stress, names the book carries): those offtakers default in
+    period 1 of every scenario (docs/spec.md §4a), carried as an offtaker PD of 1, whose
+    hazard h^o = 1 crosses any uniform in period 1 on every backend.
 
     The references are a property of the book under the run's base assumptions (docs/spec.md
     §4): a stress case passes the run's assumptions as `base`, so that its stressed paths are
@@ -55,11 +62,17 @@ def loan_arrays(
         reference_loans,
         assumptions.pd_anchor,
     )
-    return loans._replace(
+    loans = loans._replace(
         ln_liquidity_reference=refs.ln_liquidity,
         ln_collateral_reference=refs.ln_collateral,
         ln_refinancing_reference=refs.ln_refinancing,
     )
+    if offtakers_default:
+        _, names, _ = book.offtaker_index()
+        pds = np.array(loans.offtaker_pd_annual, dtype=np.float64)
+        pds[[names.index(name) for name in offtakers_default]] = 1.0
+        loans = loans._replace(offtaker_pd_annual=pds)
+    return loans
 
 
 def _book_arrays(book: Book, assumptions: Assumptions) -> LoanArrays:

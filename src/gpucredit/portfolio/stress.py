@@ -11,7 +11,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+from gpucredit.kernels.params import HOURS_PER_YEAR
 from gpucredit.portfolio.assumptions import Assumptions, with_overrides
+from gpucredit.portfolio.book import Book
 from gpucredit.portfolio.document import AssumptionsError
 
 MAX_JUMP = 0.95  # jumps must stay in [0, 1)
@@ -25,6 +29,54 @@ class StressCase:
     name: str
     description: str
     assumptions: Assumptions
+    # Offtakers that default in period 1 of every scenario (docs/spec.md §4a): names, or
+    # LARGEST_OFFTAKER, resolved against the book by `defaulted_offtakers`.
+    offtakers_default: tuple[str, ...] = ()
+
+
+LARGEST_OFFTAKER = "<largest offtaker>"
+LARGEST_OFFTAKER_STRESS = "largest-offtaker-default"
+
+
+def contracted_revenue_by_offtaker(book: Book) -> dict[str, float]:
+    """USD a year each offtaker pays today: Σ n 8760 k R^c over its loans whose contracts still
+    run (contract_years_remaining > 0), in order of first appearance."""
+    running = np.asarray(book.contract_years_remaining, np.float64) > 1e-9
+    revenue = (
+        np.asarray(book.gpu_count, np.float64)
+        * HOURS_PER_YEAR
+        * np.asarray(book.contracted_share, np.float64)
+        * np.asarray(book.contract_rate_usd_per_hour, np.float64)
+        * running
+    )
+    _, names, _ = book.offtaker_index()
+    return {name: float(revenue[book.offtaker == name].sum()) for name in names}
+
+
+def defaulted_offtakers(case: StressCase, book: Book) -> tuple[str, ...]:
+    """The book's offtakers `case` defaults, checked against the book: AssumptionsError for a
+    name no row carries (or a largest-offtaker stress on a book naming none)."""
+    if not case.offtakers_default:
+        return ()
+    revenue = contracted_revenue_by_offtaker(book)
+    names = []
+    for name in case.offtakers_default:
+        if name == LARGEST_OFFTAKER:
+            if not revenue:
+                raise AssumptionsError(
+                    [f"stress {case.name}: the book names no offtaker (column offtaker)"]
+                )
+            name = max(revenue, key=revenue.get)  # ties: the first in book order
+        elif name not in revenue:
+            known = ", ".join(repr(n) for n in revenue) or "none"
+            raise AssumptionsError(
+                [
+                    f"stress {case.name}: offtakers_default: no loan of the book names "
+                    f"offtaker {name!r} (the book's offtakers: {known})"
+                ]
+            )
+        names.append(name)
+    return tuple(dict.fromkeys(names))
 
 
 def _next_gen_glut(a: Assumptions) -> dict:
@@ -97,12 +149,23 @@ def _paper_metrics(a: Assumptions) -> dict:
     return {"model": {"pd_anchor": "today"}}
 
 
+def _largest_offtaker_default(a: Assumptions) -> dict:
+    """The offtaker behind the most contracted revenue in the book defaults in period 1.
+
+    No assumption moves: the stress is a book event (docs/spec.md §4a), its contracts pay
+    period 1 and nothing after, on the base run's random numbers (`defaulted_offtakers`
+    picks the offtaker by `contracted_revenue_by_offtaker`).
+    """
+    return {}
+
+
 BUILTIN_STRESSES: dict[str, Callable[[Assumptions], dict]] = {
     "next-gen-glut": _next_gen_glut,
     "crypto-winter": _crypto_winter,
     "liquidity-freeze": _liquidity_freeze,
     "rate-shock": _rate_shock,
     "paper-metrics": _paper_metrics,
+    LARGEST_OFFTAKER_STRESS: _largest_offtaker_default,
 }
 
 
@@ -145,4 +208,12 @@ def stress_case(
                 "run's random numbers"
             ]
         )
-    return StressCase(name=name, description=description, assumptions=stressed)
+    offtakers: tuple[str, ...] = ()
+    for stress in assumptions.stresses:
+        if stress.name == name:
+            offtakers = stress.offtakers_default
+            break
+    else:
+        if name == LARGEST_OFFTAKER_STRESS:
+            offtakers = (LARGEST_OFFTAKER,)
+    return StressCase(name, description, stressed, offtakers)
