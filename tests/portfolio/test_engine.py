@@ -130,6 +130,7 @@ def test_summary_is_json(result):
         "stress",
         "calibration",
         "loss_by_period",
+        "offtakers",
         "warnings",
     }
     assert back["measures"]["el"] == result.measures.el
