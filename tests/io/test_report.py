@@ -35,6 +35,7 @@ SECTION_HEADINGS = (
     "Calibration",
     "Risk contributions",
     "Concentration by borrower",
+    "Offtakers",
     "Sensitivities",
     "Stress scenarios",
     "Today&#x27;s book",
@@ -969,7 +970,7 @@ def test_stress_has_a_chart_beside_a_narrow_table(tmp_path: Path):
 # Every section the full report has, by anchor, and the widths a committee reads it at.
 SECTION_ANCHORS = (
     "headline", "losses", "periods", "calibration", "contributions", "concentration",
-    "sensitivities", "stress", "book", "reverse-stress", "metadata",
+    "offtakers", "sensitivities", "stress", "book", "reverse-stress", "metadata",
 )  # fmt: skip
 SCREEN_WIDTHS = (1280, 1920)
 

@@ -269,3 +269,84 @@ def test_jax_gradient_holds_offtaker_defaults_fixed(assumptions, offtaker_loans)
         down = weighted(bumped_parameter(params, name, index, -step))
         analytic = np.asarray(getattr(grads, name))[index]
         np.testing.assert_allclose(analytic, (up - down) / (2 * step), rtol=1e-4, err_msg=name)
+
+
+# --------------------------------------------------------------------------- concentration
+
+
+def test_regenerated_default_events_are_the_runs(assumptions, offtaker_loans):
+    """portfolio.offtakers regenerates each scenario's offtaker events from the run's random
+    numbers: where none defaults within the horizon the loss is the loss with no offtaker
+    risk at all, scenario by scenario (where one does, it may or may not be: a contract that
+    has ended or a coverage at its cap does not feel the default)."""
+    from gpucredit.portfolio.offtakers import default_periods_of_run
+
+    grid = assumptions.grid()
+    scenarios = np.arange(64)
+    tau = default_periods_of_run(assumptions.params, grid, offtaker_loans, SEED, 64)
+    hit = tau <= grid.periods
+    with_risk = ref.simulate_chunk(assumptions.params, grid, offtaker_loans, SEED, scenarios)
+    safe = offtaker_loans._replace(offtaker_pd_annual=np.zeros(3))
+    without = ref.simulate_chunk(assumptions.params, grid, safe, SEED, scenarios)
+    none = ~hit.any(axis=1)
+    assert none.any() and (~none).any()
+    np.testing.assert_allclose(with_risk[none], without[none], rtol=1e-12)
+    assert np.any(with_risk[~none].sum(axis=1) != without[~none].sum(axis=1))
+
+
+def test_concentration_in_the_run_summary(assumptions):
+    """summary.json's "offtakers": per offtaker its contracted revenue and exposure, its
+    default frequency against its PD, its loans' EL and ES, and the book's EL given its
+    default against not; None for a book naming none."""
+    import json
+
+    from gpucredit.portfolio.engine import simulate
+
+    book = offtaker_book()
+    result = simulate(
+        book, assumptions, scenarios=1024, seed=SEED, backend="numpy", alphas=(0.99,),
+        sensitivities=False, calibration=False, loss_by_period=False,
+    )  # fmt: skip
+    rows = result.summary()["offtakers"]
+    json.dumps(rows, allow_nan=False)
+    assert tuple(r["offtaker"] for r in rows) == book.offtaker_index()[1]
+    by_name = {r["offtaker"]: r for r in rows}
+    lab_c = by_name["Lab C"]  # PD 0.6: it defaults in most scenarios
+    for row in rows:  # period 1 is exactly Vasicek: frequency = p^Δ within its error
+        assert row["period_one_pd"] == pytest.approx(1 - (1 - row["pd_annual"]) ** 0.25)
+        gap = abs(row["period_one_default_frequency"] - row["period_one_pd"])
+        assert gap <= 4 * row["period_one_default_frequency_se"] + 1e-12
+    assert lab_c["default_frequency"] > 0.5
+    assert lab_c["el_given_default_usd"] > lab_c["el_given_no_default_usd"]
+    assert lab_c["el_given_default_se_usd"] > 0
+    total_el = sum(r["loans_el_usd"] for r in rows)
+    assert 0 < total_el <= result.el + 1e-6
+    assert all(r["contracted_revenue_usd_per_year"] >= 0 for r in rows)
+    plain = simulate(
+        random_book_without_offtakers(), assumptions, scenarios=256, seed=SEED, backend="numpy",
+        contributions=False, sensitivities=False, calibration=False, loss_by_period=False,
+    )  # fmt: skip
+    assert plain.summary()["offtakers"] is None
+
+
+def random_book_without_offtakers():
+    from conftest import random_book
+
+    return random_book(7, 40)
+
+
+def test_validation_pack_offtaker_checks_pass_on_the_example_book(assumptions):
+    """Issue 21 item 5: each example-book offtaker's period-1 default frequency against p^Δ,
+    and the offtaker Vasicek limit with ρ_o, in the calibration group of validate-model."""
+    from gpucredit.io.book import example_book_path, read_book
+    from gpucredit.portfolio.validation import offtaker_checks, validation_settings
+
+    book = read_book(example_book_path(), assumptions)
+    checks = offtaker_checks(assumptions, validation_settings(True, 0), book)
+    names = book.offtaker_index()[1]
+    assert len(checks) == len(names) + 8
+    assert all(c.passed for c in checks), [c.name for c in checks if not c.passed]
+    assert (
+        offtaker_checks(assumptions, validation_settings(True, 0), random_book_without_offtakers())
+        == []
+    )

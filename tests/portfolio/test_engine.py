@@ -131,6 +131,7 @@ def test_summary_is_json(result):
         "stress",
         "calibration",
         "loss_by_period",
+        "offtakers",
         "warnings",
     }
     assert back["format_version"] == 2

@@ -191,3 +191,16 @@ def test_few_central_paths_miss_debt_service_or_refinancing(book, example_loans,
     misses = (refs.central_min_liquidity_coverage < 1) | (refs.central_refinancing_coverage < 1)
     assert misses.sum() <= 0.05 * len(book)
     assert book.balance_usd[misses].sum() <= 0.05 * book.balance_usd.sum()
+
+
+def test_the_example_book_names_offtakers_with_one_behind_forty_percent(book):
+    """Issue 21 item 5: a few offtakers, one behind at least 40% of the contracted revenue;
+    a loan without a contract names none, and each offtaker states one PD."""
+    from gpucredit.portfolio.stress import contracted_revenue_by_offtaker
+
+    revenue = contracted_revenue_by_offtaker(book)
+    assert 3 <= len(revenue) <= 6
+    assert max(revenue.values()) >= 0.40 * sum(revenue.values())
+    assert np.all(book.offtaker[book.contracted_share == 0] == "")
+    for name in revenue:
+        assert len(set(book.offtaker_pd_annual[book.offtaker == name])) == 1

@@ -38,6 +38,7 @@ from gpucredit.portfolio.contributions import (
     tail_contributions,
 )
 from gpucredit.portfolio.loans import loan_arrays
+from gpucredit.portfolio.offtakers import offtaker_concentration
 from gpucredit.portfolio.periods import loss_by_period
 from gpucredit.portfolio.reverse_stress import DesignPoint, find_design_point
 from gpucredit.portfolio.risk import (
@@ -116,6 +117,8 @@ class RunResult:
     config: RunConfig | None = None  # the settings it ran with
     exposure_usd: float = float("nan")  # Σ balance_usd of the book
     loss_by_period: dict | None = None  # portfolio.periods.loss_by_period (None: not run)
+    # portfolio.offtakers.offtaker_concentration, one row per offtaker (None: the book names none)
+    offtakers: list[dict] | None = None
 
     @property
     def el(self) -> float:
@@ -264,6 +267,7 @@ class RunResult:
             },
             "calibration": self.calibration,
             "loss_by_period": self.loss_by_period,
+            "offtakers": self.offtakers,
             "warnings": self.warnings,
         }
 
@@ -470,6 +474,12 @@ def simulate(
             progress=phase_progress(progress, "loss by period", 0),
         )  # fmt: skip
 
+    concentration = offtaker_concentration(
+        book, run.params, run.grid, run.loans, seed, pass1.losses_usd, weights, c.normal_shift,
+        None if contrib is None else contrib.expected_loss_usd,
+        None if contrib is None else contrib.expected_shortfall_usd,
+    )  # fmt: skip
+
     if pass1.losses_usd is None:
         largest, histogram = pass1.tail, pass1.histogram
     else:  # with equal weights `tail` is the top k already; with weights, the whole run
@@ -526,6 +536,7 @@ def simulate(
         config=config,
         exposure_usd=float(np.sum(book.balance_usd)),
         loss_by_period=by_period,
+        offtakers=concentration,
     )
 
 

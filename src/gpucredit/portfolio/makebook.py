@@ -80,6 +80,13 @@ DSCR_MODE = 1.5
 # Fleet NOI over fleet revenue today (neoclouds, miners; enterprises' terms are drawn instead).
 FLEET_MARGIN_RANGE = np.array([(0.30, 0.50), (0.25, 0.45), (0.0, 0.0)])
 MATURITY_RANGE = (2.0, 6.0)  # years: within the 5-6-year book life of a GPU
+# Offtakers (docs/spec.md §4a): the counterparties behind the take-or-pay contracts, one per
+# borrower, drawn with these probabilities (the last: none named). One frontier lab stands
+# behind about half of the contracted revenue, as single customers do in public neocloud
+# filings; a hyperscaler is the safest name, a young inference company the riskiest.
+OFFTAKERS = ("Frontier Lab A", "Hyperscaler B", "Frontier Lab C", "Inference Co D")
+OFFTAKER_P = (0.50, 0.20, 0.12, 0.08, 0.10)
+OFFTAKER_PD = (0.03, 0.005, 0.04, 0.10)  # annual
 
 
 def make_book(n_loans: int, seed: int = 0) -> pa.Table:
@@ -251,6 +258,17 @@ def make_book(n_loans: int, seed: int = 0) -> pa.Table:
 
     # Interleave borrowers as a real loan tape does; loan ids follow the final order.
     order = rng.permutation(n)
+
+    # --- Offtakers: drawn last, so the other columns keep their draws. A borrower's contracts
+    # are with one offtaker (or none named); loans without a contract name none.
+    offtaker_b = rng.choice(len(OFFTAKER_P), size=n_borrowers, p=OFFTAKER_P)
+    # The largest neocloud contracts with the first lab, as the largest neoclouds do.
+    neocloud_balance = np.bincount(b, weights=balance_usd * is_nc, minlength=n_borrowers)
+    if neocloud_balance.max() > 0:
+        offtaker_b[np.argmax(neocloud_balance)] = 0
+    named = has_contract & (offtaker_b[b] < len(OFFTAKERS))
+    offtaker = np.where(named, np.array([*OFFTAKERS, ""])[offtaker_b[b]], "")
+    offtaker_pd = np.where(named, np.array([*OFFTAKER_PD, 0.0])[offtaker_b[b]], 0.0)
     columns = {
         "loan_id": [f"L{k:06d}" for k in range(1, n + 1)],
         "borrower_id": borrower_ids[b][order].tolist(),
@@ -278,9 +296,8 @@ def make_book(n_loans: int, seed: int = 0) -> pa.Table:
         "asset_correlation": np.round(rho_b[b], 3)[order],
         "other_income_usd_per_year": other_income_usd_per_year[order],
         "other_income_btc_share": other_income_btc_share[order],
-        # No offtaker named yet: the contracts cannot fail (docs/spec.md §4a).
-        "offtaker": pa.array([""] * n_loans, type=pa.string()),
-        "offtaker_pd_annual": np.zeros(n_loans),
+        "offtaker": pa.array(offtaker[order].tolist(), type=pa.string()),
+        "offtaker_pd_annual": offtaker_pd[order],
     }
     return pa.table(columns)
 

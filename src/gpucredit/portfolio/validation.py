@@ -1301,9 +1301,104 @@ YEAR_ONE_WHY = (
 
 
 def calibration_checks(base: Assumptions, s: ValidationSettings, example_book: Book) -> list[Check]:
-    """The credit cycle's AR(1) lag correlation against ϕ, and the example book's year-1
-    default rate against its input PDs by borrower type (a band, with its reason)."""
-    return credit_cycle_checks(base, s) + year_one_checks(base, s, example_book)
+    """The credit cycle's AR(1) lag correlation against ϕ, the example book's year-1
+    default rate against its input PDs by borrower type (a band, with its reason), and its
+    offtakers' default frequency and the offtaker Vasicek limit (docs/spec.md §4a)."""
+    return (
+        credit_cycle_checks(base, s)
+        + year_one_checks(base, s, example_book)
+        + offtaker_checks(base, s, example_book)
+    )
+
+
+OFFTAKER_LIMIT_NAMES = 20_000  # offtakers of one PD in the Vasicek-limit check
+OFFTAKER_LIMIT_SCENARIOS = 8
+
+
+def _binomial_check(name: str, share: float, expected: float, n: int, k: float, m: int) -> Check:
+    """|share − p| <= k √(p(1 − p)/n): n independent events of probability p."""
+    se = math.sqrt(expected * (1.0 - expected) / n)
+    z = (share - expected) / se if se > 0 else float("nan")
+    return Check(
+        name=name,
+        group="calibration",
+        passed=bool(se > 0 and abs(z) <= k),
+        values={"share": share, "expected": expected, "standard_error": se, "z": z, "n": n},
+        tolerance=f"|share − expected| ≤ {k:.2f} SE",
+        why_tolerance=(
+            f"The share of n = {n:,} independent events of the expected probability is "
+            f"binomial, SE √(p(1 − p)/n); {k:.2f} is the two-sided Bonferroni bound for {m} "
+            f"comparisons at a {FAMILY_FALSE_ALARM:.0%} family-wise false-alarm rate."
+        ),
+    )
+
+
+def offtaker_checks(base: Assumptions, s: ValidationSettings, book: Book) -> list[Check]:
+    """docs/spec.md §4a on period 1 of the grid, where the offtaker hazard is exactly Vasicek
+    on a standard normal Z(1) (over the horizon a persistent cycle clusters defaults, so no
+    closed form): (1) each example-book offtaker defaults in period 1 in a share p^Δ of the
+    scenarios; (2) the offtaker Vasicek limit with ρ_o: in each scenario, the share of many
+    offtakers of one PD that default in period 1 is Φ((Φ⁻¹(p^Δ) − √ρ_o Z(1))/√(1 − ρ_o))."""
+    from gpucredit.kernels.reference import (
+        correlated_shocks,
+        factor_paths,
+        offtaker_default_periods,
+    )
+    from gpucredit.kernels.rng import offtaker_uniforms_np, shock_normals_np
+    from gpucredit.portfolio.loans import loan_arrays
+
+    loans = loan_arrays(book, base)
+    if loans.offtaker is None:
+        return []
+    grid = base.grid("conditional")._replace(periods=1)  # period 1's counters are the run's
+    params = base.params
+
+    def period_one(scenarios: np.ndarray, pds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        normals = shock_normals_np(s.seed, scenarios, 1, grid.slots_per_period)
+        credit = factor_paths(params, grid, correlated_shocks(params, grid, normals)).credit
+        uniforms = offtaker_uniforms_np(s.seed, scenarios, len(pds))
+        tau = offtaker_default_periods(
+            params, grid, loans._replace(offtaker_pd_annual=pds), credit, uniforms
+        )
+        return tau == 1, credit[:, 1]
+
+    checks = []
+    _, names, pds = book.offtaker_index()
+    n = s.calibration_path_scenarios
+    defaulted, _ = period_one(np.arange(n, dtype=np.uint32), pds)
+    k = normal_multiplier(len(names))
+    for j, name in enumerate(names):
+        p_period = 1.0 - (1.0 - pds[j]) ** base.grid().dt_years
+        checks.append(
+            _binomial_check(
+                f"offtaker {name}: period-1 default frequency = p^Δ",
+                float(defaulted[:, j].mean()),
+                p_period,
+                n,
+                k,
+                len(names),
+            )  # fmt: skip
+        )
+    rho = float(params.offtaker_correlation)
+    p_annual = 0.05
+    p_period = 1.0 - (1.0 - p_annual) ** base.grid().dt_years
+    many = np.full(OFFTAKER_LIMIT_NAMES, p_annual)
+    scenarios = np.arange(OFFTAKER_LIMIT_SCENARIOS, dtype=np.uint32)
+    defaulted, credit = period_one(scenarios, many)
+    k = normal_multiplier(len(scenarios))
+    for s_index, z in enumerate(credit):
+        conditional = float(ndtr((ndtri(p_period) - math.sqrt(rho) * z) / math.sqrt(1 - rho)))
+        checks.append(
+            _binomial_check(
+                f"offtaker Vasicek limit, ρ_o = {rho:g}, scenario {s_index} (Z(1) = {z:+.2f})",
+                float(defaulted[s_index].mean()),
+                conditional,
+                OFFTAKER_LIMIT_NAMES,
+                k,
+                len(scenarios),
+            )  # fmt: skip
+        )
+    return checks
 
 
 def credit_cycle_checks(base: Assumptions, s: ValidationSettings) -> list[Check]:
