@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 
 demo: $(VENV)/.installed
 	$(BIN)/gpucredit run --out results --stress next-gen-glut --stress crypto-winter \
-		--stress liquidity-freeze --stress rate-shock --stress paper-metrics
+		--stress liquidity-freeze --stress rate-shock --stress paper-metrics \
+		--stress largest-offtaker-default
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
