@@ -319,6 +319,12 @@ def test_concentration_in_the_run_summary(assumptions):
     assert lab_c["default_frequency"] > 0.5
     assert lab_c["el_given_default_usd"] > lab_c["el_given_no_default_usd"]
     assert lab_c["el_given_default_se_usd"] > 0
+    for row in rows:  # the two groups split the run's scenarios: they mix back to its EL
+        f = row["default_frequency"]
+        given = row["el_given_default_usd"] or 0.0  # None: it never defaulted in the run
+        mixed = f * given + (1 - f) * row["el_given_no_default_usd"]
+        assert mixed == pytest.approx(result.el, rel=1e-9)
+        assert row["scenarios"] == 1024
     total_el = sum(r["loans_el_usd"] for r in rows)
     assert 0 < total_el <= result.el + 1e-6
     assert all(r["contracted_revenue_usd_per_year"] >= 0 for r in rows)
