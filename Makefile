@@ -18,10 +18,12 @@ demo: $(VENV)/.installed
 		--stress liquidity-freeze --stress rate-shock --stress paper-metrics \
 		--stress largest-offtaker-default
 
+# Tests: one pytest-xdist worker per core; a test file stays on one worker, so its module
+# fixtures (the validation pack, the Dask clusters) run once.
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
