@@ -112,7 +112,7 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared, Ke
     }
 }
 
-// kind: 0 pass 1 (forward_kernel<real, false>: 12 arrays, 9 ints), 1 recovery_kernel,
+// kind: 0 / 3 forward_kernel<real, false / true> (12 arrays, 9 ints), 1 recovery_kernel,
 // 2 adjoint_kernel (9 resp. 11 arrays, 6 ints). Every array is written back.
 template <class real>
 static void run(int kind, const std::string& dir) {
@@ -128,6 +128,11 @@ static void run(int kind, const std::string& dir) {
     launch(gx, gy, threads, shared, [&] {
         if (kind == 0) {
             forward_kernel<real, false>(
+                R(0), R(1), I(2), R(3), R(4), R(5), R(6), I(7), (const double*)a[8].data(),
+                (unsigned long long*)a[9].data(), R(10), R(11),
+                v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]);
+        } else if (kind == 3) {
+            forward_kernel<real, true>(
                 R(0), R(1), I(2), R(3), R(4), R(5), R(6), I(7), (const double*)a[8].data(),
                 (unsigned long long*)a[9].data(), R(10), R(11),
                 v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8]);
@@ -173,7 +178,6 @@ def adjoint_emulator(tmp_path_factory):
 
 def emulated_launch(binary: Path, folder: Path):
     """cupy_adjoint's `launch` on the CPU: arrays to files, the emulator, arrays back."""
-    kinds = {"forward_kernel": 0, "recovery_kernel": 1, "adjoint_kernel": 2}
 
     def launch(name, grid_dims, threads, shared_bytes, args):
         arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim > 0]
@@ -188,8 +192,11 @@ def emulated_launch(binary: Path, folder: Path):
             )
         )
         real = "float" if "float" in name else "double"
+        kind = {"recovery_kernel": 1, "adjoint_kernel": 2}.get(name.split("<")[0])
+        if kind is None:  # forward_kernel<real, false | true>
+            kind = 3 if "true" in name else 0
         result = subprocess.run(
-            [str(binary), real, str(kinds[name.split("<")[0]]), str(folder)],
+            [str(binary), real, str(kind), str(folder)],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
@@ -201,10 +208,21 @@ def emulated_launch(binary: Path, folder: Path):
     return launch
 
 
-def _case(assumptions, book: str):
+def emulated_forward_launch(binary: Path, folder: Path):
+    """cupy_engine.run_passes' `launch` (loss_pass, dtype, ...) on the same emulator."""
+    launch = emulated_launch(binary, folder)
+
+    def forward(loss_pass, dtype, grid_dims, threads, shared_bytes, args):
+        name = f"forward_kernel<{cupy_adjoint._real(dtype)}, {'true' if loss_pass else 'false'}>"
+        launch(name, grid_dims, threads, shared_bytes, args)
+
+    return forward
+
+
+def _case(assumptions, book: str, n_loans: int = 45):
     params, grid = assumptions.params, assumptions.grid("conditional")
     if book == "offtakers":
-        loans = loan_arrays(offtaker_book(5, 45), assumptions)
+        loans = loan_arrays(offtaker_book(5, n_loans), assumptions)
         assert loans.offtaker is not None
         # Some fixed-rate bullets at a 0% rate: no debt service before maturity, so the
         # liquidity coverage is the cap (ln LC = ln cap, the cap's other path).
@@ -213,7 +231,7 @@ def _case(assumptions, book: str):
         assert zero.sum() >= 2
         loans = loans._replace(rate=np.where(zero, 0.0, loans.rate))
     else:
-        loans = loan_arrays(random_book(5, 45), assumptions)
+        loans = loan_arrays(random_book(5, n_loans), assumptions)
     assert np.any(loans.balloon_usd > 0) and np.any(loans.is_floating > 0)
     return params, grid, loans
 
@@ -283,6 +301,14 @@ def test_emulated_adjoint_matches_jax_gradient(
               "refi_ltv", "rate_level", "haircut_slope", "price_vol", "correlation")  # fmt: skip
     for name in acting:
         assert np.any(np.asarray(getattr(want, name)) != 0), name
+    # the tail forward (forward.cu's two passes at the same indices) gives the same value
+    losses = cupy_adjoint.losses_at_cupy(
+        params, grid, prepared, SEED, scenarios, normal_shift=shift,
+        launch=emulated_forward_launch(*adjoint_emulator), xp=np, per_block=4,
+    )  # fmt: skip
+    assert np.sum(coefficients * losses) == pytest.approx(
+        value, rel=1e-12 if dtype == np.float64 else 1e-5
+    )
     if dtype == np.float64:
         assert value == pytest.approx(want_value, rel=1e-10)
         worst = _compare(got, want, 1e-9)
@@ -291,3 +317,42 @@ def test_emulated_adjoint_matches_jax_gradient(
         # float32 against the float64 gradient: a floor of 1e-3 of the leaf's size
         worst = _compare(got, want, 1e-3)
     print(f"{book} {np.dtype(dtype).name}: value {value:.6g}, max relative error {worst:.3g}")
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_engine.available(), reason="needs cupy and a CUDA GPU")
+@pytest.mark.parametrize(("book", "dtype"), [("offtakers", np.float64), ("random", np.float32)])
+def test_cupy_adjoint_matches_jax_gradient(assumptions, book, dtype):
+    """The CuPy kernels (NVRTC) against the JAX gradient on a book of several full tiles,
+    and bit-for-bit the same gradient on a second call (deterministic reductions)."""
+    params, grid, loans = _case(assumptions, book, n_loans=700)
+    grid = grid._replace(discount=True)
+    scenarios = np.arange(40, dtype=np.uint32) * 97 + 13
+    coefficients = np.random.default_rng(2).uniform(0.2, 1.0, len(scenarios))
+    tangent = jax_engine.schedule_tangent(
+        loans, float(params.rate_level), grid.steps_per_year, block_size=512
+    )
+    want_value, want = _jax_gradient(
+        params, grid, loans, scenarios, coefficients, None, tangent, np.float64
+    )
+    prepared = cupy_engine.prepare_loans_cupy(loans, dtype)
+    assert prepared.tiles >= 3
+    runs = [
+        cupy_adjoint.weighted_loss_gradient_cupy(
+            params, grid, prepared, SEED, scenarios, coefficients, schedule_rate_tangent=tangent
+        )
+        for _ in range(2)
+    ]
+    (value, got), (value_again, got_again) = runs
+    assert value == value_again
+    for a, b in zip(got, got_again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    losses = cupy_adjoint.losses_at_cupy(params, grid, prepared, SEED, scenarios)
+    rtol = 1e-9 if dtype == np.float64 else 1e-3
+    assert np.sum(coefficients * losses) == pytest.approx(want_value, rel=rtol)
+    assert value == pytest.approx(want_value, rel=rtol)
+    worst = _compare(got, want, rtol)
+    print(f"gpu {book} {np.dtype(dtype).name}: max relative error {worst:.3g}")

@@ -30,6 +30,8 @@ Public API:
   weighted_loss_gradient_cupy(params, grid, prepared, seed, scenario_indices, coefficients,
       normal_shift=None, schedule_rate_tangent=None, launch=None, xp=None, per_block=None)
       -> (value float, grads: ModelParams of float64 NumPy arrays)
+  losses_at_cupy(params, grid, prepared, seed, scenario_indices, normal_shift=None,
+      launch=None, xp=None, per_block=None) -> [S] the tail forward (forward.cu's two passes)
   kernel_names(dtype) -> the three name expressions of one dtype
   adjoint_source() -> forward.cu + adjoint.cu, one translation unit
 """
@@ -52,6 +54,7 @@ __all__ = [
     "adjoint_source",
     "kernel_names",
     "loan_bar_slots",
+    "losses_at_cupy",
     "recovery_shared_memory_bytes",
     "weighted_loss_gradient_cupy",
 ]
@@ -229,6 +232,83 @@ def _blocked_to_book(x, n_loans: int) -> np.ndarray:
     return x.reshape(-1)[:n_loans]
 
 
+class _Inputs(NamedTuple):
+    """One call's random inputs at its scenario indices."""
+
+    params: ModelParams  # float64 leaves
+    grid: ModelGrid  # conditional mode
+    seed: object  # uint32
+    scenarios: object  # [S] uint32
+    shift: object  # [T, K] float64 or None
+    table_jax: object  # [S, T, 3G + 7] JAX
+    table: object  # the same, `xp`
+    taus: object  # [S, J] int32 `xp` τ_j, or [1, 1] zeros for a book naming none
+    o_stride: int  # J, 0 for a book naming none
+
+
+def _inputs_at(params, grid, prepared, seed, scenario_indices, normal_shift, xp) -> _Inputs:
+    """The factor table [S, T, 3G + 7] at the scenario indices (stream-0 normals, importance
+    shift applied) and the offtakers' τ_j, as the JAX gradient has them."""
+    import jax.numpy as jnp
+
+    from gpucredit.kernels.jax_args import _indices_arg, _shift_arg, _u32
+    from gpucredit.kernels.jax_setup import configure_jax
+
+    configure_jax()
+    grid = grid._replace(mode="conditional")
+    if grid.periods > MAX_PERIODS:
+        raise ValueError(
+            f"the adjoint kernel takes at most {MAX_PERIODS} periods, got {grid.periods}"
+        )
+    if prepared.tiles > 65535:
+        raise ValueError("too many loans for one launch (more than 65,535 tiles)")
+    params64 = cupy_engine._params_f64(params)
+    scenarios = _indices_arg(scenario_indices)
+    if int(scenarios.shape[0]) < 1:
+        raise ValueError("at least one scenario index is needed")
+    seed32, shift = _u32(seed, "seed"), _shift_arg(normal_shift)
+    loans = prepared.loans
+    pd_offtakers = np.zeros(0) if loans.offtaker is None else loans.offtaker_pd_annual
+    table_jax, taus_jax = _jax_parts().inputs(
+        params64, grid, seed32, scenarios, shift, jnp.asarray(np.asarray(pd_offtakers, np.float64)),
+        jnp.dtype(prepared.dtype),
+    )  # fmt: skip
+    taus = _to_xp(taus_jax, np.int32, xp)
+    o_stride = 0 if loans.offtaker is None else int(taus.shape[1])
+    return _Inputs(
+        params64, grid, seed32, scenarios, shift, table_jax, _to_xp(table_jax, prepared.dtype, xp),
+        taus, o_stride,
+    )  # fmt: skip
+
+
+def losses_at_cupy(
+    params: ModelParams,
+    grid: ModelGrid,
+    prepared: cupy_engine.CupyLoans,
+    seed,
+    scenario_indices,
+    normal_shift=None,
+    launch=None,
+    xp=None,
+    per_block: int | None = None,
+) -> np.ndarray:
+    """The tail forward: the conditional-mode losses L(ω_j) [S] float64 (NumPy) at the
+    scenario indices, both forward.cu passes (`cupy_engine.run_passes`) on the inputs the
+    adjoint uses. launch / xp: run_passes' (None: CuPy)."""
+    if launch is None:
+        import cupy
+
+        launch, xp = cupy_engine._cupy_launch, cupy
+    inputs = _inputs_at(params, grid, prepared, seed, scenario_indices, normal_shift, xp)
+    dev = cupy_engine.device_tables(params, inputs.grid, prepared, xp)
+    losses, _ = cupy_engine.run_passes(
+        params, inputs.grid, prepared, dev, inputs.table, xp.zeros((1, 1), prepared.dtype),
+        False, xp, launch, per_block=per_block,
+        offtaker_periods=inputs.taus if inputs.o_stride else None,
+    )  # fmt: skip
+    return _to_host(losses).astype(np.float64)
+
+
 def weighted_loss_gradient_cupy(
     params: ModelParams,
     grid: ModelGrid,
@@ -254,44 +334,23 @@ def weighted_loss_gradient_cupy(
     """
     import jax.numpy as jnp
 
-    from gpucredit.kernels.jax_args import _indices_arg, _shift_arg, _u32
-    from gpucredit.kernels.jax_setup import configure_jax
-
-    configure_jax()
     if launch is None:
         import cupy
 
         launch, xp = _cupy_launch, cupy
-    grid = grid._replace(mode="conditional")
+    # 1. the factor table and τ_j (JAX)
+    inputs = _inputs_at(params, grid, prepared, seed, scenario_indices, normal_shift, xp)
+    params64, grid, scenarios = inputs.params, inputs.grid, inputs.scenarios
+    table_jax, table, taus, o_stride = inputs.table_jax, inputs.table, inputs.taus, inputs.o_stride
     dt = prepared.dtype
     periods, g_count = grid.periods, grid.n_generations
-    if periods > MAX_PERIODS:
-        raise ValueError(f"the adjoint kernel takes at most {MAX_PERIODS} periods, got {periods}")
     threads, tiles, n_pad = prepared.threads, prepared.tiles, prepared.n_pad
-    if tiles > 65535:
-        raise ValueError("too many loans for one launch (more than 65,535 tiles)")
-    params64 = cupy_engine._params_f64(params)
-    scenarios = _indices_arg(scenario_indices)
     count = int(scenarios.shape[0])
-    if count < 1:
-        raise ValueError("at least one scenario index is needed")
     coefficients = np.asarray(coefficients, np.float64).reshape(count)
-    seed32, shift = _u32(seed, "seed"), _shift_arg(normal_shift)
-    loans = prepared.loans
-    pd_offtakers = np.zeros(0) if loans.offtaker is None else loans.offtaker_pd_annual
     jdtype = jnp.dtype(dt)
     parts = _jax_parts()
     dev = cupy_engine.device_tables(params, grid, prepared, xp)
     tables = dev.tables
-
-    # 1. factor table and τ_j
-    table_jax, taus_jax = parts.inputs(
-        params64, grid, seed32, scenarios, shift, jnp.asarray(np.asarray(pd_offtakers, np.float64)),
-        jdtype,
-    )  # fmt: skip
-    table = _to_xp(table_jax, dt, xp)
-    taus = _to_xp(taus_jax, np.int32, xp)
-    o_stride = 0 if loans.offtaker is None else int(taus.shape[1])
     dummy = xp.zeros((1,), dtype=dt)
     common = (dev.model, dev.loan_real, dev.loan_int, dev.loan_period, table)
     names = kernel_names(dt)
@@ -365,7 +424,7 @@ def weighted_loss_gradient_cupy(
 
     # 6. back to θ
     p_bar_table = parts.table_vjp(
-        params64, grid, seed32, scenarios, shift, jdtype, jnp.asarray(table_bar)
+        params64, grid, inputs.seed, scenarios, inputs.shift, jdtype, jnp.asarray(table_bar)
     )
     grads = [
         np.asarray(a, np.float64) + np.asarray(b, np.float64)
