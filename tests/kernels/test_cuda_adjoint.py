@@ -333,7 +333,7 @@ def test_cupy_adjoint_matches_jax_gradient(assumptions, book, dtype):
     scenarios = np.arange(40, dtype=np.uint32) * 97 + 13
     coefficients = np.random.default_rng(2).uniform(0.2, 1.0, len(scenarios))
     tangent = jax_engine.schedule_tangent(
-        loans, float(params.rate_level), grid.steps_per_year, block_size=512
+        loans, float(params.rate_level), grid.steps_per_year, block_size=64
     )
     want_value, want = _jax_gradient(
         params, grid, loans, scenarios, coefficients, None, tangent, np.float64
