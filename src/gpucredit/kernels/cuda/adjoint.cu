@@ -21,8 +21,9 @@
 // Launch as forward.cu: blockIdx.y = a tile of blockDim.x loans (one per thread), blockIdx.x
 // = a group of `per_block` consecutive scenarios looped over in the block. Every reduction is
 // deterministic and without float atomics:
-//   * factor-row cotangents: warp shuffles (forward.cu's fixed butterfly), then the block's
-//     warps in warp order, into a per-tile partial array [tiles, S, T, W] summed on the host;
+//   * factor-row cotangents: warp shuffles (a transposed butterfly, warp_sum16: 16 shuffles
+//     for the 10 values of a period), then the block's warps in warp order, into a per-tile
+//     partial array [tiles, S, T, W] summed on the host;
 //   * per-loan cotangents: each thread owns its loan's entries of the group's partial array
 //     [groups, A_SLOTS, n_pad] (read-modify-write in scenario order), summed on the host;
 //   * recovery weights and losses: per-tile partials [tiles, S, T, G] and [tiles, S].
@@ -64,7 +65,7 @@
 #define B_PRICE 1
 #define B_LN_PRICE 2
 #define B_MARKET 3            // + F_BTC .. F_BTC_INCOME
-#define B_COUNT (B_MARKET + F_COUNT)
+#define B_COUNT (B_MARKET + F_COUNT)  // 10 <= 16 (warp_sum16)
 
 __device__ __forceinline__ float gc_exp(float x) { return expf(x); }
 __device__ __forceinline__ double gc_exp(double x) { return exp(x); }
@@ -86,6 +87,30 @@ __device__ __forceinline__ real gc_clip_bar(real x, real lo, real hi, real y_bar
     const real x_bar = m_bar * gc_above(x, lo);
     lo_bar += m_bar - x_bar;
     return x_bar;
+}
+
+// A transposed warp reduction of 16 values per lane: lanes 2k and 2k + 1 return
+// Σ over the warp of v[k]. 16 shuffles (8 + 4 + 2 + 1 + 1) instead of 16 × 5 for 16
+// warp_sum's; each step halves the values a lane keeps (the half its lane bit names) and
+// adds its partner's; the order of the additions is fixed, so the sums are reproducible.
+template <int kHalf, typename real>
+__device__ __forceinline__ void gc_fold(real (&v)[16], int lane) {
+    const bool upper = (lane & (2 * kHalf)) != 0;
+#pragma unroll
+    for (int k = 0; k < kHalf; ++k) {
+        const real keep = upper ? v[k + kHalf] : v[k];
+        const real send = upper ? v[k] : v[k + kHalf];
+        v[k] = keep + __shfl_xor_sync(0xffffffffu, send, 2 * kHalf);
+    }
+}
+
+template <typename real>
+__device__ __forceinline__ real warp_sum16(real (&v)[16], int lane) {
+    gc_fold<8>(v, lane);  // lane bit 4: v[0..7] = half 0 or 1 of the 16, over 2 lanes
+    gc_fold<4>(v, lane);
+    gc_fold<2>(v, lane);
+    gc_fold<1>(v, lane);  // v[0] = Σ of value (lane >> 1) over the 16 lanes of the same bit 0
+    return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 1);
 }
 
 template <typename real>
@@ -494,8 +519,9 @@ __global__ void __launch_bounds__(GPUCREDIT_MAX_THREADS) adjoint_kernel(
             slot[(long long)A_INSTALLMENT * T * n_pad] += debt_service_bar;
             slot[(long long)A_LN_GPUS * T * n_pad] += cc_bar;
 
-            // The factor row's cotangents, reduced over the warp (one generation per warp).
-            real bar[B_COUNT];
+            // The factor row's cotangents, reduced over the warp (one generation per warp):
+            // lane 2k ends with Σ_warp bar[k].
+            real bar[16];
             bar[B_RENT] = noi_bar * p.rent_hours;
             bar[B_PRICE] = price_bar;
             bar[B_LN_PRICE] = ln_price_bar;
@@ -506,11 +532,11 @@ __global__ void __launch_bounds__(GPUCREDIT_MAX_THREADS) adjoint_kernel(
             bar[B_MARKET + F_CREDIT] = credit_bar;
             bar[B_MARKET + F_DISCOUNT] = discount_bar;
             bar[B_MARKET + F_BTC_INCOME] = noi_bar * L.btc_income;
-            real* warp_bar = s_bar + (warp * T + (t - 1)) * B_COUNT;
 #pragma unroll
-            for (int k = 0; k < B_COUNT; ++k) {
-                const real v = warp_sum(bar[k]);
-                if (lane == 0) warp_bar[k] = v;
+            for (int k = B_COUNT; k < 16; ++k) bar[k] = real(0);
+            const real summed = warp_sum16(bar, lane);
+            if ((lane & 1) == 0 && (lane >> 1) < B_COUNT) {
+                s_bar[(warp * T + (t - 1)) * B_COUNT + (lane >> 1)] = summed;
             }
         }
 
