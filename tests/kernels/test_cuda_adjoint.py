@@ -373,3 +373,28 @@ def test_cupy_adjoint_matches_jax_gradient(gpu_case, dtype):
     assert value == pytest.approx(want_value, rel=rtol)
     worst = _compare(got, want, rtol)
     print(f"gpu {np.dtype(dtype).name}: max relative error {worst:.3g}")
+
+
+def _no_kernel(*args):
+    raise AssertionError("no kernel should run")
+
+
+def test_adjoint_refuses_grids_beyond_its_stored_state(assumptions):
+    """The adjoint stores 64 periods per thread (GPUCREDIT_ADJOINT_MAX_T): longer grids are
+    refused before any kernel runs."""
+    loans = loan_arrays(random_book(5, 45), assumptions)
+    prepared = cupy_engine.prepare_loans_cupy(loans, np.float64)
+    grid = assumptions.grid("conditional")._replace(periods=cupy_adjoint.MAX_PERIODS + 1)
+    with pytest.raises(ValueError, match="at most 64 periods"):
+        cupy_adjoint.weighted_loss_gradient_cupy(
+            assumptions.params, grid, prepared, SEED, [1, 2], [0.5, 0.5], launch=_no_kernel, xp=np
+        )
+    source = cupy_adjoint.adjoint_source()
+    assert f"#define GPUCREDIT_ADJOINT_MAX_T {cupy_adjoint.MAX_PERIODS}" in source
+
+
+def test_adjoint_launch_shape_bounds_the_per_loan_partials():
+    per_block, groups = cupy_adjoint.adjoint_launch_shape(1_000_000, 40, 10240, 12)
+    assert groups * cupy_adjoint.loan_bar_slots(12) * 10240 <= 1 << 27
+    assert per_block * groups >= 1_000_000 and (groups - 1) * per_block < 1_000_000
+    assert cupy_adjoint.adjoint_launch_shape(3, 1, 64, 12) == (1, 3)
