@@ -274,6 +274,8 @@ def test_emulated_adjoint_matches_jax_gradient(
 ):
     params, grid, loans = _case(assumptions, book)
     grid = grid._replace(discount=discount)
+    if dtype == np.float32:  # both gradients are the conditional-mode loss's whatever the mode
+        grid = grid._replace(mode="sampled")
     rng = np.random.default_rng(5)
     scenarios = np.array([3, 17, 250, 1001, 4096, 77], np.uint32)
     coefficients = rng.uniform(0.2, 1.0, len(scenarios))
