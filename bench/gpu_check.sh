@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check, one prepared script: on an NVIDIA GPU, in under 7 minutes, measure the tail
-# gradient's cost (issue 4), run the JAX engine's tests and the CuPy kernel's tests on the GPU,
-# time the example run, and run the benchmark (1,000,000 scenarios × 10,000 loans × 12
-# quarters first).
+# gradient's cost (issue 4), run the JAX engine's tests and the CuPy kernels' tests on the GPU
+# (the fused adjoint's against the JAX gradient included), time the CuPy adjoint's tail
+# gradient against the CuPy tail forward (issue 19), time the example run, and run the
+# benchmark (1,000,000 scenarios × 10,000 loans × 12 quarters first).
 #
 #   OUT=/some/folder bench/gpu_check.sh        (from the repository root; OUT defaults to
 #                                              bench/results/gpu-run; PYTHON picks the
 #                                              interpreter, TOTAL the seconds it may take,
 #                                              SKIP_CUPY_TESTS=1 skips the CuPy tests)
 # Needs: jax[cuda13], cupy-cuda13x, pyarrow, numpy, pytest, pytest-xdist (no network).
-# Writes 8 files, all directly under $OUT:
+# Writes 9 files, all directly under $OUT:
 #   environment.txt   nvidia-smi, versions, the devices JAX and CuPy see
 #   gradient-gpu.json tail gradient against tail forward (bench/bench_gradient.py)
 #   pytest-gpu.txt    the JAX engine's tests with JAX on the GPU, then `pytest -m gpu` (CuPy)
+#   gradient-cupy.json the CuPy adjoint's tail gradient against the CuPy tail forward,
+#                     10,000 tail scenarios × 10,000 loans (bench_gradient.py --backend cupy)
 #   demo-log.txt      `gpucredit run` on the example book, 1,000,000 scenarios
 #   bench-log.txt     the benchmarks' progress
 #   bench-gpu.json    the benchmark's results (rewritten after every case)
@@ -75,7 +78,14 @@ step pytest-jax-gpu 110 "$PY" -m pytest -q -p no:cacheprovider -n 8 \
   tests/portfolio/test_engine.py tests/portfolio/test_contributions.py \
   >> "$OUT/pytest-gpu.txt" 2>&1
 [ -n "${SKIP_CUPY_TESTS:-}" ] || step pytest-cupy 60 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \
-  >> "$OUT/pytest-gpu.txt" 2>&1
+  --ignore=tests/kernels/test_cuda_adjoint.py >> "$OUT/pytest-gpu.txt" 2>&1
+# issue 19: the CuPy fused adjoint against the JAX gradient, then its cost against the CuPy
+# tail forward (target <= 2x), 10,000 tail scenarios x 10,000 loans (their own steps: a slow
+# first compile cannot starve the CuPy forward's tests)
+[ -n "${SKIP_CUPY_TESTS:-}" ] || step pytest-cupy-adjoint 35 "$PY" -m pytest -m gpu -q -s \
+  -p no:cacheprovider tests/kernels/test_cuda_adjoint.py >> "$OUT/pytest-gpu.txt" 2>&1
+[ -n "${SKIP_CUPY_TESTS:-}" ] || step gradient-cupy 40 "$PY" bench/bench_gradient.py \
+  --backend cupy --loans 10000 --tail 10000 --repeats 1 --out "$OUT" >> "$OUT/bench-log.txt" 2>&1
 
 # 3. the main job on the example book, a million scenarios, end to end
 step demo 90 "$PY" -m gpucredit.cli run --scenarios 1000000 --out /tmp/gpucredit-demo \

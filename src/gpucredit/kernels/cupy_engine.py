@@ -74,6 +74,7 @@ __all__ = [
     "chunk_outcomes_cupy",
     "device_tables",
     "factor_columns",
+    "factor_table_jax",
     "haircut_from_volume",
     "kernel_name",
     "launch_shape",
@@ -423,11 +424,49 @@ def _params_key(params: ModelParams, grid: ModelGrid) -> tuple:
 # --------------------------------------------------------------------------- random inputs
 
 
+def factor_table_jax(params, grid: ModelGrid, normals):
+    """forward.cu's factor table [S, T, 3G + 7] (dtype = normals') from the stream-0 normals
+    [S, T, K + ν] and float64 params: R_g, P_g, ln P_g, BTC, ETH, power, r, Z, DF and other
+    income's BTC index X_btc(t)/X_btc(0) e^{η tΔ}. Traceable: the adjoint
+    (kernels/cupy_adjoint.py) takes its VJP w.r.t. params."""
+    import jax.numpy as jnp
+
+    from gpucredit.kernels import jax_engine
+
+    dtype = normals.dtype
+    paths = jax_engine.factor_paths_jax(params, grid, normals)
+    price = paths.price_usd[:, 1:]
+    rate = paths.base_rate[:, 1:]  # [S, T]
+    btc = paths.btc_usd[:, 1:]
+    if grid.discount:
+        discount = jnp.exp(-jnp.cumsum(rate * grid.dt_years, axis=1))
+    else:
+        discount = jnp.ones_like(rate)
+    # Other income's BTC index X_btc(t)/X_btc(0) e^{η tΔ} (docs/spec.md §3), [T] trend.
+    steps = jnp.arange(1, grid.periods + 1, dtype=dtype)
+    hashprice = jnp.exp(jnp.asarray(params.btc_hashprice_drift, dtype) * steps * grid.dt_years)
+    btc_index = btc / jnp.asarray(params.btc_price_usd, dtype) * hashprice
+    return jnp.concatenate(
+        [
+            paths.rent_usd_per_hour[:, 1:],
+            price,
+            jnp.log(price),
+            btc[..., None],
+            paths.eth_usd[:, 1:, None],
+            paths.power_usd_per_kwh[:, 1:, None],
+            rate[..., None],
+            paths.credit[:, 1:, None],
+            discount[..., None],
+            btc_index[..., None],
+        ],
+        axis=-1,
+    )  # [S, T, 3G + 7], forward.cu's factor row
+
+
 @functools.cache
 def _random_inputs_jit():
     import jax
 
-    from gpucredit.kernels import jax_engine
     from gpucredit.kernels.rng import default_uniforms_jax, shock_normals_jax
 
     jnp = jax.numpy
@@ -437,33 +476,7 @@ def _random_inputs_jit():
         normals = shock_normals_jax(
             seed, first_scenario, count, grid.periods, grid.slots_per_period, dtype
         )
-        paths = jax_engine.factor_paths_jax(params, grid, normals)
-        price = paths.price_usd[:, 1:]
-        rate = paths.base_rate[:, 1:]  # [S, T]
-        btc = paths.btc_usd[:, 1:]
-        if grid.discount:
-            discount = jnp.exp(-jnp.cumsum(rate * grid.dt_years, axis=1))
-        else:
-            discount = jnp.ones_like(rate)
-        # Other income's BTC index X_btc(t)/X_btc(0) e^{η tΔ} (docs/spec.md §3), [T] trend.
-        steps = jnp.arange(1, grid.periods + 1, dtype=dtype)
-        hashprice = jnp.exp(jnp.asarray(params.btc_hashprice_drift, dtype) * steps * grid.dt_years)
-        btc_index = btc / jnp.asarray(params.btc_price_usd, dtype) * hashprice
-        table = jnp.concatenate(
-            [
-                paths.rent_usd_per_hour[:, 1:],
-                price,
-                jnp.log(price),
-                btc[..., None],
-                paths.eth_usd[:, 1:, None],
-                paths.power_usd_per_kwh[:, 1:, None],
-                rate[..., None],
-                paths.credit[:, 1:, None],
-                discount[..., None],
-                btc_index[..., None],
-            ],
-            axis=-1,
-        )  # [S, T, 3G + 7], forward.cu's factor row
+        table = factor_table_jax(params, grid, normals)
         if n_uniforms:
             uniforms = default_uniforms_jax(seed, first_scenario, count, n_uniforms, dtype)
         else:
