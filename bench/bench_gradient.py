@@ -42,6 +42,23 @@ def median_seconds(run, repeats: int) -> float:
     return float(np.median(times))
 
 
+def write_cases(path, device: str, book_loans: int, args, cases: list[dict], **extra) -> None:
+    """The results so far as JSON (rewritten after every size, so a run cut short keeps what
+    it measured), and the last case on stdout."""
+    result = {
+        "device": device,
+        "version": __version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "book_loans": book_loans,
+        "precision": args.precision,
+        "repeats": args.repeats,
+        **extra,
+        "cases": cases,
+    }
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(cases[-1]), flush=True)
+
+
 def main() -> None:
     from gpucredit.kernels.jax_setup import configure_jax
 
@@ -79,19 +96,6 @@ def main() -> None:
     device = device_name(jax.devices()[0])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gradient-{device.split(' ')[0]}.json"
-
-    def write(cases: list[dict]) -> None:
-        result = {
-            "device": device,
-            "version": __version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "book_loans": len(book),
-            "precision": args.precision,
-            "repeats": args.repeats,
-            "cases": cases,
-        }
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(cases[-1]), flush=True)
 
     cases = []
     for size in args.tail:
@@ -132,7 +136,7 @@ def main() -> None:
             else:
                 case.update(stored_steps_seconds=stored, stored_steps_over_forward=stored / forward)
         cases.append(case)
-        write(cases)  # after every size, so a run cut short keeps what it measured
+        write_cases(path, device, len(book), args, cases)
 
 
 def cupy_main(args, assumptions, book, grid) -> None:
@@ -174,18 +178,9 @@ def cupy_main(args, assumptions, book, grid) -> None:
                 "cupy_pool_mib": pool.total_bytes() / 2**20,
             }
         )
-        result = {
-            "device": device,
-            "version": __version__,
-            "date": time.strftime("%Y-%m-%d"),
-            "book_loans": len(book),
-            "precision": args.precision,
-            "repeats": args.repeats,
-            "target": "gradient_over_forward <= 2 (issue 19)",
-            "cases": cases,
-        }
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps(cases[-1]), flush=True)
+        write_cases(
+            path, device, len(book), args, cases, target="gradient_over_forward <= 2 (issue 19)"
+        )
 
 
 if __name__ == "__main__":

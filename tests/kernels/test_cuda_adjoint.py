@@ -20,7 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tests.conftest import offtaker_book, random_book
-from tests.kernels.test_cuda_compile import _SHIM, GXX, NVCC, _ptxas_report
+from tests.kernels.test_cuda_compile import (
+    _SHIM,
+    GXX,
+    HARNESS,
+    NVCC,
+    _ptxas_report,
+    compile_emulator,
+)
 
 from gpucredit.kernels import cupy_adjoint, cupy_engine, jax_engine
 from gpucredit.kernels.params import ModelParams
@@ -71,47 +78,6 @@ def test_adjoint_cu_compiles_for_sm90(tmp_path):
 # --------------------------------------------------------------------------- CPU emulation
 
 _MAIN = r"""
-static std::vector<char> load(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    if (!f) { std::fprintf(stderr, "cannot read %s\n", path.c_str()); std::exit(3); }
-    return std::vector<char>((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-}
-static void save(const std::string& path, const std::vector<char>& data) {
-    std::ofstream f(path, std::ios::binary);
-    f.write(data.data(), data.size());
-}
-
-template <class Kernel>
-static void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared, Kernel kernel) {
-    std::vector<unsigned char> buffer(shared + 64);
-    for (unsigned by = 0; by < gy; ++by) {
-        for (unsigned bx = 0; bx < gx; ++bx) {
-            std::memset(buffer.data(), 0xff, buffer.size());  // NaN: catches unset reads
-            std::barrier<> block_barrier(threads);
-            const unsigned warps = threads / 32;
-            std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-            for (unsigned w = 0; w < warps; ++w)
-                warp_barriers.emplace_back(std::make_unique<std::barrier<>>(32));
-            std::vector<unsigned long long> scratch(threads);
-            std::vector<std::thread> pool;
-            for (unsigned t = 0; t < threads; ++t) {
-                pool.emplace_back([&, t] {
-                    threadIdx.x = t;
-                    blockIdx.x = bx; blockIdx.y = by;
-                    blockDim.x = threads;
-                    gridDim.x = gx; gridDim.y = gy;
-                    emu::smem = buffer.data();
-                    emu::block_barrier = &block_barrier;
-                    emu::warp_barrier = warp_barriers[t / 32].get();
-                    emu::warp_scratch = scratch.data() + (t / 32) * 32;
-                    kernel();
-                });
-            }
-            for (auto& th : pool) th.join();
-        }
-    }
-}
-
 // kind: 0 / 3 forward_kernel<real, false / true> (12 arrays, 9 ints), 1 recovery_kernel,
 // 2 adjoint_kernel (9 resp. 11 arrays, 6 ints). Every array is written back.
 template <class real>
@@ -161,19 +127,8 @@ int main(int argc, char** argv) {
 def adjoint_emulator(tmp_path_factory):
     if GXX is None:
         pytest.skip("g++ not found")
-    folder = tmp_path_factory.mktemp("adjoint_emu")
-    source = folder / "emu.cpp"
-    source.write_text(cupy_adjoint.adjoint_source().join([_SHIM + "\n", "\n" + _MAIN]))
-    binary = folder / "emu"
-    result = subprocess.run(
-        [GXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unused-variable",
-         "-o", str(binary), str(source)],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    if result.returncode != 0 and "barrier" in result.stderr:
-        pytest.skip("g++ without C++20 <barrier>")
-    assert result.returncode == 0, result.stderr
-    return binary, folder
+    source = cupy_adjoint.adjoint_source().join([_SHIM + "\n", "\n" + HARNESS + _MAIN])
+    return compile_emulator(tmp_path_factory.mktemp("adjoint_emu"), source)
 
 
 def emulated_launch(binary: Path, folder: Path):

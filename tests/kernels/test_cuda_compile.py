@@ -153,7 +153,9 @@ inline float normcdff(float x) { return 0.5f * erfcf(-x * 0.70710678118654752f);
 inline double normcdf(double x) { return 0.5 * erfc(-x * 0.70710678118654752440); }
 """
 
-_MAIN = r"""
+# The host side every emulated kernel shares: arrays from and to files, and `launch`, which
+# runs a grid of blocks one after another, each block as one std::thread per CUDA thread.
+HARNESS = r"""
 static std::vector<char> load(const std::string& path) {
     std::ifstream f(path, std::ios::binary);
     if (!f) { std::fprintf(stderr, "cannot read %s\n", path.c_str()); std::exit(3); }
@@ -195,6 +197,9 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, size_t shared, Ke
     }
 }
 
+"""
+
+_MAIN = r"""
 template <class real, bool kLoss>
 static void run(const std::string& dir) {
     std::ifstream meta(dir + "/launch.txt");
@@ -225,34 +230,30 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    if GXX is None:
-        pytest.skip("g++ not found")
-    folder = tmp_path_factory.mktemp("emu")
+def compile_emulator(folder: Path, source_text: str, timeout_s: int = 180) -> tuple[Path, Path]:
+    """g++ -std=c++20 of one emulated translation unit (shim, kernels, HARNESS, main) into
+    `folder`; skips when g++ has no C++20 <barrier>. Returns (binary, folder)."""
     source = folder / "emu.cpp"
-    source.write_text(_SHIM + f'#include "{KERNEL}"\n' + _MAIN)
+    source.write_text(source_text)
     binary = folder / "emu"
     result = subprocess.run(
-        [
-            GXX,
-            "-std=c++20",
-            "-O1",
-            "-pthread",
-            "-Wall",
-            "-Wno-unused-variable",
-            "-o",
-            str(binary),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        [GXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unused-variable",
+         "-o", str(binary), str(source)],
+        capture_output=True, text=True, timeout=timeout_s,
+    )  # fmt: skip
     if result.returncode != 0 and "barrier" in result.stderr:
         pytest.skip("g++ without C++20 <barrier>")
     assert result.returncode == 0, result.stderr
     return binary, folder
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    if GXX is None:
+        pytest.skip("g++ not found")
+    return compile_emulator(
+        tmp_path_factory.mktemp("emu"), _SHIM + f'#include "{KERNEL}"\n' + HARNESS + _MAIN
+    )
 
 
 def _emulated_launch(binary: Path, folder: Path):
