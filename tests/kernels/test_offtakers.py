@@ -279,11 +279,11 @@ def test_regenerated_default_events_are_the_runs(assumptions, offtaker_loans):
     numbers: where none defaults within the horizon the loss is the loss with no offtaker
     risk at all, scenario by scenario (where one does, it may or may not be: a contract that
     has ended or a coverage at its cap does not feel the default)."""
-    from gpucredit.portfolio.offtakers import default_periods_of_run
+    from gpucredit.portfolio.offtakers import offtaker_events_of_run
 
     grid = assumptions.grid()
     scenarios = np.arange(64)
-    tau = default_periods_of_run(assumptions.params, grid, offtaker_loans, SEED, 64)
+    tau, _ = offtaker_events_of_run(assumptions.params, grid, offtaker_loans, SEED, 64)
     hit = tau <= grid.periods
     with_risk = ref.simulate_chunk(assumptions.params, grid, offtaker_loans, SEED, scenarios)
     safe = offtaker_loans._replace(offtaker_pd_annual=np.zeros(3))

@@ -29,26 +29,27 @@ OFFTAKER_CHUNK = 4096  # scenarios per NumPy call (bounds the [S, T + 1, G] fact
 OFFTAKER_MAX_SCENARIOS = 131_072
 
 
-def default_periods_of_run(
+def offtaker_events_of_run(
     params: ModelParams,
     grid: ModelGrid,
     loans: LoanArrays,
     seed: int,
     scenarios: int,
     normal_shift: np.ndarray | None = None,
-) -> np.ndarray:
-    """[S, J] τ_j of scenario ω = 0..S-1 of the run (reference.NEVER: no default within the
-    horizon), on the run's random numbers (and importance shift, when it had one)."""
-    out = np.zeros((scenarios, len(loans.offtaker_pd_annual)), dtype=np.int64)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(τ [S, J], Z [S, T + 1]) of scenarios ω = 0..S-1 of the run: each offtaker's default
+    period (reference.NEVER: none within the horizon) and the credit cycle it defaulted on,
+    from the run's random numbers (and importance shift, when it had one)."""
+    tau = np.zeros((scenarios, len(loans.offtaker_pd_annual)), dtype=np.int64)
+    credit = np.zeros((scenarios, grid.periods + 1))
     for first in range(0, scenarios, OFFTAKER_CHUNK):
         index = np.arange(first, min(first + OFFTAKER_CHUNK, scenarios), dtype=np.uint32)
         normals = shock_normals_np(seed, index, grid.periods, grid.slots_per_period)
         normals, _ = shift_normals(normals, normal_shift, grid.n_factors)
-        credit = factor_paths(params, grid, correlated_shocks(params, grid, normals)).credit
+        credit[index] = factor_paths(params, grid, correlated_shocks(params, grid, normals)).credit
         uniforms = offtaker_uniforms_np(seed, index, len(loans.offtaker_pd_annual))
-        tau = offtaker_default_periods(params, grid, loans, credit, uniforms)
-        out[index] = tau
-    return out
+        tau[index] = offtaker_default_periods(params, grid, loans, credit[index], uniforms)
+    return tau, credit
 
 
 def _weighted_mean_and_se(values: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
@@ -97,7 +98,7 @@ def offtaker_concentration(
         n = min(len(losses_usd), OFFTAKER_MAX_SCENARIOS)
         losses_usd = np.asarray(losses_usd[:n], dtype=np.float64)
         w = np.ones(n) if weights is None else np.asarray(weights[:n], np.float64)
-        tau = default_periods_of_run(params, grid, loans, seed, len(losses_usd), normal_shift)
+        tau, _ = offtaker_events_of_run(params, grid, loans, seed, len(losses_usd), normal_shift)
     rows = []
     for j, name in enumerate(names):
         mine = index == j

@@ -1339,33 +1339,24 @@ def offtaker_checks(base: Assumptions, s: ValidationSettings, book: Book) -> lis
     closed form): (1) each example-book offtaker defaults in period 1 in a share p^Δ of the
     scenarios; (2) the offtaker Vasicek limit with ρ_o: in each scenario, the share of many
     offtakers of one PD that default in period 1 is Φ((Φ⁻¹(p^Δ) − √ρ_o Z(1))/√(1 − ρ_o))."""
-    from gpucredit.kernels.reference import (
-        correlated_shocks,
-        factor_paths,
-        offtaker_default_periods,
-    )
-    from gpucredit.kernels.rng import offtaker_uniforms_np, shock_normals_np
     from gpucredit.portfolio.loans import loan_arrays
+    from gpucredit.portfolio.offtakers import offtaker_events_of_run
 
     loans = loan_arrays(book, base)
     if loans.offtaker is None:
         return []
     grid = base.grid("conditional")._replace(periods=1)  # period 1's counters are the run's
-    params = base.params
 
-    def period_one(scenarios: np.ndarray, pds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        normals = shock_normals_np(s.seed, scenarios, 1, grid.slots_per_period)
-        credit = factor_paths(params, grid, correlated_shocks(params, grid, normals)).credit
-        uniforms = offtaker_uniforms_np(s.seed, scenarios, len(pds))
-        tau = offtaker_default_periods(
-            params, grid, loans._replace(offtaker_pd_annual=pds), credit, uniforms
-        )
+    def period_one(scenarios: int, pds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scenarios 0..S-1: who defaults in period 1 [S, J], and Z(1) [S]."""
+        with_pds = loans._replace(offtaker_pd_annual=pds)
+        tau, credit = offtaker_events_of_run(base.params, grid, with_pds, s.seed, scenarios)
         return tau == 1, credit[:, 1]
 
     checks = []
     _, names, pds = book.offtaker_index()
     n = s.calibration_path_scenarios
-    defaulted, _ = period_one(np.arange(n, dtype=np.uint32), pds)
+    defaulted, _ = period_one(n, pds)
     k = normal_multiplier(len(names))
     for j, name in enumerate(names):
         p_period = 1.0 - (1.0 - pds[j]) ** base.grid().dt_years
@@ -1379,13 +1370,12 @@ def offtaker_checks(base: Assumptions, s: ValidationSettings, book: Book) -> lis
                 len(names),
             )  # fmt: skip
         )
-    rho = float(params.offtaker_correlation)
+    rho = float(base.params.offtaker_correlation)
     p_annual = 0.05
     p_period = 1.0 - (1.0 - p_annual) ** base.grid().dt_years
     many = np.full(OFFTAKER_LIMIT_NAMES, p_annual)
-    scenarios = np.arange(OFFTAKER_LIMIT_SCENARIOS, dtype=np.uint32)
-    defaulted, credit = period_one(scenarios, many)
-    k = normal_multiplier(len(scenarios))
+    defaulted, credit = period_one(OFFTAKER_LIMIT_SCENARIOS, many)
+    k = normal_multiplier(OFFTAKER_LIMIT_SCENARIOS)
     for s_index, z in enumerate(credit):
         conditional = float(ndtr((ndtri(p_period) - math.sqrt(rho) * z) / math.sqrt(1 - rho)))
         checks.append(
@@ -1395,7 +1385,7 @@ def offtaker_checks(base: Assumptions, s: ValidationSettings, book: Book) -> lis
                 conditional,
                 OFFTAKER_LIMIT_NAMES,
                 k,
-                len(scenarios),
+                OFFTAKER_LIMIT_SCENARIOS,
             )  # fmt: skip
         )
     return checks
