@@ -1,7 +1,11 @@
 """Golden runs for refactors that must not change a number: record, then compare bit for bit.
 
     python bench/golden_run.py record DIR     # before the change
-    python bench/golden_run.py compare DIR    # after: exits 1 on the first difference
+    python bench/golden_run.py compare DIR    # after: exits 1 if anything differs
+
+A compare that finds differences says how large they are (the largest relative difference of
+each array, in units of its scale, and EL, VaR and ES of the base run, old against new), for a
+deliberate change that moves numbers by rounding: review those, then record again.
 
 Four runs of the embedded example book with the default assumptions: JAX float64 and float32
 (conditional, contributions, sensitivities, the paper-metrics stress, calibration), sampled
@@ -50,6 +54,35 @@ def document_of(result) -> str:
     return json.dumps(summary, sort_keys=True, default=str)
 
 
+def print_array_differences(golden, arrays: dict[str, np.ndarray]) -> None:
+    """Per array: how many entries moved, and the largest move relative to max |golden|."""
+    for key in sorted(set(golden.files) | set(arrays)):
+        if key not in golden.files or key not in arrays:
+            print(f"  {key}: in one recording only")
+            continue
+        old, new = np.asarray(golden[key], np.float64), np.asarray(arrays[key], np.float64)
+        if old.shape != new.shape:
+            print(f"  {key}: shape {old.shape} -> {new.shape}")
+            continue
+        moved = ~((old == new) | (np.isnan(old) & np.isnan(new)))
+        if moved.any():
+            scale = max(float(np.nanmax(np.abs(old))), 1e-300)
+            largest = float(np.nanmax(np.abs(new - old)[moved])) / scale
+            print(f"  {key}: {int(moved.sum()):,} of {old.size:,} moved, largest {largest:.1e}")
+
+
+def print_measure_differences(old: dict, new: dict) -> None:
+    """EL, VaR and ES of the base run, before -> after, relative."""
+    pairs = [("EL", old["measures"]["el_usd"], new["measures"]["el_usd"])]
+    for level, tail in old["measures"]["tail"].items():
+        now = new["measures"]["tail"].get(level, {})
+        pairs += [(f"VaR {level}", tail["var_usd"], now.get("var_usd")),
+                  (f"ES {level}", tail["es_usd"], now.get("es_usd"))]  # fmt: skip
+    for label, a, b in pairs:
+        change = "" if a is None or b is None or a == 0 else f" ({(b - a) / abs(a):+.1e})"
+        print(f"  {label}: {a} -> {b}{change}")
+
+
 def run_all(directory: Path, record: bool) -> int:
     assumptions = default_assumptions()
     book = read_book(example_book_path(), assumptions)
@@ -76,9 +109,14 @@ def run_all(directory: Path, record: bool) -> int:
         same = set(golden.files) == set(arrays) and all(
             np.array_equal(golden[k], arrays[k], equal_nan=True) for k in arrays
         )
-        same_document = (directory / f"{name}.json").read_text() == document
+        old_document = (directory / f"{name}.json").read_text()
+        same_document = old_document == document
         print(f"{name}: arrays {'identical' if same else 'DIFFER'}, "
               f"summary {'identical' if same_document else 'DIFFERS'}")  # fmt: skip
+        if not same:
+            print_array_differences(golden, arrays)
+        if not same_document:
+            print_measure_differences(json.loads(old_document), json.loads(document))
         failures += (not same) + (not same_document)
     return 1 if failures else 0
 

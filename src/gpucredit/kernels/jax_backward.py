@@ -9,7 +9,7 @@ twice). The balance schedules are per-book constants built from r(0) outside the
 
   weighted_loss_gradient(params, grid, blocks, seed, scenario_indices, coefficients)
       -> (value, grads: ModelParams)
-  schedule_tangent(loans, rate_level, steps_per_year, block_size=512) -> SCHEDULE_LEAVES tangents
+  schedule_tangent(loans, rate_level, steps_per_year, block_size=None) -> SCHEDULE_LEAVES tangents
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = ["schedule_tangent", "weighted_loss_gradient"]
 
 
 def schedule_tangent(
-    loans: LoanArrays, rate_level: float, steps_per_year: int, block_size: int = 512
+    loans: LoanArrays, rate_level: float, steps_per_year: int, block_size: int | None = None
 ) -> tuple[jax.Array, ...]:
     """d/dr(0) of the schedule-dependent LoanBlocks leaves (SCHEDULE_LEAVES order, float64):
     the schedules are per-book constants built from r(0) outside the AD graph (docs/spec.md §3),

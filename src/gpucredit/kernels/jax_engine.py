@@ -31,7 +31,7 @@ This module is the public API; the implementation is split by concern:
 Public API (grid is static; seed and first_scenario are traced uint32, so a new chunk or a
 new seed does not retrace; count and the number of scenario indices are static shapes):
 
-  prepare_loans(loans, dtype=float32, block_size=512) -> LoanBlocks
+  prepare_loans(loans, dtype=float32, block_size=None) -> LoanBlocks
   chunk_losses(params, grid, blocks, seed, first_scenario, count) -> [count]
   chunk_outcomes(...same...) -> ([count], per-loan sums [N] of loss, PD, defaulted exposure)
   losses_at(params, grid, blocks, seed, scenario_indices) -> [S]
@@ -39,7 +39,7 @@ new seed does not retrace; count and the number of scenario indices are static s
   loss_given_normals(params, grid, blocks, normals, per_loan=False) -> [S] or [S, N]
   weighted_loss_gradient(params, grid, blocks, seed, scenario_indices, coefficients)
       -> (value, grads: ModelParams)
-  schedule_tangent(loans, rate_level, steps_per_year, block_size=512) -> SCHEDULE_LEAVES tangents
+  schedule_tangent(loans, rate_level, steps_per_year, block_size=None) -> SCHEDULE_LEAVES tangents
   importance_log_weights(grid, seed, first_scenario, count, normal_shift) -> [count]
   factor_paths_jax(params, grid, normals) -> FactorPaths ([S, T+1, ...], like the reference)
   correlated_shocks_jax(params, grid, normals) -> ε [S, T, K]

@@ -236,13 +236,9 @@ def _revalue_block(
             defaulted_exposure + weight * exposure,
         ), ys
 
-    def step(carry, xs):
-        cash, survival, first, loss, defaulted_exposure = carry
-        f, period, base, t = xs
-        if known:  # sampled pass 2: price pass 1's default events, no hazard to recompute
-            default = (defaults == t).astype(dtype)
-            crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
-            return price_defaults(carry, f, period, default, crypto, {})
+    def coverage(cash, f, period, base, t):
+        """Period t's hazard argument x_t and cash C_t [S, b] from C_{t−1} and period t's
+        factors and terms (the cash recursion does not depend on the defaults)."""
         rent_g = _take(f.rent, gen)
         ln_price_g = _take(f.ln_price, gen)
         noi = (
@@ -274,6 +270,12 @@ def _revalue_block(
             + terms.sqrt_rho * f.credit[:, None]
             - base
         ) * scale
+        return x, jnp.maximum(cash + noi - debt_service, 0)
+
+    def events(carry, x, f, period, t):
+        """Period t's defaults from its hazard argument x [S, b], then pass 1's volumes or
+        pass 2's losses."""
+        cash, survival, first, loss, defaulted_exposure = carry
         # Φ(z) = ½ erfc(−z/√2): one erfc per loan-period (jax.scipy's ndtr evaluates both
         # erf and erfc and selects); erfc keeps the small hazards' relative accuracy.
         hazard = jnp.where(period.active, 0.5 * _erfc(x), 0)
@@ -285,7 +287,6 @@ def _revalue_block(
             first = jnp.where(new_default, t, first)  # the default period, 0 until then
         else:
             default = survival * hazard
-        cash = jnp.maximum(cash + noi - debt_service, 0)
         ys = {}
         if haircut is None or "volume" in extras:
             ys["volume"] = jnp.matmul(
@@ -301,12 +302,33 @@ def _revalue_block(
                 ys["volume"],
                 expected,
             )
+        crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
         carry = (cash, new_survival, first, loss, defaulted_exposure)
         return price_defaults(carry, f, period, default, crypto, ys)
 
+    def price_known(carry, xs):
+        """Sampled pass 2: price pass 1's default events, no hazard to recompute."""
+        f, period, _, t = xs
+        default = (defaults == t).astype(dtype)
+        crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
+        return price_defaults(carry, f, period, default, crypto, {})
+
+    def step(carry_x, xs):
+        """Period t's events from x_t (carried: computed once, in the step before), then
+        period t + 1's x and cash. xs: period t's factors and terms, and period t + 1's."""
+        (cash, survival, first, loss, defaulted_exposure), x = carry_x
+        (f, period, _, t), (f_next, period_next, base_next, t_next) = xs
+        carry, ys = events((cash, survival, first, loss, defaulted_exposure), x, f, period, t)
+        x_next, cash_next = coverage(carry[0], f_next, period_next, base_next, t_next)
+        return ((cash_next, *carry[1:]), x_next), ys
+
     # Carry (cash, survival, first, loss, defaulted exposure), [S, b] each; `first` is each
     # loan's default period in sampled pass 1 (0: none yet). What a pass does not update is an
-    # empty placeholder.
+    # empty placeholder. The hazard argument x_t is carried from the step before, so it is
+    # computed once per loan-period: XLA's CPU fusion recomputes everything cheap in every
+    # fusion that reads it, and computed in the step that uses it, x and the NOI behind it
+    # were evaluated in 4-5 fusions of each period (bench/hlo_profile.py: 1,376 → 883 HLO
+    # ops per loan-period over both passes).
     shape, empty = (n_scen, block), (0, 0)
     carry = (
         jnp.zeros(empty, dtype) if known else jnp.broadcast_to(terms.cash_usd, shape),
@@ -333,11 +355,22 @@ def _revalue_block(
     )
     period_terms = _PeriodTerms(*(getattr(terms, name) for name in _PeriodTerms._fields))
     periods = jnp.arange(1, grid.periods + 1, dtype=period_dtype)  # t = 1..T
-    (_, survival, first, loss, defaulted_exposure), ys = lax.scan(
-        jax.checkpoint(step) if remat_steps else step,
-        carry,
-        (factors, period_terms, hazard_base, periods),
-    )
+    xs = (factors, period_terms, hazard_base, periods)
+    checkpoint = jax.checkpoint if remat_steps else (lambda fn: fn)
+    if known:
+        (_, survival, first, loss, defaulted_exposure), ys = lax.scan(
+            checkpoint(price_known), carry, xs
+        )
+    else:
+        # The last step's x_{T+1} (from period T's inputs again) is discarded. Peeling period
+        # T's events out of the loop instead saves that 1/T of the coverage work but leaves
+        # them to fusion decisions of the enclosing program, and float32 losses then differ
+        # in the last bit between program shapes (a sharded chunk against one device's).
+        later = jax.tree.map(lambda a: jnp.concatenate([a[1:], a[-1:]]), xs)  # periods 2..T, T
+        first_period = jax.tree.map(lambda a: a[0], xs)
+        x, cash = coverage(carry[0], *first_period)
+        (carry, x), ys = lax.scan(checkpoint(step), ((cash, *carry[1:]), x), (xs, later))
+        (_, survival, first, loss, defaulted_exposure) = carry
     if haircut is None:
         volume, expected = ys  # [T, S, G] each
         return _Volumes(volume, expected, first if sampled else None)

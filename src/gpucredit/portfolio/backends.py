@@ -75,7 +75,7 @@ class JaxBackend:
         loans: LoanArrays,
         seed: int,
         precision: str,
-        block_size: int = 512,
+        block_size: int | None = None,
         normal_shift: np.ndarray | None = None,
     ):
         import jax
@@ -247,7 +247,7 @@ class CupyBackend:
         loans: LoanArrays,
         seed: int,
         precision: str,
-        block_size: int = 512,
+        block_size: int | None = None,
     ):
         import cupy as cp
 
