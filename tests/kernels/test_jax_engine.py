@@ -94,6 +94,26 @@ def test_float64_matches_reference(assumptions, loans, mode, copula, discount):
         np.testing.assert_array_equal(np.asarray(actual) == 0, expected == 0)
 
 
+@pytest.mark.parametrize("mode", ["conditional", "sampled"])
+def test_one_period_grid_matches_reference(assumptions, mode):
+    """One one-year period: the period step without its loop (x_1 and the events of period 1
+    straight after each other), against the reference in float64."""
+    import dataclasses
+
+    from conftest import random_book
+
+    one_year = dataclasses.replace(assumptions, horizon_years=1.0, steps_per_year=1)
+    grid = one_year.grid(mode)
+    assert grid.periods == 1
+    loans = loan_arrays(random_book(7, 40), one_year)
+    expected = _reference_losses(one_year, grid, loans, np.arange(COUNT)).sum(axis=1)
+    actual = jax_engine.chunk_losses(
+        one_year.params, grid, _blocks(loans, jnp.float64), SEED, 0, COUNT
+    )
+    assert expected.max() > 0
+    _assert_close(actual, expected, 1e-9)
+
+
 @pytest.mark.parametrize("copula", ["gaussian", "t"])
 def test_float32_close_to_reference(assumptions, loans, copula):
     grid = assumptions.grid()._replace(copula=copula)

@@ -366,10 +366,14 @@ def _revalue_block(
         # T's events out of the loop instead saves that 1/T of the coverage work but leaves
         # them to fusion decisions of the enclosing program, and float32 losses then differ
         # in the last bit between program shapes (a sharded chunk against one device's).
-        later = jax.tree.map(lambda a: jnp.concatenate([a[1:], a[-1:]]), xs)  # periods 2..T, T
         first_period = jax.tree.map(lambda a: a[0], xs)
         x, cash = coverage(carry[0], *first_period)
-        (carry, x), ys = lax.scan(checkpoint(step), ((cash, *carry[1:]), x), (xs, later))
+        if grid.periods == 1:
+            carry, ys = events((cash, *carry[1:]), x, *first_period[:2], first_period[3])
+            ys = jax.tree.map(lambda a: a[None], ys)
+        else:
+            later = jax.tree.map(lambda a: jnp.concatenate([a[1:], a[-1:]]), xs)  # 2..T, T
+            (carry, x), ys = lax.scan(checkpoint(step), ((cash, *carry[1:]), x), (xs, later))
         (_, survival, first, loss, defaulted_exposure) = carry
     if haircut is None:
         volume, expected = ys  # [T, S, G] each
