@@ -739,10 +739,10 @@ def test_importance_sampling_is_one_keyword(assumptions):
     from gpucredit.portfolio.engine import importance_shift
 
     book = random_book(3, 40)  # the book of tests/portfolio/test_importance_sampling.py
-    settings = dict(scenarios=2048, backend="jax", precision="float32", sensitivities=False)
+    settings = dict(scenarios=1024, backend="jax", precision="float32", sensitivities=False)
     settings |= dict(calibration=False, contributions=False)
     one_call = simulate(book, assumptions, importance_sampling=True, **settings)
-    shift, _ = importance_shift(book, assumptions, assumptions.seed, 0.999, 2048, "jax", "float32")
+    shift, _ = importance_shift(book, assumptions, assumptions.seed, 0.999, 1024, "jax", "float32")
     two_steps = simulate(book, assumptions, normal_shift=shift, **settings)
     np.testing.assert_array_equal(one_call.config.normal_shift, shift)
     np.testing.assert_array_equal(one_call.losses_usd, two_steps.losses_usd)
