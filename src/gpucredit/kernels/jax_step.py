@@ -213,6 +213,10 @@ def _revalue_block(
         n_gen = terms.volume_weights.shape[-1]
         recovery_weights = jax.nn.one_hot(gen, n_gen, dtype=dtype) * terms.recovery_gpus[:, None]
 
+    def crypto_usd(f):
+        """The pledged BTC and ETH's value [S, b] at period f's prices."""
+        return terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
+
     def price_defaults(carry, f, period, default, crypto, ys):
         """Pass 2: add this period's loss of the defaults d [S, b] to the carry."""
         cash, survival, first, loss, defaulted_exposure = carry
@@ -254,7 +258,7 @@ def _revalue_block(
         debt_service = (
             period.debt_service_fixed_usd + period.debt_service_per_rate_usd * f.rate[:, None]
         )
-        crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
+        crypto = crypto_usd(f)
         ln_lc = _ln_coverage(cash + crypto + noi, debt_service, floor, cap)
         ln_cc = jnp.clip(ln_price_g + period.ln_gpus_per_balance, ln_floor, ln_cap)
         ln_rf = jnp.clip(
@@ -302,24 +306,22 @@ def _revalue_block(
                 ys["volume"],
                 expected,
             )
-        crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
         carry = (cash, new_survival, first, loss, defaulted_exposure)
-        return price_defaults(carry, f, period, default, crypto, ys)
+        return price_defaults(carry, f, period, default, crypto_usd(f), ys)
 
     def price_known(carry, xs):
         """Sampled pass 2: price pass 1's default events, no hazard to recompute."""
         f, period, _, t = xs
         default = (defaults == t).astype(dtype)
-        crypto = terms.btc_units * f.btc[:, None] + terms.eth_units * f.eth[:, None]
-        return price_defaults(carry, f, period, default, crypto, {})
+        return price_defaults(carry, f, period, default, crypto_usd(f), {})
 
     def step(carry_x, xs):
         """Period t's events from x_t (carried: computed once, in the step before), then
         period t + 1's x and cash. xs: period t's factors and terms, and period t + 1's."""
-        (cash, survival, first, loss, defaulted_exposure), x = carry_x
-        (f, period, _, t), (f_next, period_next, base_next, t_next) = xs
-        carry, ys = events((cash, survival, first, loss, defaulted_exposure), x, f, period, t)
-        x_next, cash_next = coverage(carry[0], f_next, period_next, base_next, t_next)
+        carry, x = carry_x
+        (f, period, _, t), period_next = xs
+        carry, ys = events(carry, x, f, period, t)
+        x_next, cash_next = coverage(carry[0], *period_next)
         return ((cash_next, *carry[1:]), x_next), ys
 
     # Carry (cash, survival, first, loss, defaulted exposure), [S, b] each; `first` is each
@@ -362,16 +364,16 @@ def _revalue_block(
             checkpoint(price_known), carry, xs
         )
     else:
-        # The last step's x_{T+1} (from period T's inputs again) is discarded. Peeling period
-        # T's events out of the loop instead saves that 1/T of the coverage work but leaves
-        # them to fusion decisions of the enclosing program, and float32 losses then differ
-        # in the last bit between program shapes (a sharded chunk against one device's).
         first_period = jax.tree.map(lambda a: a[0], xs)
         x, cash = coverage(carry[0], *first_period)
-        if grid.periods == 1:
+        if grid.periods == 1:  # no loop: nothing to carry, no x_2 to discard
             carry, ys = events((cash, *carry[1:]), x, *first_period[:2], first_period[3])
             ys = jax.tree.map(lambda a: a[None], ys)
         else:
+            # The last step's x_{T+1} (from period T's inputs again) is discarded. Peeling
+            # period T's events out of the loop saves that 1/T of the coverage work but leaves
+            # them to the enclosing program's fusion, and float32 losses then differ in the
+            # last bit between program shapes (a sharded chunk against one device's).
             later = jax.tree.map(lambda a: jnp.concatenate([a[1:], a[-1:]]), xs)  # 2..T, T
             (carry, x), ys = lax.scan(checkpoint(step), ((cash, *carry[1:]), x), (xs, later))
         (_, survival, first, loss, defaulted_exposure) = carry
